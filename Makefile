@@ -1,0 +1,36 @@
+# The two commands of the README:
+#   make demo   set up from nothing, then train the tokenizer on the embedded default and report
+#   make test   set up from nothing, then run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+# torch from this machine's disk; override on other machines, e.g. TORCH_SPEC="torch torchvision"
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
+export DS_ACCELERATOR ?= cpu
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test test-all bench lint clean-runs
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/dualtoken tiny-pipeline
+
+test: setup
+	$(BIN)/python -m pytest -m "not benchmark" -q
+
+bench: setup
+	$(BIN)/python -m pytest tests/benchmarks -m benchmark -q -s
+
+lint: setup
+	$(BIN)/ruff check tokenizer mllm training eval tests
+
+clean-runs:
+	rm -rf runs

@@ -1,0 +1,63 @@
+"""The ``dualtoken`` command: one entry point, one subcommand per job.
+
+    dualtoken train-teacher   --config configs/tokenizer/tiny_teacher.yaml
+    dualtoken train-tokenizer --config configs/tokenizer/tiny.yaml [--set key=value ...]
+    dualtoken tokenize        --tokenizer DIR --images a.png b.png -o codes.pt
+    dualtoken reconstruct     --tokenizer DIR --images a.png -o grid.png
+    dualtoken tiny-pipeline   (stage 0 + stage 1 on the embedded default, then the report)
+
+Errors a user can fix (bad config, missing file, bad image) print one clear line and
+exit with status 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable
+
+from tokenizer.config import ConfigError
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "train-teacher": ("training.train_teacher", "stage 0: train a small SigLIP teacher from scratch"),
+    "train-tokenizer": ("training.train_tokenizer", "stage 1: train the DualToken tokenizer"),
+    "tokenize": ("training.tokenize_images", "encode images into pixel and semantic codes"),
+    "reconstruct": ("training.tokenize_images", "encode + decode images and save a comparison grid"),
+    "tiny-pipeline": ("training.pipeline", "the embedded default end to end: stage 0, stage 1, report"),
+}
+
+# Entry functions that are not a module's ``main``.
+_ENTRY_NAMES = {"tokenize": "tokenize_main", "reconstruct": "reconstruct_main"}
+
+
+def _usage() -> str:
+    lines = ["usage: dualtoken <command> [options]", "", "commands:"]
+    lines += [f"  {name:<16} {help_text}" for name, (_, help_text) in SUBCOMMANDS.items()]
+    lines += ["", "Run `dualtoken <command> --help` for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in SUBCOMMANDS:
+        print(f"dualtoken: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[command][0])
+    entry: Callable[[list[str]], object] = getattr(module, _ENTRY_NAMES.get(command, "main"))
+    try:
+        entry(rest)
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        logging.getLogger("dualtoken").debug("fatal", exc_info=True)
+        print(f"dualtoken {command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,150 @@
+"""Small pieces every training loop uses: logging, metrics, schedules, step-indexed data."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from training.config import OptimConfig
+
+logger = logging.getLogger("dualtoken")
+
+
+def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
+    """Configure stdlib logging once; ranks other than 0 only report warnings."""
+    root = logging.getLogger()
+    if getattr(setup_logging, "_done", False):
+        root.setLevel(level if rank == 0 else logging.WARNING)
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(level if rank == 0 else logging.WARNING)
+    for noisy in ("deepspeed", "DeepSpeed", "torch.distributed", "httpx", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging._done = True  # type: ignore[attr-defined]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class MetricsWriter:
+    """Tensorboard scalars plus an append-only ``metrics.jsonl`` (rank 0 only)."""
+
+    def __init__(self, output_dir: Path, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._tensorboard = None
+        self._jsonl = None
+        if enabled:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(output_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
+            except ImportError:  # tensorboard is a dependency, but logging must never stop training
+                logger.warning("tensorboard is not importable; scalars go to metrics.jsonl only")
+
+    def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        record = {f"{prefix}{key}": float(value) for key, value in values.items()}
+        if self._tensorboard is not None:
+            for key, value in record.items():
+                self._tensorboard.add_scalar(key, value, step)
+        self._jsonl.write(json.dumps({"step": step, **record}) + "\n")
+        self._jsonl.flush()
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+
+
+def build_optimizer(params: Any, config: OptimConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, config: OptimConfig, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up for ``warmup_steps``, then cosine decay to ``min_lr_ratio`` at ``max_steps``."""
+
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / max(1, config.warmup_steps)
+        progress = min(1.0, (step - config.warmup_steps) / max(1, max_steps - config.warmup_steps))
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class StepSampler(Sampler[list[int]]):
+    """Batches of indices defined by the step number alone, so a resumed run sees exactly
+    the batches an uninterrupted one would. Each epoch is a fresh permutation seeded by
+    ``(seed, epoch)``; rank r of w takes every w-th sample of the global batch."""
+
+    def __init__(
+        self, dataset_size: int, batch_size: int, seed: int, start_step: int, max_steps: int, rank: int = 0, world: int = 1
+    ) -> None:
+        if dataset_size < batch_size * world:
+            raise ValueError(f"the dataset has {dataset_size} items, fewer than one global batch ({batch_size * world})")
+        self.dataset_size = dataset_size
+        self.batch_size = batch_size
+        self.seed = seed
+        self.start_step = start_step
+        self.max_steps = max_steps
+        self.rank = rank
+        self.world = world
+        self._cached_epoch: tuple[int, torch.Tensor] | None = None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if self._cached_epoch is None or self._cached_epoch[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._cached_epoch = (epoch, torch.randperm(self.dataset_size, generator=generator))
+        return self._cached_epoch[1]
+
+    def batch_for_step(self, step: int) -> list[int]:
+        global_batch = self.batch_size * self.world
+        per_epoch = self.dataset_size // global_batch
+        epoch, position = divmod(step, per_epoch)
+        start = position * global_batch + self.rank * self.batch_size
+        return self._permutation(epoch)[start : start + self.batch_size].tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start_step, self.max_steps):
+            yield self.batch_for_step(step)
+
+    def __len__(self) -> int:
+        return max(0, self.max_steps - self.start_step)
+
+
+def step_loader(
+    dataset: Dataset, collate: Any, batch_size: int, seed: int, start_step: int, max_steps: int,
+    rank: int = 0, world: int = 1, num_workers: int = 0,
+) -> DataLoader:
+    sampler = StepSampler(len(dataset), batch_size, seed, start_step, max_steps, rank, world)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)
+
+
+def count_parameters(module: torch.nn.Module, trainable_only: bool = True) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def autocast(precision: str, device: torch.device):
+    """bf16 autocast when asked for (CPU or GPU), a no-op context otherwise."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, enabled=False)

@@ -1,0 +1,289 @@
+"""Everything about processes, DeepSpeed and checkpoints lives here.
+
+One :class:`TrainEngine` per (model, optimizer) pair hides whether DeepSpeed (ZeRO 0-3,
+optionally offloaded) or a plain single-process / DDP loop does the work; the training
+loops call ``engine(...)``, ``engine.backward(loss)``, ``engine.step()`` and never check
+``hasattr(model, "module")``. Checkpoints are written into a staging folder and made
+visible by an atomic rename, so a crash never leaves a half-written "latest".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from training.config import DeepSpeedConfig
+
+logger = logging.getLogger(__name__)
+
+LATEST_FILE = "latest"
+
+
+@dataclass
+class DistState:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _deepspeed():
+    # The CPU accelerator must be chosen before DeepSpeed is imported.
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    return deepspeed
+
+
+def init_distributed(use_deepspeed: bool = False) -> DistState:
+    """Join the process group started by ``torchrun`` / ``deepspeed`` (or run alone)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if use_deepspeed:
+        _deepspeed().init_distributed(dist_backend=backend)
+    elif world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return DistState(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over ranks (identity when running alone)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.detach().clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= dist.get_world_size()
+    return value
+
+
+def deepspeed_json(config: DeepSpeedConfig, batch_size: int, grad_clip: float, precision: str, world_size: int) -> dict:
+    """The DeepSpeed JSON, filled from the typed config (never edited by hand)."""
+    zero: dict[str, Any] = {"stage": config.zero_stage}
+    if config.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if config.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    payload: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": batch_size * world_size,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16" and torch.cuda.is_available()},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if config.config_path:
+        path = Path(config.config_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"deepspeed.config_path={path} does not exist")
+        payload.update(json.loads(path.read_text()))
+    return payload
+
+
+class TrainEngine:
+    """A model with its optimizer and LR schedule; plain PyTorch or DeepSpeed underneath."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+        grad_clip: float,
+        deepspeed_config: DeepSpeedConfig | None = None,
+        batch_size: int = 1,
+        precision: str = "fp32",
+        world_size: int = 1,
+    ) -> None:
+        self.grad_clip = grad_clip
+        self.uses_deepspeed = bool(deepspeed_config and deepspeed_config.enabled)
+        if self.uses_deepspeed:
+            ds_json = deepspeed_json(deepspeed_config, batch_size, grad_clip, precision, world_size)
+            engine, optimizer, _, scheduler = _deepspeed().initialize(
+                model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_json
+            )
+            self._wrapped: nn.Module = engine
+            self.module: nn.Module = engine.module
+        else:
+            if world_size > 1:
+                self._wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+            else:
+                self._wrapped = model
+            self.module = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._wrapped(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.uses_deepspeed:
+            self._wrapped.backward(loss)
+        else:
+            loss.backward()
+
+    def step(self) -> float | None:
+        """Clip, step the optimizer and schedule, zero the grads; returns the grad norm when known."""
+        if self.uses_deepspeed:
+            self._wrapped.step()
+            norm = self._wrapped.get_global_grad_norm()
+            return float(norm) if norm is not None else None
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip) if self.grad_clip > 0 and params else None
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm) if norm is not None else None
+
+    def zero_grad(self) -> None:
+        if self.uses_deepspeed:
+            self._wrapped.zero_grad()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def train(self, mode: bool = True) -> None:
+        self._wrapped.train(mode)
+
+    # ---------------------------------------------------------------- checkpoints
+    def save(self, directory: Path) -> None:
+        """Collective under DeepSpeed (every rank calls it); rank 0 writes in plain mode."""
+        if self.uses_deepspeed:
+            self._wrapped.save_checkpoint(str(directory), tag="state", save_latest=False)
+        elif not dist.is_initialized() or dist.get_rank() == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+            if self.scheduler is not None:
+                state["scheduler"] = self.scheduler.state_dict()
+            torch.save(state, directory / "state.pt")
+
+    def load(self, directory: Path) -> None:
+        if self.uses_deepspeed:
+            path, _ = self._wrapped.load_checkpoint(str(directory), tag="state")
+            if path is None:
+                raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}")
+            return
+        state_path = directory / "state.pt"
+        if not state_path.is_file():
+            raise FileNotFoundError(f"checkpoint file {state_path} is missing")
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and "scheduler" in state:
+            self.scheduler.load_state_dict(state["scheduler"])
+
+
+def unwrap(engine: TrainEngine) -> nn.Module:
+    return engine.module
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(root: Path, step: int, engines: dict[str, TrainEngine], trainer_state: dict[str, Any]) -> Path:
+    """Write ``root/step_XXXXXXX`` through a staging folder, then point ``root/latest`` at it.
+
+    Every rank must call this (DeepSpeed saves collectively). Only after all ranks finished
+    writing does rank 0 rename the folder and replace ``latest`` (both atomic renames).
+    """
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    name = f"step_{step:07d}"
+    staging = root / f".{name}.staging"
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    barrier()
+    for engine_name, engine in engines.items():
+        engine.save(staging / engine_name)
+    torch.save(_rng_state(), staging / f"rng_rank{rank}.pt")
+    barrier()
+    final = root / name
+    if rank == 0:
+        (staging / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        pointer = root / f".{LATEST_FILE}.tmp"
+        pointer.write_text(name)
+        os.replace(pointer, root / LATEST_FILE)
+    barrier()
+    return final
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    pointer = root / LATEST_FILE
+    if not pointer.is_file():
+        return None
+    candidate = root / pointer.read_text().strip()
+    if not (candidate / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"{pointer} names {candidate}, which has no trainer_state.json (corrupt checkpoint)")
+    return candidate
+
+
+def load_checkpoint(directory: Path, engines: dict[str, TrainEngine]) -> dict[str, Any]:
+    """Restore engines and this rank's RNG state; returns the trainer state (incl. ``step``)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    for engine_name, engine in engines.items():
+        engine.load(directory / engine_name)
+    rng_path = directory / f"rng_rank{rank}.pt"
+    if rng_path.is_file():
+        _set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=False))
+    return json.loads((directory / "trainer_state.json").read_text())
+
+
+def prune_checkpoints(root: Path, keep: int = 2) -> None:
+    """Keep the newest ``keep`` step folders (rank 0 only)."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in steps[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

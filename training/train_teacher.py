@@ -1,0 +1,265 @@
+"""Stage 0: train a small SigLIP (image + text tower) from scratch with the sigmoid loss.
+
+It stands in for the pretrained SigLIP the paper starts from, when none is given (the
+tiny default). The result is a transformers ``SiglipModel`` directory plus its text
+tokenizer, so stage 1 loads it exactly as it would load ``google/siglip-so400m-*``.
+
+    dualtoken train-teacher --config configs/tokenizer/tiny.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+from transformers import SiglipConfig, SiglipModel, SiglipTextConfig, SiglipVisionConfig
+
+from tokenizer.config import BackboneConfig, ConfigError
+from tokenizer.text import build_word_tokenizer, tokenize_texts
+from training import distributed
+from training.common import (
+    MetricsWriter,
+    autocast,
+    build_optimizer,
+    count_parameters,
+    seed_everything,
+    setup_logging,
+    step_loader,
+    warmup_cosine,
+)
+from training.config import DeepSpeedConfig, LoopConfig, OptimConfig, load_config
+from training.data import DataConfig, ShapesWorld, collate_image_text
+
+logger = logging.getLogger(__name__)
+
+TEACHER_DIRNAME = "teacher"
+
+
+@dataclass
+class TextTowerConfig:
+    """Size of the teacher's text tower (its width equals the vision width)."""
+
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 512
+    max_length: int = 32
+
+    def __post_init__(self) -> None:
+        if self.num_layers < 1 or self.max_length < 4:
+            raise ConfigError("teacher.text.num_layers must be >= 1 and teacher.text.max_length >= 4")
+
+
+@dataclass
+class TeacherConfig:
+    vision: BackboneConfig = field(default_factory=BackboneConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    # Share of single-object images in each batch: zero-shot prompts name one object, so
+    # the teacher must also see captions that do.
+    single_object_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.vision.kind != "siglip":
+            raise ConfigError(f"teacher.vision.kind={self.vision.kind!r}; stage 0 trains a SigLIP ('siglip')")
+        if not 0 <= self.single_object_fraction <= 1:
+            raise ConfigError("teacher.single_object_fraction must lie in [0, 1]")
+
+
+@dataclass
+class Stage0Config:
+    """Everything stage 0 reads from the experiment YAML (other sections are ignored)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+
+class MixedShapesDataset(Dataset):
+    """Shapes-world training images where a fixed share of indices are single-object scenes."""
+
+    def __init__(self, world: ShapesWorld, split: str, single_object_fraction: float) -> None:
+        self.world = world
+        self.split = split
+        self.size = world.split_size(split)
+        self.every = 0 if single_object_fraction <= 0 else max(1, round(1 / single_object_fraction))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        single = self.every and index % self.every == 0
+        sample = self.world.sample_single(self.split, index) if single else self.world.sample(self.split, index)
+        image = torch.from_numpy(sample.image).permute(2, 0, 1).float() / 127.5 - 1
+        return {"image": image, "caption": sample.caption, "label": sample.label, "index": index}
+
+
+def build_teacher(config: TeacherConfig, vocab_size: int) -> SiglipModel:
+    vision = config.vision
+    vision_config = SiglipVisionConfig(
+        hidden_size=vision.hidden_size,
+        intermediate_size=vision.intermediate_size,
+        num_hidden_layers=vision.num_layers,
+        num_attention_heads=vision.num_heads,
+        image_size=vision.image_size,
+        patch_size=vision.patch_size,
+    )
+    text_config = SiglipTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=vision.hidden_size,
+        intermediate_size=config.text.intermediate_size,
+        num_hidden_layers=config.text.num_layers,
+        num_attention_heads=config.text.num_heads,
+        max_position_embeddings=config.text.max_length,
+        projection_size=vision.hidden_size,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=2,
+    )
+    model = SiglipModel(SiglipConfig(text_config=text_config.to_dict(), vision_config=vision_config.to_dict()))
+    with torch.no_grad():
+        # SigLIP paper §3: t' = log 10 and b = -10 at initialisation.
+        model.logit_scale.fill_(math.log(10.0))
+        model.logit_bias.fill_(-10.0)
+    return model
+
+
+def sigmoid_loss(model: SiglipModel, images: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss; pairs with identical captions count as positives
+    (a closed world repeats captions inside a batch, and calling them negatives is wrong)."""
+    image_embeds = torch.nn.functional.normalize(model.get_image_features(pixel_values=images).pooler_output, dim=-1)
+    text_embeds = torch.nn.functional.normalize(model.get_text_features(input_ids=input_ids).pooler_output, dim=-1)
+    logits = image_embeds @ text_embeds.t() * model.logit_scale.exp() + model.logit_bias
+    same_text = (input_ids[:, None, :] == input_ids[None, :, :]).all(dim=-1).float()
+    labels = 2 * same_text - 1
+    return -torch.nn.functional.logsigmoid(labels * logits).sum(dim=-1).mean()
+
+
+def world_texts(world: ShapesWorld, count: int = 2000) -> list[str]:
+    texts = list(world.zero_shot_prompts())
+    for index in range(count):
+        texts.append(world.sample("train", index).caption)
+        texts.append(world.sample_single("train", index).caption)
+    return texts
+
+
+@torch.no_grad()
+def teacher_zero_shot(model: SiglipModel, text_tokenizer, world: ShapesWorld, split: str, limit: int) -> float:
+    from training.data import ShapesImageDataset
+    from training.evaluation import zero_shot_accuracy
+
+    model.eval()
+    ids = tokenize_texts(text_tokenizer, world.zero_shot_prompts(), model.config.text_config.max_position_embeddings)
+    text_embeds = torch.nn.functional.normalize(model.get_text_features(input_ids=ids).pooler_output, dim=-1)
+    dataset = ShapesImageDataset(world, split, single_object=True)
+    accuracy = zero_shot_accuracy(
+        lambda images: model.get_image_features(pixel_values=images).pooler_output,
+        text_embeds,
+        dataset,
+        limit=limit,
+        desc="teacher zero-shot",
+    )
+    model.train()
+    return accuracy
+
+
+def teacher_is_complete(directory: Path) -> bool:
+    """A finished stage 0 leaves the model, its tokenizer and a metrics file."""
+    return all((directory / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.json"))
+
+
+def fit(config: Stage0Config, dist_state: distributed.DistState) -> dict[str, float]:
+    loop = config.loop
+    output_dir = Path(loop.output_dir)
+    world = ShapesWorld(config.data.shapes)
+    text_tokenizer = build_word_tokenizer(world_texts(world), config.teacher.text.max_length)
+    seed_everything(loop.seed)
+    model = build_teacher(config.teacher, vocab_size=len(text_tokenizer))
+    logger.info("stage 0: SigLIP teacher with %.2fM trainable parameters", count_parameters(model) / 1e6)
+    optimizer = build_optimizer(model.parameters(), config.optim)
+    scheduler = warmup_cosine(optimizer, config.optim, loop.max_steps)
+    engine = distributed.TrainEngine(
+        model, optimizer, scheduler, config.optim.grad_clip, config.deepspeed, loop.batch_size, loop.precision,
+        dist_state.world_size,
+    )
+    checkpoints = output_dir / "checkpoints"
+    start_step = 0
+    latest = distributed.latest_checkpoint(checkpoints) if loop.resume else None
+    if latest is not None:
+        start_step = distributed.load_checkpoint(latest, {"teacher": engine})["step"]
+        logger.info("resumed stage 0 from %s (step %d)", latest, start_step)
+    dataset = MixedShapesDataset(world, "train", config.teacher.single_object_fraction)
+    loader = step_loader(
+        dataset, collate_image_text, loop.batch_size, loop.seed, start_step, loop.max_steps,
+        dist_state.rank, dist_state.world_size, loop.num_workers,
+    )
+    writer = MetricsWriter(output_dir, enabled=dist_state.is_main)
+    max_length = config.teacher.text.max_length
+    step, started = start_step, time.time()
+    losses: list[float] = []
+    engine.train()
+    for batch in tqdm(loader, desc="stage 0 (teacher)", initial=start_step, total=loop.max_steps, disable=not dist_state.is_main):
+        input_ids = tokenize_texts(text_tokenizer, batch["caption"], max_length)
+        with autocast(loop.precision, dist_state.device):
+            loss = sigmoid_loss(engine.module, batch["image"].to(dist_state.device), input_ids.to(dist_state.device))
+        engine.backward(loss)
+        engine.step()
+        step += 1
+        losses.append(float(loss))
+        if step % loop.log_every == 0:
+            writer.scalars(step, {"loss": sum(losses) / len(losses), "lr": engine.lr}, prefix="stage0/")
+            losses.clear()
+        if step % loop.save_every == 0 and step < loop.max_steps:
+            distributed.save_checkpoint(checkpoints, step, {"teacher": engine}, {})
+            distributed.prune_checkpoints(checkpoints)
+    metrics = {"teacher_zero_shot_val": teacher_zero_shot(engine.module, text_tokenizer, world, "val", loop.eval_images)}
+    metrics["train_seconds"] = time.time() - started
+    if dist_state.is_main:
+        save_teacher(engine.module, text_tokenizer, output_dir / TEACHER_DIRNAME, metrics)
+        writer.scalars(step, metrics, prefix="stage0/")
+    writer.close()
+    logger.info("stage 0 done: %s", json.dumps(metrics))
+    return metrics
+
+
+def save_teacher(model: SiglipModel, text_tokenizer, directory: Path, metrics: dict) -> None:
+    """Write the teacher through a staging folder so a crash never leaves a half teacher."""
+    import os
+    import shutil
+
+    staging = directory.with_name(f".{directory.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    text_tokenizer.save_pretrained(staging)
+    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(staging, directory)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="dualtoken train-teacher", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="experiment YAML (configs/tokenizer/*.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    config = load_config(Stage0Config, args.config, args.overrides)
+    dist_state = distributed.init_distributed(config.deepspeed.enabled)
+    setup_logging(dist_state.rank)
+    if config.loop.num_threads:
+        torch.set_num_threads(config.loop.num_threads)
+    try:
+        return fit(config, dist_state)
+    finally:
+        distributed.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,401 @@
+"""Stage 1: train DualToken (DESIGN.md §2) from a SigLIP teacher.
+
+The whole vision tower is fine-tuned; a frozen copy of the teacher's vision tower is the
+distillation target of the semantic branch; the text tower stays frozen. With the GAN on,
+the discriminator has an optimizer (and engine) of its own.
+
+    dualtoken train-tokenizer --config configs/tokenizer/tiny.yaml
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from tokenizer.backbone import SiglipBackbone, VisionBackbone, build_backbone
+from tokenizer.config import ConfigError, DiscriminatorConfig, DualTokenizerConfig
+from tokenizer.discriminator import PatchDiscriminator
+from tokenizer.losses import (
+    PerceptualLoss,
+    adaptive_generator_weight,
+    feature_distillation_loss,
+    generator_adversarial_loss,
+    hinge_discriminator_loss,
+)
+from tokenizer.model import DualTokenizer, DualTokenizerOutput
+from tokenizer.text import TextTower
+from training import distributed
+from training.common import (
+    MetricsWriter,
+    autocast,
+    build_optimizer,
+    count_parameters,
+    seed_everything,
+    setup_logging,
+    step_loader,
+    warmup_cosine,
+)
+from training.config import DeepSpeedConfig, LoopConfig, OptimConfig, load_config
+from training.data import DataConfig, ShapesImageDataset, ShapesWorld, build_image_dataset, collate_image_text
+from training.evaluation import class_text_embeddings, save_image_grid, tokenizer_metrics, zero_shot_accuracy
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_DIRNAME = "tokenizer"
+
+
+@dataclass
+class LossConfig:
+    """Loss weights (paper defaults; the tiny config states its own)."""
+
+    mse: float = 5.0
+    l1: float = 0.0
+    perceptual: float = 1.0
+    # "vgg16": LPIPS-style VGG16 features from perceptual_weights_path (no download);
+    # "teacher": the teacher ViT's hidden states; "off".
+    perceptual_network: str = "vgg16"
+    perceptual_weights_path: str | None = None
+    perceptual_lpips_path: str | None = None
+    gan: float = 0.75
+    gan_start_step: int = 20000
+    adaptive_gan_weight: bool = True
+    adaptive_min: float = 0.3
+    adaptive_max: float = 10.0
+    semantic_tap: float = 5.0
+    semantic_pooled: float = 1.0
+    commitment: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.perceptual_network not in ("vgg16", "teacher", "off"):
+            raise ConfigError(f"loss.perceptual_network={self.perceptual_network!r}; expected vgg16, teacher or off")
+        if self.perceptual > 0 and self.perceptual_network == "vgg16" and not self.perceptual_weights_path:
+            raise ConfigError(
+                "loss.perceptual > 0 with loss.perceptual_network=vgg16 needs loss.perceptual_weights_path "
+                "(a local torchvision VGG16 state dict; nothing is downloaded) — or set loss.perceptual=0"
+            )
+        for name in ("mse", "l1", "perceptual", "gan", "semantic_tap", "semantic_pooled", "commitment"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"loss.{name}={getattr(self, name)}; weights must be >= 0")
+
+
+@dataclass
+class Stage1Config:
+    """The experiment YAML of stage 1 (configs/tokenizer/*.yaml)."""
+
+    teacher_path: str = "runs/tiny/stage0/teacher"
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: DualTokenizerConfig = field(default_factory=DualTokenizerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=7.2e-5, betas=(0.5, 0.9), weight_decay=1e-4))
+    discriminator_optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=7.2e-5, betas=(0.5, 0.9), weight_decay=1e-4)
+    )
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+
+# ---------------------------------------------------------------------------------- setup
+@dataclass
+class Teacher:
+    """The frozen pieces stage 1 takes from the teacher checkpoint."""
+
+    vision: VisionBackbone  # frozen copy: the distillation target
+    text_tower: TextTower | None
+    text_tokenizer: object | None
+
+
+def load_teacher(path: str) -> tuple[VisionBackbone, Teacher]:
+    """-> (trainable backbone initialised from the teacher, frozen teacher parts).
+
+    ``path`` is a SiglipModel directory (stage 0's output, or a pretrained SigLIP such as
+    siglip-so400m-patch14-384 on local disk) or a SiglipVisionModel directory (then no
+    zero-shot: there is no text tower).
+    """
+    from transformers import AutoTokenizer, SiglipModel
+
+    source = Path(path)
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(
+            f"teacher_path={path} has no config.json; run stage 0 first (dualtoken train-teacher) "
+            "or point teacher_path at a local SigLIP checkpoint"
+        )
+    model_type = json.loads((source / "config.json").read_text()).get("model_type")
+    if model_type == "siglip":
+        siglip = SiglipModel.from_pretrained(path)
+        vision_model, text_tower = siglip.vision_model, TextTower(
+            siglip.text_model, float(siglip.logit_scale), float(siglip.logit_bias)
+        )
+        text_tokenizer = AutoTokenizer.from_pretrained(path)
+    else:
+        vision_model, text_tower, text_tokenizer = SiglipBackbone.from_pretrained(path).vision_model, None, None
+    trainable = SiglipBackbone.from_siglip_model(copy.deepcopy(vision_model))
+    frozen = SiglipBackbone.from_siglip_model(vision_model).requires_grad_(False).eval()
+    return trainable, Teacher(vision=frozen, text_tower=text_tower, text_tokenizer=text_tokenizer)
+
+
+def build_perceptual(config: LossConfig, teacher: Teacher) -> PerceptualLoss | None:
+    if config.perceptual <= 0 or config.perceptual_network == "off":
+        return None
+    if config.perceptual_network == "vgg16":
+        return PerceptualLoss.from_vgg16(config.perceptual_weights_path, config.perceptual_lpips_path)
+    vision = teacher.vision
+
+    def teacher_features(images: torch.Tensor) -> list[torch.Tensor]:
+        layers = list(range(1, vision.num_layers + 1))
+        taps = vision.forward_taps(images, layers)
+        return [vision.tokens_to_grid(taps[layer]) for layer in layers]
+
+    return PerceptualLoss(teacher_features)
+
+
+# ---------------------------------------------------------------------------------- losses
+def generator_losses(
+    output: DualTokenizerOutput,
+    images: torch.Tensor,
+    teacher: Teacher,
+    semantic_layer: int,
+    config: LossConfig,
+    perceptual: PerceptualLoss | None,
+) -> dict[str, torch.Tensor]:
+    """Every generator-side term, unweighted except where noted; ``total`` is weighted."""
+    recon = output.reconstruction
+    losses: dict[str, torch.Tensor] = {"mse": nn.functional.mse_loss(recon, images)}
+    losses["l1"] = (recon - images).abs().mean()
+    reconstruction = config.mse * losses["mse"] + config.l1 * losses["l1"]
+    if perceptual is not None:
+        losses["perceptual"] = perceptual(recon, images).mean()
+        reconstruction = reconstruction + config.perceptual * losses["perceptual"]
+    losses["reconstruction"] = reconstruction
+    with torch.no_grad():
+        hidden = teacher.vision.embed(images)
+        tap = teacher.vision.run_blocks(hidden, 0, semantic_layer)
+        pooled = teacher.vision.head(teacher.vision.run_blocks(tap, semantic_layer, teacher.vision.num_layers))
+        tap = tap[:, teacher.vision.num_prefix_tokens :]
+    losses["semantic_tap"] = feature_distillation_loss(output.semantic_tap_features, tap)
+    losses["semantic_pooled"] = feature_distillation_loss(output.semantic_pooled, pooled)
+    losses["commitment"] = output.pixel_commitment_loss + output.semantic_commitment_loss
+    losses["total"] = (
+        reconstruction
+        + config.semantic_tap * losses["semantic_tap"]
+        + config.semantic_pooled * losses["semantic_pooled"]
+        + config.commitment * losses["commitment"]
+    )
+    return losses
+
+
+# ---------------------------------------------------------------------------------- loop
+class Stage1Trainer:
+    """Holds the engines and evaluators of stage 1; ``fit`` is the explicit loop."""
+
+    def __init__(self, config: Stage1Config, dist_state: distributed.DistState) -> None:
+        self.config = config
+        self.dist = dist_state
+        self.output_dir = Path(config.loop.output_dir)
+        seed_everything(config.loop.seed)
+        backbone, self.teacher = load_teacher(config.teacher_path)
+        self.tokenizer = DualTokenizer(config.tokenizer, backbone=backbone, text_tower=self.teacher.text_tower)
+        self.tokenizer.backbone.set_gradient_checkpointing(config.tokenizer.backbone.gradient_checkpointing)
+        logger.info(
+            "stage 1: DualToken with %.2fM trainable parameters (taps %d/%d of %d layers)",
+            count_parameters(self.tokenizer) / 1e6, config.tokenizer.taps.pixel_layer,
+            config.tokenizer.taps.semantic_layer, self.tokenizer.backbone.num_layers,
+        )
+        self.perceptual = build_perceptual(config.loss, self.teacher)
+        loop = config.loop
+        params = [p for p in self.tokenizer.parameters() if p.requires_grad]
+        optimizer = build_optimizer(params, config.optim)
+        self.engine = distributed.TrainEngine(
+            self.tokenizer, optimizer, warmup_cosine(optimizer, config.optim, loop.max_steps), config.optim.grad_clip,
+            config.deepspeed, loop.batch_size, loop.precision, dist_state.world_size,
+        )
+        self.engines = {"tokenizer": self.engine}
+        self.discriminator_engine = None
+        if config.loss.gan > 0:
+            discriminator = PatchDiscriminator(config.discriminator)
+            disc_optimizer = build_optimizer(discriminator.parameters(), config.discriminator_optim)
+            self.discriminator_engine = distributed.TrainEngine(
+                discriminator, disc_optimizer,
+                warmup_cosine(disc_optimizer, config.discriminator_optim, loop.max_steps),
+                config.discriminator_optim.grad_clip, config.deepspeed, loop.batch_size, loop.precision,
+                dist_state.world_size,
+            )
+            self.engines["discriminator"] = self.discriminator_engine
+        self.writer = MetricsWriter(self.output_dir, enabled=dist_state.is_main)
+        self._text_embeds: torch.Tensor | None = None
+        self._world = ShapesWorld(config.data.shapes) if config.data.kind == "shapes" else None
+
+    # ------------------------------------------------------------ one step
+    def train_step(self, images: torch.Tensor, step: int) -> dict[str, float]:
+        config = self.config
+        with autocast(config.loop.precision, self.dist.device):
+            output = self.engine(images)
+            losses = generator_losses(
+                output, images, self.teacher, config.tokenizer.taps.semantic_layer, config.loss, self.perceptual
+            )
+            total = losses["total"]
+            gan_on = self.discriminator_engine is not None and step >= config.loss.gan_start_step
+            if gan_on:
+                self.discriminator_engine.module.requires_grad_(False)
+                fake_logits = self.discriminator_engine(output.reconstruction)
+                losses["generator_adversarial"] = generator_adversarial_loss(fake_logits)
+                weight = torch.tensor(1.0)
+                if config.loss.adaptive_gan_weight:
+                    weight = adaptive_generator_weight(
+                        losses["reconstruction"], losses["generator_adversarial"],
+                        self.tokenizer.decoder.last_layer_weight, config.loss.adaptive_min, config.loss.adaptive_max,
+                    )
+                losses["adaptive_weight"] = weight
+                total = total + config.loss.gan * weight * losses["generator_adversarial"]
+        self.engine.backward(total)
+        grad_norm = self.engine.step()
+        record = {name: float(value) for name, value in losses.items()}
+        record["total"] = float(total)
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        if gan_on:
+            self.discriminator_engine.module.requires_grad_(True)
+            with autocast(config.loop.precision, self.dist.device):
+                real = self.discriminator_engine(images)
+                fake = self.discriminator_engine(output.reconstruction.detach())
+                disc_loss = hinge_discriminator_loss(real, fake)
+            self.discriminator_engine.backward(disc_loss)
+            self.discriminator_engine.step()
+            record["discriminator"] = float(disc_loss)
+        return record
+
+    # ------------------------------------------------------------ evaluation
+    def _class_text_embeds(self) -> torch.Tensor | None:
+        if self._world is None or self.teacher.text_tower is None:
+            return None
+        if self._text_embeds is None:
+            self._text_embeds = class_text_embeddings(
+                self.teacher.text_tower, self.teacher.text_tokenizer, self._world.zero_shot_prompts()
+            )
+        return self._text_embeds
+
+    def evaluate(self, step: int, split: str = "val", limit: int | None = None) -> dict[str, float]:
+        """Reconstruction, codebook usage and quantised zero-shot on ``split``; saves a grid PNG."""
+        limit = limit or self.config.loop.eval_images
+        if self._world is not None:
+            recon_set = ShapesImageDataset(self._world, split)
+            zero_shot_set = ShapesImageDataset(self._world, split, single_object=True)
+        else:
+            recon_set, zero_shot_set = build_image_dataset(self.config.data, split), None
+        metrics, originals, recons = tokenizer_metrics(
+            self.tokenizer, recon_set, zero_shot_set, self._class_text_embeds(), limit=limit
+        )
+        if self.dist.is_main:
+            grid = save_image_grid([originals, recons], self.output_dir / "reconstructions" / f"{split}_step_{step:07d}.png",
+                                   labels=["original", "decoded"])
+            logger.info("eval %s @ %d: %s (grid: %s)", split, step, _fmt(metrics), grid)
+            self.writer.scalars(step, metrics, prefix=f"eval_{split}/")
+        return metrics
+
+    def teacher_zero_shot(self, split: str, limit: int | None = None) -> float | None:
+        text_embeds = self._class_text_embeds()
+        if text_embeds is None:
+            return None
+        vision = self.teacher.vision
+        return zero_shot_accuracy(
+            lambda images: vision(images).pooled,
+            text_embeds, ShapesImageDataset(self._world, split, single_object=True), limit=limit or self.config.loop.eval_images,
+            desc="teacher zero-shot",
+        )
+
+    # ------------------------------------------------------------ loop
+    def fit(self) -> dict[str, float]:
+        loop = self.config.loop
+        checkpoints = self.output_dir / "checkpoints"
+        start_step = 0
+        latest = distributed.latest_checkpoint(checkpoints) if loop.resume else None
+        if latest is not None:
+            start_step = distributed.load_checkpoint(latest, self.engines)["step"]
+            logger.info("resumed stage 1 from %s (step %d)", latest, start_step)
+        dataset = (
+            ShapesImageDataset(self._world, "train") if self._world is not None else build_image_dataset(self.config.data, "train")
+        )
+        loader = step_loader(
+            dataset, collate_image_text, loop.batch_size, loop.seed, start_step, loop.max_steps,
+            self.dist.rank, self.dist.world_size, loop.num_workers,
+        )
+        step, started, window = start_step, time.time(), []
+        self.engine.train()
+        progress = tqdm(loader, desc="stage 1 (DualToken)", initial=start_step, total=loop.max_steps, disable=not self.dist.is_main)
+        for batch in progress:
+            record = self.train_step(batch["image"].to(self.dist.device), step)
+            step += 1
+            window.append(record)
+            if step % loop.log_every == 0:
+                averaged = {key: sum(r.get(key, 0.0) for r in window) / len(window) for key in window[-1]}
+                averaged["lr"] = self.engine.lr
+                self.writer.scalars(step, averaged, prefix="train/")
+                progress.set_postfix(mse=f"{averaged['mse']:.4f}", sem=f"{averaged['semantic_tap']:.3f}")
+                window.clear()
+            if step % loop.eval_every == 0 and step < loop.max_steps:
+                self.evaluate(step)
+                self.engine.train()
+            if step % loop.save_every == 0 and step < loop.max_steps:
+                distributed.save_checkpoint(checkpoints, step, self.engines, {})
+                distributed.prune_checkpoints(checkpoints)
+        train_seconds = time.time() - started
+        return self.finish(step, train_seconds)
+
+    def finish(self, step: int, train_seconds: float) -> dict[str, float]:
+        """Final held-out evaluation (test split), the saved tokenizer and its metrics.json."""
+        metrics = {f"val_{k}": v for k, v in self.evaluate(step, "val").items()}
+        test = self.evaluate(step, "test")
+        metrics.update({f"test_{k}": v for k, v in test.items()})
+        teacher = self.teacher_zero_shot("test")
+        if teacher is not None:
+            metrics["test_teacher_zero_shot"] = teacher
+        metrics["train_seconds"] = train_seconds
+        metrics["steps"] = step
+        if self.dist.is_main:
+            directory = self.tokenizer.save_pretrained(self.output_dir / TOKENIZER_DIRNAME)
+            if self.teacher.text_tokenizer is not None:
+                self.teacher.text_tokenizer.save_pretrained(directory / "text_tokenizer")
+            (directory / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            (self.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            self.writer.scalars(step, metrics, prefix="final/")
+            logger.info("stage 1 done: %s", _fmt(metrics))
+        self.writer.close()
+        return metrics
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{key}={value:.4g}" for key, value in metrics.items())
+
+
+def tokenizer_is_complete(directory: Path) -> bool:
+    return all((directory / name).is_file() for name in ("config.json", "model.safetensors", "metrics.json"))
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="dualtoken train-tokenizer", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="experiment YAML (configs/tokenizer/*.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    config = load_config(Stage1Config, args.config, args.overrides)
+    dist_state = distributed.init_distributed(config.deepspeed.enabled)
+    setup_logging(dist_state.rank)
+    if config.loop.num_threads:
+        torch.set_num_threads(config.loop.num_threads)
+    try:
+        return Stage1Trainer(config, dist_state).fit()
+    finally:
+        distributed.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
