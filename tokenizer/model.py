@@ -188,11 +188,11 @@ class DualTokenizer(nn.Module):
         """images: (B, 3, H, W) in [-1, 1] -> codes (B, h, w, D) for each vocabulary."""
         self._check_images(images)
         pixel_features, semantic_hidden = self._run_trunk(images)
-        semantic_codes = self.semantic_quantizer(self.semantic_down(self._patch_tokens(semantic_hidden))).codes
+        semantic_codes = self.semantic_quantizer.encode(self.semantic_down(self._patch_tokens(semantic_hidden)))
         if self.pixel_quantizer is None:
             pixel_codes = semantic_codes
         else:
-            pixel_codes = self.pixel_quantizer(self.pixel_down(pixel_features)).codes
+            pixel_codes = self.pixel_quantizer.encode(self.pixel_down(pixel_features))
         return DualTokenizerCodes(
             pixel_codes=self._tokens_to_grid_codes(pixel_codes),
             semantic_codes=self._tokens_to_grid_codes(semantic_codes),

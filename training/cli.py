@@ -5,6 +5,7 @@
     dualtoken tokenize        --tokenizer DIR --images a.png b.png -o codes.pt
     dualtoken reconstruct     --tokenizer DIR --images a.png -o grid.png
     dualtoken tiny-pipeline   (stage 0 + stage 1 on the embedded default, then the report)
+    dualtoken ablate          --teacher runs/tiny/stage0/teacher (the paper's codebook ablation)
 
 Errors a user can fix (bad config, missing file, bad image) print one clear line and
 exit with status 2 instead of a traceback.
@@ -12,7 +13,6 @@ exit with status 2 instead of a traceback.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import logging
 import sys
@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "tokenize": ("training.tokenize_images", "encode images into pixel and semantic codes"),
     "reconstruct": ("training.tokenize_images", "encode + decode images and save a comparison grid"),
     "tiny-pipeline": ("training.pipeline", "the embedded default end to end: stage 0, stage 1, report"),
+    "ablate": ("training.ablation", "dual vs shared codebook vs reconstruction only, side by side"),
 }
 
 # Entry functions that are not a module's ``main``.
@@ -52,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     entry: Callable[[list[str]], object] = getattr(module, _ENTRY_NAMES.get(command, "main"))
     try:
         entry(rest)
+    except SystemExit as exit_request:
+        # argparse exits for `--help` (0) and bad flags (2); hand the status back so
+        # `main` always returns it, as its signature says, instead of raising.
+        code = exit_request.code
+        return code if isinstance(code, int) else (0 if code is None else 2)
     except (ConfigError, FileNotFoundError, ValueError) as error:
         logging.getLogger("dualtoken").debug("fatal", exc_info=True)
         print(f"dualtoken {command}: error: {error}", file=sys.stderr)

@@ -91,6 +91,20 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, config: OptimConfig, max_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def restore_schedule_lr(scheduler: torch.optim.lr_scheduler.LambdaLR | None) -> None:
+    """After loading a checkpoint, set each param group's lr from *this* run's schedule.
+
+    The optimizer state restores the lr the saved run computed for the next step, with that
+    run's ``max_steps``; when a finished run is extended (larger ``loop.max_steps``) the
+    cosine differs, and the first resumed step would otherwise use the old run's lr.
+    """
+    if scheduler is None:
+        return
+    groups = scheduler.optimizer.param_groups
+    for group, base_lr, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base_lr * factor(scheduler.last_epoch)
+
+
 class StepSampler(Sampler[list[int]]):
     """Batches of indices defined by the step number alone, so a resumed run sees exactly
     the batches an uninterrupted one would. Each epoch is a fresh permutation seeded by
@@ -136,7 +150,11 @@ def step_loader(
     rank: int = 0, world: int = 1, num_workers: int = 0,
 ) -> DataLoader:
     sampler = StepSampler(len(dataset), batch_size, seed, start_step, max_steps, rank, world)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)
+    # A DataLoader draws its workers' base seed from the *global* torch RNG each time it is
+    # iterated; a resumed run iterates at a different step, which would shift every later draw
+    # (k-means init, dead-code restarts). A private generator keeps the global stream intact.
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + start_step)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers, generator=generator)
 
 
 def count_parameters(module: torch.nn.Module, trainable_only: bool = True) -> int:

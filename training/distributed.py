@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,10 +64,30 @@ def init_distributed(use_deepspeed: bool = False) -> DistState:
         device = torch.device("cpu")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if use_deepspeed:
+        _default_single_process_env()
         _deepspeed().init_distributed(dist_backend=backend)
     elif world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend)
     return DistState(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _default_single_process_env() -> None:
+    """Fill the rendezvous variables a launcher would set, for a run started without one.
+
+    DeepSpeed always needs a process group; when ``RANK`` etc. are missing it falls back to
+    MPI discovery (``mpi4py``), which is neither installed nor wanted for a 1-process run.
+    """
+    if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
+        return
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
 def cleanup_distributed() -> None:
@@ -86,6 +107,19 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         value /= dist.get_world_size()
     return value
+
+
+def all_reduce_scalars(values: dict[str, float]) -> dict[str, float]:
+    """Mean of each named scalar over ranks, in one collective (identity when running alone).
+
+    Every rank must call it with the same keys. The training loops log these means, so a
+    logged loss is the loss of the global batch, not of rank 0's share of it.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return dict(values)
+    keys = sorted(values)
+    packed = all_reduce_mean(torch.tensor([float(values[key]) for key in keys], dtype=torch.float64))
+    return dict(zip(keys, packed.tolist(), strict=True))
 
 
 def deepspeed_json(config: DeepSpeedConfig, batch_size: int, grad_clip: float, precision: str, world_size: int) -> dict:
@@ -147,6 +181,28 @@ class TrainEngine:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._wrapped(*args, **kwargs)
+
+    def frozen_forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the bare model as a fixed function inside *another* engine's loss.
+
+        Gradients reach the inputs, never this model's parameters. The GAN generator step
+        needs this for the discriminator: a forward through the DeepSpeed engine hooks the
+        outputs, so the generator's backward would also open a backward of this engine and
+        then reduce gradients that were never produced (DeepSpeed 0.19 fails inside ZeRO's
+        bucket reduction); under DDP it would leave a reduction pending. The parameters are
+        frozen for the forward only: autograd decides whether a parameter gets a gradient
+        when the op runs, so restoring the flags afterwards keeps the graph free of them
+        (the model must not recompute activations in backward, i.e. no checkpointing).
+        """
+        params = list(self.module.parameters())
+        flags = [param.requires_grad for param in params]
+        for param in params:
+            param.requires_grad_(False)
+        try:
+            return self.module(*args, **kwargs)
+        finally:
+            for param, flag in zip(params, flags, strict=True):
+                param.requires_grad_(flag)
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.uses_deepspeed:

@@ -29,6 +29,7 @@ from training.common import (
     autocast,
     build_optimizer,
     count_parameters,
+    restore_schedule_lr,
     seed_everything,
     setup_logging,
     step_loader,
@@ -90,6 +91,7 @@ class MixedShapesDataset(Dataset):
         self.split = split
         self.size = world.split_size(split)
         self.every = 0 if single_object_fraction <= 0 else max(1, round(1 / single_object_fraction))
+        self.prompts = world.zero_shot_prompts()
 
     def __len__(self) -> int:
         return self.size
@@ -98,7 +100,11 @@ class MixedShapesDataset(Dataset):
         single = self.every and index % self.every == 0
         sample = self.world.sample_single(self.split, index) if single else self.world.sample(self.split, index)
         image = torch.from_numpy(sample.image).permute(2, 0, 1).float() / 127.5 - 1
-        return {"image": image, "caption": sample.caption, "label": sample.label, "index": index}
+        # Single-object scenes are captioned with their class prompt, as web alt-text often
+        # names just the object: identical captions are positives for each other in the
+        # sigmoid loss, which teaches colour x shape far faster than free captions alone.
+        caption = self.prompts[sample.label] if single else sample.caption
+        return {"image": image, "caption": caption, "label": sample.label, "index": index}
 
 
 def build_teacher(config: TeacherConfig, vocab_size: int) -> SiglipModel:
@@ -144,7 +150,8 @@ def sigmoid_loss(model: SiglipModel, images: torch.Tensor, input_ids: torch.Tens
 
 def world_texts(world: ShapesWorld, count: int = 2000) -> list[str]:
     texts = list(world.zero_shot_prompts())
-    for index in range(count):
+    # A small world (e.g. shapes.num_train=64 in tests) has fewer training samples than `count`.
+    for index in range(min(count, world.split_size("train"))):
         texts.append(world.sample("train", index).caption)
         texts.append(world.sample_single("train", index).caption)
     return texts
@@ -194,6 +201,7 @@ def fit(config: Stage0Config, dist_state: distributed.DistState) -> dict[str, fl
     latest = distributed.latest_checkpoint(checkpoints) if loop.resume else None
     if latest is not None:
         start_step = distributed.load_checkpoint(latest, {"teacher": engine})["step"]
+        restore_schedule_lr(engine.scheduler)
         logger.info("resumed stage 0 from %s (step %d)", latest, start_step)
     dataset = MixedShapesDataset(world, "train", config.teacher.single_object_fraction)
     loader = step_loader(
@@ -212,11 +220,14 @@ def fit(config: Stage0Config, dist_state: distributed.DistState) -> dict[str, fl
         engine.backward(loss)
         engine.step()
         step += 1
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % loop.log_every == 0:
-            writer.scalars(step, {"loss": sum(losses) / len(losses), "lr": engine.lr}, prefix="stage0/")
+            logged = distributed.all_reduce_scalars({"loss": sum(losses) / len(losses)})  # mean over ranks
+            writer.scalars(step, {**logged, "lr": engine.lr}, prefix="stage0/")
             losses.clear()
-        if step % loop.save_every == 0 and step < loop.max_steps:
+        # The final step is checkpointed too, so a finished run can be extended (a larger
+        # loop.max_steps, same output_dir) and continues exactly where it stopped.
+        if step % loop.save_every == 0:
             distributed.save_checkpoint(checkpoints, step, {"teacher": engine}, {})
             distributed.prune_checkpoints(checkpoints)
     metrics = {"teacher_zero_shot_val": teacher_zero_shot(engine.module, text_tokenizer, world, "val", loop.eval_images)}

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from tokenizer.backbone import SiglipBackbone, VisionBackbone, build_backbone
+from tokenizer.backbone import SiglipBackbone, VisionBackbone
 from tokenizer.config import ConfigError, DiscriminatorConfig, DualTokenizerConfig
 from tokenizer.discriminator import PatchDiscriminator
 from tokenizer.losses import (
@@ -38,6 +38,7 @@ from training.common import (
     autocast,
     build_optimizer,
     count_parameters,
+    restore_schedule_lr,
     seed_everything,
     setup_logging,
     step_loader,
@@ -132,7 +133,7 @@ def load_teacher(path: str) -> tuple[VisionBackbone, Teacher]:
     if model_type == "siglip":
         siglip = SiglipModel.from_pretrained(path)
         vision_model, text_tower = siglip.vision_model, TextTower(
-            siglip.text_model, float(siglip.logit_scale), float(siglip.logit_bias)
+            siglip.text_model, float(siglip.logit_scale.detach()), float(siglip.logit_bias.detach())
         )
         text_tokenizer = AutoTokenizer.from_pretrained(path)
     else:
@@ -245,7 +246,7 @@ class Stage1Trainer:
             gan_on = self.discriminator_engine is not None and step >= config.loss.gan_start_step
             if gan_on:
                 self.discriminator_engine.module.requires_grad_(False)
-                fake_logits = self.discriminator_engine(output.reconstruction)
+                fake_logits = self.discriminator_engine.frozen_forward(output.reconstruction)
                 losses["generator_adversarial"] = generator_adversarial_loss(fake_logits)
                 weight = torch.tensor(1.0)
                 if config.loss.adaptive_gan_weight:
@@ -257,8 +258,8 @@ class Stage1Trainer:
                 total = total + config.loss.gan * weight * losses["generator_adversarial"]
         self.engine.backward(total)
         grad_norm = self.engine.step()
-        record = {name: float(value) for name, value in losses.items()}
-        record["total"] = float(total)
+        record = {name: float(value.detach()) for name, value in losses.items()}
+        record["total"] = float(total.detach())
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
         if gan_on:
@@ -269,7 +270,7 @@ class Stage1Trainer:
                 disc_loss = hinge_discriminator_loss(real, fake)
             self.discriminator_engine.backward(disc_loss)
             self.discriminator_engine.step()
-            record["discriminator"] = float(disc_loss)
+            record["discriminator"] = float(disc_loss.detach())
         return record
 
     # ------------------------------------------------------------ evaluation
@@ -319,6 +320,8 @@ class Stage1Trainer:
         latest = distributed.latest_checkpoint(checkpoints) if loop.resume else None
         if latest is not None:
             start_step = distributed.load_checkpoint(latest, self.engines)["step"]
+            for engine in self.engines.values():
+                restore_schedule_lr(engine.scheduler)
             logger.info("resumed stage 1 from %s (step %d)", latest, start_step)
         dataset = (
             ShapesImageDataset(self._world, "train") if self._world is not None else build_image_dataset(self.config.data, "train")
@@ -336,6 +339,7 @@ class Stage1Trainer:
             window.append(record)
             if step % loop.log_every == 0:
                 averaged = {key: sum(r.get(key, 0.0) for r in window) / len(window) for key in window[-1]}
+                averaged = distributed.all_reduce_scalars(averaged)  # the global batch, not rank 0's share
                 averaged["lr"] = self.engine.lr
                 self.writer.scalars(step, averaged, prefix="train/")
                 progress.set_postfix(mse=f"{averaged['mse']:.4f}", sem=f"{averaged['semantic_tap']:.3f}")
@@ -343,7 +347,9 @@ class Stage1Trainer:
             if step % loop.eval_every == 0 and step < loop.max_steps:
                 self.evaluate(step)
                 self.engine.train()
-            if step % loop.save_every == 0 and step < loop.max_steps:
+            # The final step is checkpointed too, so a finished run can be extended (a larger
+            # loop.max_steps, same output_dir) and continues exactly where it stopped.
+            if step % loop.save_every == 0:
                 distributed.save_checkpoint(checkpoints, step, self.engines, {})
                 distributed.prune_checkpoints(checkpoints)
         train_seconds = time.time() - started

@@ -1,0 +1,326 @@
+"""The training applications end to end on CPU: stage 0, stage 1, exact resume, checkpoints, pipeline.
+
+Every run uses the real YAML files (configs/tokenizer/tiny_teacher.yaml, tiny.yaml) with
+`--set` overrides that shrink it to seconds: a 3-layer, 32-wide ViT, 2-step runs, batch 8,
+8 evaluation images and a 64-image training split. One tiny teacher is trained per module
+(fixture ``teacher_dir``) and every stage-1 test starts from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from tokenizer.model import DualTokenizer
+from training import cli, distributed, pipeline, train_teacher, train_tokenizer
+from training.data import ShapesImageDataset, ShapesWorld, ShapesWorldConfig
+from training.evaluation import tokenizer_metrics
+
+TEACHER_CONFIG = "configs/tokenizer/tiny_teacher.yaml"
+TOKENIZER_CONFIG = "configs/tokenizer/tiny.yaml"
+IMAGE_SIZE, GRID, CODEBOOK_SIZE, DEPTH, EVAL_IMAGES, NUM_TRAIN = 64, 8, 32, 2, 8, 64
+
+# One thread: on a shared 2-core machine torch's default of 2 threads is ~10x slower for
+# these tiny matrices (measured: 0.9 s vs 0.05 s per stage-0 backward).
+LOOP_SETS = [
+    "loop.max_steps=2",
+    "loop.batch_size=8",
+    f"loop.eval_images={EVAL_IMAGES}",
+    "loop.eval_every=1000",
+    "loop.log_every=1",
+    "loop.num_threads=1",
+    f"data.shapes.num_train={NUM_TRAIN}",
+]
+TEACHER_SETS = [
+    "teacher.vision.hidden_size=32",
+    "teacher.vision.num_layers=3",
+    "teacher.vision.num_heads=2",
+    "teacher.vision.intermediate_size=64",
+    "teacher.text.num_layers=1",
+    "teacher.text.num_heads=2",
+    "teacher.text.intermediate_size=64",
+]
+# The backbone is built from the teacher; its section here only documents the same sizes.
+TOKENIZER_SETS = [
+    "tokenizer.backbone.hidden_size=32",
+    "tokenizer.backbone.num_layers=3",
+    "tokenizer.backbone.num_heads=2",
+    "tokenizer.backbone.intermediate_size=64",
+    "tokenizer.taps.pixel_layer=1",
+    "tokenizer.taps.semantic_layer=2",
+    "tokenizer.projection.hidden_dim=32",
+    f"tokenizer.pixel_quantizer.codebook_size={CODEBOOK_SIZE}",
+    "tokenizer.pixel_quantizer.code_dim=8",
+    f"tokenizer.pixel_quantizer.depth={DEPTH}",
+    f"tokenizer.semantic_quantizer.codebook_size={CODEBOOK_SIZE}",
+    "tokenizer.semantic_quantizer.code_dim=8",
+    f"tokenizer.semantic_quantizer.depth={DEPTH}",
+    "tokenizer.decoder.base_channels=8",
+    "tokenizer.decoder.channel_mult=[1,1,2,2]",  # 8x8 tokens -> 64x64 pixels
+    "tokenizer.decoder.mid_attention=false",
+    "discriminator.base_channels=8",
+    "discriminator.num_layers=2",
+]
+GAN_SETS = ["loss.gan=0.5", "loss.gan_start_step=0"]
+# Warm-up of one step, so the cosine (which depends on loop.max_steps) shapes the LR from
+# step 2 on and the resume tests cover the schedule too.
+SHORT_WARMUP_SETS = ["optim.warmup_steps=1", "discriminator_optim.warmup_steps=1"]
+
+
+def _sets(values: list[str]) -> list[str]:
+    return [item for value in values for item in ("--set", value)]
+
+
+def teacher_argv(output_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--config",
+        TEACHER_CONFIG,
+        *_sets([*LOOP_SETS, *TEACHER_SETS, f"loop.output_dir={output_dir}", *extra]),
+    ]
+
+
+def tokenizer_argv(output_dir: Path, teacher: Path, *extra: str) -> list[str]:
+    return [
+        "--config",
+        TOKENIZER_CONFIG,
+        *_sets([*LOOP_SETS, *TOKENIZER_SETS, f"teacher_path={teacher}", f"loop.output_dir={output_dir}", *extra]),
+    ]
+
+
+def train_records(output_dir: Path, loss_key: str) -> list[dict]:
+    """The per-step training records of metrics.jsonl (those carrying ``loss_key``), in file order."""
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return [record for record in map(json.loads, lines) if loss_key in record]
+
+
+def staging_leftovers(root: Path) -> list[Path]:
+    """Hidden staging / temporary entries that an atomic save must not leave behind."""
+    return [path for path in root.rglob(".*") if "staging" in path.name or ".tmp" in path.name]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Stage 0 for 2 steps; returns the ``teacher/`` directory it wrote."""
+    output_dir = tmp_path_factory.mktemp("stage0")
+    metrics = train_teacher.main(teacher_argv(output_dir))
+    assert 0.0 <= metrics["teacher_zero_shot_val"] <= 1.0
+    return output_dir / train_teacher.TEACHER_DIRNAME
+
+
+# ------------------------------------------------------------------------------ stage 0
+def test_stage0_writes_a_loadable_teacher(teacher_dir: Path) -> None:
+    from transformers import AutoTokenizer, SiglipModel
+
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.json"):
+        assert (teacher_dir / name).is_file(), name
+    assert train_teacher.teacher_is_complete(teacher_dir)
+    metrics = json.loads((teacher_dir / "metrics.json").read_text())
+    assert set(metrics) >= {"teacher_zero_shot_val", "train_seconds"}
+    model = SiglipModel.from_pretrained(teacher_dir)
+    assert model.config.vision_config.num_hidden_layers == 3 and model.config.vision_config.hidden_size == 32
+    text_tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    assert len(text_tokenizer) == model.config.text_config.vocab_size
+    records = train_records(teacher_dir.parent, "stage0/loss")
+    assert [record["step"] for record in records] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(record["stage0/loss"])) for record in records)
+    assert staging_leftovers(teacher_dir.parent) == []
+
+
+# ------------------------------------------------------------------------------ stage 1
+def test_stage1_with_gan_writes_a_loadable_tokenizer(teacher_dir: Path, tmp_path: Path) -> None:
+    output_dir = tmp_path / "stage1"
+    metrics = train_tokenizer.main(tokenizer_argv(output_dir, teacher_dir, *GAN_SETS, "loop.save_every=2"))
+
+    # Both engines ran: the generator saw the adversarial term with its adaptive weight, and the
+    # discriminator took optimizer steps of its own.
+    records = train_records(output_dir, "train/total")
+    assert [record["step"] for record in records] == [1, 2]
+    for record in records:
+        assert {"train/generator_adversarial", "train/discriminator", "train/grad_norm"} <= set(record)
+        assert 0.3 <= record["train/adaptive_weight"] <= 10.0  # loss.adaptive_min / adaptive_max
+    checkpoint = output_dir / "checkpoints" / "step_0000002"
+    for engine in ("tokenizer", "discriminator"):
+        optimizer_state = torch.load(checkpoint / engine / "state.pt", weights_only=False)["optimizer"]["state"]
+        assert optimizer_state and all(float(state["step"]) == 2 for state in optimizer_state.values()), engine
+
+    assert {
+        "test_psnr",
+        "test_ssim",
+        "test_zero_shot",
+        "test_teacher_zero_shot",
+        "test_pixel_usage",
+        "test_semantic_usage",
+        "val_psnr",
+        "steps",
+    } <= set(metrics)
+    assert metrics["steps"] == 2
+    for key in ("test_zero_shot", "test_teacher_zero_shot", "test_pixel_usage", "test_semantic_usage"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    saved = json.loads((output_dir / train_tokenizer.TOKENIZER_DIRNAME / "metrics.json").read_text())
+    assert saved == pytest.approx(metrics)
+
+    tokenizer_dir = output_dir / train_tokenizer.TOKENIZER_DIRNAME
+    assert train_tokenizer.tokenizer_is_complete(tokenizer_dir)
+    tokenizer = DualTokenizer.from_pretrained(tokenizer_dir)
+    world = ShapesWorld(ShapesWorldConfig(seed=0, image_size=IMAGE_SIZE, num_train=NUM_TRAIN))
+    images = torch.stack([ShapesImageDataset(world, "test")[index]["image"] for index in range(3)])
+    codes = tokenizer.encode(images)
+    assert codes.pixel_codes.shape == (3, GRID, GRID, DEPTH)
+    assert codes.semantic_codes.shape == (3, GRID, GRID, DEPTH)
+    for branch in (codes.pixel_codes, codes.semantic_codes):
+        assert branch.dtype == torch.int64 and 0 <= int(branch.min()) and int(branch.max()) < CODEBOOK_SIZE
+    assert tokenizer.decode(codes.pixel_codes).shape == (3, 3, IMAGE_SIZE, IMAGE_SIZE)
+    # The saved weights are the evaluated ones: the loaded tokenizer reproduces the test PSNR.
+    reloaded, _, _ = tokenizer_metrics(tokenizer, ShapesImageDataset(world, "test"), None, None, limit=EVAL_IMAGES)
+    assert reloaded["psnr"] == pytest.approx(metrics["test_psnr"], rel=1e-5)
+
+    grid = output_dir / "reconstructions" / "test_step_0000002.png"
+    with Image.open(grid) as image:
+        # save_image_grid: 80-px label column, 2-px padding, originals above reconstructions.
+        assert image.size == (80 + EVAL_IMAGES * (IMAGE_SIZE + 2) + 2, 2 * (IMAGE_SIZE + 2) + 2)
+    assert staging_leftovers(output_dir) == []
+
+
+def test_stage1_rejects_taps_beyond_the_teacher(teacher_dir: Path, tmp_path: Path) -> None:
+    # The YAML's own backbone section has 6 layers, so only the 3-layer teacher can catch this.
+    argv = tokenizer_argv(
+        tmp_path / "stage1", teacher_dir, "tokenizer.backbone.num_layers=6", "tokenizer.taps.semantic_layer=5"
+    )
+    with pytest.raises(ValueError, match=r"taps.semantic_layer=5 .* 3 layers"):
+        train_tokenizer.main(argv)
+
+
+# ------------------------------------------------------------------------------ exact resume
+# The resumed run executes the same single-threaded CPU kernels on the same inputs and the same
+# restored state, so its losses match bit for bit; the tolerance (1e-6 relative, a few float32
+# ulps) only allows for formatting. Each bug this test caught (no checkpoint at the last step,
+# the LR of the old schedule, a shifted global RNG) moved the step-4 losses by 1e-3 or more.
+RESUME_TOLERANCE = 1e-6
+
+
+def _assert_resume_is_exact(uninterrupted: Path, resumed: Path, loss_key: str) -> None:
+    straight = {record["step"]: record for record in train_records(uninterrupted, loss_key)}
+    continued = train_records(resumed, loss_key)
+    # The second call resumed at step 2 instead of starting over: every step is logged once.
+    assert [record["step"] for record in continued] == [1, 2, 3, 4]
+    assert sorted(straight) == [1, 2, 3, 4]
+    for record in continued[2:]:
+        expected = straight[record["step"]]
+        assert set(record) == set(expected)
+        for key, value in record.items():
+            assert value == pytest.approx(expected[key], rel=RESUME_TOLERANCE, abs=1e-9), (record["step"], key)
+
+
+def test_stage1_resume_is_exact(teacher_dir: Path, tmp_path: Path) -> None:
+    # A dead-code threshold above any EMA count restarts every pixel code at every step, so each
+    # step draws from the global torch RNG and a shifted RNG stream after resuming would show.
+    common = [*GAN_SETS, *SHORT_WARMUP_SETS, "loop.save_every=2", "tokenizer.pixel_quantizer.dead_code_threshold=1e6"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_tokenizer.main(tokenizer_argv(straight, teacher_dir, *common, "loop.max_steps=4"))
+    train_tokenizer.main(tokenizer_argv(resumed, teacher_dir, *common, "loop.max_steps=2"))
+    assert distributed.latest_checkpoint(resumed / "checkpoints") == resumed / "checkpoints" / "step_0000002"
+    train_tokenizer.main(tokenizer_argv(resumed, teacher_dir, *common, "loop.max_steps=4"))
+    _assert_resume_is_exact(straight, resumed, "train/total")
+
+
+def test_stage0_resume_is_exact(tmp_path: Path) -> None:
+    common = [*SHORT_WARMUP_SETS[:1], "loop.save_every=2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_teacher.main(teacher_argv(straight, *common, "loop.max_steps=4"))
+    train_teacher.main(teacher_argv(resumed, *common, "loop.max_steps=2"))
+    train_teacher.main(teacher_argv(resumed, *common, "loop.max_steps=4"))
+    _assert_resume_is_exact(straight, resumed, "stage0/loss")
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def test_corrupt_checkpoint_is_reported(teacher_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    output_dir = tmp_path / "stage1"
+    checkpoints = output_dir / "checkpoints"
+    (checkpoints / "step_0000002" / "tokenizer").mkdir(parents=True)  # a folder without trainer_state.json
+    (checkpoints / "latest").write_text("step_0000002")
+    argv = tokenizer_argv(output_dir, teacher_dir)
+    with pytest.raises(FileNotFoundError, match="trainer_state.json"):
+        train_tokenizer.main(argv)
+    capsys.readouterr()
+    assert cli.main(["train-tokenizer", *argv]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dualtoken")]
+    assert len(errors) == 1 and "corrupt checkpoint" in errors[0] and "step_0000002" in errors[0]
+
+
+def test_checkpoint_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash in the middle of the step-4 save leaves ``latest`` on step 2, which resumes."""
+    output_dir = tmp_path / "stage0"
+    checkpoints = output_dir / "checkpoints"
+    argv = teacher_argv(output_dir, "loop.max_steps=4", "loop.save_every=2")
+    real_rng_state, saves = distributed._rng_state, []
+
+    def crash_on_second_save() -> dict:
+        saves.append(1)
+        if len(saves) == 2:  # the engine's state is already in the staging folder by now
+            raise OSError("disk full (simulated)")
+        return real_rng_state()
+
+    monkeypatch.setattr(distributed, "_rng_state", crash_on_second_save)
+    with pytest.raises(OSError, match="simulated"):
+        train_teacher.main(argv)
+    assert distributed.latest_checkpoint(checkpoints) == checkpoints / "step_0000002"
+    assert not (checkpoints / "step_0000004").exists()
+    assert (checkpoints / ".step_0000004.staging").is_dir()  # invisible: nothing points at it
+    assert not (output_dir / train_teacher.TEACHER_DIRNAME).exists()
+
+    monkeypatch.setattr(distributed, "_rng_state", real_rng_state)
+    train_teacher.main(argv)
+    records = train_records(output_dir, "stage0/loss")
+    # Steps 3 and 4 were logged before the crash and again after resuming from step 2, identically.
+    assert [record["step"] for record in records] == [1, 2, 3, 4, 3, 4]
+    assert records[2:4] == records[4:6]
+    assert distributed.latest_checkpoint(checkpoints) == checkpoints / "step_0000004"
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["latest", "step_0000002", "step_0000004"]
+    assert staging_leftovers(output_dir) == []
+    assert train_teacher.teacher_is_complete(output_dir / train_teacher.TEACHER_DIRNAME)
+
+
+# ------------------------------------------------------------------------------ pipeline
+def test_pipeline_reuses_finished_stages(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    run_dir = tmp_path / "run"
+    argv = ["--run-dir", str(run_dir)]
+    argv += [item for value in [*LOOP_SETS, *TEACHER_SETS] for item in ("--set-teacher", value)]
+    argv += [item for value in [*LOOP_SETS, *TOKENIZER_SETS] for item in ("--set-tokenizer", value)]
+    teacher_weights = run_dir / "stage0" / "teacher" / "model.safetensors"
+    tokenizer_weights = run_dir / "stage1" / "tokenizer" / "model.safetensors"
+
+    metrics = pipeline.main(argv)
+    report = (run_dir / "report.md").read_text()
+    assert "reconstruction PSNR" in report and f"{metrics['test_psnr']:.2f}" in report
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert summary["tokenizer"] == pytest.approx(metrics) and "teacher_zero_shot_val" in summary["teacher"]
+    mtimes = {path: path.stat().st_mtime_ns for path in (teacher_weights, tokenizer_weights)}
+    trained_weights = load_file(tokenizer_weights)
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert pipeline.main(argv) == pytest.approx(metrics)
+    assert "stage 0: reusing" in caplog.text and "stage 1: reusing" in caplog.text
+    assert {path: path.stat().st_mtime_ns for path in mtimes} == mtimes
+    assert len(train_records(run_dir / "stage1", "train/total")) == 2  # no training step ran again
+
+    tokenizer_weights.unlink()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        pipeline.main(argv)
+    assert "stage 0: reusing" in caplog.text and "stage 1: reusing" not in caplog.text
+    assert "stage 1 done" in caplog.text
+    assert teacher_weights.stat().st_mtime_ns == mtimes[teacher_weights]
+    # Stage 1 trained again (no checkpoint: save_every=250 > max_steps) with the same seed and
+    # batches, so the same weights come back.
+    assert [record["step"] for record in train_records(run_dir / "stage1", "train/total")] == [1, 2, 1, 2]
+    retrained = load_file(tokenizer_weights)
+    assert retrained.keys() == trained_weights.keys()
+    assert all(torch.equal(retrained[name], trained_weights[name]) for name in trained_weights)
+    assert (run_dir / "report.md").is_file()
