@@ -1,9 +1,9 @@
 """Everything about processes, DeepSpeed and checkpoints lives here.
 
 One :class:`TrainEngine` per (model, optimizer) pair hides whether DeepSpeed (ZeRO 0-3,
-optionally offloaded) or a plain single-process / DDP loop does the work; the training
-loops call ``engine(...)``, ``engine.backward(loss)``, ``engine.step()`` and never check
-``hasattr(model, "module")``. Checkpoints are written into a staging folder and made
+optionally offloaded) or plain PyTorch (one process, or several averaging their gradients)
+does the work; the training loops call ``engine(...)``, ``engine.backward(loss)``,
+``engine.step()`` and never check ``hasattr(model, "module")``. Checkpoints are written into a staging folder and made
 visible by an atomic rename, so a crash never leaves a half-written "latest".
 """
 
@@ -53,7 +53,12 @@ def _deepspeed():
 
 
 def init_distributed(use_deepspeed: bool = False) -> DistState:
-    """Join the process group started by ``torchrun`` / ``deepspeed`` (or run alone)."""
+    """Join the process group started by ``torchrun`` / ``deepspeed`` (or run alone).
+
+    Plain runs create a group only with several processes; DeepSpeed always needs one, so a
+    DeepSpeed run started without a launcher becomes a 1-process group on 127.0.0.1.
+    CPU runs use gloo (and DeepSpeed's CPU accelerator), GPU runs NCCL.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -118,7 +123,9 @@ def all_reduce_scalars(values: dict[str, float]) -> dict[str, float]:
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return dict(values)
     keys = sorted(values)
-    packed = all_reduce_mean(torch.tensor([float(values[key]) for key in keys], dtype=torch.float64))
+    # NCCL only reduces GPU tensors; gloo takes CPU ones.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    packed = all_reduce_mean(torch.tensor([float(values[key]) for key in keys], dtype=torch.float64, device=device))
     return dict(zip(keys, packed.tolist(), strict=True))
 
 
@@ -171,11 +178,16 @@ class TrainEngine:
             self._wrapped: nn.Module = engine
             self.module: nn.Module = engine.module
         else:
-            if world_size > 1:
-                self._wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-            else:
-                self._wrapped = model
+            # Several plain processes average gradients in step() instead of wrapping the model
+            # in DDP: DDP only syncs what went through its own forward, and the loops also call
+            # the bare model (stage 0 uses SigLIP's get_image_features / get_text_features; the
+            # adaptive GAN weight differentiates with autograd.grad). Bypassing DDP would leave
+            # the ranks silently training different models.
+            self._wrapped = model
             self.module = model
+            if world_size > 1:
+                _broadcast_from_rank0(model)
+        self.data_parallel = not self.uses_deepspeed and world_size > 1
         self.optimizer = optimizer
         self.scheduler = scheduler
 
@@ -189,7 +201,7 @@ class TrainEngine:
         needs this for the discriminator: a forward through the DeepSpeed engine hooks the
         outputs, so the generator's backward would also open a backward of this engine and
         then reduce gradients that were never produced (DeepSpeed 0.19 fails inside ZeRO's
-        bucket reduction); under DDP it would leave a reduction pending. The parameters are
+        bucket reduction). The parameters are
         frozen for the forward only: autograd decides whether a parameter gets a gradient
         when the op runs, so restoring the flags afterwards keeps the graph free of them
         (the model must not recompute activations in backward, i.e. no checkpointing).
@@ -216,6 +228,8 @@ class TrainEngine:
             self._wrapped.step()
             norm = self._wrapped.get_global_grad_norm()
             return float(norm) if norm is not None else None
+        if self.data_parallel:
+            _average_gradients(self.module)
         params = [p for p in self.module.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip) if self.grad_clip > 0 and params else None
         self.optimizer.step()
@@ -265,6 +279,43 @@ class TrainEngine:
             self.scheduler.load_state_dict(state["scheduler"])
 
 
+@torch.no_grad()
+def _broadcast_from_rank0(model: nn.Module) -> None:
+    """Start every rank from rank 0's parameters and buffers (what DDP and DeepSpeed do)."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        dist.broadcast(tensor.data, src=0)
+
+
+@torch.no_grad()
+def _average_gradients(model: nn.Module) -> None:
+    """Average ``.grad`` over ranks in one flat all-reduce (plain multi-process runs).
+
+    A parameter without a gradient on some rank counts as zeros there; one without a gradient
+    on every rank keeps ``grad=None``, so the optimizer skips it exactly as a single process
+    would (AdamW would otherwise decay it and age its moments).
+    """
+    params = [param for param in model.parameters() if param.requires_grad]
+    if not params:
+        return
+    device = params[0].device
+    has_grad = torch.tensor([param.grad is not None for param in params], dtype=torch.float32, device=device)
+    grads = [
+        (param.grad if param.grad is not None else torch.zeros_like(param)).reshape(-1).float() for param in params
+    ]
+    packed = torch.cat([has_grad, *grads])
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    offset = len(params)
+    for index, param in enumerate(params):
+        size = param.numel()
+        if packed[index] > 0:
+            mean = (packed[offset : offset + size] / dist.get_world_size()).view_as(param).to(param.dtype)
+            if param.grad is None:
+                param.grad = mean
+            else:
+                param.grad.copy_(mean)
+        offset += size
+
+
 def unwrap(engine: TrainEngine) -> nn.Module:
     return engine.module
 
@@ -290,7 +341,9 @@ def save_checkpoint(root: Path, step: int, engines: dict[str, TrainEngine], trai
     """Write ``root/step_XXXXXXX`` through a staging folder, then point ``root/latest`` at it.
 
     Every rank must call this (DeepSpeed saves collectively). Only after all ranks finished
-    writing does rank 0 rename the folder and replace ``latest`` (both atomic renames).
+    writing does rank 0 rename the folder and replace ``latest`` (both atomic renames). Under
+    ZeRO every rank writes its own optimizer shard into the same folder, so on several nodes
+    ``root`` must be on a filesystem they share.
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     name = f"step_{step:07d}"

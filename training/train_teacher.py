@@ -37,6 +37,7 @@ from training.common import (
 )
 from training.config import DeepSpeedConfig, LoopConfig, OptimConfig, load_config
 from training.data import DataConfig, ShapesWorld, collate_image_text
+from training.data.shapes import class_index
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ class TeacherConfig:
     # Share of single-object images in each batch: zero-shot prompts name one object, so
     # the teacher must also see captions that do.
     single_object_fraction: float = 0.5
+    # Add the class prompts to every batch's texts (see sigmoid_loss).
+    class_prompt_negatives: bool = True
 
     def __post_init__(self) -> None:
         if self.vision.kind != "siglip":
@@ -104,7 +107,17 @@ class MixedShapesDataset(Dataset):
         # names just the object: identical captions are positives for each other in the
         # sigmoid loss, which teaches colour x shape far faster than free captions alone.
         caption = self.prompts[sample.label] if single else sample.caption
-        return {"image": image, "caption": caption, "label": sample.label, "index": index}
+        # Which class prompts are true of this image (+1) or false (-1): every object is known.
+        class_targets = torch.full((len(self.prompts),), -1.0)
+        for obj in sample.objects:
+            class_targets[class_index(obj.colour, obj.shape)] = 1.0
+        return {"image": image, "caption": caption, "label": sample.label, "index": index, "class_targets": class_targets}
+
+
+def collate_with_class_targets(batch: list[dict]) -> dict:
+    collated = collate_image_text(batch)
+    collated["class_targets"] = torch.stack([item["class_targets"] for item in batch])
+    return collated
 
 
 def build_teacher(config: TeacherConfig, vocab_size: int) -> SiglipModel:
@@ -137,14 +150,30 @@ def build_teacher(config: TeacherConfig, vocab_size: int) -> SiglipModel:
     return model
 
 
-def sigmoid_loss(model: SiglipModel, images: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """SigLIP's pairwise sigmoid loss; pairs with identical captions count as positives
-    (a closed world repeats captions inside a batch, and calling them negatives is wrong)."""
+def sigmoid_loss(
+    model: SiglipModel,
+    images: torch.Tensor,
+    input_ids: torch.Tensor,
+    prompt_ids: torch.Tensor | None = None,
+    class_targets: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss over (images x captions), optionally extended with
+    (images x class prompts).
+
+    images: (B, 3, H, W); input_ids: (B, L) captions; pairs with identical captions count as
+    positives (a closed world repeats captions, and calling them negatives is wrong).
+    prompt_ids: (K, L) class prompts and class_targets: (B, K) in {+1, -1}: the prompts are
+    extra texts in every batch, so each image meets the hard negatives that differ from it
+    in shape alone (same colour) — the signal a random batch of captions rarely contains.
+    """
     image_embeds = torch.nn.functional.normalize(model.get_image_features(pixel_values=images).pooler_output, dim=-1)
-    text_embeds = torch.nn.functional.normalize(model.get_text_features(input_ids=input_ids).pooler_output, dim=-1)
+    texts = input_ids if prompt_ids is None else torch.cat([input_ids, prompt_ids])
+    text_embeds = torch.nn.functional.normalize(model.get_text_features(input_ids=texts).pooler_output, dim=-1)
     logits = image_embeds @ text_embeds.t() * model.logit_scale.exp() + model.logit_bias
     same_text = (input_ids[:, None, :] == input_ids[None, :, :]).all(dim=-1).float()
     labels = 2 * same_text - 1
+    if prompt_ids is not None:
+        labels = torch.cat([labels, class_targets.to(labels)], dim=1)
     return -torch.nn.functional.logsigmoid(labels * logits).sum(dim=-1).mean()
 
 
@@ -204,8 +233,10 @@ def fit(config: Stage0Config, dist_state: distributed.DistState) -> dict[str, fl
         restore_schedule_lr(engine.scheduler)
         logger.info("resumed stage 0 from %s (step %d)", latest, start_step)
     dataset = MixedShapesDataset(world, "train", config.teacher.single_object_fraction)
+    prompt_ids = tokenize_texts(text_tokenizer, world.zero_shot_prompts(), config.teacher.text.max_length)
+    prompt_ids = prompt_ids.to(dist_state.device)
     loader = step_loader(
-        dataset, collate_image_text, loop.batch_size, loop.seed, start_step, loop.max_steps,
+        dataset, collate_with_class_targets, loop.batch_size, loop.seed, start_step, loop.max_steps,
         dist_state.rank, dist_state.world_size, loop.num_workers,
     )
     writer = MetricsWriter(output_dir, enabled=dist_state.is_main)
@@ -216,7 +247,13 @@ def fit(config: Stage0Config, dist_state: distributed.DistState) -> dict[str, fl
     for batch in tqdm(loader, desc="stage 0 (teacher)", initial=start_step, total=loop.max_steps, disable=not dist_state.is_main):
         input_ids = tokenize_texts(text_tokenizer, batch["caption"], max_length)
         with autocast(loop.precision, dist_state.device):
-            loss = sigmoid_loss(engine.module, batch["image"].to(dist_state.device), input_ids.to(dist_state.device))
+            loss = sigmoid_loss(
+                engine.module,
+                batch["image"].to(dist_state.device),
+                input_ids.to(dist_state.device),
+                prompt_ids if config.teacher.class_prompt_negatives else None,
+                batch["class_targets"].to(dist_state.device),
+            )
         engine.backward(loss)
         engine.step()
         step += 1
