@@ -47,7 +47,9 @@ def test_dotted_override_changes_one_field() -> None:
     config = load_config(Stage1Config, path, ["tokenizer.pixel_quantizer.depth=2", "loop.max_steps=7"])
     assert config.tokenizer.pixel_quantizer.depth == 2
     assert config.loop.max_steps == 7
-    assert config.tokenizer.semantic_quantizer.depth == load_config(Stage1Config, path).tokenizer.semantic_quantizer.depth
+    assert (
+        config.tokenizer.semantic_quantizer.depth == load_config(Stage1Config, path).tokenizer.semantic_quantizer.depth
+    )
 
 
 def test_unknown_key_is_named() -> None:

@@ -20,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tiny_config(**overrides) -> DualTokenizerConfig:
     fields = dict(
-        backbone=BackboneConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=4, num_heads=2, intermediate_size=64),
+        backbone=BackboneConfig(
+            image_size=32, patch_size=8, hidden_size=32, num_layers=4, num_heads=2, intermediate_size=64
+        ),
         taps=TapsConfig(pixel_layer=1, semantic_layer=3),
         projection=ProjectionConfig(kind="mlp", hidden_dim=32),
         pixel_quantizer=QuantizerConfig(codebook_size=32, code_dim=8, depth=3),

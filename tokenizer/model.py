@@ -178,7 +178,9 @@ class DualTokenizer(nn.Module):
             semantic_codes=self._tokens_to_grid_codes(semantic.codes),
             semantic_tap_features=semantic_tap,
             semantic_pooled=pooled,
-            pixel_commitment_loss=pixel.commitment_loss if self.pixel_quantizer is not None else pixel.commitment_loss * 0,
+            pixel_commitment_loss=pixel.commitment_loss
+            if self.pixel_quantizer is not None
+            else pixel.commitment_loss * 0,
             semantic_commitment_loss=semantic.commitment_loss,
         )
 

@@ -59,9 +59,7 @@ def tokenize_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max
     """``texts`` -> input ids ``(len(texts), max_length)``, padded the way SigLIP expects."""
     if isinstance(texts, str):
         raise TypeError("tokenize_texts expects a list of strings, got a single string")
-    encoded = tokenizer(
-        list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
-    )
+    encoded = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
     return encoded["input_ids"]
 
 

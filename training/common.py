@@ -79,7 +79,9 @@ def build_optimizer(params: Any, config: OptimConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, config: OptimConfig, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, config: OptimConfig, max_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up for ``warmup_steps``, then cosine decay to ``min_lr_ratio`` at ``max_steps``."""
 
     def factor(step: int) -> float:
@@ -108,13 +110,22 @@ def restore_schedule_lr(scheduler: torch.optim.lr_scheduler.LambdaLR | None) -> 
 class StepSampler(Sampler[list[int]]):
     """Batches of indices defined by the step number alone, so a resumed run sees exactly
     the batches an uninterrupted one would. Each epoch is a fresh permutation seeded by
-    ``(seed, epoch)``; rank r of w takes every w-th sample of the global batch."""
+    ``(seed, epoch)``; rank r of w takes the r-th contiguous slice of the global batch."""
 
     def __init__(
-        self, dataset_size: int, batch_size: int, seed: int, start_step: int, max_steps: int, rank: int = 0, world: int = 1
+        self,
+        dataset_size: int,
+        batch_size: int,
+        seed: int,
+        start_step: int,
+        max_steps: int,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         if dataset_size < batch_size * world:
-            raise ValueError(f"the dataset has {dataset_size} items, fewer than one global batch ({batch_size * world})")
+            raise ValueError(
+                f"the dataset has {dataset_size} items, fewer than one global batch ({batch_size * world})"
+            )
         self.dataset_size = dataset_size
         self.batch_size = batch_size
         self.seed = seed
@@ -146,8 +157,15 @@ class StepSampler(Sampler[list[int]]):
 
 
 def step_loader(
-    dataset: Dataset, collate: Any, batch_size: int, seed: int, start_step: int, max_steps: int,
-    rank: int = 0, world: int = 1, num_workers: int = 0,
+    dataset: Dataset,
+    collate: Any,
+    batch_size: int,
+    seed: int,
+    start_step: int,
+    max_steps: int,
+    rank: int = 0,
+    world: int = 1,
+    num_workers: int = 0,
 ) -> DataLoader:
     sampler = StepSampler(len(dataset), batch_size, seed, start_step, max_steps, rank, world)
     # A DataLoader draws its workers' base seed from the *global* torch RNG each time it is

@@ -9,6 +9,7 @@ variants (ablations, scales) state only what differs.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -89,7 +90,6 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
 # --------------------------------------------------------------------------------------
 # Sections shared by every training stage
 # --------------------------------------------------------------------------------------
-from dataclasses import dataclass, field  # noqa: E402
 
 
 def _require(condition: bool, message: str) -> None:

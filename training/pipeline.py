@@ -43,7 +43,9 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     if _stage_done(teacher_dir, train_teacher.teacher_is_complete):
         logger.info("stage 0: reusing the finished teacher in %s", teacher_dir)
     else:
-        train_teacher.main(["--config", args.teacher_config, "--set", f"loop.output_dir={stage0_dir}", *_sets(args.set_teacher)])
+        train_teacher.main(
+            ["--config", args.teacher_config, "--set", f"loop.output_dir={stage0_dir}", *_sets(args.set_teacher)]
+        )
     timings["stage0_seconds"] = time.time() - started
     teacher_metrics = json.loads((teacher_dir / "metrics.json").read_text())
 
@@ -54,9 +56,12 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     else:
         train_tokenizer.main(
             [
-                "--config", args.tokenizer_config,
-                "--set", f"loop.output_dir={stage1_dir}",
-                "--set", f"teacher_path={teacher_dir}",
+                "--config",
+                args.tokenizer_config,
+                "--set",
+                f"loop.output_dir={stage1_dir}",
+                "--set",
+                f"teacher_path={teacher_dir}",
                 *_sets(args.set_tokenizer),
             ]
         )
@@ -76,14 +81,27 @@ def write_report(run_dir: Path, teacher: dict, metrics: dict, timings: dict, sta
     rows = [
         ("reconstruction PSNR (dB), held-out test images", f"{metrics['test_psnr']:.2f}"),
         ("reconstruction SSIM, held-out test images", f"{metrics['test_ssim']:.3f}"),
-        ("zero-shot accuracy, quantised semantic path (test)", f"{100 * metrics.get('test_zero_shot', float('nan')):.1f} %"),
+        (
+            "zero-shot accuracy, quantised semantic path (test)",
+            f"{100 * metrics.get('test_zero_shot', float('nan')):.1f} %",
+        ),
         ("zero-shot accuracy, teacher (test)", f"{100 * metrics.get('test_teacher_zero_shot', float('nan')):.1f} %"),
-        ("pixel codebook usage (min over depths)",
-         f"{100 * metrics['test_pixel_usage']:.1f} % ({100 * metrics['test_pixel_min_depth_usage']:.1f} %)"),
-        ("semantic codebook usage (min over depths)",
-         f"{100 * metrics['test_semantic_usage']:.1f} % ({100 * metrics['test_semantic_min_depth_usage']:.1f} %)"),
-        ("stage 0 wall time (s)", f"{timings['stage0_seconds']:.0f} (teacher trained in {teacher.get('train_seconds', 0):.0f})"),
-        ("stage 1 wall time (s)", f"{timings['stage1_seconds']:.0f} (training loop {metrics.get('train_seconds', 0):.0f})"),
+        (
+            "pixel codebook usage (min over depths)",
+            f"{100 * metrics['test_pixel_usage']:.1f} % ({100 * metrics['test_pixel_min_depth_usage']:.1f} %)",
+        ),
+        (
+            "semantic codebook usage (min over depths)",
+            f"{100 * metrics['test_semantic_usage']:.1f} % ({100 * metrics['test_semantic_min_depth_usage']:.1f} %)",
+        ),
+        (
+            "stage 0 wall time (s)",
+            f"{timings['stage0_seconds']:.0f} (teacher trained in {teacher.get('train_seconds', 0):.0f})",
+        ),
+        (
+            "stage 1 wall time (s)",
+            f"{timings['stage1_seconds']:.0f} (training loop {metrics.get('train_seconds', 0):.0f})",
+        ),
     ]
     lines = ["# DualToken tiny run", "", "| metric | value |", "|---|---|"]
     lines += [f"| {name} | {value} |" for name, value in rows]

@@ -111,7 +111,13 @@ class MixedShapesDataset(Dataset):
         class_targets = torch.full((len(self.prompts),), -1.0)
         for obj in sample.objects:
             class_targets[class_index(obj.colour, obj.shape)] = 1.0
-        return {"image": image, "caption": caption, "label": sample.label, "index": index, "class_targets": class_targets}
+        return {
+            "image": image,
+            "caption": caption,
+            "label": sample.label,
+            "index": index,
+            "class_targets": class_targets,
+        }
 
 
 def collate_with_class_targets(batch: list[dict]) -> dict:
@@ -208,7 +214,9 @@ def teacher_zero_shot(model: SiglipModel, text_tokenizer, world: ShapesWorld, sp
 
 def teacher_is_complete(directory: Path) -> bool:
     """A finished stage 0 leaves the model, its tokenizer and a metrics file."""
-    return all((directory / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.json"))
+    return all(
+        (directory / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.json")
+    )
 
 
 def fit(config: Stage0Config, dist_state: distributed.DistState) -> dict[str, float]:
@@ -222,7 +230,13 @@ def fit(config: Stage0Config, dist_state: distributed.DistState) -> dict[str, fl
     optimizer = build_optimizer(model.parameters(), config.optim)
     scheduler = warmup_cosine(optimizer, config.optim, loop.max_steps)
     engine = distributed.TrainEngine(
-        model, optimizer, scheduler, config.optim.grad_clip, config.deepspeed, loop.batch_size, loop.precision,
+        model,
+        optimizer,
+        scheduler,
+        config.optim.grad_clip,
+        config.deepspeed,
+        loop.batch_size,
+        loop.precision,
         dist_state.world_size,
     )
     checkpoints = output_dir / "checkpoints"
@@ -236,15 +250,24 @@ def fit(config: Stage0Config, dist_state: distributed.DistState) -> dict[str, fl
     prompt_ids = tokenize_texts(text_tokenizer, world.zero_shot_prompts(), config.teacher.text.max_length)
     prompt_ids = prompt_ids.to(dist_state.device)
     loader = step_loader(
-        dataset, collate_with_class_targets, loop.batch_size, loop.seed, start_step, loop.max_steps,
-        dist_state.rank, dist_state.world_size, loop.num_workers,
+        dataset,
+        collate_with_class_targets,
+        loop.batch_size,
+        loop.seed,
+        start_step,
+        loop.max_steps,
+        dist_state.rank,
+        dist_state.world_size,
+        loop.num_workers,
     )
     writer = MetricsWriter(output_dir, enabled=dist_state.is_main)
     max_length = config.teacher.text.max_length
     step, started = start_step, time.time()
     losses: list[float] = []
     engine.train()
-    for batch in tqdm(loader, desc="stage 0 (teacher)", initial=start_step, total=loop.max_steps, disable=not dist_state.is_main):
+    for batch in tqdm(
+        loader, desc="stage 0 (teacher)", initial=start_step, total=loop.max_steps, disable=not dist_state.is_main
+    ):
         input_ids = tokenize_texts(text_tokenizer, batch["caption"], max_length)
         with autocast(loop.precision, dist_state.device):
             loss = sigmoid_loss(
@@ -267,7 +290,9 @@ def fit(config: Stage0Config, dist_state: distributed.DistState) -> dict[str, fl
         if step % loop.save_every == 0:
             distributed.save_checkpoint(checkpoints, step, {"teacher": engine}, {})
             distributed.prune_checkpoints(checkpoints)
-    metrics = {"teacher_zero_shot_val": teacher_zero_shot(engine.module, text_tokenizer, world, "val", loop.eval_images)}
+    metrics = {
+        "teacher_zero_shot_val": teacher_zero_shot(engine.module, text_tokenizer, world, "val", loop.eval_images)
+    }
     metrics["train_seconds"] = time.time() - started
     if dist_state.is_main:
         save_teacher(engine.module, text_tokenizer, output_dir / TEACHER_DIRNAME, metrics)

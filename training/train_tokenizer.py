@@ -132,8 +132,9 @@ def load_teacher(path: str) -> tuple[VisionBackbone, Teacher]:
     model_type = json.loads((source / "config.json").read_text()).get("model_type")
     if model_type == "siglip":
         siglip = SiglipModel.from_pretrained(path)
-        vision_model, text_tower = siglip.vision_model, TextTower(
-            siglip.text_model, float(siglip.logit_scale.detach()), float(siglip.logit_bias.detach())
+        vision_model, text_tower = (
+            siglip.vision_model,
+            TextTower(siglip.text_model, float(siglip.logit_scale.detach()), float(siglip.logit_bias.detach())),
         )
         text_tokenizer = AutoTokenizer.from_pretrained(path)
     else:
@@ -207,32 +208,38 @@ class Stage1Trainer:
         self.tokenizer.backbone.set_gradient_checkpointing(config.tokenizer.backbone.gradient_checkpointing)
         logger.info(
             "stage 1: DualToken with %.2fM trainable parameters (taps %d/%d of %d layers)",
-            count_parameters(self.tokenizer) / 1e6, config.tokenizer.taps.pixel_layer,
-            config.tokenizer.taps.semantic_layer, self.tokenizer.backbone.num_layers,
+            count_parameters(self.tokenizer) / 1e6,
+            config.tokenizer.taps.pixel_layer,
+            config.tokenizer.taps.semantic_layer,
+            self.tokenizer.backbone.num_layers,
         )
         self.perceptual = build_perceptual(config.loss, self.teacher)
-        loop = config.loop
-        params = [p for p in self.tokenizer.parameters() if p.requires_grad]
-        optimizer = build_optimizer(params, config.optim)
-        self.engine = distributed.TrainEngine(
-            self.tokenizer, optimizer, warmup_cosine(optimizer, config.optim, loop.max_steps), config.optim.grad_clip,
-            config.deepspeed, loop.batch_size, loop.precision, dist_state.world_size,
-        )
+        self.engine = self._engine(self.tokenizer, config.optim)
         self.engines = {"tokenizer": self.engine}
         self.discriminator_engine = None
         if config.loss.gan > 0:
-            discriminator = PatchDiscriminator(config.discriminator)
-            disc_optimizer = build_optimizer(discriminator.parameters(), config.discriminator_optim)
-            self.discriminator_engine = distributed.TrainEngine(
-                discriminator, disc_optimizer,
-                warmup_cosine(disc_optimizer, config.discriminator_optim, loop.max_steps),
-                config.discriminator_optim.grad_clip, config.deepspeed, loop.batch_size, loop.precision,
-                dist_state.world_size,
+            self.discriminator_engine = self._engine(
+                PatchDiscriminator(config.discriminator), config.discriminator_optim
             )
             self.engines["discriminator"] = self.discriminator_engine
         self.writer = MetricsWriter(self.output_dir, enabled=dist_state.is_main)
         self._text_embeds: torch.Tensor | None = None
         self._world = ShapesWorld(config.data.shapes) if config.data.kind == "shapes" else None
+
+    def _engine(self, module: nn.Module, optim: OptimConfig) -> distributed.TrainEngine:
+        """AdamW + warm-up/cosine over the trainable parameters of ``module``, in an engine."""
+        loop = self.config.loop
+        optimizer = build_optimizer([p for p in module.parameters() if p.requires_grad], optim)
+        return distributed.TrainEngine(
+            module,
+            optimizer,
+            warmup_cosine(optimizer, optim, loop.max_steps),
+            optim.grad_clip,
+            self.config.deepspeed,
+            loop.batch_size,
+            loop.precision,
+            self.dist.world_size,
+        )
 
     # ------------------------------------------------------------ one step
     def train_step(self, images: torch.Tensor, step: int) -> dict[str, float]:
@@ -245,14 +252,16 @@ class Stage1Trainer:
             total = losses["total"]
             gan_on = self.discriminator_engine is not None and step >= config.loss.gan_start_step
             if gan_on:
-                self.discriminator_engine.module.requires_grad_(False)
                 fake_logits = self.discriminator_engine.frozen_forward(output.reconstruction)
                 losses["generator_adversarial"] = generator_adversarial_loss(fake_logits)
                 weight = torch.tensor(1.0)
                 if config.loss.adaptive_gan_weight:
                     weight = adaptive_generator_weight(
-                        losses["reconstruction"], losses["generator_adversarial"],
-                        self.tokenizer.decoder.last_layer_weight, config.loss.adaptive_min, config.loss.adaptive_max,
+                        losses["reconstruction"],
+                        losses["generator_adversarial"],
+                        self.tokenizer.decoder.last_layer_weight,
+                        config.loss.adaptive_min,
+                        config.loss.adaptive_max,
                     )
                 losses["adaptive_weight"] = weight
                 total = total + config.loss.gan * weight * losses["generator_adversarial"]
@@ -263,7 +272,6 @@ class Stage1Trainer:
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
         if gan_on:
-            self.discriminator_engine.module.requires_grad_(True)
             with autocast(config.loop.precision, self.dist.device):
                 real = self.discriminator_engine(images)
                 fake = self.discriminator_engine(output.reconstruction.detach())
@@ -295,8 +303,11 @@ class Stage1Trainer:
             self.tokenizer, recon_set, zero_shot_set, self._class_text_embeds(), limit=limit
         )
         if self.dist.is_main:
-            grid = save_image_grid([originals, recons], self.output_dir / "reconstructions" / f"{split}_step_{step:07d}.png",
-                                   labels=["original", "decoded"])
+            grid = save_image_grid(
+                [originals, recons],
+                self.output_dir / "reconstructions" / f"{split}_step_{step:07d}.png",
+                labels=["original", "decoded"],
+            )
             logger.info("eval %s @ %d: %s (grid: %s)", split, step, _fmt(metrics), grid)
             self.writer.scalars(step, metrics, prefix=f"eval_{split}/")
         return metrics
@@ -308,7 +319,9 @@ class Stage1Trainer:
         vision = self.teacher.vision
         return zero_shot_accuracy(
             lambda images: vision(images).pooled,
-            text_embeds, ShapesImageDataset(self._world, split, single_object=True), limit=limit or self.config.loop.eval_images,
+            text_embeds,
+            ShapesImageDataset(self._world, split, single_object=True),
+            limit=limit or self.config.loop.eval_images,
             desc="teacher zero-shot",
         )
 
@@ -324,15 +337,26 @@ class Stage1Trainer:
                 restore_schedule_lr(engine.scheduler)
             logger.info("resumed stage 1 from %s (step %d)", latest, start_step)
         dataset = (
-            ShapesImageDataset(self._world, "train") if self._world is not None else build_image_dataset(self.config.data, "train")
+            ShapesImageDataset(self._world, "train")
+            if self._world is not None
+            else build_image_dataset(self.config.data, "train")
         )
         loader = step_loader(
-            dataset, collate_image_text, loop.batch_size, loop.seed, start_step, loop.max_steps,
-            self.dist.rank, self.dist.world_size, loop.num_workers,
+            dataset,
+            collate_image_text,
+            loop.batch_size,
+            loop.seed,
+            start_step,
+            loop.max_steps,
+            self.dist.rank,
+            self.dist.world_size,
+            loop.num_workers,
         )
         step, started, window = start_step, time.time(), []
         self.engine.train()
-        progress = tqdm(loader, desc="stage 1 (DualToken)", initial=start_step, total=loop.max_steps, disable=not self.dist.is_main)
+        progress = tqdm(
+            loader, desc="stage 1 (DualToken)", initial=start_step, total=loop.max_steps, disable=not self.dist.is_main
+        )
         for batch in progress:
             record = self.train_step(batch["image"].to(self.dist.device), step)
             step += 1
