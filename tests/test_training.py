@@ -324,3 +324,31 @@ def test_pipeline_reuses_finished_stages(tmp_path: Path, caplog: pytest.LogCaptu
     assert retrained.keys() == trained_weights.keys()
     assert all(torch.equal(retrained[name], trained_weights[name]) for name in trained_weights)
     assert (run_dir / "report.md").is_file()
+
+
+def test_ablation_runs_every_variant_side_by_side(teacher_dir: Path, tmp_path: Path) -> None:
+    from training import ablation
+
+    output = tmp_path / "ablation"
+    argv = ["--config", TOKENIZER_CONFIG, "--teacher", str(teacher_dir), "--output-dir", str(output)]
+    results = ablation.main([*argv, *_sets([*LOOP_SETS, *TOKENIZER_SETS])])
+    assert list(results) == ["dual", "shared", "recon_only"]
+    # The shared variant really decodes from the semantic codebook: it has no pixel quantizer.
+    shared = json.loads((output / "shared" / "tokenizer" / "config.json").read_text())
+    assert shared["tokenizer"]["shared_codebook"] is True
+    assert not any(key.startswith("pixel_quantizer.") for key in _saved_keys(output / "shared"))
+    assert any(key.startswith("pixel_quantizer.") for key in _saved_keys(output / "dual"))
+    table = (output / "ablation.md").read_text()
+    for name in results:
+        assert f"| {name} | {results[name]['test_psnr']:.2f} |" in table
+    # A second call reuses the finished variants instead of training them again.
+    mtime = (output / "dual" / "tokenizer" / "model.safetensors").stat().st_mtime_ns
+    ablation.main([*argv, "--variants", "dual"])
+    assert (output / "dual" / "tokenizer" / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def _saved_keys(run_dir: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / "tokenizer" / "model.safetensors"), "pt") as weights:
+        return list(weights.keys())
