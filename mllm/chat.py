@@ -1,0 +1,254 @@
+"""Chat template and sequence building: conversations and text-to-image pairs -> slot ids + labels.
+
+A sequence is ``(L, C)`` slot ids (see :mod:`mllm.modeling`) with labels of the same shape
+(``-100`` where nothing is predicted). The template is plain strings, so the tiny default
+(``<|user|>`` ...) and Qwen2.5 (``<|im_start|>user\\n`` ...) share one builder::
+
+    [system] user_prefix <image> slots </image> question end assistant_prefix answer end ...
+    user_prefix caption end assistant_prefix <image_gen_start> slots <image_gen_end> end
+
+Training labels cover the assistant's answers (and their ``end``) and, for generation, the
+image slots, ``<image_gen_end>`` and ``end``. Image slots read the branches in
+``config.read`` and write those in ``config.write``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from mllm.vocab import VocabLayout
+
+IMAGE_PLACEHOLDER = "<image>"
+IGNORE = -100
+
+
+class ConversationError(ValueError):
+    """A conversation or prompt the model cannot take (no answer, too long, empty ...)."""
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    user: str = "<|user|>"
+    assistant: str = "<|assistant|>"
+    end: str = "<|end|>"
+    system: str = ""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> ChatTemplate:
+        return cls(**(data or {}))
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+QWEN_TEMPLATE = ChatTemplate(
+    user="<|im_start|>user\n",
+    assistant="<|im_start|>assistant\n",
+    end="<|im_end|>\n",
+    system="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
+)
+
+
+@dataclass
+class Sequence:
+    """One training or prompt sequence: ``ids`` and ``labels`` are ``(L, C)`` long tensors."""
+
+    ids: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+
+class SequenceBuilder:
+    """Turns text, codes and turns into slot-id sequences for one model config and tokenizer."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        layout: VocabLayout,
+        semantic_depth: int,
+        pixel_depth: int,
+        read: tuple[str, ...] | list[str] = ("semantic",),
+        write: tuple[str, ...] | list[str] = ("pixel",),
+        template: ChatTemplate | None = None,
+        max_length: int | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.layout = layout
+        self.semantic_depth = semantic_depth
+        self.pixel_depth = pixel_depth
+        self.width = semantic_depth + pixel_depth
+        self.read = tuple(read)
+        self.write = tuple(write)
+        self.template = template or ChatTemplate()
+        self.max_length = max_length
+        self._cache: dict[str, list[int]] = {}
+
+    @classmethod
+    def for_model(cls, tokenizer: Any, config: Any, max_length: int | None = None) -> SequenceBuilder:
+        """A builder matching a :class:`~mllm.modeling.DualTokenMLLMConfig`."""
+        if max_length is None:
+            max_length = getattr(config.text_config, "max_position_embeddings", None)
+        return cls(
+            tokenizer,
+            config.layout,
+            config.semantic_depth,
+            config.pixel_depth,
+            config.read,
+            config.write,
+            ChatTemplate.from_dict(config.chat_template),
+            max_length,
+        )
+
+    # ------------------------------------------------------------------ pieces
+    def text_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no BOS/EOS); template strings are cached."""
+        if text in self._cache:
+            return self._cache[text]
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        if len(self._cache) < 4096:
+            self._cache[text] = ids
+        return ids
+
+    def _text_rows(self, ids: list[int], train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.full((len(ids), self.width), -1, dtype=torch.long)
+        rows[:, 0] = torch.tensor(ids, dtype=torch.long)
+        labels = rows.clone() if train else torch.full_like(rows, IGNORE)
+        labels[labels < 0] = IGNORE
+        return rows, labels
+
+    def image_slots(self, semantic: torch.Tensor | None, pixel: torch.Tensor | None) -> torch.Tensor:
+        """``(h, w, Ds)`` / ``(h, w, Dp)`` codes -> ``(h * w, C)`` slot ids (absent branch = -1)."""
+        reference = semantic if semantic is not None else pixel
+        if reference is None:
+            raise ConversationError("an image slot needs semantic or pixel codes")
+        slots = torch.full((reference.shape[0] * reference.shape[1], self.width), -1, dtype=torch.long)
+        if semantic is not None:
+            _check_depth(semantic, self.semantic_depth, "semantic")
+            slots[:, : self.semantic_depth] = self.layout.semantic_ids(semantic.reshape(-1, self.semantic_depth).long())
+        if pixel is not None:
+            _check_depth(pixel, self.pixel_depth, "pixel")
+            slots[:, self.semantic_depth :] = self.layout.pixel_ids(pixel.reshape(-1, self.pixel_depth).long())
+        return slots
+
+    def _read_block(self, semantic: torch.Tensor | None, pixel: torch.Tensor | None) -> torch.Tensor:
+        slots = self.image_slots(semantic if "semantic" in self.read else None, pixel if "pixel" in self.read else None)
+        start = self._text_rows([self.layout.image_start_id], False)[0]
+        end = self._text_rows([self.layout.image_end_id], False)[0]
+        return torch.cat([start, slots, end])
+
+    # ------------------------------------------------------------------ sequences
+    def conversation(
+        self,
+        turns: list[tuple[str, str]],
+        semantic: torch.Tensor | None = None,
+        pixel: torch.Tensor | None = None,
+        train: bool = True,
+        add_generation_prompt: bool = False,
+    ) -> Sequence:
+        """``turns``: ``[(role, text)]`` with roles ``user`` / ``assistant``; the image replaces ``<image>``.
+
+        With ``train`` the assistant turns are labelled; ``add_generation_prompt`` appends the
+        assistant prefix (inference: the model continues with the answer).
+        """
+        if not turns:
+            raise ConversationError("a conversation needs at least one turn")
+        if train and not any(role == "assistant" for role, _ in turns):
+            raise ConversationError("the conversation has no assistant turn, so there is nothing to learn")
+        has_image = semantic is not None or pixel is not None
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        placed = False
+        if self.template.system:
+            parts.append(self._text_rows(self.text_ids(self.template.system), False))
+        for role, text in turns:
+            if role == "user":
+                parts.append(self._text_rows(self.text_ids(self.template.user), False))
+                pieces = text.split(IMAGE_PLACEHOLDER)
+                if len(pieces) > 2 or (len(pieces) == 2 and (placed or not has_image)):
+                    raise ConversationError(
+                        f"user turn {text[:60]!r} has an {IMAGE_PLACEHOLDER} placeholder without a matching image"
+                    )
+                for index, piece in enumerate(pieces):
+                    if index == 1:
+                        block = self._read_block(semantic, pixel)
+                        parts.append((block, torch.full_like(block, IGNORE)))
+                        placed = True
+                    piece = piece.strip()
+                    if piece:
+                        parts.append(self._text_rows(self.text_ids(piece), False))
+                parts.append(self._text_rows(self.text_ids(self.template.end), False))
+            elif role == "assistant":
+                parts.append(self._text_rows(self.text_ids(self.template.assistant), False))
+                parts.append(self._text_rows(self.text_ids(text.strip()) + self.text_ids(self.template.end), train))
+            else:
+                raise ConversationError(f"unknown role {role!r}; expected 'user' or 'assistant'")
+        if has_image and not placed:
+            # An image without a placeholder goes in front of the first user text.
+            block = self._read_block(semantic, pixel)
+            index = 2 if self.template.system else 1
+            parts.insert(index, (block, torch.full_like(block, IGNORE)))
+        if add_generation_prompt:
+            parts.append(self._text_rows(self.text_ids(self.template.assistant), False))
+        return self._finish(parts)
+
+    def generation(
+        self,
+        caption: str,
+        pixel: torch.Tensor | None = None,
+        semantic: torch.Tensor | None = None,
+        train: bool = True,
+    ) -> Sequence:
+        """A text-to-image sequence; without codes it is the prompt up to ``<image_gen_start>``.
+
+        An empty ``caption`` gives the unconditional sequence used for classifier-free guidance.
+        """
+        parts = []
+        if self.template.system:
+            parts.append(self._text_rows(self.text_ids(self.template.system), False))
+        parts.append(self._text_rows(self.text_ids(self.template.user), False))
+        if caption.strip():
+            parts.append(self._text_rows(self.text_ids(caption.strip()), False))
+        parts.append(self._text_rows(self.text_ids(self.template.end), False))
+        parts.append(self._text_rows(self.text_ids(self.template.assistant), False))
+        parts.append(self._text_rows([self.layout.gen_start_id], train and pixel is not None))
+        if pixel is not None:
+            slots = self.image_slots(semantic if "semantic" in self.write else None, pixel)
+            labels = slots.clone() if train else torch.full_like(slots, IGNORE)
+            labels[labels < 0] = IGNORE
+            parts.append((slots, labels))
+            parts.append(self._text_rows([self.layout.gen_end_id] + self.text_ids(self.template.end), train))
+        return self._finish(parts)
+
+    def _finish(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> Sequence:
+        ids = torch.cat([p[0] for p in parts])
+        labels = torch.cat([p[1] for p in parts])
+        if self.max_length is not None and ids.shape[0] > self.max_length:
+            raise ConversationError(
+                f"the sequence has {ids.shape[0]} slots, longer than the model's context of {self.max_length}"
+            )
+        return Sequence(ids, labels)
+
+
+def _check_depth(codes: torch.Tensor, depth: int, branch: str) -> None:
+    if codes.dim() != 3 or codes.shape[-1] != depth:
+        raise ConversationError(f"{branch} codes have shape {tuple(codes.shape)}; expected (h, w, {depth})")
+
+
+def collate_sequences(sequences: list[Sequence], pad_id: int, left_pad: bool = False) -> dict[str, torch.Tensor]:
+    """Pad to the longest: ``input_ids`` / ``labels`` ``(B, L, C)`` and ``attention_mask`` ``(B, L)``."""
+    length = max(len(seq) for seq in sequences)
+    width = sequences[0].ids.shape[1]
+    ids = torch.full((len(sequences), length, width), -1, dtype=torch.long)
+    ids[:, :, 0] = pad_id
+    labels = torch.full((len(sequences), length, width), IGNORE, dtype=torch.long)
+    mask = torch.zeros(len(sequences), length, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        span = slice(length - len(seq), length) if left_pad else slice(0, len(seq))
+        ids[row, span] = seq.ids
+        labels[row, span] = seq.labels
+        mask[row, span] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}

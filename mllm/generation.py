@@ -1,0 +1,197 @@
+"""Sampling: text answers and images, with a KV cache and classifier-free guidance.
+
+Text: greedy or temperature / top-k / top-p, restricted to the text vocabulary, stopping at
+the template's end token. Images: one slot at a time; at each slot the depth head picks the
+RVQ codes depth by depth; with an unconditional prompt the conditional and unconditional
+rows run in *one* batched forward and the logits are mixed as
+``uncond + scale * (cond - uncond)``. Prompts of different lengths are left-padded, with
+positions counted from the first real token, so a batch gives the same result as its
+rows one by one. ``use_cache=False`` re-runs the whole sequence at every step (reference and
+benchmark only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mllm.chat import Sequence, collate_sequences
+from mllm.modeling import DualTokenMLLMForCausalLM
+
+
+@dataclass
+class SamplingConfig:
+    """Sampling settings; ``temperature=0`` means greedy."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature}; expected >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k}; expected >= 0 (0 = off)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p}; expected in (0, 1]")
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set logits outside the top-k and outside the top-p nucleus to -inf (the best one always stays)."""
+    logits = logits.float()
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # mass before this token already >= p
+        drop[..., 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``(N, K)`` logits -> ``(N,)`` indices."""
+    if config.temperature == 0:
+        return logits.argmax(-1)
+    filtered = filter_logits(logits / config.temperature, config.top_k, config.top_p)
+    probs = filtered.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class _Runner:
+    """Feeds slots to the model with or without a KV cache and returns the last hidden states."""
+
+    def __init__(self, model: DualTokenMLLMForCausalLM, batch: dict[str, torch.Tensor], use_cache: bool) -> None:
+        self.model = model
+        self.use_cache = use_cache
+        self.ids = batch["input_ids"]
+        self.mask = batch["attention_mask"]
+        self.cache = None
+
+    def start(self) -> torch.Tensor:
+        positions = (self.mask.cumsum(-1) - 1).clamp_min(0)
+        out = self.model(self.ids, attention_mask=self.mask, position_ids=positions, use_cache=self.use_cache)
+        self.cache = out.past_key_values if self.use_cache else None
+        return out.hidden_states[:, -1]
+
+    def feed(self, slots: torch.Tensor) -> torch.Tensor:
+        """Append ``(N, C)`` slots and return the new last hidden states ``(N, H)``."""
+        slots = slots.unsqueeze(1)
+        self.ids = torch.cat([self.ids, slots], dim=1)
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        if not self.use_cache:
+            return self.start()
+        position = (self.mask.sum(-1, keepdim=True) - 1).clamp_min(0)
+        out = self.model(
+            slots, attention_mask=self.mask, position_ids=position, past_key_values=self.cache, use_cache=True
+        )
+        self.cache = out.past_key_values
+        return out.hidden_states[:, -1]
+
+
+@torch.no_grad()
+def generate_text(
+    model: DualTokenMLLMForCausalLM,
+    prompts: list[Sequence],
+    max_new_tokens: int = 32,
+    sampling: SamplingConfig | None = None,
+    stop_ids: tuple[int, ...] = (),
+    pad_id: int = 0,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> list[list[int]]:
+    """Continue each prompt with text tokens until a stop id (excluded) or ``max_new_tokens``."""
+    sampling = sampling or SamplingConfig(temperature=0.0)
+    batch = collate_sequences(prompts, pad_id, left_pad=True)
+    runner = _Runner(model, batch, use_cache)
+    hidden = runner.start()
+    text_size = model.config.text_size
+    width = model.config.slot_width
+    outputs: list[list[int]] = [[] for _ in prompts]
+    done = torch.zeros(len(prompts), dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        logits = model.text_logits(hidden)[:, :text_size]
+        tokens = sample(logits, sampling, generator)
+        for row, token in enumerate(tokens.tolist()):
+            if done[row]:
+                continue
+            if token in stop_ids:
+                done[row] = True
+            else:
+                outputs[row].append(token)
+        if bool(done.all()):
+            break
+        slots = torch.full((len(prompts), width), -1, dtype=torch.long, device=tokens.device)
+        slots[:, 0] = tokens
+        hidden = runner.feed(slots)
+    return outputs
+
+
+@torch.no_grad()
+def generate_image_codes(
+    model: DualTokenMLLMForCausalLM,
+    prompts: list[Sequence],
+    unconditional: Sequence | None = None,
+    cfg_scale: float = 3.0,
+    sampling: SamplingConfig | None = None,
+    pad_id: int = 0,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    batch_cfg: bool = True,
+) -> torch.Tensor:
+    """Pixel codes ``(B, h, w, Dp)`` for prompts ending in ``<image_gen_start>``.
+
+    With ``unconditional`` (the empty-caption prompt) classifier-free guidance is on: the
+    unconditional rows join the batch (``batch_cfg=True``: one forward per slot) or run as a
+    second model call per slot (``batch_cfg=False``, for comparison).
+    """
+    sampling = sampling or SamplingConfig()
+    config = model.config
+    layout = model.layout
+    count = len(prompts)
+    guided = unconditional is not None
+    rows = prompts + [unconditional] * count if guided else list(prompts)
+    batch = collate_sequences(rows, pad_id, left_pad=True)
+    if guided and not batch_cfg:
+        halves = [
+            {key: value[:count] for key, value in batch.items()},
+            {key: value[count:] for key, value in batch.items()},
+        ]
+        runners = [_Runner(model, half, use_cache) for half in halves]
+        hidden = torch.cat([runner.start() for runner in runners])
+    else:
+        runners = [_Runner(model, batch, use_cache)]
+        hidden = runners[0].start()
+    slots_total = config.image_slots
+    split = config.semantic_depth
+    all_codes = torch.empty(count, slots_total, config.pixel_depth, dtype=torch.long)
+
+    def pick(next_logits, depth_count: int) -> torch.Tensor:
+        chosen: torch.Tensor | None = None
+        for _ in range(depth_count):
+            logits = next_logits(hidden, chosen)
+            if guided:
+                cond, uncond = logits[:count].float(), logits[count:].float()
+                logits = uncond + cfg_scale * (cond - uncond)
+            code = sample(logits, sampling, generator)
+            code = torch.cat([code, code]) if guided else code
+            chosen = code[:, None] if chosen is None else torch.cat([chosen, code[:, None]], dim=1)
+        return chosen
+
+    for slot in range(slots_total):
+        pixel = pick(model.next_pixel_logits, config.pixel_depth)
+        all_codes[:, slot] = pixel[:count].cpu()
+        slot_ids = torch.full((pixel.shape[0], config.slot_width), -1, dtype=torch.long, device=pixel.device)
+        slot_ids[:, split:] = layout.pixel_ids(pixel)
+        if model.semantic_head is not None:
+            semantic = pick(model.semantic_head.next_logits, config.semantic_depth)
+            slot_ids[:, :split] = layout.semantic_ids(semantic)
+        if len(runners) == 1:
+            hidden = runners[0].feed(slot_ids)
+        else:
+            hidden = torch.cat([runners[0].feed(slot_ids[:count]), runners[1].feed(slot_ids[count:])])
+    height, width = config.grid_size
+    return all_codes.view(count, height, width, config.pixel_depth)

@@ -1,0 +1,469 @@
+"""The unified model: a Hugging Face causal LM whose vocabulary carries DualToken codes.
+
+Sequences are made of *slots*. A text slot holds one token id; an image slot holds the RVQ
+codes of one grid cell, so an image of ``h x w`` cells takes ``h * w`` slots whatever the
+RVQ depth. ``input_ids`` is ``(B, L)`` for text only, or ``(B, L, C)`` with
+``C = semantic_depth + pixel_depth`` columns per slot: columns ``[0, Ds)`` hold semantic
+code ids (or, for a text slot, its token id in column 0), columns ``[Ds, Ds + Dp)`` hold
+pixel code ids; ``-1`` marks an empty column. A slot's input embedding is the sum of its
+ids' embeddings (``input_fusion="sum"``; with depth 1 an ordinary token embedding), or a
+2-layer MLP over the sum (``"sum_mlp"``) or over the channel concatenation of the semantic
+and pixel sums (``"concat_mlp"``, the paper's fusion).
+
+Outputs: text positions use the LM head. A position whose *next* slot is a pixel slot feeds
+a :class:`DepthHead` that predicts that slot's codes depth by depth (RQ-Transformer /
+VILA-U); with pixel depth 1 and ``depth_head_layers=0`` this is the LM head restricted to
+the pixel-code rows. An optional second head predicts semantic codes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from mllm.vocab import VocabLayout, VocabularyError
+
+BRANCHES = ("semantic", "pixel")
+FUSIONS = ("sum", "sum_mlp", "concat_mlp")
+IGNORE = -100
+
+
+def pick_attn_implementation(requested: str | None = None) -> str:
+    """FlashAttention-2 when it is installed and a GPU is present, else PyTorch SDPA."""
+    if requested and requested != "auto":
+        return requested
+    try:
+        from transformers.utils import is_flash_attn_2_available
+    except ImportError:  # pragma: no cover - very old transformers
+        return "sdpa"
+    if torch.cuda.is_available() and is_flash_attn_2_available():
+        return "flash_attention_2"
+    return "sdpa"
+
+
+class DualTokenMLLMConfig(PretrainedConfig):
+    """Config of :class:`DualTokenMLLMForCausalLM`: the base LM's config plus the visual layout."""
+
+    model_type = "dualtoken_mllm"
+    sub_configs = {"text_config": AutoConfig}
+
+    def __init__(
+        self,
+        text_config: PretrainedConfig | dict | None = None,
+        text_size: int = 0,
+        semantic_size: int = 1,
+        pixel_size: int = 1,
+        semantic_depth: int = 1,
+        pixel_depth: int = 1,
+        grid_size: tuple[int, int] | list[int] = (1, 1),
+        pad_to_multiple_of: int = 64,
+        read: tuple[str, ...] | list[str] = ("semantic",),
+        write: tuple[str, ...] | list[str] = ("pixel",),
+        input_fusion: str = "sum",
+        depth_head_layers: int = 2,
+        depth_head_heads: int = 4,
+        depth_head_hidden: int = 0,
+        chat_template: dict | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(text_config, dict):
+            model_type = text_config.get("model_type")
+            if model_type not in CONFIG_MAPPING:
+                raise ValueError(f"text_config.model_type={model_type!r} is not a known transformers model type")
+            text_config = CONFIG_MAPPING[model_type](**{k: v for k, v in text_config.items() if k != "model_type"})
+        self.text_config = text_config
+        self.text_size = int(text_size)
+        self.semantic_size = int(semantic_size)
+        self.pixel_size = int(pixel_size)
+        self.semantic_depth = int(semantic_depth)
+        self.pixel_depth = int(pixel_depth)
+        self.grid_size = [int(v) for v in grid_size]
+        self.pad_to_multiple_of = int(pad_to_multiple_of)
+        self.read = list(read)
+        self.write = list(write)
+        self.input_fusion = input_fusion
+        self.depth_head_layers = int(depth_head_layers)
+        self.depth_head_heads = int(depth_head_heads)
+        self.depth_head_hidden = int(depth_head_hidden)
+        self.chat_template = dict(chat_template or {})
+        super().__init__(**kwargs)
+        self.validate()
+
+    def validate(self) -> None:
+        if not self.read or any(branch not in BRANCHES for branch in self.read):
+            raise ValueError(f"read={self.read}; expected a non-empty subset of {BRANCHES}")
+        if "pixel" not in self.write or any(branch not in BRANCHES for branch in self.write):
+            raise ValueError(f"write={self.write}; expected ['pixel'] or ['pixel', 'semantic']")
+        if self.input_fusion not in FUSIONS:
+            raise ValueError(f"input_fusion={self.input_fusion!r}; expected one of {FUSIONS}")
+        if self.semantic_depth < 1 or self.pixel_depth < 1:
+            raise ValueError(f"depths must be >= 1 (semantic {self.semantic_depth}, pixel {self.pixel_depth})")
+        if self.depth_head_layers == 0 and self.pixel_depth > 1:
+            raise ValueError(
+                f"depth_head_layers=0 uses the LM head for pixel codes, which needs pixel_depth=1 (got {self.pixel_depth})"
+            )
+
+    @property
+    def layout(self) -> VocabLayout:
+        return VocabLayout(self.text_size, self.semantic_size, self.pixel_size, self.pad_to_multiple_of)
+
+    @property
+    def slot_width(self) -> int:
+        return self.semantic_depth + self.pixel_depth
+
+    @property
+    def image_slots(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        if isinstance(self.text_config, PretrainedConfig):
+            output["text_config"] = self.text_config.to_dict()
+        return output
+
+
+class DepthHead(nn.Module):
+    """Predicts the ``depth`` RVQ codes of one slot from the LM's hidden state, depth by depth.
+
+    Input at depth 0 is the projected LM state; at depth ``d > 0`` it adds the embeddings of
+    the codes already chosen at depths ``< d`` (their running sum, as the residual quantiser
+    builds its output). A small causal transformer runs over the depths and each depth has
+    its own classifier.
+    """
+
+    def __init__(
+        self, lm_hidden: int, depth: int, codebook_size: int, hidden: int, num_layers: int, num_heads: int
+    ) -> None:
+        super().__init__()
+        if hidden % num_heads:
+            raise ValueError(f"depth head hidden size {hidden} is not divisible by its {num_heads} heads")
+        self.depth = depth
+        self.codebook_size = codebook_size
+        self.in_proj = nn.Linear(lm_hidden, hidden)
+        self.code_embed = nn.Embedding(codebook_size, hidden)
+        self.depth_embed = nn.Embedding(depth, hidden)
+        layer = nn.TransformerEncoderLayer(
+            hidden, num_heads, 4 * hidden, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.blocks = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(hidden)
+        self.classifier_weight = nn.Parameter(torch.empty(depth, hidden, codebook_size))
+        self.classifier_bias = nn.Parameter(torch.zeros(depth, codebook_size))
+        nn.init.normal_(self.classifier_weight, std=1.0 / math.sqrt(hidden))
+
+    def _inputs(self, context: torch.Tensor, codes: torch.Tensor | None) -> torch.Tensor:
+        """(N, H_lm), (N, d) chosen codes -> (N, d + 1, hidden) depth-transformer inputs."""
+        start = self.in_proj(context).unsqueeze(1)
+        steps = [start]
+        if codes is not None and codes.shape[1]:
+            running = start + self.code_embed(codes).cumsum(dim=1)
+            steps.append(running)
+        inputs = torch.cat(steps, dim=1)
+        positions = torch.arange(inputs.shape[1], device=inputs.device)
+        return inputs + self.depth_embed(positions)
+
+    def _run(self, inputs: torch.Tensor) -> torch.Tensor:
+        length = inputs.shape[1]
+        mask = torch.triu(torch.full((length, length), float("-inf"), device=inputs.device), diagonal=1)
+        return self.norm(self.blocks(inputs, mask=mask.to(inputs.dtype), is_causal=True))
+
+    def forward(self, context: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits ``(N, depth, K)`` for target ``codes`` ``(N, depth)``."""
+        hidden = self._run(self._inputs(context, codes[:, :-1]))
+        return torch.einsum("ndh,dhk->ndk", hidden, self.classifier_weight) + self.classifier_bias
+
+    def next_logits(self, context: torch.Tensor, codes: torch.Tensor | None) -> torch.Tensor:
+        """Logits ``(N, K)`` of the next depth given the codes chosen so far ``(N, d)`` (or None)."""
+        depth = 0 if codes is None else codes.shape[1]
+        hidden = self._run(self._inputs(context, codes))[:, -1]
+        return hidden @ self.classifier_weight[depth] + self.classifier_bias[depth]
+
+
+@dataclass
+class DualTokenMLLMOutput:
+    """Losses (when labels were given), final hidden states and the KV cache."""
+
+    loss: torch.Tensor | None = None
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    hidden_states: torch.Tensor | None = None
+    past_key_values: Any = None
+
+
+class DualTokenMLLMForCausalLM(PreTrainedModel):
+    """A causal LM with DualToken codes in its vocabulary, a depth head, and slot-wise inputs."""
+
+    config_class = DualTokenMLLMConfig
+    base_model_prefix = "mllm"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flash_attn_2 = True
+    _no_split_modules = ["DepthHead"]
+
+    def __init__(self, config: DualTokenMLLMConfig, llm: PreTrainedModel | None = None) -> None:
+        super().__init__(config)
+        if llm is None:
+            if config.text_config is None:
+                raise ValueError("DualTokenMLLMConfig.text_config is missing: the base LM's config is required")
+            llm = AutoModelForCausalLM.from_config(config.text_config)
+        self.llm = llm
+        # The wrapper's init resets the sub-config's attention implementation; without it the
+        # decoder would build no causal mask. Use the wrapper's (set by from_pretrained /
+        # from_config, ``attn_implementation=...``), else FlashAttention-2 when available, else SDPA.
+        impl = getattr(config, "_attn_implementation", None) or pick_attn_implementation()
+        self.llm.config._attn_implementation = impl
+        config.text_config = self.llm.config
+        self._cache_kwarg = _cache_kwarg(self.llm.get_decoder())
+        rows = self.llm.get_input_embeddings().weight.shape[0]
+        if rows < config.layout.used_size:
+            raise VocabularyError(
+                f"the LM's embedding has {rows} rows but the extended vocabulary needs {config.layout.used_size}; "
+                "build the model with DualTokenMLLMForCausalLM.from_llm, which resizes it"
+            )
+        hidden = self.llm.config.hidden_size
+        if config.input_fusion == "sum":
+            self.visual_projector = None
+        else:
+            width = 2 * hidden if config.input_fusion == "concat_mlp" else hidden
+            self.visual_projector = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        head_hidden = config.depth_head_hidden or hidden
+        self.pixel_head = None
+        if config.depth_head_layers > 0:
+            self.pixel_head = DepthHead(
+                hidden,
+                config.pixel_depth,
+                config.pixel_size,
+                head_hidden,
+                config.depth_head_layers,
+                config.depth_head_heads,
+            )
+        self.semantic_head = None
+        if "semantic" in config.write:
+            self.semantic_head = DepthHead(
+                hidden,
+                config.semantic_depth,
+                config.semantic_size,
+                head_hidden,
+                max(config.depth_head_layers, 1),
+                config.depth_head_heads,
+            )
+        self.post_init()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_llm(cls, llm: PreTrainedModel, layout: VocabLayout, **options: Any) -> DualTokenMLLMForCausalLM:
+        """Wrap a (pretrained) causal LM: resize its embedding/head to the extended vocabulary.
+
+        The rows of the original vocabulary are kept, so text-only logits are unchanged.
+        ``options`` are the remaining :class:`DualTokenMLLMConfig` fields.
+        """
+        rows = llm.get_input_embeddings().weight.shape[0]
+        if rows < layout.text_size:
+            raise VocabularyError(f"the LM has {rows} embedding rows but the text vocabulary has {layout.text_size}")
+        target = max(rows, layout.used_size)
+        multiple = layout.pad_to_multiple_of
+        target = -(-target // multiple) * multiple
+        if target != rows:
+            llm.resize_token_embeddings(target, mean_resizing=False)
+        config = DualTokenMLLMConfig(
+            text_config=llm.config,
+            text_size=layout.text_size,
+            semantic_size=layout.semantic_size,
+            pixel_size=layout.pixel_size,
+            pad_to_multiple_of=multiple,
+            **options,
+        )
+        return cls(config, llm=llm)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Only this wrapper's own modules: the base LM initialises (or loads) itself.
+        if not any(module is own or _contains(own, module) for own in self._own_modules()):
+            return
+        std = getattr(self.config.text_config, "initializer_range", 0.02)
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, DepthHead):
+            nn.init.normal_(module.classifier_weight, std=std)
+            nn.init.zeros_(module.classifier_bias)
+
+    def _own_modules(self) -> list[nn.Module]:
+        return [m for m in (self.visual_projector, self.pixel_head, self.semantic_head) if m is not None]
+
+    @property
+    def layout(self) -> VocabLayout:
+        return self.config.layout
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.llm.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.llm.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.llm.get_output_embeddings()
+
+    # ------------------------------------------------------------------ inputs
+    def embed_slots(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``(B, L)`` or ``(B, L, C)`` ids (``-1`` = empty) -> ``(B, L, H)`` input embeddings."""
+        embed = self.get_input_embeddings()
+        if input_ids.dim() == 2:
+            return embed(input_ids)
+        if input_ids.dim() != 3 or input_ids.shape[-1] != self.config.slot_width:
+            raise ValueError(
+                f"input_ids has shape {tuple(input_ids.shape)}; expected (B, L) or (B, L, {self.config.slot_width}) "
+                f"(semantic depth {self.config.semantic_depth} + pixel depth {self.config.pixel_depth})"
+            )
+        valid = (input_ids >= 0).unsqueeze(-1)
+        vectors = embed(input_ids.clamp_min(0)) * valid
+        if self.visual_projector is None:
+            return vectors.sum(dim=2)
+        split = self.config.semantic_depth
+        semantic, pixel = vectors[:, :, :split].sum(dim=2), vectors[:, :, split:].sum(dim=2)
+        layout = self.layout
+        is_image = (layout.is_semantic(input_ids) | layout.is_pixel(input_ids)).any(dim=-1, keepdim=True)
+        fused_in = (
+            torch.cat([semantic, pixel], dim=-1) if self.config.input_fusion == "concat_mlp" else semantic + pixel
+        )
+        return torch.where(is_image, self.visual_projector(fused_in), semantic + pixel)
+
+    # ------------------------------------------------------------------ outputs
+    def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM-head logits over the whole (padded) vocabulary."""
+        return self.get_output_embeddings()(hidden)
+
+    def _lm_head_rows(self, hidden: torch.Tensor, start: int, size: int) -> torch.Tensor:
+        head = self.get_output_embeddings()
+        bias = head.bias[start : start + size] if getattr(head, "bias", None) is not None else None
+        return F.linear(hidden, head.weight[start : start + size], bias)
+
+    def pixel_logits(self, context: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced ``(N, Dp, Kp)`` pixel-code logits for target codes ``(N, Dp)``."""
+        if self.pixel_head is None:
+            return self._lm_head_rows(context, self.layout.pixel_offset, self.config.pixel_size).unsqueeze(1)
+        return self.pixel_head(context, codes)
+
+    def next_pixel_logits(self, context: torch.Tensor, codes: torch.Tensor | None) -> torch.Tensor:
+        """``(N, Kp)`` logits of the next pixel depth given the codes chosen so far."""
+        if self.pixel_head is None:
+            return self._lm_head_rows(context, self.layout.pixel_offset, self.config.pixel_size)
+        return self.pixel_head.next_logits(context, codes)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool | None = None,
+        loss_weights: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> DualTokenMLLMOutput:
+        """Run the LM over slots; with ``labels`` (same shape as ``input_ids``) return the losses.
+
+        ``losses`` holds ``text`` (cross-entropy on text/boundary targets), ``pixel`` and, when
+        the model writes them, ``semantic`` (mean over slots and depths); ``loss`` is their
+        sum weighted by ``loss_weights`` (default 1 each). A loss with no target is omitted.
+        """
+        self.layout.check_ids(input_ids)
+        if attention_mask is not None and position_ids is None and past_key_values is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        embeds = self.embed_slots(input_ids)
+        decoder = self.llm.get_decoder()
+        outputs = decoder(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            **{self._cache_kwarg: past_key_values},
+        )
+        hidden = outputs.last_hidden_state
+        cache = getattr(outputs, "past_key_values", None)
+        if cache is None:
+            cache = getattr(outputs, "cache", None)
+        result = DualTokenMLLMOutput(hidden_states=hidden, past_key_values=cache)
+        if labels is not None:
+            result.losses = self.compute_losses(hidden, labels)
+            weights = loss_weights or {}
+            terms = [
+                weights.get(name, 1.0) * value for name, value in result.losses.items() if not name.endswith("_acc")
+            ]
+            result.loss = torch.stack(terms).sum() if terms else hidden.sum() * 0.0
+        return result
+
+    def compute_losses(self, hidden: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Next-slot losses: the hidden state at position t predicts the labels of slot t + 1."""
+        if labels.dim() == 2:
+            labels = labels.unsqueeze(-1)
+        labels = labels.masked_fill(labels < 0, IGNORE)
+        layout = self.layout
+        split = self.config.semantic_depth
+        context, target = hidden[:, :-1], labels[:, 1:]
+        losses: dict[str, torch.Tensor] = {}
+
+        first = target[..., 0]
+        is_text = (first >= 0) & ~layout.is_semantic(first) & ~layout.is_pixel(first)
+        if bool(is_text.any()):
+            logits = self.text_logits(context[is_text]).float()
+            truth = first[is_text]
+            losses["text"] = F.cross_entropy(logits, truth)
+            losses["text_acc"] = (logits.argmax(-1) == truth).float().mean().detach()
+
+        pixel_target = target[..., split:]
+        is_pixel = layout.is_pixel(pixel_target).all(dim=-1)
+        if bool(is_pixel.any()):
+            codes = pixel_target[is_pixel] - layout.pixel_offset
+            logits = self.pixel_logits(context[is_pixel], codes).float()
+            losses["pixel"] = F.cross_entropy(logits.flatten(0, 1), codes.flatten())
+            losses["pixel_acc"] = (logits.argmax(-1) == codes).float().mean().detach()
+
+        if self.semantic_head is not None:
+            semantic_target = target[..., :split]
+            is_semantic = layout.is_semantic(semantic_target).all(dim=-1) & is_pixel
+            if bool(is_semantic.any()):
+                codes = semantic_target[is_semantic] - layout.semantic_offset
+                logits = self.semantic_head(context[is_semantic], codes).float()
+                losses["semantic"] = F.cross_entropy(logits.flatten(0, 1), codes.flatten())
+        return losses
+
+
+def _cache_kwarg(decoder: nn.Module) -> str:
+    """The decoder's KV-cache argument: ``cache`` in recent transformers, ``past_key_values`` before."""
+    import inspect
+
+    parameters = inspect.signature(decoder.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _contains(parent: nn.Module, module: nn.Module) -> bool:
+    return any(child is module for child in parent.modules())
+
+
+def register_auto_classes() -> None:
+    """Make ``AutoConfig`` / ``AutoModelForCausalLM`` know the ``dualtoken_mllm`` model type."""
+    try:
+        AutoConfig.register(DualTokenMLLMConfig.model_type, DualTokenMLLMConfig)
+    except ValueError:
+        pass  # already registered
+    try:
+        AutoModelForCausalLM.register(DualTokenMLLMConfig, DualTokenMLLMForCausalLM)
+    except ValueError:
+        pass
+
+
+register_auto_classes()

@@ -1,0 +1,282 @@
+"""The unified model: vocabulary, text parity, slots, depth head, sampling, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from mllm.chat import ConversationError, SequenceBuilder, collate_sequences
+from mllm.generation import SamplingConfig, filter_logits, generate_image_codes, generate_text
+from mllm.modeling import DualTokenMLLMForCausalLM
+from mllm.vocab import VocabularyError, extend_tokenizer, shapes_corpus, train_sentencepiece
+from training.data.shapes import ShapesWorld, ShapesWorldConfig
+
+SEM, PIX, DS, DP, GRID = 48, 80, 2, 3, (2, 3)
+
+
+@pytest.fixture(scope="module")
+def text_tokenizer(tmp_path_factory):
+    corpus = shapes_corpus(ShapesWorld(ShapesWorldConfig(seed=0)), limit=300)
+    return train_sentencepiece(corpus, tmp_path_factory.mktemp("sp"))
+
+
+def _tiny_llm(vocab: int, tie: bool = True) -> Qwen2ForCausalLM:
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=tie,
+    )
+    return Qwen2ForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def built(text_tokenizer, tmp_path_factory):
+    import copy
+
+    tokenizer = copy.deepcopy(text_tokenizer)
+    llm = _tiny_llm(len(tokenizer))
+    layout = extend_tokenizer(tokenizer, SEM, PIX)
+    torch.manual_seed(1)
+    model = DualTokenMLLMForCausalLM.from_llm(
+        llm,
+        layout,
+        semantic_depth=DS,
+        pixel_depth=DP,
+        grid_size=GRID,
+        depth_head_layers=1,
+        depth_head_heads=2,
+    ).eval()
+    builder = SequenceBuilder.for_model(tokenizer, model.config)
+    return tokenizer, layout, model, builder
+
+
+def _codes(seed: int, size: int, depth: int) -> torch.Tensor:
+    return torch.randint(0, size, (*GRID, depth), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------- vocabulary
+def test_layout_ranges_are_contiguous_and_padded(built):
+    tokenizer, layout, model, _ = built
+    assert layout.semantic_offset == layout.text_size + 4
+    assert layout.pixel_offset == layout.semantic_offset + SEM
+    assert len(tokenizer) == layout.used_size
+    rows = model.get_input_embeddings().weight.shape[0]
+    assert rows % 64 == 0 and rows >= layout.used_size
+    assert model.get_output_embeddings().weight.shape[0] == rows
+
+
+def test_vocabulary_round_trip(built):
+    tokenizer, layout, _, _ = built
+    text = "is there a small red circle to the left of the blue square?"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert all(i < layout.text_size for i in ids)
+    assert tokenizer.decode(ids) == text
+    codes = torch.tensor([0, 5, SEM - 1])
+    sem_ids = layout.semantic_ids(codes)
+    assert torch.equal(layout.semantic_codes(sem_ids), codes)
+    assert tokenizer.convert_ids_to_tokens(sem_ids.tolist()) == ["<sem_00000>", "<sem_00005>", f"<sem_{SEM - 1:05d}>"]
+    pix = layout.pixel_ids(torch.tensor([3, PIX - 1]))
+    assert tokenizer.decode(pix.tolist()) == f"<pix_00003><pix_{PIX - 1:05d}>"
+    assert tokenizer("<pix_00003>", add_special_tokens=False)["input_ids"] == [int(pix[0])]
+    assert torch.equal(layout.pixel_codes(pix), torch.tensor([3, PIX - 1]))
+
+
+def test_extension_is_idempotent_and_checked(built):
+    tokenizer, layout, _, _ = built
+    assert extend_tokenizer(tokenizer, SEM, PIX) == layout
+    with pytest.raises(VocabularyError, match="another layout"):
+        extend_tokenizer(tokenizer, SEM + 1, PIX)
+
+
+def test_codes_outside_the_codebook_are_rejected(built):
+    _, layout, model, _ = built
+    with pytest.raises(VocabularyError, match=rf"pixel code {PIX} is outside the pixel codebook \[0, {PIX}\)"):
+        layout.pixel_ids(torch.tensor([PIX]))
+    with pytest.raises(VocabularyError, match="is not a semantic code"):
+        layout.semantic_codes(torch.tensor([layout.pixel_offset]))
+    bad = torch.tensor([[1, 2, layout.used_size + 7]])
+    with pytest.raises(VocabularyError, match=f"id {layout.used_size + 7}, outside the extended vocabulary"):
+        model(bad)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_text_only_logits_equal_the_original_model(text_tokenizer, tie):
+    import copy
+
+    tokenizer = copy.deepcopy(text_tokenizer)
+    llm = _tiny_llm(len(tokenizer), tie=tie)
+    ids = torch.tensor([tokenizer("what colour is the square?", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        reference = llm(ids).logits
+    layout = extend_tokenizer(tokenizer, SEM, PIX)
+    model = DualTokenMLLMForCausalLM.from_llm(llm, layout, depth_head_layers=1, depth_head_heads=2).eval()
+    with torch.no_grad():
+        logits = model.text_logits(model(ids).hidden_states)
+    assert logits.shape[-1] > reference.shape[-1]
+    torch.testing.assert_close(logits[..., : reference.shape[-1]], reference, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- model
+def test_save_load_round_trip_through_auto_classes(built, tmp_path):
+    _, _, model, builder = built
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is DualTokenMLLMForCausalLM
+    seq = builder.generation("a red circle", _codes(0, PIX, DP), train=True)
+    batch = collate_sequences([seq], pad_id=0)
+    with torch.no_grad():
+        a, b = model(**batch), loaded(**batch)
+    torch.testing.assert_close(a.hidden_states, b.hidden_states, rtol=0, atol=0)
+    assert a.loss.item() == b.loss.item()
+
+
+def test_losses_cover_answers_and_image_slots_and_train(built):
+    import copy
+
+    _, _, model, builder = built
+    model = copy.deepcopy(model).train()
+    semantic, pixel = _codes(1, SEM, DS), _codes(2, PIX, DP)
+    vqa = builder.conversation(
+        [("user", "<image>\nwhat colour is the circle?"), ("assistant", "red")], semantic=semantic
+    )
+    labelled = vqa.labels[:, 0] >= 0
+    # only the answer and the end marker are labelled; the image slots are read, never predicted
+    assert int(labelled.sum()) == len(builder.text_ids("red")) + len(builder.text_ids("<|end|>"))
+    gen = builder.generation("a red circle", pixel)
+    assert int((gen.labels[:, DS:] >= 0).all(-1).sum()) == GRID[0] * GRID[1]
+    batch = collate_sequences([vqa, gen], pad_id=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(30):
+        out = model(**batch)
+        assert set(out.losses) >= {"text", "pixel"}
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        first = first if first is not None else out.loss.item()
+    assert out.loss.item() < 0.5 * first
+    assert out.losses["pixel_acc"].item() > 0.5
+
+
+def test_depth_one_uses_the_lm_head_rows(text_tokenizer):
+    import copy
+
+    tokenizer = copy.deepcopy(text_tokenizer)
+    layout = extend_tokenizer(tokenizer, SEM, PIX)
+    model = DualTokenMLLMForCausalLM.from_llm(
+        _tiny_llm(len(text_tokenizer)), layout, pixel_depth=1, depth_head_layers=0
+    ).eval()
+    assert model.pixel_head is None
+    hidden = torch.randn(4, 64)
+    full = model.text_logits(hidden)
+    torch.testing.assert_close(model.next_pixel_logits(hidden, None), full[:, layout.pixel_offset : layout.used_size])
+    with pytest.raises(ValueError, match="needs pixel_depth=1"):
+        DualTokenMLLMForCausalLM.from_llm(_tiny_llm(len(text_tokenizer)), layout, pixel_depth=2, depth_head_layers=0)
+
+
+def test_concat_fusion_mixes_both_branches(text_tokenizer):
+    import copy
+
+    tokenizer = copy.deepcopy(text_tokenizer)
+    layout = extend_tokenizer(tokenizer, SEM, PIX)
+    model = DualTokenMLLMForCausalLM.from_llm(
+        _tiny_llm(len(text_tokenizer)),
+        layout,
+        semantic_depth=DS,
+        pixel_depth=DP,
+        grid_size=GRID,
+        read=["semantic", "pixel"],
+        input_fusion="concat_mlp",
+        depth_head_layers=1,
+        depth_head_heads=2,
+    )
+    builder = SequenceBuilder.for_model(tokenizer, model.config)
+    seq = builder.conversation(
+        [("user", "<image> what?"), ("assistant", "red")], _codes(3, SEM, DS), _codes(4, PIX, DP)
+    )
+    image_rows = layout.is_semantic(seq.ids[:, 0])
+    assert bool((seq.ids[image_rows, DS:] >= layout.pixel_offset).all())  # both branches are read
+    embeds = model.embed_slots(seq.ids[None])
+    changed = seq.ids.clone()
+    changed[image_rows, DS] = layout.pixel_offset + (changed[image_rows, DS] - layout.pixel_offset + 1) % PIX
+    assert not torch.allclose(model.embed_slots(changed[None])[0, image_rows], embeds[0, image_rows])
+    text_rows = ~image_rows
+    torch.testing.assert_close(model.embed_slots(changed[None])[0, text_rows], embeds[0, text_rows])
+
+
+# ---------------------------------------------------------------------------- sequences
+def test_bad_conversations_are_named(built):
+    _, _, _, builder = built
+    with pytest.raises(ConversationError, match="no assistant turn"):
+        builder.conversation([("user", "<image> what colour?")], semantic=_codes(0, SEM, DS))
+    with pytest.raises(ConversationError, match="placeholder without a matching image"):
+        builder.conversation([("user", "<image> what colour?"), ("assistant", "red")])
+    with pytest.raises(ConversationError, match="unknown role 'bot'"):
+        builder.conversation([("bot", "hi"), ("assistant", "red")])
+    with pytest.raises(ConversationError, match="longer than the model's context of 128"):
+        builder.conversation([("user", "red " * 200), ("assistant", "red")])
+    with pytest.raises(ConversationError, match=r"expected \(h, w, 2\)"):
+        builder.conversation(
+            [("user", "<image> q"), ("assistant", "a")], semantic=torch.zeros(2, 3, 5, dtype=torch.long)
+        )
+
+
+# ---------------------------------------------------------------------------- sampling
+def test_filter_logits_keeps_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(filter_logits(logits, top_p=0.7))
+    assert kept.tolist() == [[True, True, False, False]]
+    kept = torch.isfinite(filter_logits(logits, top_k=3))
+    assert kept.tolist() == [[True, True, True, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.1)).sum() == 1
+
+
+def test_text_decoding_with_cache_equals_without(built):
+    tokenizer, _, model, builder = built
+    prompts = [
+        builder.conversation(
+            [("user", "<image> what colour is it?")], _codes(5, SEM, DS), train=False, add_generation_prompt=True
+        ),
+        builder.conversation([("user", "how many?")], train=False, add_generation_prompt=True),
+    ]
+    cached = generate_text(model, prompts, max_new_tokens=8, use_cache=True)
+    plain = generate_text(model, prompts, max_new_tokens=8, use_cache=False)
+    assert cached == plain and all(len(out) == 8 for out in cached)
+    alone = generate_text(model, prompts[1:], max_new_tokens=8)
+    assert alone[0] == cached[1]  # left padding does not change a row's output
+    sampled = SamplingConfig(temperature=1.0, top_p=0.9)
+    one = generate_text(model, prompts, 8, sampled, generator=torch.Generator().manual_seed(3))
+    two = generate_text(model, prompts, 8, sampled, generator=torch.Generator().manual_seed(3), use_cache=False)
+    assert one == two
+
+
+def test_image_decoding_with_cache_equals_without_and_cfg(built):
+    _, _, model, builder = built
+    prompts = [builder.generation("a red circle", train=False), builder.generation("two blue squares", train=False)]
+    uncond = builder.generation("", train=False)
+    settings = SamplingConfig(temperature=1.0, top_k=20, top_p=0.95)
+
+    def run(**kwargs):
+        return generate_image_codes(
+            model, prompts, sampling=settings, generator=torch.Generator().manual_seed(7), **kwargs
+        )
+
+    cached = run(unconditional=uncond, cfg_scale=3.0)
+    assert cached.shape == (2, *GRID, DP) and int(cached.max()) < PIX
+    assert torch.equal(cached, run(unconditional=uncond, cfg_scale=3.0, use_cache=False))
+    assert torch.equal(cached, run(unconditional=uncond, cfg_scale=3.0, batch_cfg=False))
+    # guidance 1 reproduces conditional sampling (the batched unconditional rows change nothing)
+    assert torch.equal(run(unconditional=uncond, cfg_scale=1.0), run())
+    assert not torch.equal(cached, run())
+    # same seed -> same image; another seed -> another image
+    assert not torch.equal(
+        cached, generate_image_codes(model, prompts, uncond, 3.0, settings, generator=torch.Generator().manual_seed(8))
+    )
