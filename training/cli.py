@@ -6,6 +6,9 @@
     dualtoken reconstruct     --tokenizer DIR --images a.png -o grid.png
     dualtoken tiny-pipeline   (stage 0 + stage 1 on the embedded default, then the report)
     dualtoken ablate          --teacher runs/tiny/stage0/teacher (the paper's codebook ablation)
+    dualtoken make-data       --split train --limit 20000 --out runs/tiny/data/train
+    dualtoken tokenize-codes  --tokenizer DIR --llava .../llava.json --t2i .../t2i.jsonl --out .../codes
+    dualtoken train-mllm      --config configs/stages/tiny/understand.yaml
 
 Errors a user can fix (bad config, missing file, bad image) print one clear line and
 exit with status 2 instead of a traceback.
@@ -27,6 +30,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "reconstruct": ("training.tokenize_images", "encode + decode images and save a comparison grid"),
     "tiny-pipeline": ("training.pipeline", "the embedded default end to end: stage 0, stage 1, report"),
     "ablate": ("training.ablation", "dual vs shared codebook vs reconstruction only, side by side"),
+    "make-data": ("training.data.conversations", "write the Shapes world as LLaVA conversations + text-image pairs"),
+    "tokenize-codes": ("training.data.code_shards", "tokenise a dataset's images once into code shards"),
+    "train-mllm": ("training.train_mllm", "one LLM stage (align / understand / generate / joint)"),
 }
 
 # Entry functions that are not a module's ``main``.

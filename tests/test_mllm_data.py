@@ -1,0 +1,341 @@
+"""MLLM data: LLaVA conversations and text-to-image pairs (writers, readers, validation) and code shards."""
+
+import json
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tokenizer.config import (
+    BackboneConfig,
+    DecoderConfig,
+    DualTokenizerConfig,
+    ProjectionConfig,
+    QuantizerConfig,
+    TapsConfig,
+)
+from tokenizer.model import DualTokenizer
+from training.data import code_shards, conversations
+from training.data.code_shards import CodeShardsError, CodeStore, tokenize_to_shards
+from training.data.conversations import (
+    IMAGE_PLACEHOLDER,
+    Turn,
+    read_conversations,
+    read_text_image_pairs,
+    write_shapes_llava,
+    write_shapes_t2i,
+)
+from training.data.readers import MetadataError, load_image
+from training.data.shapes import ShapesWorld, ShapesWorldConfig
+
+SIZE = 32
+NUM_IMAGES = 5
+
+
+def tiny_tokenizer(seed: int = 0) -> DualTokenizer:
+    torch.manual_seed(seed)
+    config = DualTokenizerConfig(
+        backbone=BackboneConfig(
+            image_size=SIZE, patch_size=8, hidden_size=32, num_layers=4, num_heads=2, intermediate_size=64
+        ),
+        taps=TapsConfig(pixel_layer=1, semantic_layer=3),
+        projection=ProjectionConfig(kind="mlp", hidden_dim=32),
+        pixel_quantizer=QuantizerConfig(codebook_size=32, code_dim=8, depth=3),
+        semantic_quantizer=QuantizerConfig(codebook_size=16, code_dim=4, depth=2),
+        decoder=DecoderConfig(base_channels=8, channel_mult=(1, 2, 2, 2), num_res_blocks=1),
+    )
+    return DualTokenizer(config).eval()
+
+
+@pytest.fixture(scope="module")
+def world() -> ShapesWorld:
+    return ShapesWorld(ShapesWorldConfig(seed=11, image_size=SIZE, num_val=NUM_IMAGES))
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(world: ShapesWorld, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("shapes")
+    write_shapes_llava(world, "val", out)
+    write_shapes_t2i(world, "val", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> DualTokenizer:
+    return tiny_tokenizer()
+
+
+# --------------------------------------------------------------------------------------
+# writers and readers
+# --------------------------------------------------------------------------------------
+
+
+def test_llava_writer_round_trips_through_the_reader(world: ShapesWorld, shapes_dir: Path) -> None:
+    records = read_conversations(shapes_dir / "llava.json")
+    assert len(records) == NUM_IMAGES
+    shuffled = False
+    for index, record in enumerate(records):
+        sample = world.sample("val", index)
+        assert record.id == f"shapes-val-{index:06d}"
+        assert record.image_key == f"images/val/{index:06d}.png"
+        assert record.image == shapes_dir / record.image_key
+        np.testing.assert_array_equal(np.asarray(load_png(record.image)), sample.image)
+        assert [turn.role for turn in record.turns] == ["user", "assistant"] * len(sample.qa)
+        assert record.turns[0].text.startswith(f"{IMAGE_PLACEHOLDER}\n")
+        questions = [turn.text.removeprefix(f"{IMAGE_PLACEHOLDER}\n") for turn in record.turns[0::2]]
+        answers = [turn.text for turn in record.turns[1::2]]
+        written = list(zip(questions, answers, record.meta["kinds"], strict=True))
+        expected = [(pair.question, pair.answer, pair.kind) for pair in sample.qa]
+        assert sorted(written) == sorted(expected)
+        shuffled |= written != expected
+        assert record.meta["objects"] == [
+            {"colour": obj.colour, "shape": obj.shape, "size": obj.size, "center": list(obj.center)}
+            for obj in sample.objects
+        ]
+    assert shuffled, "turn order is never shuffled"
+
+
+def load_png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_t2i_writer_round_trips_and_shares_the_pngs(world: ShapesWorld, shapes_dir: Path) -> None:
+    pairs = read_text_image_pairs(shapes_dir / "t2i.jsonl")
+    conversations_by_key = {record.image_key: record for record in read_conversations(shapes_dir / "llava.json")}
+    assert [pair.caption for pair in pairs] == [world.sample("val", i).caption for i in range(NUM_IMAGES)]
+    assert [pair.image_key for pair in pairs] == list(conversations_by_key)
+    assert sorted(path.name for path in (shapes_dir / "images" / "val").iterdir()) == [
+        f"{i:06d}.png" for i in range(NUM_IMAGES)
+    ]
+    assert pairs[0].meta["objects"] == conversations_by_key[pairs[0].image_key].meta["objects"]
+
+
+def test_writers_are_deterministic(world: ShapesWorld, shapes_dir: Path, tmp_path: Path) -> None:
+    conversations.write_shapes(world, "val", tmp_path, limit=NUM_IMAGES)
+    for name in ("llava.json", "t2i.jsonl", "images/val/000003.png"):
+        assert (tmp_path / name).read_bytes() == (shapes_dir / name).read_bytes(), name
+
+
+def test_conversation_cli_writes_both_formats(tmp_path: Path) -> None:
+    written = conversations.main(["--split", "val", "--limit", "3", "--out", str(tmp_path), "--image-size", "32"])
+    assert set(written) == {"llava", "t2i"}
+    assert len(read_conversations(written["llava"])) == 3
+    assert len(read_text_image_pairs(written["t2i"])) == 3
+
+
+# --------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------
+
+
+def good_record(record_id: str = "good") -> dict:
+    return {
+        "id": record_id,
+        "image": "a.png",
+        "conversations": [
+            {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\nwhat colour is the circle?"},
+            {"from": "gpt", "value": "red"},
+        ],
+    }
+
+
+def turns(*pairs: tuple[str, str]) -> list[dict]:
+    return [{"from": role, "value": value} for role, value in pairs]
+
+
+Q = ("human", f"{IMAGE_PLACEHOLDER}\nhow many?")
+A = ("gpt", "two")
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"conversations": None}, "missing 'conversations'"),
+        ({"conversations": turns(Q)}, r"the conversation has no answer \(no assistant turn\)"),
+        (
+            {"conversations": turns(Q, A, ("human", "and now?"))},
+            r"the last turn \(turn 2\) is a user turn with no answer",
+        ),
+        ({"conversations": turns(Q, Q, A)}, "roles must alternate .* turn 1 is from the user"),
+        ({"conversations": turns(A, Q, A)}, "roles must alternate .* turn 0 is from the assistant"),
+        ({"conversations": turns(Q, ("robot", "two"))}, "turn 1 has unknown role 'robot'"),
+        ({"conversations": turns(("human", "how many?"), A)}, "exactly one <image> placeholder, found 0"),
+        ({"conversations": turns(Q, A, ("human", "<image> again?"), A)}, "exactly one <image> placeholder, found 2"),
+        ({"image": "missing.png"}, r"image file not found: .*missing\.png"),
+        ({"image": None}, r"1 <image> placeholder\(s\) but the record has no 'image'"),
+    ],
+)
+def test_conversation_errors_name_file_record_and_problem(tmp_path: Path, change: dict, problem: str) -> None:
+    (tmp_path / "a.png").write_bytes(b"")  # only its existence is checked
+    bad = {**good_record("bad"), **change}
+    bad = {key: value for key, value in bad.items() if not (key == "conversations" and value is None)}
+    path = tmp_path / "conv.json"
+    path.write_text(json.dumps([good_record(), bad]))
+    with pytest.raises(MetadataError, match=rf"{re.escape(str(path))}: record 1 id='bad': .*{problem}"):
+        read_conversations(path)
+
+
+def test_conversation_jsonl_errors_give_the_line_and_text_only_records_are_allowed(tmp_path: Path) -> None:
+    text_only = {"id": "text", "conversations": turns(("human", "hi"), ("gpt", "hello"))}
+    path = tmp_path / "conv.jsonl"
+    path.write_text(json.dumps(text_only) + "\n\n" + json.dumps({**good_record("bad"), "image": "gone.png"}) + "\n")
+    with pytest.raises(MetadataError, match=r"conv\.jsonl: record 1 \(line 3\) id='bad': image file not found"):
+        read_conversations(path)
+    records = read_conversations(path, check_files=False)
+    assert records[0].image is None and records[0].image_key is None
+    assert records[0].turns == [Turn("user", "hi"), Turn("assistant", "hello")]
+    assert records[1].image == tmp_path / "gone.png"
+
+
+@pytest.mark.parametrize(
+    ("record", "problem"),
+    [
+        ({"image": "a.png", "caption": "  "}, "empty caption"),
+        ({"image": "a.png"}, "missing 'caption'"),
+        ({"caption": "a red circle"}, "missing 'image'"),
+        ({"image": "missing.png", "caption": "a red circle"}, r"image file not found: .*missing\.png"),
+    ],
+)
+def test_text_image_errors_name_file_record_and_problem(tmp_path: Path, record: dict, problem: str) -> None:
+    (tmp_path / "a.png").write_bytes(b"")
+    path = tmp_path / "t2i.jsonl"
+    path.write_text(json.dumps({"image": "a.png", "caption": "a blue square"}) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(MetadataError, match=rf"{re.escape(str(path))}: record 1 \(line 2\): .*{problem}"):
+        read_text_image_pairs(path)
+
+
+# --------------------------------------------------------------------------------------
+# code shards
+# --------------------------------------------------------------------------------------
+
+
+def image_keys() -> list[str]:
+    return [f"images/val/{i:06d}.png" for i in range(NUM_IMAGES)]
+
+
+def encode_files(tokenizer: DualTokenizer, root: Path, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.stack([load_image(root / key, name=key, image_size=SIZE, convert_to_rgb=False) for key in keys])
+    codes = tokenizer.encode(images)
+    return codes.pixel_codes, codes.semantic_codes
+
+
+class Interrupted(Exception):
+    """Stands in for a crash or Ctrl-C in the middle of tokenisation."""
+
+
+def count_encodes(monkeypatch: pytest.MonkeyPatch, tokenizer: DualTokenizer, fail_on_call: int | None = None) -> list:
+    """Wrap ``tokenizer.encode``; returns the list of batch sizes it was called with."""
+    calls: list[int] = []
+    original = DualTokenizer.encode.__get__(tokenizer)  # the real method, even when already wrapped
+
+    def encode(images: torch.Tensor):
+        if fail_on_call is not None and len(calls) + 1 == fail_on_call:
+            raise Interrupted("simulated interruption")
+        calls.append(len(images))
+        return original(images)
+
+    monkeypatch.setattr(tokenizer, "encode", encode)
+    return calls
+
+
+def tree_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_code_store_holds_the_encoded_codes(tokenizer: DualTokenizer, shapes_dir: Path, tmp_path: Path) -> None:
+    keys = image_keys()
+    # Duplicates and non-normalised spellings of one path are encoded once.
+    paths = [*reversed(keys), keys[0], "./" + keys[1]]
+    tokenize_to_shards(tokenizer, paths, shapes_dir, tmp_path / "codes", batch_size=2, shard_size=2)
+    store = CodeStore(tmp_path / "codes")
+    assert len(store) == NUM_IMAGES and store.keys() == keys
+    assert keys[2] in store and "./" + keys[2] in store and "images/val/999999.png" not in store
+    meta = store.meta
+    assert (meta.grid, meta.pixel_depth, meta.semantic_depth) == ((4, 4), 3, 2)
+    assert (meta.pixel_codebook_size, meta.semantic_codebook_size, meta.dtype) == (32, 16, "int16")
+    assert meta.shards == ["shard-00000", "shard-00001", "shard-00002"] and meta.complete
+    pixel, semantic = encode_files(tokenizer, shapes_dir, keys)
+    assert len({tuple(codes.flatten().tolist()) for codes in pixel}) == NUM_IMAGES  # the check below can fail
+    for index, key in enumerate(keys):
+        stored_pixel, stored_semantic = store.get(key)
+        assert stored_pixel.dtype == torch.long and stored_pixel.shape == (4, 4, 3)
+        assert torch.equal(stored_pixel, pixel[index]) and torch.equal(stored_semantic, semantic[index])
+    reopened = pickle.loads(pickle.dumps(store))  # as a spawned DataLoader worker gets it
+    assert torch.equal(reopened.get(keys[4])[1], semantic[4])
+    with pytest.raises(
+        KeyError, match=rf"image 'images/val/999999\.png' has no codes in {re.escape(str(store.out_dir))}"
+    ):
+        store.get("images/val/999999.png")
+
+
+def test_interrupted_tokenisation_resumes_to_the_same_result(
+    tokenizer: DualTokenizer, shapes_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = image_keys()
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    tokenize_to_shards(tokenizer, keys, shapes_dir, reference, batch_size=2, shard_size=2)
+
+    count_encodes(monkeypatch, tokenizer, fail_on_call=2)  # dies while encoding the second shard
+    with pytest.raises(Interrupted):
+        tokenize_to_shards(tokenizer, keys, shapes_dir, resumed, batch_size=2, shard_size=2)
+    assert json.loads((resumed / "meta.json").read_text())["shards"] == ["shard-00000"]
+    with pytest.raises(CodeShardsError, match=r"incomplete \(1 of 3 shards\)"):
+        CodeStore(resumed)
+
+    # Leftovers of a crash while saving shard 1 and of one between its rename and the meta.json update.
+    for leftover in (".shard-00001.tmp", "shard-00001"):
+        (resumed / leftover).mkdir(exist_ok=True)
+        (resumed / leftover / "data-00000-of-00001.arrow").write_bytes(b"partial")
+    calls = count_encodes(monkeypatch, tokenizer)
+    tokenize_to_shards(tokenizer, keys, shapes_dir, resumed, batch_size=2, shard_size=2)
+    assert calls == [2, 1]  # the finished first shard is not encoded again
+    assert tree_bytes(resumed) == tree_bytes(reference)
+
+    tokenize_to_shards(tokenizer, keys, shapes_dir, resumed, batch_size=2, shard_size=2)
+    assert calls == [2, 1]  # a complete folder is reused as is
+
+
+def test_other_tokenizer_or_images_need_overwrite(shapes_dir: Path, tmp_path: Path) -> None:
+    keys, out = image_keys(), tmp_path / "codes"
+    tokenize_to_shards(tiny_tokenizer(seed=0), keys, shapes_dir, out, shard_size=4)
+    other = tiny_tokenizer(seed=1)
+    with pytest.raises(CodeShardsError, match="holds codes from another tokenizer .*pass overwrite=True"):
+        tokenize_to_shards(other, keys, shapes_dir, out, shard_size=4)
+    with pytest.raises(CodeShardsError, match="another image list .*keys_sha256"):
+        tokenize_to_shards(tiny_tokenizer(seed=0), keys[:3], shapes_dir, out, shard_size=4)
+    tokenize_to_shards(other, keys, shapes_dir, out, shard_size=4, overwrite=True)
+    store = CodeStore(out)
+    assert store.meta.tokenizer_fingerprint == code_shards.tokenizer_fingerprint(other)
+    pixel, semantic = encode_files(other, shapes_dir, keys[-1:])
+    assert torch.equal(store.get(keys[-1])[0], pixel[0]) and torch.equal(store.get(keys[-1])[1], semantic[0])
+
+
+def test_code_shards_cli_collects_both_formats(tokenizer: DualTokenizer, shapes_dir: Path, tmp_path: Path) -> None:
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    out = code_shards.main(
+        [
+            "--tokenizer",
+            str(tmp_path / "tokenizer"),
+            "--llava",
+            str(shapes_dir / "llava.json"),
+            "--t2i",
+            str(shapes_dir / "t2i.jsonl"),
+            "--out",
+            str(tmp_path / "codes"),
+            "--device",
+            "cpu",
+        ]
+    )
+    store = CodeStore(out)
+    assert store.keys() == image_keys() and store.meta.tokenizer_path == str(tmp_path / "tokenizer")
+    assert store.meta.tokenizer_fingerprint == code_shards.tokenizer_fingerprint(tokenizer)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "t2i.jsonl").write_bytes((shapes_dir / "t2i.jsonl").read_bytes())
+    with pytest.raises(ValueError, match="different folders .*pass --image-root"):
+        code_shards.collect_image_paths([shapes_dir / "llava.json"], [tmp_path / "elsewhere" / "t2i.jsonl"])

@@ -1,0 +1,519 @@
+"""Pre-tokenised code shards: images are encoded once, LLM training reads codes (DESIGN.md §5 data flow).
+
+On-disk layout of ``out_dir``::
+
+    meta.json        grid, depths, codebook sizes, image size, tokenizer path + weight fingerprint,
+                     number of images, shard size, the completed shards (see CodeShardsMeta)
+    shard-00000/     a Hugging Face ``datasets`` folder (``Dataset.save_to_disk``), rows sorted by key:
+    shard-00001/       key: str (the image path relative to the image root, as the annotation files
+    ...                write it), pixel / semantic: fixed-length lists of int16 (int32 for codebooks
+                       over 32767 codes), the (h, w, D) codes flattened row-major
+
+``datasets.load_from_disk("out_dir/shard-00000")`` reads a shard; :class:`CodeStore` reads them all,
+memory-mapped, with O(1) lookup by key.
+
+Writing is resumable: each shard is saved under a temporary name and renamed when complete, and
+``meta.json`` (rewritten atomically) lists the completed shards, so a rerun after an interruption
+encodes only the missing shards and ends with the same files as an uninterrupted run. A rerun
+against other weights or another image list raises unless ``overwrite=True``.
+
+CLI: ``python -m training.data.code_shards --tokenizer DIR --llava data/shapes/llava.json
+--t2i data/shapes/t2i.jsonl --out data/shapes/codes``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from tokenizer.model import DualTokenizer
+from training.data.readers import load_image
+
+logger = logging.getLogger(__name__)
+
+META_NAME = "meta.json"
+FORMAT_VERSION = 1
+_SHARD_PREFIX = "shard-"
+_TEMPORARY_SUFFIX = ".tmp"
+# Settings that must match for a rerun to continue (or reuse) what is on disk.
+_RESUME_FIELDS = (
+    "tokenizer_fingerprint",
+    "keys_sha256",
+    "num_images",
+    "shard_size",
+    "convert_to_rgb",
+    "image_size",
+    "grid",
+    "pixel_depth",
+    "semantic_depth",
+    "dtype",
+)
+
+
+class CodeShardsError(ValueError):
+    """A code-shard folder does not match its meta.json, the tokenizer, or the requested images."""
+
+
+@dataclass
+class CodeShardsMeta:
+    """Contents of ``meta.json``. ``grid``: (h, w); ``shards``: the completed shards' folder names, in order."""
+
+    tokenizer_fingerprint: str
+    tokenizer_path: str | None
+    image_size: int
+    grid: tuple[int, int]
+    pixel_depth: int
+    semantic_depth: int
+    pixel_codebook_size: int
+    semantic_codebook_size: int
+    dtype: str
+    convert_to_rgb: bool
+    num_images: int
+    shard_size: int
+    keys_sha256: str
+    image_root: str | None = None
+    shards: list[str] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_images // self.shard_size)
+
+    @property
+    def complete(self) -> bool:
+        return self.shards == [shard_name(index) for index in range(self.num_shards)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "grid": list(self.grid), "num_shards": self.num_shards, "complete": self.complete}
+
+    @classmethod
+    def from_file(cls, path: Path) -> CodeShardsMeta:
+        try:
+            payload = json.loads(path.read_text())
+            payload.pop("num_shards", None)
+            payload.pop("complete", None)
+            meta = cls(**payload)
+        except (json.JSONDecodeError, TypeError) as error:
+            raise CodeShardsError(f"{path} is not a code-shard meta.json ({error})") from error
+        meta.grid = (int(meta.grid[0]), int(meta.grid[1]))
+        if meta.format_version != FORMAT_VERSION:
+            raise CodeShardsError(f"{path} has format_version {meta.format_version}; expected {FORMAT_VERSION}")
+        return meta
+
+    def write(self, out_dir: Path) -> None:
+        temporary = out_dir / f".{META_NAME}{_TEMPORARY_SUFFIX}"
+        temporary.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        os.replace(temporary, out_dir / META_NAME)
+
+
+def shard_name(index: int) -> str:
+    return f"{_SHARD_PREFIX}{index:05d}"
+
+
+def normalise_key(path: str | os.PathLike) -> str:
+    """The store key of an image path: POSIX separators, ``.`` and ``a/../`` segments removed."""
+    return posixpath.normpath(Path(path).as_posix())
+
+
+def tokenizer_fingerprint(tokenizer: DualTokenizer) -> str:
+    """sha256 of the tokenizer's state dict (names, dtypes, shapes, bytes).
+
+    Hashing the weights in memory rather than ``model.safetensors`` works for a tokenizer
+    that was never saved and does not depend on how the file was serialised.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(tokenizer.state_dict().items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def _keys_sha256(keys: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
+
+
+def _codebook_sizes(tokenizer: DualTokenizer) -> tuple[int, int]:
+    config = tokenizer.config
+    semantic = config.semantic_quantizer.codebook_size
+    # The shared-codebook ablation (paper Table 5) decodes the semantic codes as pixel codes.
+    pixel = semantic if config.shared_codebook else config.pixel_quantizer.codebook_size
+    return pixel, semantic
+
+
+class _ImageFiles(Dataset):
+    def __init__(self, keys: Sequence[str], image_root: Path, image_size: int, convert_to_rgb: bool) -> None:
+        self.keys, self.image_root = keys, image_root
+        self.image_size, self.convert_to_rgb = image_size, convert_to_rgb
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        key = self.keys[index]
+        return load_image(
+            self.image_root / key, name=key, image_size=self.image_size, convert_to_rgb=self.convert_to_rgb
+        )
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Silence ``datasets``' per-save progress bar (one bar per shard would bury ours)."""
+    import datasets
+
+    was_disabled = datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
+def _save_shard(out_dir: Path, name: str, keys: list[str], pixel: np.ndarray, semantic: np.ndarray) -> None:
+    """Save one shard under a temporary name, then rename it: a shard folder exists only when complete."""
+    import datasets
+
+    def codes_column(codes: np.ndarray) -> pa.Array:
+        flat = codes.reshape(len(keys), -1)
+        return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
+
+    table = pa.table(
+        {"key": pa.array(keys, pa.string()), "pixel": codes_column(pixel), "semantic": codes_column(semantic)}
+    )
+    # An explicit fingerprint derived from the keys keeps state.json identical on reruns.
+    fingerprint = hashlib.sha256(f"{name}|{_keys_sha256(keys)}".encode()).hexdigest()[:16]
+    dataset = datasets.Dataset(datasets.table.InMemoryTable(table), fingerprint=fingerprint)
+    temporary = out_dir / f".{name}{_TEMPORARY_SUFFIX}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    with _quiet_datasets():
+        dataset.save_to_disk(str(temporary))
+    # A folder not listed in meta.json (a crash between this rename and the meta update) is replaced.
+    shutil.rmtree(out_dir / name, ignore_errors=True)
+    os.replace(temporary, out_dir / name)
+
+
+def _remove_shards(out_dir: Path) -> None:
+    """Delete what this module wrote (shards, temporaries, meta.json), nothing else."""
+    for entry in out_dir.iterdir():
+        name = entry.name.lstrip(".")
+        if name.startswith(_SHARD_PREFIX) or name.startswith(META_NAME):
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+
+def _resume_or_start(out_dir: Path, target: CodeShardsMeta, overwrite: bool) -> CodeShardsMeta:
+    """The meta to continue from: the one on disk when it matches ``target``, else a fresh start."""
+    meta_path = out_dir / META_NAME
+    if meta_path.is_file() and not overwrite:
+        existing = CodeShardsMeta.from_file(meta_path)
+        differences = [name for name in _RESUME_FIELDS if getattr(existing, name) != getattr(target, name)]
+        if differences:
+            what = ", ".join(
+                f"{name}: {getattr(existing, name)!r} -> {getattr(target, name)!r}" for name in differences
+            )
+            hint = (
+                "another tokenizer (weights differ)"
+                if "tokenizer_fingerprint" in differences
+                else "another image list or settings"
+            )
+            raise CodeShardsError(
+                f"{out_dir} holds codes from {hint} ({what}); "
+                "pass overwrite=True (--overwrite) to replace them, or choose another output folder"
+            )
+        # Shards listed as done but missing on disk (deleted by hand) are encoded again.
+        target.shards = [name for name in existing.shards if (out_dir / name).is_dir()]
+    else:
+        _remove_shards(out_dir)
+    return target
+
+
+def tokenize_to_shards(
+    tokenizer: DualTokenizer,
+    image_paths: Sequence[str],
+    image_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    batch_size: int = 64,
+    shard_size: int = 4096,
+    convert_to_rgb: bool = False,
+    overwrite: bool = False,
+    tokenizer_path: str | os.PathLike | None = None,
+    num_workers: int = 0,
+) -> Path:
+    """Encode every image of ``image_paths`` (relative to ``image_root``) once into code shards in ``out_dir``.
+
+    Paths are normalised, deduplicated and sorted, so the result depends only on the set of
+    images. Images run through the tokenizer in batches of ``batch_size`` on its device under
+    ``torch.inference_mode()``; ``num_workers`` DataLoader processes decode the files.
+    Resumable (see the module docstring). Returns ``out_dir``.
+
+    Raises:
+        CodeShardsError: ``out_dir`` holds codes of another tokenizer or image list and
+            ``overwrite`` is False.
+        ImageLoadError: an image is missing or unreadable (the message names it).
+    """
+    if batch_size < 1 or shard_size < 1:
+        raise ValueError(f"batch_size={batch_size} and shard_size={shard_size} must be >= 1")
+    keys = sorted({normalise_key(path) for path in image_paths})
+    if not keys:
+        raise ValueError("no image paths to tokenise")
+    out_dir, image_root = Path(out_dir), Path(image_root)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pixel_codebook, semantic_codebook = _codebook_sizes(tokenizer)
+    grid = tokenizer.grid_size
+    dtype = np.int16 if max(pixel_codebook, semantic_codebook) <= np.iinfo(np.int16).max + 1 else np.int32
+    target = CodeShardsMeta(
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        tokenizer_path=None if tokenizer_path is None else str(tokenizer_path),
+        image_size=tokenizer.backbone.image_size,
+        grid=(grid, grid),
+        pixel_depth=tokenizer.pixel_depth,
+        semantic_depth=tokenizer.semantic_quantizer.config.depth,
+        pixel_codebook_size=pixel_codebook,
+        semantic_codebook_size=semantic_codebook,
+        dtype=np.dtype(dtype).name,
+        convert_to_rgb=convert_to_rgb,
+        num_images=len(keys),
+        shard_size=shard_size,
+        keys_sha256=_keys_sha256(keys),
+        image_root=str(image_root),
+    )
+    meta = _resume_or_start(out_dir, target, overwrite)
+    meta.write(out_dir)
+    done = set(meta.shards)
+    todo = [index for index in range(meta.num_shards) if shard_name(index) not in done]
+    if not todo:
+        logger.info("%s already holds the codes of all %d images", out_dir, len(keys))
+        return out_dir
+    skipped = len(keys) - sum(len(keys[i * shard_size : (i + 1) * shard_size]) for i in todo)
+    device = next(tokenizer.parameters()).device
+    was_training = tokenizer.training
+    tokenizer.eval()
+    try:
+        with tqdm(total=len(keys), initial=skipped, desc="tokenising", unit="image") as progress:
+            for index in todo:
+                shard_keys = keys[index * shard_size : (index + 1) * shard_size]
+                files = _ImageFiles(shard_keys, image_root, tokenizer.backbone.image_size, convert_to_rgb)
+                loader = DataLoader(files, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+                pixel, semantic = _encode(tokenizer, loader, device, dtype, progress)
+                _save_shard(out_dir, shard_name(index), shard_keys, pixel, semantic)
+                meta.shards = sorted(set(meta.shards) | {shard_name(index)})
+                meta.write(out_dir)
+    finally:
+        tokenizer.train(was_training)
+    logger.info("wrote the codes of %d images in %d shards to %s", len(keys), meta.num_shards, out_dir)
+    return out_dir
+
+
+def _encode(
+    tokenizer: DualTokenizer, loader: DataLoader, device: torch.device, dtype: type, progress: tqdm
+) -> tuple[np.ndarray, np.ndarray]:
+    """Codes of the loader's images: pixel (N, h, w, D_pixel), semantic (N, h, w, D_semantic) of ``dtype``."""
+    pixel, semantic = [], []
+    with torch.inference_mode():
+        for images in loader:
+            codes = tokenizer.encode(images.to(device))
+            pixel.append(codes.pixel_codes.cpu().numpy().astype(dtype))
+            semantic.append(codes.semantic_codes.cpu().numpy().astype(dtype))
+            progress.update(len(images))
+    return np.concatenate(pixel), np.concatenate(semantic)
+
+
+# --------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------
+
+
+class CodeStore:
+    """All code shards of ``out_dir``, memory-mapped; ``get(key)`` is O(1).
+
+    ``get`` returns ``(pixel_codes (h, w, D_pixel), semantic_codes (h, w, D_semantic))`` int64.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike) -> None:
+        import datasets
+
+        self.out_dir = Path(out_dir)
+        meta_path = self.out_dir / META_NAME
+        if not meta_path.is_file():
+            raise FileNotFoundError(
+                f"{meta_path} is missing: {self.out_dir} is not a code-shard folder "
+                "(write one with python -m training.data.code_shards)"
+            )
+        self._meta = CodeShardsMeta.from_file(meta_path)
+        if not self._meta.complete:
+            raise CodeShardsError(
+                f"{self.out_dir} is incomplete ({len(self._meta.shards)} of {self._meta.num_shards} shards); "
+                "rerun the tokenisation to finish it"
+            )
+        height, width = self._meta.grid
+        shapes = {
+            "pixel": (height, width, self._meta.pixel_depth),
+            "semantic": (height, width, self._meta.semantic_depth),
+        }
+        # Blocks are the shards' arrow record batches, viewed as numpy without copying (memory-mapped).
+        self._blocks: list[tuple[np.ndarray, np.ndarray]] = []
+        self._index: dict[str, tuple[int, int]] = {}
+        for name in self._meta.shards:
+            shard = self.out_dir / name
+            if not shard.is_dir():
+                raise CodeShardsError(f"{meta_path} lists {name}, but {shard} does not exist")
+            table = datasets.load_from_disk(str(shard)).data.table
+            for column, shape in shapes.items():
+                kind = table.schema.field(column).type
+                expected = pa.list_(pa.from_numpy_dtype(np.dtype(self._meta.dtype)), int(np.prod(shape)))
+                if kind != expected:
+                    raise CodeShardsError(
+                        f"{shard}: column {column!r} has type {kind}; meta.json says {expected} "
+                        f"(h, w, D = {shape}, dtype {self._meta.dtype})"
+                    )
+            keys = table.column("key").to_pylist()
+            first_row = 0  # of the current chunk within the shard
+            for chunk_pixel, chunk_semantic in zip(
+                table.column("pixel").chunks, table.column("semantic").chunks, strict=True
+            ):
+                block = len(self._blocks)
+                self._blocks.append(
+                    (
+                        chunk_pixel.flatten().to_numpy(zero_copy_only=True).reshape(-1, *shapes["pixel"]),
+                        chunk_semantic.flatten().to_numpy(zero_copy_only=True).reshape(-1, *shapes["semantic"]),
+                    )
+                )
+                for row, key in enumerate(keys[first_row : first_row + len(chunk_pixel)]):
+                    if key in self._index:
+                        raise CodeShardsError(f"{shard}: key {key!r} appears twice in {self.out_dir}")
+                    self._index[key] = (block, row)
+                first_row += len(chunk_pixel)
+        if len(self._index) != self._meta.num_images:
+            raise CodeShardsError(
+                f"{self.out_dir}: the shards hold {len(self._index)} images; meta.json says {self._meta.num_images}"
+            )
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers (spawn) re-open the memory-mapped shards instead of pickling their contents.
+        return {"out_dir": self.out_dir}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["out_dir"])
+
+    @property
+    def meta(self) -> CodeShardsMeta:
+        return self._meta
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def keys(self) -> list[str]:
+        """Image keys, sorted (the shard order)."""
+        return list(self._index)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, (str, os.PathLike)) and normalise_key(key) in self._index
+
+    def get(self, key: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes of image ``key``: pixel (h, w, D_pixel), semantic (h, w, D_semantic), int64.
+
+        Raises:
+            KeyError: no image ``key`` in this store (the message names the key and the folder).
+        """
+        location = self._index.get(normalise_key(key))
+        if location is None:
+            raise KeyError(
+                f"image {os.fspath(key)!r} has no codes in {self.out_dir} ({len(self)} images); "
+                "tokenise it with python -m training.data.code_shards"
+            )
+        block, row = location
+        pixel, semantic = self._blocks[block]
+        return torch.from_numpy(pixel[row].astype(np.int64)), torch.from_numpy(semantic[row].astype(np.int64))
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------
+
+
+def collect_image_paths(
+    llava: Sequence[str | os.PathLike] = (),
+    t2i: Sequence[str | os.PathLike] = (),
+    image_root: str | os.PathLike | None = None,
+) -> tuple[list[str], Path]:
+    """``(image keys, image root)`` of the images named by conversation and text-to-image files.
+
+    Each file's keys are relative to ``image_root`` (default: the file's folder); without an
+    explicit root all files must sit in one folder, so that one key means one image.
+    """
+    from training.data.conversations import read_conversations, read_text_image_pairs
+
+    files = [(Path(path), read_conversations) for path in llava] + [(Path(path), read_text_image_pairs) for path in t2i]
+    if not files:
+        raise ValueError("no annotation files given (--llava and/or --t2i)")
+    roots = {Path(image_root) if image_root is not None else path.parent for path, _ in files}
+    if len(roots) > 1:
+        raise ValueError(
+            f"the annotation files sit in different folders ({sorted(map(str, roots))}), so their relative image "
+            "paths have different roots; pass --image-root"
+        )
+    root = roots.pop()
+    keys: list[str] = []
+    for path, reader in files:
+        keys.extend(record.image_key for record in reader(path, image_root=root) if record.image_key is not None)
+    return keys, root
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """``python -m training.data.code_shards --tokenizer DIR --llava ... --t2i ... --out DIR``."""
+    from training.common import setup_logging
+
+    parser = argparse.ArgumentParser(
+        prog="python -m training.data.code_shards",
+        description="Tokenise the images of conversation / text-to-image files once into code shards.",
+    )
+    parser.add_argument("--tokenizer", required=True, help="a saved DualTokenizer directory")
+    parser.add_argument("--llava", nargs="*", default=[], help="LLaVA-format conversation files (.json / .jsonl)")
+    parser.add_argument("--t2i", nargs="*", default=[], help="text-to-image files (.jsonl)")
+    parser.add_argument("--image-root", default=None, help="root of the relative image paths (default: file folder)")
+    parser.add_argument("--out", required=True, help="output folder for meta.json and the shards")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--shard-size", type=int, default=4096)
+    parser.add_argument("--num-workers", type=int, default=0, help="image-decoding processes")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--convert-to-rgb", action="store_true", help="convert grayscale / RGBA / palette images")
+    parser.add_argument("--overwrite", action="store_true", help="replace codes of another tokenizer or image list")
+    args = parser.parse_args(argv)
+    setup_logging()
+    keys, root = collect_image_paths(args.llava, args.t2i, args.image_root)
+    tokenizer = DualTokenizer.from_pretrained(args.tokenizer).to(args.device)
+    return tokenize_to_shards(
+        tokenizer,
+        keys,
+        root,
+        args.out,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        convert_to_rgb=args.convert_to_rgb,
+        overwrite=args.overwrite,
+        tokenizer_path=args.tokenizer,
+        num_workers=args.num_workers,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,384 @@
+"""Conversation (LLaVA-format) and text-to-image data for the unified MLLM, and Shapes-world writers.
+
+Formats read here (DESIGN.md §3: understanding data and generation data):
+
+- **Conversations**, the LLaVA layout: a JSON list (or JSON lines) of records
+  ``{"id": str, "image"?: "relative/path.png", "conversations": [{"from": "human", "value":
+  "<image>\\nwhat colour is the circle?"}, {"from": "gpt", "value": "red"}, ...]}``.
+  Roles ``human``/``user`` become ``"user"`` and ``gpt``/``assistant`` become
+  ``"assistant"``; turns must alternate, start with the user and end with an answer.
+  A record with an image holds exactly one ``<image>`` placeholder, in a user turn; it is
+  kept in the turn text so the chat template decides where the image tokens go.
+  Records without ``"image"`` are text-only.
+- **Text-to-image pairs**: JSON lines (or a JSON list) of ``{"image": "relative/path.png",
+  "caption": str}``.
+
+Relative image paths are resolved against ``image_root`` (default: the annotation file's
+folder); the path exactly as written is kept as ``image_key``, the key of the image's codes in
+a :class:`training.data.code_shards.CodeStore`. Keys other than the ones above are kept in
+``meta`` (the Shapes writers add ``objects`` and, for conversations, ``kinds``: the QA kind
+of each assistant turn, for evaluation by question type).
+
+Every validation error is a :class:`MetadataError` naming the file, the record (index, line
+for JSON lines, id) and the problem.
+
+CLI: ``python -m training.data.conversations --split train --limit 20000 --out data/shapes``
+writes ``llava.json``, ``t2i.jsonl`` and the PNGs they share under ``images/<split>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from training.data.readers import MetadataError
+from training.data.shapes import SPLITS, ShapesSample, ShapesWorld, ShapesWorldConfig
+
+logger = logging.getLogger(__name__)
+
+IMAGE_PLACEHOLDER = "<image>"
+LLAVA_FILE_NAME = "llava.json"
+T2I_FILE_NAME = "t2i.jsonl"
+ROLES: dict[str, str] = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+_CONVERSATION_KEYS = ("id", "image", "conversations")
+_PAIR_KEYS = ("image", "caption")
+# rng stream of the per-image turn shuffle; distinct from the world's own streams ([seed, split] and
+# [seed, split + 100]) because it has three entries.
+_SHUFFLE_STREAM = 7
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str  # "user" or "assistant"
+    text: str
+
+
+@dataclass
+class Conversation:
+    """One conversation. ``image``: resolved path, None for text-only; ``image_key``: the path as written."""
+
+    id: str
+    image: Path | None
+    turns: list[Turn]
+    image_key: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TextImagePair:
+    """One text-to-image example. ``image``: resolved path; ``image_key``: the path as written."""
+
+    image: Path
+    caption: str
+    image_key: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------
+
+
+def _read_records(path: Path) -> list[tuple[str, Any]]:
+    """``(location, record)`` pairs of a JSON list or a JSON-lines file; bad JSON names the line.
+
+    ``location`` reads ``"<file>: record <i> (line <n>)"`` for JSON lines and
+    ``"<file>: record <i>"`` for a JSON list.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise MetadataError(f"{path}: invalid JSON at line {error.lineno} ({error.msg})") from error
+        return [(f"{path}: record {index}", record) for index, record in enumerate(records)]
+    located = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}: record {len(located)} (line {line_number})"
+        try:
+            located.append((where, json.loads(line)))
+        except json.JSONDecodeError as error:
+            raise MetadataError(f"{where}: invalid JSON ({error.msg})") from error
+    return located
+
+
+def _resolve_image(
+    record: dict[str, Any], where: str, image_root: Path, check_files: bool
+) -> tuple[Path | None, str | None]:
+    """``(resolved path, key as written)`` of the record's image, ``(None, None)`` when it has none."""
+    key = record.get("image")
+    if key is None:
+        return None, None
+    if not isinstance(key, str) or not key.strip():
+        raise MetadataError(f"{where}: 'image' must be a non-empty path string, got {key!r}")
+    resolved = image_root / key
+    if check_files and not resolved.is_file():
+        raise MetadataError(f"{where}: image file not found: {resolved} (image root {image_root})")
+    return resolved, key
+
+
+def _parse_turns(raw_turns: Any, where: str) -> list[Turn]:
+    if not isinstance(raw_turns, list) or not raw_turns:
+        raise MetadataError(f"{where}: 'conversations' must be a non-empty list of turns, got {raw_turns!r:.80}")
+    turns = []
+    for position, raw in enumerate(raw_turns):
+        if not isinstance(raw, dict) or "from" not in raw or "value" not in raw:
+            raise MetadataError(f"{where}: turn {position} must be an object with 'from' and 'value', got {raw!r:.80}")
+        role = ROLES.get(raw["from"])
+        if role is None:
+            raise MetadataError(
+                f"{where}: turn {position} has unknown role {raw['from']!r}; expected one of {sorted(ROLES)}"
+            )
+        if not isinstance(raw["value"], str):
+            raise MetadataError(f"{where}: turn {position} 'value' must be a string, got {type(raw['value']).__name__}")
+        turns.append(Turn(role=role, text=raw["value"]))
+    if not any(turn.role == "assistant" for turn in turns):
+        raise MetadataError(f"{where}: the conversation has no answer (no assistant turn)")
+    for position, turn in enumerate(turns):
+        expected = "user" if position % 2 == 0 else "assistant"
+        if turn.role != expected:
+            raise MetadataError(
+                f"{where}: roles must alternate user, assistant, user, ...; turn {position} is from the {turn.role}"
+            )
+    if turns[-1].role != "assistant":
+        raise MetadataError(f"{where}: the last turn (turn {len(turns) - 1}) is a user turn with no answer")
+    for position, turn in enumerate(turns):
+        if turn.role == "assistant" and not turn.text.strip():
+            raise MetadataError(f"{where}: turn {position} is an empty answer")
+    return turns
+
+
+def _check_placeholders(turns: list[Turn], has_image: bool, where: str) -> None:
+    count = sum(turn.text.count(IMAGE_PLACEHOLDER) for turn in turns)
+    if has_image and count != 1:
+        raise MetadataError(
+            f"{where}: a record with an image needs exactly one {IMAGE_PLACEHOLDER} placeholder, found {count}"
+        )
+    if not has_image and count:
+        raise MetadataError(f"{where}: {count} {IMAGE_PLACEHOLDER} placeholder(s) but the record has no 'image'")
+    for position, turn in enumerate(turns):
+        if turn.role == "assistant" and IMAGE_PLACEHOLDER in turn.text:
+            raise MetadataError(f"{where}: the {IMAGE_PLACEHOLDER} placeholder is in an answer (turn {position})")
+
+
+def read_conversations(
+    path: str | os.PathLike, image_root: str | os.PathLike | None = None, check_files: bool = True
+) -> list[Conversation]:
+    """Read a LLaVA-format conversation file (a JSON list or JSON lines); see the module docstring.
+
+    ``image_root`` defaults to the file's folder. ``check_files`` checks that every image exists.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        MetadataError: a malformed record; the message names the file, the record and the problem.
+    """
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    conversations = []
+    for index, (location, record) in enumerate(_read_records(path)):
+        if not isinstance(record, dict):
+            raise MetadataError(f"{location}: expected a JSON object, got {type(record).__name__}")
+        record_id = str(record.get("id", index))  # LLaVA data always has ids; others get their index
+        where = f"{location} id={record_id!r}"
+        if "conversations" not in record:
+            raise MetadataError(f"{where}: missing 'conversations' (keys present: {sorted(record)})")
+        turns = _parse_turns(record["conversations"], where)
+        image, key = _resolve_image(record, where, root, check_files)
+        _check_placeholders(turns, image is not None, where)
+        meta = {name: value for name, value in record.items() if name not in _CONVERSATION_KEYS}
+        conversations.append(Conversation(id=record_id, image=image, turns=turns, image_key=key, meta=meta))
+    return conversations
+
+
+def read_text_image_pairs(
+    path: str | os.PathLike, image_root: str | os.PathLike | None = None, check_files: bool = True
+) -> list[TextImagePair]:
+    """Read text-to-image pairs (JSON lines, or a JSON list, of ``{"image", "caption"}``).
+
+    ``image_root`` defaults to the file's folder. ``check_files`` checks that every image exists.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        MetadataError: a malformed record (missing or empty caption, missing image ...).
+    """
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    pairs = []
+    for location, record in _read_records(path):
+        if not isinstance(record, dict):
+            raise MetadataError(f"{location}: expected a JSON object, got {type(record).__name__}")
+        for name in _PAIR_KEYS:
+            if name not in record:
+                raise MetadataError(f"{location}: missing {name!r} (keys present: {sorted(record)})")
+        caption = record["caption"]
+        if not isinstance(caption, str) or not caption.strip():
+            raise MetadataError(f"{location}: empty caption {caption!r}; a text-to-image pair needs a text")
+        image, key = _resolve_image(record, location, root, check_files)
+        if image is None or key is None:
+            raise MetadataError(f"{location}: 'image' is null; a text-to-image pair needs an image")
+        meta = {name: value for name, value in record.items() if name not in _PAIR_KEYS}
+        pairs.append(TextImagePair(image=image, caption=caption, image_key=key, meta=meta))
+    return pairs
+
+
+# --------------------------------------------------------------------------------------
+# Shapes-world writers
+# --------------------------------------------------------------------------------------
+
+
+def _objects_record(sample: ShapesSample) -> list[dict[str, Any]]:
+    return [
+        {"colour": obj.colour, "shape": obj.shape, "size": obj.size, "center": list(obj.center)}
+        for obj in sample.objects
+    ]
+
+
+def shapes_conversation_record(world: ShapesWorld, split: str, index: int, sample: ShapesSample, image: str) -> dict:
+    """The LLaVA record of one Shapes sample: all its QA pairs as turns, in a per-image shuffled order.
+
+    The order comes from its own rng stream ``[seed, split, index, 7]``, so it is deterministic
+    and independent of how many samples are written.
+    """
+    rng = np.random.default_rng([world.config.seed, SPLITS.index(split), index, _SHUFFLE_STREAM])
+    order = rng.permutation(len(sample.qa)).tolist()
+    turns = []
+    for position, qa_index in enumerate(order):
+        question = sample.qa[qa_index].question
+        turns.append({"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{question}" if position == 0 else question})
+        turns.append({"from": "gpt", "value": sample.qa[qa_index].answer})
+    return {
+        "id": f"shapes-{split}-{index:06d}",
+        "image": image,
+        "conversations": turns,
+        "objects": _objects_record(sample),
+        "kinds": [sample.qa[qa_index].kind for qa_index in order],
+    }
+
+
+def shapes_t2i_record(sample: ShapesSample, image: str) -> dict:
+    """The text-to-image record of one Shapes sample (``objects`` lets generation be checked)."""
+    return {"image": image, "caption": sample.caption, "objects": _objects_record(sample)}
+
+
+def _write_atomic(path: Path, lines: Iterator[str], opening: str = "", closing: str = "") -> None:
+    """Write ``opening + lines + closing`` to a temporary name, then rename it to ``path``."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(opening)
+        for line in lines:
+            handle.write(line)
+        handle.write(closing)
+    os.replace(temporary, path)
+
+
+def write_shapes(
+    world: ShapesWorld,
+    split: str,
+    out_dir: str | os.PathLike,
+    limit: int | None = None,
+    image_dir: str | os.PathLike | None = None,
+    formats: Sequence[str] = ("llava", "t2i"),
+    progress: bool = False,
+) -> dict[str, Path]:
+    """Render the first ``limit`` samples of ``split`` once: PNGs plus the annotation files of ``formats``.
+
+    PNGs go to ``image_dir`` (relative to ``out_dir``; default ``images/<split>``) as
+    ``<index:06d>.png``; annotation files (``llava.json``, ``t2i.jsonl``, one split per
+    ``out_dir``: they are overwritten) refer to them relative to ``out_dir``, so both formats
+    share the same files and keys. Returns ``{format: annotation file}``.
+    """
+    unknown = sorted(set(formats) - {"llava", "t2i"})
+    if unknown or not formats:
+        raise ValueError(f"formats={list(formats)}; expected a non-empty subset of ['llava', 't2i']")
+    out_dir = Path(out_dir)
+    images = out_dir / (Path(image_dir) if image_dir is not None else Path("images") / split)
+    images.mkdir(parents=True, exist_ok=True)
+    count = world.split_size(split) if limit is None else min(limit, world.split_size(split))
+    conversations: list[str] = []
+    pairs: list[str] = []
+    for index in tqdm(range(count), desc=f"shapes {split}", disable=not progress, unit="image"):
+        sample = world.sample(split, index)
+        png = images / f"{index:06d}.png"
+        Image.fromarray(sample.image).save(png)
+        key = Path(os.path.relpath(png, out_dir)).as_posix()
+        if "llava" in formats:
+            conversations.append(json.dumps(shapes_conversation_record(world, split, index, sample, key)))
+        if "t2i" in formats:
+            pairs.append(json.dumps(shapes_t2i_record(sample, key)) + "\n")
+    written = {}
+    if "llava" in formats:
+        # A JSON list with one record per line: valid LLaVA input and still diff- and grep-friendly.
+        written["llava"] = out_dir / LLAVA_FILE_NAME
+        body = iter([",\n".join(conversations)])
+        _write_atomic(written["llava"], body, "[\n", "\n]\n")
+    if "t2i" in formats:
+        written["t2i"] = out_dir / T2I_FILE_NAME
+        _write_atomic(written["t2i"], iter(pairs))
+    return written
+
+
+def write_shapes_llava(
+    world: ShapesWorld,
+    split: str,
+    out_dir: str | os.PathLike,
+    limit: int | None = None,
+    image_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Write ``split`` (first ``limit`` samples) as PNGs + ``llava.json``; returns the JSON file.
+
+    One record per image, all its QA pairs as a multi-turn conversation; extra keys
+    ``objects`` and ``kinds`` (see :func:`shapes_conversation_record`).
+    """
+    return write_shapes(world, split, out_dir, limit, image_dir, formats=("llava",))["llava"]
+
+
+def write_shapes_t2i(
+    world: ShapesWorld,
+    split: str,
+    out_dir: str | os.PathLike,
+    limit: int | None = None,
+    image_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Write ``split`` (first ``limit`` samples) as PNGs + ``t2i.jsonl`` (caption per image); returns the file."""
+    return write_shapes(world, split, out_dir, limit, image_dir, formats=("t2i",))["t2i"]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Path]:
+    """``python -m training.data.conversations --split train --limit 20000 --out data/shapes``."""
+    from training.common import setup_logging
+
+    parser = argparse.ArgumentParser(
+        prog="python -m training.data.conversations",
+        description="Write a Shapes-world split as LLaVA conversations (llava.json) and text-to-image pairs "
+        "(t2i.jsonl) sharing one folder of PNGs.",
+    )
+    parser.add_argument("--split", default="train", choices=SPLITS)
+    parser.add_argument("--limit", type=int, default=None, help="first N samples (default: the whole split)")
+    parser.add_argument("--out", required=True, help="output folder (one split per folder)")
+    parser.add_argument("--seed", type=int, default=ShapesWorldConfig.seed, help="Shapes-world seed")
+    parser.add_argument("--image-size", type=int, default=ShapesWorldConfig.image_size)
+    args = parser.parse_args(argv)
+    setup_logging()
+    config = ShapesWorldConfig(seed=args.seed, image_size=args.image_size)
+    written = write_shapes(ShapesWorld(config), args.split, args.out, args.limit, progress=True)
+    for name, path in written.items():
+        logger.info("wrote %s: %s", name, path)
+    return written
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,685 @@
+"""LLM stages: train the unified model on pre-tokenised codes (DESIGN.md §3).
+
+A stage is data (``configs/stages/*.yaml``): which parameters train (globs over parameter
+names), the learning rate, the data mix and the loss weights. The paper's four stages are
+align (visual embeddings / projector on captions), understand (+ the LLM on VQA),
+generate (the depth head on text-image pairs, LLM frozen) and joint (everything, a mix).
+Each stage starts from the previous stage's model folder (``stage.init``) or, for the
+first, builds one from ``model`` (a base LM from a config or ``from_pretrained``, a text
+tokenizer, and the code shards' layout).
+
+    dualtoken train-mllm --config configs/stages/tiny/understand.yaml
+    torchrun --nproc_per_node 8 -m training.train_mllm --config configs/stages/qwen2_5_3b/understand.yaml
+
+The model folder a stage writes (``<output_dir>/model``) holds the model (safetensors), the
+extended text tokenizer, and ``dualtoken.json`` (the DualToken tokenizer's path for decoding).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from mllm.chat import QWEN_TEMPLATE, ChatTemplate, ConversationError, Sequence, SequenceBuilder, collate_sequences
+from mllm.generation import generate_text
+from mllm.modeling import DualTokenMLLMForCausalLM, pick_attn_implementation
+from mllm.vocab import TINY_CHAT_TOKENS, extend_tokenizer, shapes_corpus, train_sentencepiece
+from tokenizer.config import ConfigError
+from training import distributed
+from training.common import (
+    MetricsWriter,
+    autocast,
+    build_optimizer,
+    count_parameters,
+    restore_schedule_lr,
+    seed_everything,
+    setup_logging,
+    warmup_cosine,
+)
+from training.config import DeepSpeedConfig, LoopConfig, OptimConfig, load_config
+from training.data.code_shards import CodeStore, normalise_key
+from training.data.conversations import read_conversations, read_text_image_pairs
+
+logger = logging.getLogger(__name__)
+
+MODEL_DIRNAME = "model"
+SIDECAR = "dualtoken.json"
+DESCRIBE_PROMPT = "describe the image."
+SOURCES = ("vqa", "t2i", "caption")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class ModelConfig:
+    """How the first stage builds the model (later stages load ``stage.init`` instead)."""
+
+    llm_config: dict[str, Any] = field(default_factory=dict)  # a transformers config dict (model_type: qwen2 ...)
+    llm_pretrained: str | None = None  # local folder or hub id of a causal LM; wins over llm_config
+    text_tokenizer: str | None = None  # HF tokenizer folder; None = train sentencepiece on the Shapes world
+    sentencepiece_vocab: int = 256
+    chat_template: str = "tiny"  # tiny | qwen
+    read: list[str] = field(default_factory=lambda: ["semantic"])
+    write: list[str] = field(default_factory=lambda: ["pixel"])
+    input_fusion: str = "sum"
+    depth_head_layers: int = 2
+    depth_head_heads: int = 4
+    depth_head_hidden: int = 0
+    max_length: int = 0  # 0 = the LM's max_position_embeddings
+    attn_implementation: str = "auto"  # auto = FlashAttention-2 when installed (GPU), else SDPA
+    gradient_checkpointing: bool = False
+    dtype: str = "float32"  # weights dtype when loading a pretrained LM (bfloat16 on GPUs)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.chat_template in ("tiny", "qwen"), f"model.chat_template={self.chat_template!r}; expected tiny|qwen"
+        )
+        _require(
+            bool(self.llm_config) or bool(self.llm_pretrained),
+            "model.llm_config or model.llm_pretrained is required to build the first stage's model",
+        )
+
+
+@dataclass
+class StageConfig:
+    name: str = "stage"
+    init: str | None = None  # a previous stage's model folder; None = build from `model`
+    trainable: list[str] = field(default_factory=lambda: ["*"])  # parameter-name globs
+    frozen: list[str] = field(default_factory=list)  # globs removed from `trainable`
+    loss_weights: dict[str, float] = field(default_factory=lambda: {"text": 1.0, "pixel": 1.0, "semantic": 1.0})
+    uncond_prob: float = 0.1  # caption dropped -> learns the unconditional branch for CFG
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.uncond_prob < 1.0, f"stage.uncond_prob={self.uncond_prob}; expected in [0, 1)")
+        unknown = set(self.loss_weights) - {"text", "pixel", "semantic"}
+        _require(not unknown, f"stage.loss_weights has unknown terms {sorted(unknown)}; expected text/pixel/semantic")
+
+
+@dataclass
+class MLLMDataConfig:
+    codes: str = "runs/tiny/data/train/codes"  # code shards of the training images (training/data/code_shards.py)
+    val_codes: str | None = None  # code shards of the held-out images (default: `codes`)
+    conversations: list[str] = field(default_factory=list)  # LLaVA-format JSON / JSONL files
+    text_image: list[str] = field(default_factory=list)  # text-to-image JSONL files
+    image_root: str | None = None  # default: each file's folder
+    mix: dict[str, float] = field(default_factory=lambda: {"vqa": 1.0, "t2i": 1.0, "caption": 0.0})
+    val_conversations: list[str] = field(default_factory=list)
+    val_text_image: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.mix) - set(SOURCES)
+        _require(not unknown, f"data.mix has unknown sources {sorted(unknown)}; expected a subset of {SOURCES}")
+        _require(any(w > 0 for w in self.mix.values()), "data.mix gives every source weight 0")
+        _require(all(w >= 0 for w in self.mix.values()), "data.mix weights must be >= 0")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    merge_on_save: bool = True  # the final model folder holds merged weights (adapter saved beside it)
+
+
+@dataclass
+class EvalConfig:
+    vqa_samples: int = 256  # held-out questions answered greedily at the end of the stage
+    max_new_tokens: int = 8
+    batch_size: int = 32
+
+
+@dataclass
+class MLLMStageConfig:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(llm_config={"model_type": "qwen2"}))
+    stage: StageConfig = field(default_factory=StageConfig)
+    data: MLLMDataConfig = field(default_factory=MLLMDataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---------------------------------------------------------------------------------- model
+def build_model(model_config: ModelConfig, store: CodeStore) -> tuple[DualTokenMLLMForCausalLM, Any]:
+    """A fresh unified model and its extended text tokenizer, sized by the code shards' layout."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    meta = store.meta
+    if model_config.text_tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(model_config.text_tokenizer)
+    else:
+        from training.data.shapes import ShapesWorld, ShapesWorldConfig
+
+        corpus = shapes_corpus(ShapesWorld(ShapesWorldConfig()), limit=4000)
+        corpus += [DESCRIBE_PROMPT, *TINY_CHAT_TOKENS]
+        import tempfile
+
+        tokenizer = train_sentencepiece(
+            corpus, tempfile.mkdtemp(prefix="dualtoken-sp-"), model_config.sentencepiece_vocab
+        )
+    attn = pick_attn_implementation(model_config.attn_implementation)
+    dtype = getattr(torch, model_config.dtype)
+    if model_config.llm_pretrained:
+        llm = AutoModelForCausalLM.from_pretrained(model_config.llm_pretrained, attn_implementation=attn, dtype=dtype)
+    else:
+        payload = dict(model_config.llm_config)
+        payload.setdefault("vocab_size", len(tokenizer))
+        llm_config = AutoConfig.for_model(**payload)
+        llm = AutoModelForCausalLM.from_config(llm_config, attn_implementation=attn)
+    layout = extend_tokenizer(tokenizer, meta.semantic_codebook_size, meta.pixel_codebook_size)
+    template = QWEN_TEMPLATE if model_config.chat_template == "qwen" else ChatTemplate()
+    model = DualTokenMLLMForCausalLM.from_llm(
+        llm,
+        layout,
+        semantic_depth=meta.semantic_depth,
+        pixel_depth=meta.pixel_depth,
+        grid_size=tuple(meta.grid),
+        read=model_config.read,
+        write=model_config.write,
+        input_fusion=model_config.input_fusion,
+        depth_head_layers=model_config.depth_head_layers,
+        depth_head_heads=model_config.depth_head_heads,
+        depth_head_hidden=model_config.depth_head_hidden,
+        chat_template=template.to_dict(),
+        attn_implementation=attn,
+    )
+    return model, tokenizer
+
+
+def load_model_folder(
+    directory: str | Path, attn_implementation: str = "auto"
+) -> tuple[DualTokenMLLMForCausalLM, Any, dict]:
+    """Model, extended text tokenizer and sidecar (DualToken tokenizer path) from a stage's model folder."""
+    from transformers import AutoTokenizer
+
+    directory = Path(directory)
+    for name in ("config.json", "model.safetensors", SIDECAR):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"model folder {directory} is missing {name}; was the stage finished?")
+    model = DualTokenMLLMForCausalLM.from_pretrained(
+        str(directory), attn_implementation=pick_attn_implementation(attn_implementation)
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    extend_tokenizer(tokenizer, model.config.semantic_size, model.config.pixel_size)  # checks the layout
+    sidecar = json.loads((directory / SIDECAR).read_text())
+    return model, tokenizer, sidecar
+
+
+def model_folder_is_complete(directory: Path) -> bool:
+    return all((directory / name).is_file() for name in ("config.json", "model.safetensors", SIDECAR, "metrics.json"))
+
+
+def select_trainable(model: torch.nn.Module, trainable: list[str], frozen: list[str]) -> list[str]:
+    """Set ``requires_grad`` from name globs (LoRA adapters always train); returns the trainable names."""
+    names = []
+    for name, param in model.named_parameters():
+        wanted = any(fnmatch.fnmatchcase(name, glob) for glob in trainable) or "lora_" in name
+        wanted = wanted and not any(fnmatch.fnmatchcase(name, glob) for glob in frozen)
+        param.requires_grad_(wanted)
+        if wanted:
+            names.append(name)
+    if not names:
+        raise ConfigError(
+            f"stage.trainable={trainable} (minus stage.frozen={frozen}) matches no parameter; "
+            f"names look like {[n for n, _ in list(model.named_parameters())[:3]]}"
+        )
+    return names
+
+
+def apply_lora(model: DualTokenMLLMForCausalLM, config: LoraConfig) -> None:
+    """Wrap the base LM's linear layers with LoRA adapters (peft)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_config = PeftLoraConfig(
+        r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=list(config.target_modules)
+    )
+    model.llm = get_peft_model(model.llm, peft_config)
+
+
+def merge_lora(model: DualTokenMLLMForCausalLM) -> None:
+    """Fold LoRA adapters into the base weights (no-op without LoRA)."""
+    if hasattr(model.llm, "merge_and_unload"):
+        model.llm = model.llm.merge_and_unload()
+
+
+# ---------------------------------------------------------------------------------- data
+class MixedSequences(Dataset):
+    """Training sequences from a weighted mix of VQA, text-to-image and caption sources.
+
+    Items are addressed by ``(source, record, draw)`` tuples from :class:`MixtureSampler`;
+    ``draw`` seeds the per-item randomness (dropping the caption for classifier-free guidance).
+    """
+
+    def __init__(
+        self,
+        builder: SequenceBuilder,
+        store: CodeStore,
+        conversations: list[Any],
+        pairs: list[Any],
+        mix: dict[str, float],
+        uncond_prob: float,
+        seed: int,
+    ) -> None:
+        self.builder = builder
+        self.store = store
+        self.sources = {"vqa": conversations, "t2i": pairs, "caption": pairs}
+        weights = {name: mix.get(name, 0.0) for name in SOURCES}
+        for name, weight in weights.items():
+            if weight > 0 and not self.sources[name]:
+                raise ConfigError(f"data.mix gives {name!r} weight {weight} but no {name} records were read")
+        self.names = [name for name in SOURCES if weights[name] > 0]
+        self.weights = np.array([weights[name] for name in self.names]) / sum(weights[name] for name in self.names)
+        self.sizes = [len(self.sources[name]) for name in self.names]
+        self.uncond_prob = uncond_prob
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return sum(self.sizes)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> Sequence:
+        source, item, draw = key
+        name = self.names[source]
+        record = self.sources[name][item]
+        if name == "vqa":
+            return conversation_sequence(self.builder, self.store, record)
+        pixel, semantic = self.store.get(normalise_key(record.image_key))
+        if name == "t2i":
+            drop = np.random.default_rng([self.seed, draw]).random() < self.uncond_prob
+            return self.builder.generation("" if drop else record.caption, pixel, semantic)
+        turns = [("user", f"<image>\n{DESCRIBE_PROMPT}"), ("assistant", record.caption)]
+        return self.builder.conversation(turns, semantic=semantic, pixel=pixel)
+
+
+class MixtureSampler(torch.utils.data.Sampler):
+    """One source per step, drawn by the mix weights; records drawn within it; all from ``(seed, step)``.
+
+    A step's batch depends on the step alone (exact resume), and a batch never mixes short
+    text-to-image sequences with long conversations, so little compute goes to padding. Rank
+    r of w takes the r-th contiguous slice of the global batch.
+    """
+
+    def __init__(
+        self,
+        dataset: MixedSequences,
+        batch_size: int,
+        seed: int,
+        start_step: int,
+        max_steps: int,
+        rank: int,
+        world: int,
+    ) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.start_step = start_step
+        self.max_steps = max_steps
+        self.rank = rank
+        self.world = world
+
+    def batch_for_step(self, step: int) -> list[tuple[int, int, int]]:
+        rng = np.random.default_rng([self.seed, step])
+        source = int(rng.choice(len(self.dataset.names), p=self.dataset.weights))
+        global_batch = self.batch_size * self.world
+        items = rng.integers(0, self.dataset.sizes[source], size=global_batch)
+        first = self.rank * self.batch_size
+        return [(source, int(items[j]), step * global_batch + j) for j in range(first, first + self.batch_size)]
+
+    def __iter__(self):
+        for step in range(self.start_step, self.max_steps):
+            yield self.batch_for_step(step)
+
+    def __len__(self) -> int:
+        return max(0, self.max_steps - self.start_step)
+
+
+def conversation_sequence(builder: SequenceBuilder, store: CodeStore, record: Any, train: bool = True) -> Sequence:
+    turns = [(turn.role, turn.text) for turn in record.turns]
+    if record.image_key is None:
+        return builder.conversation(turns, train=train)
+    pixel, semantic = store.get(normalise_key(record.image_key))
+    return builder.conversation(turns, semantic=semantic, pixel=pixel, train=train)
+
+
+def read_sources(config: MLLMDataConfig, val: bool = False) -> tuple[list[Any], list[Any]]:
+    conv_files = config.val_conversations if val else config.conversations
+    pair_files = config.val_text_image if val else config.text_image
+    conversations = [
+        rec for path in conv_files for rec in read_conversations(path, config.image_root, check_files=False)
+    ]
+    pairs = [rec for path in pair_files for rec in read_text_image_pairs(path, config.image_root, check_files=False)]
+    return conversations, pairs
+
+
+# ---------------------------------------------------------------------------------- eval
+def vqa_accuracy(
+    model: DualTokenMLLMForCausalLM,
+    builder: SequenceBuilder,
+    store: CodeStore,
+    tokenizer: Any,
+    conversations: list[Any],
+    limit: int,
+    batch_size: int = 32,
+    max_new_tokens: int = 8,
+) -> dict[str, float]:
+    """Exact-match accuracy of greedy answers to single questions, overall and per question kind.
+
+    Every (question, answer) pair of the first records is asked on its own with the image.
+    """
+    questions: list[tuple[Sequence, str, str]] = []
+    for record in conversations:
+        kinds = record.meta.get("kinds") or []
+        user_turns = [t for t in record.turns if t.role == "user"]
+        answers = [t for t in record.turns if t.role == "assistant"]
+        for number, (question, answer) in enumerate(zip(user_turns, answers, strict=False)):
+            text = question.text.replace("<image>", "").strip()
+            prompt = builder.conversation(
+                [("user", f"<image>\n{text}")],
+                *_codes_for(store, record),
+                train=False,
+                add_generation_prompt=True,
+            )
+            kind = kinds[number] if number < len(kinds) else "all"
+            questions.append((prompt, answer.text.strip(), kind))
+            if len(questions) >= limit:
+                break
+        if len(questions) >= limit:
+            break
+    end_ids = tuple(builder.text_ids(builder.template.end))
+    stop = (end_ids[0],) if end_ids else ()
+    correct: dict[str, list[int]] = defaultdict(list)
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(questions), batch_size):
+        chunk = questions[start : start + batch_size]
+        outputs = generate_text(model, [q[0] for q in chunk], max_new_tokens, stop_ids=stop)
+        for (_, answer, kind), ids in zip(chunk, outputs, strict=True):
+            predicted = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            correct[kind].append(int(predicted == answer))
+            correct["all"].append(int(predicted == answer))
+    model.train(was_training)
+    return {f"vqa_{kind}": float(np.mean(values)) for kind, values in sorted(correct.items())}
+
+
+def _codes_for(store: CodeStore, record: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    pixel, semantic = store.get(normalise_key(record.image_key))
+    return semantic, pixel
+
+
+# ---------------------------------------------------------------------------------- trainer
+class MLLMStageTrainer:
+    """One LLM stage: model, engine, mixed data; ``fit`` is the explicit loop."""
+
+    def __init__(self, config: MLLMStageConfig, dist_state: distributed.DistState) -> None:
+        self.config = config
+        self.dist = dist_state
+        self.output_dir = Path(config.loop.output_dir)
+        seed_everything(config.loop.seed)
+        self.store = CodeStore(config.data.codes)
+        stage = config.stage
+        if stage.init:
+            self.model, self.tokenizer, sidecar = load_model_folder(stage.init, config.model.attn_implementation)
+            self.tokenizer_path = sidecar.get("tokenizer_path")
+        else:
+            self.model, self.tokenizer = build_model(config.model, self.store)
+            self.tokenizer_path = self.store.meta.tokenizer_path
+        self._check_layout()
+        if config.model.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        if config.lora.enabled:
+            apply_lora(self.model, config.lora)
+        names = select_trainable(self.model, stage.trainable, stage.frozen)
+        logger.info(
+            "stage %s: %.3fM of %.3fM parameters train (%d tensors)",
+            stage.name,
+            count_parameters(self.model) / 1e6,
+            count_parameters(self.model, trainable_only=False) / 1e6,
+            len(names),
+        )
+        max_length = config.model.max_length or None
+        self.builder = SequenceBuilder.for_model(self.tokenizer, self.model.config, max_length)
+        self.model.to(dist_state.device)
+        loop, optim = config.loop, config.optim
+        optimizer = build_optimizer([p for p in self.model.parameters() if p.requires_grad], optim)
+        self.engine = distributed.TrainEngine(
+            self.model,
+            optimizer,
+            warmup_cosine(optimizer, optim, loop.max_steps),
+            optim.grad_clip,
+            config.deepspeed,
+            loop.batch_size,
+            loop.precision,
+            dist_state.world_size,
+        )
+        self.engines = {"mllm": self.engine}
+        self.writer = MetricsWriter(self.output_dir, enabled=dist_state.is_main)
+        conversations, pairs = read_sources(config.data)
+        self.dataset = MixedSequences(
+            self.builder,
+            self.store,
+            conversations,
+            pairs,
+            config.data.mix,
+            stage.uncond_prob,
+            loop.seed,
+        )
+        self.val_conversations, self.val_pairs = read_sources(config.data, val=True)
+        self.val_store = CodeStore(config.data.val_codes) if config.data.val_codes else self.store
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def _check_layout(self) -> None:
+        meta, model_config = self.store.meta, self.model.config
+        expected = (meta.semantic_codebook_size, meta.pixel_codebook_size, meta.semantic_depth, meta.pixel_depth)
+        found = (
+            model_config.semantic_size,
+            model_config.pixel_size,
+            model_config.semantic_depth,
+            model_config.pixel_depth,
+        )
+        if expected != found:
+            raise ConfigError(
+                f"data.codes={self.config.data.codes} holds codes (semantic size, pixel size, semantic depth, "
+                f"pixel depth) = {expected} but the model was built for {found}"
+            )
+
+    def _collate(self, sequences: list[Sequence]) -> dict[str, torch.Tensor]:
+        return collate_sequences(sequences, self.pad_id)
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        batch = {key: value.to(self.dist.device) for key, value in batch.items()}
+        with autocast(self.config.loop.precision, self.dist.device):
+            out = self.engine(**batch, loss_weights=self.config.stage.loss_weights)
+        self.engine.backward(out.loss)
+        grad_norm = self.engine.step()
+        record = {"loss": out.loss.item(), **{name: value.item() for name, value in out.losses.items()}}
+        if grad_norm is not None and math.isfinite(grad_norm):
+            record["grad_norm"] = grad_norm
+        return record
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Held-out losses (one batch per source) and VQA exact-match accuracy by question kind."""
+        metrics: dict[str, float] = {}
+        model = self.engine.module
+        model.eval()
+        if self.val_pairs:
+            sequences = [
+                self.builder.generation(pair.caption, *self.val_store.get(normalise_key(pair.image_key)))
+                for pair in self.val_pairs[:64]
+            ]
+            out = model(**self._to_device(self._collate(sequences)))
+            metrics.update({f"val_t2i_{k}": v.item() for k, v in out.losses.items()})
+        if self.val_conversations and self.config.eval.vqa_samples > 0:
+            metrics.update(
+                vqa_accuracy(
+                    model,
+                    self.builder,
+                    self.val_store,
+                    self.tokenizer,
+                    self.val_conversations,
+                    self.config.eval.vqa_samples,
+                    self.config.eval.batch_size,
+                    self.config.eval.max_new_tokens,
+                )
+            )
+        model.train()
+        self.writer.scalars(step, metrics, prefix="eval/")
+        return metrics
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {key: value.to(self.dist.device) for key, value in batch.items()}
+
+    def fit(self) -> dict[str, float]:
+        loop = self.config.loop
+        checkpoints = self.output_dir / "checkpoints"
+        start_step = 0
+        latest = distributed.latest_checkpoint(checkpoints) if loop.resume else None
+        if latest is not None:
+            start_step = distributed.load_checkpoint(latest, self.engines)["step"]
+            restore_schedule_lr(self.engine.scheduler)
+            logger.info("resumed stage %s from %s (step %d)", self.config.stage.name, latest, start_step)
+        sampler = MixtureSampler(
+            self.dataset, loop.batch_size, loop.seed, start_step, loop.max_steps, self.dist.rank, self.dist.world_size
+        )
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=sampler, collate_fn=self._collate, num_workers=loop.num_workers
+        )
+        step, started, window = start_step, time.time(), []
+        self.engine.train()
+        progress = tqdm(
+            loader,
+            desc=f"LLM stage {self.config.stage.name}",
+            initial=start_step,
+            total=loop.max_steps,
+            disable=not self.dist.is_main,
+        )
+        for batch in progress:
+            record = self.train_step(batch)
+            step += 1
+            window.append(record)
+            if step % loop.log_every == 0 or step == loop.max_steps:
+                keys = sorted({key for r in window for key in r})
+                averaged = {k: float(np.mean([r[k] for r in window if k in r])) for k in keys}
+                averaged = distributed.all_reduce_scalars(averaged)
+                averaged["lr"] = self.engine.lr
+                self.writer.scalars(step, averaged, prefix="train/")
+                progress.set_postfix({k: f"{averaged[k]:.3f}" for k in ("text", "pixel") if k in averaged})
+                window.clear()
+            if step % loop.eval_every == 0 and step < loop.max_steps:
+                logger.info("step %d: %s", step, _fmt(self.evaluate(step)))
+            if step % loop.save_every == 0 or step == loop.max_steps:
+                distributed.save_checkpoint(checkpoints, step, self.engines, {})
+                distributed.prune_checkpoints(checkpoints)
+        return self.finish(step, time.time() - started)
+
+    def finish(self, step: int, train_seconds: float) -> dict[str, float]:
+        metrics = self.evaluate(step)
+        metrics.update(train_seconds=train_seconds, steps=float(step))
+        metrics["trainable_parameters"] = float(count_parameters(self.engine.module))
+        state_dict = consolidated_state_dict(self.engine)
+        if self.dist.is_main:
+            save_model_folder(
+                self.engine.module,
+                self.tokenizer,
+                self.output_dir / MODEL_DIRNAME,
+                {"tokenizer_path": self.tokenizer_path, "stage": self.config.stage.name, "config": asdict(self.config)},
+                metrics,
+                state_dict=state_dict,
+                merge=self.config.lora.merge_on_save,
+            )
+            (self.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            self.writer.scalars(step, metrics, prefix="final/")
+            logger.info("stage %s done: %s", self.config.stage.name, _fmt(metrics))
+        distributed.barrier()
+        self.writer.close()
+        return metrics
+
+
+def consolidated_state_dict(engine: distributed.TrainEngine) -> dict[str, torch.Tensor] | None:
+    """The full state dict on rank 0 under ZeRO-3 (parameters are partitioned); None otherwise."""
+    if not engine.uses_deepspeed or getattr(engine._wrapped, "zero_optimization_stage", lambda: 0)() != 3:
+        return None
+    return engine._wrapped._zero3_consolidated_16bit_state_dict()
+
+
+def save_model_folder(
+    model: DualTokenMLLMForCausalLM,
+    tokenizer: Any,
+    directory: Path,
+    sidecar: dict[str, Any],
+    metrics: dict[str, float],
+    state_dict: dict[str, torch.Tensor] | None = None,
+    merge: bool = True,
+) -> Path:
+    """Write model + tokenizer + sidecar + metrics through a staging folder, then rename (atomic)."""
+    import shutil
+
+    staging = directory.with_name(f".{directory.name}.partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    if hasattr(model.llm, "peft_config"):
+        model.llm.save_pretrained(str(staging / "adapter"))
+        if merge:
+            if state_dict is not None:
+                raise ConfigError("merging LoRA under ZeRO-3 is not supported; set lora.merge_on_save=false")
+            import copy
+
+            model = copy.deepcopy(model)
+            merge_lora(model)
+    model.save_pretrained(str(staging), state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(str(staging))
+    (staging / SIDECAR).write_text(json.dumps(sidecar, indent=2, default=str))
+    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if directory.exists():
+        shutil.rmtree(directory)
+    staging.rename(directory)
+    return directory
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{key}={value:.4g}" for key, value in metrics.items())
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="dualtoken train-mllm", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="stage YAML (configs/stages/*/*.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    config = load_config(MLLMStageConfig, args.config, args.overrides)
+    dist_state = distributed.init_distributed(config.deepspeed.enabled)
+    setup_logging(dist_state.rank)
+    if config.loop.num_threads:
+        torch.set_num_threads(config.loop.num_threads)
+    try:
+        return MLLMStageTrainer(config, dist_state).fit()
+    except ConversationError as error:
+        raise ConfigError(str(error)) from error
+    finally:
+        distributed.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
