@@ -67,8 +67,9 @@ class _Runner:
     def __init__(self, model: DualTokenMLLMForCausalLM, batch: dict[str, torch.Tensor], use_cache: bool) -> None:
         self.model = model
         self.use_cache = use_cache
-        self.ids = batch["input_ids"]
-        self.mask = batch["attention_mask"]
+        device = next(model.parameters()).device
+        self.ids = batch["input_ids"].to(device)
+        self.mask = batch["attention_mask"].to(device)
         self.cache = None
 
     def start(self) -> torch.Tensor:

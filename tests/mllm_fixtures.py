@@ -55,7 +55,15 @@ def make_mllm_data(root: Path) -> dict[str, Path]:
     for split, count in (("train", TRAIN_IMAGES), ("val", VAL_IMAGES)):
         written = write_shapes(world, split, root / split, count)
         keys, image_root = collect_image_paths([written["llava"]], [written["t2i"]])
-        tokenize_to_shards(tokenizer, keys, image_root, root / split / "codes", batch_size=16, shard_size=32)
+        tokenize_to_shards(
+            tokenizer,
+            keys,
+            image_root,
+            root / split / "codes",
+            batch_size=16,
+            shard_size=32,
+            tokenizer_path=str(tokenizer_dir),
+        )
         paths[f"{split}_llava"] = written["llava"]
         paths[f"{split}_t2i"] = written["t2i"]
         paths[f"{split}_codes"] = root / split / "codes"

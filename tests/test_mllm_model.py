@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -9,7 +11,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from mllm.chat import ConversationError, SequenceBuilder, collate_sequences
 from mllm.generation import SamplingConfig, filter_logits, generate_image_codes, generate_text
 from mllm.modeling import DualTokenMLLMForCausalLM
-from mllm.vocab import VocabularyError, extend_tokenizer, shapes_corpus, train_sentencepiece
+from mllm.vocab import VocabLayout, VocabularyError, extend_tokenizer, shapes_corpus, train_sentencepiece
 from training.data.shapes import ShapesWorld, ShapesWorldConfig
 
 SEM, PIX, DS, DP, GRID = 48, 80, 2, 3, (2, 3)
@@ -280,3 +282,55 @@ def test_image_decoding_with_cache_equals_without_and_cfg(built):
     assert not torch.equal(
         cached, generate_image_codes(model, prompts, uncond, 3.0, settings, generator=torch.Generator().manual_seed(8))
     )
+
+
+# ---------------------------------------------------------------------------- paper scale
+def test_qwen2_5_3b_config_builds_on_the_meta_device():
+    from transformers import AutoConfig
+
+    from tokenizer.config import DualTokenizerConfig, config_from_dict
+    from training.config import load_config, read_yaml
+    from training.train_mllm import MLLMStageConfig
+
+    repo = Path(__file__).resolve().parents[1]
+    config = load_config(MLLMStageConfig, repo / "configs" / "stages" / "qwen2_5_3b" / "joint.yaml")
+    assert config.deepspeed.enabled and config.deepspeed.zero_stage == 2 and config.optim.lr == 1e-5
+    tok = read_yaml(repo / "configs" / "tokenizer" / "so400m_384_rvq8.yaml")["tokenizer"]
+    tok_config = config_from_dict(DualTokenizerConfig, tok)
+    grid = tok_config.backbone.image_size // tok_config.backbone.patch_size
+    sem, pix = tok_config.semantic_quantizer, tok_config.pixel_quantizer
+    layout = VocabLayout(151_665, sem.codebook_size, pix.codebook_size)  # len(Qwen2.5 tokenizer) = 151,665
+    with torch.device("meta"):
+        llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config.model.llm_config))
+        base = sum(p.numel() for p in llm.parameters())
+        model = DualTokenMLLMForCausalLM.from_llm(
+            llm,
+            layout,
+            semantic_depth=sem.depth,
+            pixel_depth=pix.depth,
+            grid_size=(grid, grid),
+            read=config.model.read,
+            write=config.model.write,
+            input_fusion=config.model.input_fusion,
+            depth_head_layers=config.model.depth_head_layers,
+            depth_head_heads=config.model.depth_head_heads,
+            depth_head_hidden=config.model.depth_head_hidden,
+        )
+    assert 3.05e9 < base < 3.12e9  # Qwen2.5-3B: 3.09 B with tied embeddings
+    assert (sem.codebook_size, pix.codebook_size, sem.depth, pix.depth, grid) == (16384, 16384, 8, 8, 27)
+    rows = model.get_input_embeddings().weight.shape[0]
+    assert rows == 184_448 and rows % 64 == 0  # 151,665 + 4 + 2 x 16,384 = 184,437, padded to 64
+    hidden, head = 2048, config.model.depth_head_hidden
+    extension = (rows - 151_936) * hidden  # tied: the head shares the embedding
+    depth_head = (
+        hidden * head
+        + head  # in_proj
+        + (pix.codebook_size + pix.depth) * head  # code and depth embeddings
+        + config.model.depth_head_layers * (12 * head * head + 13 * head)  # pre-LN blocks, MLP 4x
+        + 2 * head  # final norm
+        + pix.depth * (head + 1) * pix.codebook_size  # one classifier per depth
+    )
+    projector = 2 * (hidden * hidden + hidden)
+    total = sum(p.numel() for p in model.parameters())
+    assert total == base + extension + depth_head + projector
+    assert 3.3e9 < total < 3.4e9

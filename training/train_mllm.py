@@ -361,6 +361,16 @@ def conversation_sequence(builder: SequenceBuilder, store: CodeStore, record: An
     return builder.conversation(turns, semantic=semantic, pixel=pixel, train=train)
 
 
+def _check_images_tokenised(store: CodeStore, records: list[Any], codes_dir: str | None) -> None:
+    """Fail before training when a record's image has no codes (not tokenised, or a typo)."""
+    missing = [r.image_key for r in records if r.image_key is not None and normalise_key(r.image_key) not in store]
+    if missing:
+        raise ConfigError(
+            f"{len(missing)} image(s) named by the data files have no codes in {codes_dir} (first: {missing[0]!r}); "
+            "tokenise them with `dualtoken tokenize-codes` or fix the paths"
+        )
+
+
 def read_sources(config: MLLMDataConfig, val: bool = False) -> tuple[list[Any], list[Any]]:
     conv_files = config.val_conversations if val else config.conversations
     pair_files = config.val_text_image if val else config.text_image
@@ -474,6 +484,10 @@ class MLLMStageTrainer:
         self.engines = {"mllm": self.engine}
         self.writer = MetricsWriter(self.output_dir, enabled=dist_state.is_main)
         conversations, pairs = read_sources(config.data)
+        self.val_conversations, self.val_pairs = read_sources(config.data, val=True)
+        self.val_store = CodeStore(config.data.val_codes) if config.data.val_codes else self.store
+        _check_images_tokenised(self.store, conversations + pairs, config.data.codes)
+        _check_images_tokenised(self.val_store, self.val_conversations + self.val_pairs, config.data.val_codes)
         self.dataset = MixedSequences(
             self.builder,
             self.store,
@@ -483,8 +497,6 @@ class MLLMStageTrainer:
             stage.uncond_prob,
             loop.seed,
         )
-        self.val_conversations, self.val_pairs = read_sources(config.data, val=True)
-        self.val_store = CodeStore(config.data.val_codes) if config.data.val_codes else self.store
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def _check_layout(self) -> None:

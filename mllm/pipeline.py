@@ -1,0 +1,232 @@
+"""The user-facing API: ask about an image, draw an image from text.
+
+    pipe = Pipeline.from_pretrained("runs/tiny/mllm/joint/model")
+    pipe.answer("photo.png", "what colour is the circle?")          # -> "red"
+    images = pipe.generate("a large red circle", n=4, cfg=3.0, seed=0)  # -> list of (H, W, 3) uint8
+
+Both the chat command and the evaluation harness use this class, so what they measure is
+what a user gets. Images go through the DualToken tokenizer (semantic codes in, pixel codes
+out); the model folder's ``dualtoken.json`` names the tokenizer (override with
+``tokenizer_path``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence as SequenceABC
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mllm.chat import ConversationError, SequenceBuilder
+from mllm.generation import SamplingConfig, generate_image_codes, generate_text
+from mllm.modeling import DualTokenMLLMForCausalLM, pick_attn_implementation
+from mllm.vocab import extend_tokenizer
+
+SIDECAR = "dualtoken.json"
+MAX_PROMPT_CHARS = 2000
+ImageLike = Any  # a path, a PIL image, an (H, W, 3) uint8 array, or a (3, H, W) tensor in [-1, 1]
+
+
+class PipelineError(ValueError):
+    """Input the pipeline cannot take (empty or oversized prompt, not an image, bad option)."""
+
+
+def resolve_tokenizer_path(model_dir: Path, recorded: str | None) -> Path:
+    """The DualToken tokenizer of a model folder: ``<model>/dualtoken_tokenizer`` or the recorded path."""
+    candidates = [model_dir / "dualtoken_tokenizer"]
+    if recorded:
+        recorded_path = Path(recorded)
+        candidates += [recorded_path, model_dir / recorded_path]
+    for candidate in candidates:
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"model folder {model_dir} names DualToken tokenizer {recorded!r}, which does not exist; "
+        "pass tokenizer_path=... (--tokenizer) to point at it"
+    )
+
+
+class Pipeline:
+    """A unified model, its text tokenizer and the DualToken tokenizer, ready for chat and drawing."""
+
+    def __init__(
+        self, model: DualTokenMLLMForCausalLM, text_tokenizer: Any, dualtoken: Any, max_length: int | None = None
+    ):
+        self.model = model.eval()
+        self.text_tokenizer = text_tokenizer
+        self.dualtoken = dualtoken.eval()
+        self.builder = SequenceBuilder.for_model(text_tokenizer, model.config, max_length)
+        self.pad_id = text_tokenizer.pad_token_id if text_tokenizer.pad_token_id is not None else 0
+        end_ids = self.builder.text_ids(self.builder.template.end)
+        self.stop_ids = (end_ids[0],) if end_ids else ()
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, tokenizer_path: str | Path | None = None, device: str = "cpu"
+    ) -> Pipeline:
+        from transformers import AutoTokenizer
+
+        from tokenizer.model import DualTokenizer
+
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"model folder {directory} does not exist")
+        for name in ("config.json", "model.safetensors", SIDECAR, "tokenizer_config.json"):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"model folder {directory} is missing {name}; was the stage finished?")
+        sidecar = json.loads((directory / SIDECAR).read_text())
+        model = DualTokenMLLMForCausalLM.from_pretrained(
+            str(directory), attn_implementation=pick_attn_implementation("auto")
+        ).to(device)
+        text_tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        extend_tokenizer(text_tokenizer, model.config.semantic_size, model.config.pixel_size)
+        path = (
+            Path(tokenizer_path) if tokenizer_path else resolve_tokenizer_path(directory, sidecar.get("tokenizer_path"))
+        )
+        dualtoken = DualTokenizer.from_pretrained(path).to(device)
+        return cls(model, text_tokenizer, dualtoken)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------ images in
+    def _image_tensor(self, image: ImageLike) -> torch.Tensor:
+        from training.data.readers import load_image
+
+        size = self.dualtoken.backbone.image_size
+        if isinstance(image, (str, Path)):
+            return load_image(Path(image), name=str(image), image_size=size, convert_to_rgb=True)
+        if isinstance(image, torch.Tensor):
+            tensor = image.float()
+        else:
+            array = np.asarray(image)
+            if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
+                raise PipelineError(f"expected an (H, W, 3) uint8 image, got {array.dtype} {array.shape}")
+            tensor = torch.from_numpy(array).permute(2, 0, 1).float() / 127.5 - 1.0
+        if tensor.dim() != 3 or tensor.shape[0] != 3:
+            raise PipelineError(f"expected a (3, H, W) image tensor, got shape {tuple(tensor.shape)}")
+        if tensor.shape[-2:] != (size, size):
+            tensor = torch.nn.functional.interpolate(tensor[None], size=(size, size), mode="bilinear")[0]
+        return tensor
+
+    @torch.no_grad()
+    def encode(self, images: SequenceABC[ImageLike]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(semantic, pixel)`` codes, each ``(B, h, w, D)``."""
+        batch = torch.stack([self._image_tensor(image) for image in images]).to(self.device)
+        codes = self.dualtoken.encode(batch)
+        return codes.semantic_codes.cpu(), codes.pixel_codes.cpu()
+
+    # ------------------------------------------------------------------ answers
+    def answer(
+        self,
+        image: ImageLike | None,
+        question: str,
+        history: list[tuple[str, str]] | None = None,
+        max_new_tokens: int = 16,
+        sampling: SamplingConfig | None = None,
+        seed: int = 0,
+    ) -> str:
+        """Answer ``question`` about ``image``; ``history`` holds earlier ``(question, answer)`` turns."""
+        return self.answer_batch([image], [question], [history or []], max_new_tokens, sampling, seed)[0]
+
+    def answer_batch(
+        self,
+        images: SequenceABC[ImageLike | None],
+        questions: SequenceABC[str],
+        histories: SequenceABC[list[tuple[str, str]]] | None = None,
+        max_new_tokens: int = 16,
+        sampling: SamplingConfig | None = None,
+        seed: int = 0,
+    ) -> list[str]:
+        histories = histories or [[] for _ in questions]
+        if not len(images) == len(questions) == len(histories):
+            raise PipelineError("images, questions and histories must have the same length")
+        encoded = [None] * len(images)
+        with_image = [i for i, image in enumerate(images) if image is not None]
+        if with_image:
+            semantic, pixel = self.encode([images[i] for i in with_image])
+            for row, index in enumerate(with_image):
+                encoded[index] = (semantic[row], pixel[row])
+        prompts = []
+        for question, history, codes in zip(questions, histories, encoded, strict=True):
+            _check_prompt(question, "question")
+            turns: list[tuple[str, str]] = []
+            for old_question, old_answer in history:
+                turns += [("user", old_question), ("assistant", old_answer)]
+            turns.append(("user", question))
+            if codes is not None:
+                first_role, first_text = turns[0]
+                turns[0] = (first_role, f"<image>\n{first_text.replace('<image>', '').strip()}")
+            prompts.append(
+                self.builder.conversation(
+                    turns,
+                    semantic=codes[0] if codes else None,
+                    pixel=codes[1] if codes else None,
+                    train=False,
+                    add_generation_prompt=True,
+                )
+            )
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        outputs = generate_text(
+            self.model,
+            prompts,
+            max_new_tokens,
+            sampling or SamplingConfig(temperature=0.0),
+            self.stop_ids,
+            self.pad_id,
+            generator,
+        )
+        return [self.text_tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
+
+    # ------------------------------------------------------------------ images out
+    def generate_codes(
+        self,
+        prompts: str | SequenceABC[str],
+        n: int = 1,
+        cfg: float = 3.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        temperature: float = 1.0,
+        seed: int = 0,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Pixel codes ``(len(prompts) * n, h, w, D)``: ``n`` samples per prompt, prompt-major."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if n < 1:
+            raise PipelineError(f"n={n}; expected >= 1")
+        if cfg < 0:
+            raise PipelineError(f"cfg={cfg}; expected >= 0 (1 = no guidance)")
+        for prompt in prompts:
+            _check_prompt(prompt, "prompt")
+        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+        sequences = [self.builder.generation(prompt, train=False) for prompt in prompts for _ in range(n)]
+        unconditional = self.builder.generation("", train=False) if cfg != 1.0 else None
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        return generate_image_codes(
+            self.model, sequences, unconditional, cfg, sampling, self.pad_id, generator, use_cache=use_cache
+        )
+
+    @torch.no_grad()
+    def decode(self, pixel_codes: torch.Tensor) -> list[np.ndarray]:
+        """Pixel codes -> ``(H, W, 3)`` uint8 images."""
+        images = self.dualtoken.decode(pixel_codes.to(self.device))
+        images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return list(images)
+
+    def generate(self, prompts: str | SequenceABC[str], **options: Any) -> list[np.ndarray]:
+        """Images for ``prompts`` (``n`` per prompt, prompt-major); options as :meth:`generate_codes`."""
+        return self.decode(self.generate_codes(prompts, **options))
+
+
+def _check_prompt(text: str, what: str) -> None:
+    if not isinstance(text, str) or not text.strip():
+        raise PipelineError(f"empty {what}: give some text")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise PipelineError(f"the {what} has {len(text):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
+
+
+__all__ = ["Pipeline", "PipelineError", "ConversationError"]

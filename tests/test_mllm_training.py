@@ -1,0 +1,177 @@
+"""LLM stages through their ``main([...])``: the four stages, exact resume, LoRA, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from mllm_fixtures import REPO, make_mllm_data, stage_overrides
+
+from mllm.chat import SequenceBuilder, collate_sequences
+from training import train_mllm
+from training.cli import main as cli_main
+from training.data.code_shards import CodeStore
+
+STAGES = ("align", "understand", "generate", "joint")
+
+
+def _config(stage: str) -> str:
+    return str(REPO / "configs" / "stages" / "tiny" / f"{stage}.yaml")
+
+
+def _run(stage: str, overrides: list[str]) -> dict[str, float]:
+    argv = ["--config", _config(stage)]
+    for override in overrides:
+        argv += ["--set", override]
+    return train_mllm.main(argv)
+
+
+def _train_records(output_dir: Path) -> dict[int, dict[str, float]]:
+    records = {}
+    for line in (output_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "train/loss" in record:
+            records[record["step"]] = {k: v for k, v in record.items() if k.startswith("train/")}
+    return records
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    torch.set_num_threads(1)
+    return make_mllm_data(tmp_path_factory.mktemp("mllm_data"))
+
+
+@pytest.fixture(scope="module")
+def chain(data, tmp_path_factory) -> dict[str, Path]:
+    """The four tiny stages, 2 steps each, each starting from the previous stage's model."""
+    root = tmp_path_factory.mktemp("chain")
+    folders: dict[str, Path] = {}
+    previous = None
+    for stage in STAGES:
+        metrics = _run(stage, stage_overrides(data, root / stage, previous))
+        assert metrics["steps"] == 2 and metrics["trainable_parameters"] > 0
+        previous = folders[stage] = root / stage / "model"
+    return folders
+
+
+def test_every_stage_runs_and_writes_a_loadable_model(chain):
+    for stage, folder in chain.items():
+        assert train_mllm.model_folder_is_complete(folder), stage
+        model, tokenizer, sidecar = train_mllm.load_model_folder(folder)
+        assert sidecar["stage"] == stage and Path(sidecar["tokenizer_path"]).is_dir()
+        assert len(tokenizer) == model.config.layout.used_size
+        records = _train_records(folder.parent)
+        assert sorted(records) == [1, 2]
+        assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in records.values())
+    # the generate stage trains text-image pairs only; the others' losses show in their logs
+    assert "train/pixel" in _train_records(chain["generate"].parent)[1]
+    assert "train/pixel" not in _train_records(chain["understand"].parent)[1]
+
+
+def test_frozen_parameters_do_not_move(chain):
+    before, _, _ = train_mllm.load_model_folder(chain["understand"])
+    after, _, _ = train_mllm.load_model_folder(chain["generate"])
+    # generate: the depth head and the embeddings train, the LM's layers stay frozen
+    frozen = dict(before.named_parameters())
+    for name, param in after.named_parameters():
+        if name.startswith("llm.model.layers"):
+            torch.testing.assert_close(param, frozen[name], rtol=0, atol=0)
+    assert not torch.equal(after.pixel_head.in_proj.weight, frozen["pixel_head.in_proj.weight"])
+
+
+def test_resume_continues_exactly(data, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _run("joint", stage_overrides(data, straight, steps=4))
+    _run("joint", stage_overrides(data, resumed, steps=2))
+    _run("joint", stage_overrides(data, resumed, steps=4))  # same output_dir: continues from step 2
+    a, b = _train_records(straight), _train_records(resumed)
+    for step in (3, 4):
+        for key in ("train/loss", "train/lr", "train/grad_norm"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-6, abs=1e-9), (step, key)
+    first, _, _ = train_mllm.load_model_folder(straight / "model")
+    second, _, _ = train_mllm.load_model_folder(resumed / "model")
+    for (name, x), (_, y) in zip(first.state_dict().items(), second.state_dict().items(), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_lora_save_resume_merge(data, tmp_path):
+    out = tmp_path / "lora"
+    lora = ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "lora.dropout=0.0", "stage.trainable=[pixel_head.*]"]
+    _run("joint", stage_overrides(data, out, steps=2) + lora)
+    _run("joint", stage_overrides(data, out, steps=3) + lora)  # resumes with the adapters in place
+    assert sorted(_train_records(out)) == [1, 2, 3]
+    assert (out / "model" / "adapter" / "adapter_config.json").is_file()
+    merged, tokenizer, _ = train_mllm.load_model_folder(out / "model")
+    assert not any("lora_" in name for name, _ in merged.named_parameters())
+
+    # merging is exact: the adapted model and its merged copy give the same outputs
+    model, tokenizer, _ = train_mllm.load_model_folder(out / "model")
+    train_mllm.apply_lora(model, train_mllm.LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05)  # a non-zero adapter (B starts at zero)
+    store = CodeStore(data["val_codes"])
+    builder = SequenceBuilder.for_model(tokenizer, model.config)
+    pixel, semantic = store.get(store.keys()[0])
+    batch = collate_sequences([builder.generation("a red circle", pixel, semantic)], pad_id=0)
+    model.eval()
+    with torch.no_grad():
+        adapted = model(**batch)
+        train_mllm.merge_lora(model)
+        folded = model(**batch)
+    assert not any("lora_" in name for name, _ in model.named_parameters())
+    torch.testing.assert_close(folded.hidden_states, adapted.hidden_states, rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_step(data, tmp_path):
+    plain, checkpointed = tmp_path / "plain", tmp_path / "ckpt"
+    _run("joint", stage_overrides(data, plain, steps=2))
+    _run("joint", stage_overrides(data, checkpointed, steps=2) + ["model.gradient_checkpointing=true"])
+    a, b = _train_records(plain), _train_records(checkpointed)
+    for step in (1, 2):
+        assert b[step]["train/loss"] == pytest.approx(a[step]["train/loss"], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------- bad input
+def _cli(stage: str, overrides: list[str], capsys) -> tuple[int, str]:
+    argv = ["train-mllm", "--config", _config(stage)]
+    for override in overrides:
+        argv += ["--set", override]
+    code = cli_main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_missing_codes_are_named(data, tmp_path, capsys):
+    code, err = _cli("joint", stage_overrides(data, tmp_path / "x") + [f"data.codes={tmp_path / 'nowhere'}"], capsys)
+    assert code == 2 and "nowhere" in err
+
+
+def test_image_without_codes_is_named(data, tmp_path, capsys):
+    records = json.loads(Path(data["train_llava"]).read_text())
+    records[0]["image"] = "images/train/does_not_exist.png"
+    broken = Path(data["train_llava"]).parent / "broken_llava.json"
+    broken.write_text(json.dumps(records))
+    code, err = _cli("joint", stage_overrides(data, tmp_path / "x") + [f"data.conversations=[{broken}]"], capsys)
+    assert code == 2 and "have no codes" in err and "does_not_exist.png" in err
+
+
+def test_conversation_without_answer_is_named(data, tmp_path, capsys):
+    records = json.loads(Path(data["train_llava"]).read_text())
+    records[3]["conversations"] = records[3]["conversations"][:1]
+    broken = Path(data["train_llava"]).parent / "unanswered_llava.json"
+    broken.write_text(json.dumps(records))
+    code, err = _cli("joint", stage_overrides(data, tmp_path / "x") + [f"data.conversations=[{broken}]"], capsys)
+    assert code == 2 and "unanswered_llava.json" in err and "record 3" in err
+
+
+def test_trainable_glob_matching_nothing_is_named(data, tmp_path, capsys):
+    code, err = _cli("joint", stage_overrides(data, tmp_path / "x") + ["stage.trainable=[decoder.*]"], capsys)
+    assert code == 2 and "matches no parameter" in err
+
+
+def test_prompt_longer_than_the_context_is_named(data, tmp_path, capsys):
+    code, err = _cli("joint", stage_overrides(data, tmp_path / "x") + ["model.max_length=40"], capsys)
+    assert code == 2 and "longer than the model's context of 40" in err
