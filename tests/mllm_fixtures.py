@@ -41,7 +41,7 @@ def tiny_dualtoken(seed: int = 0) -> DualTokenizer:
         projection=ProjectionConfig(kind="mlp", hidden_dim=32),
         pixel_quantizer=QuantizerConfig(codebook_size=32, code_dim=8, depth=2),
         semantic_quantizer=QuantizerConfig(codebook_size=16, code_dim=4, depth=2),
-        decoder=DecoderConfig(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1),
+        decoder=DecoderConfig(base_channels=8, channel_mult=(1, 2, 2, 2), num_res_blocks=1),
     )
     return DualTokenizer(config).eval()
 

@@ -175,3 +175,39 @@ def test_trainable_glob_matching_nothing_is_named(data, tmp_path, capsys):
 def test_prompt_longer_than_the_context_is_named(data, tmp_path, capsys):
     code, err = _cli("joint", stage_overrides(data, tmp_path / "x") + ["model.max_length=40"], capsys)
     assert code == 2 and "longer than the model's context of 40" in err
+
+
+# ---------------------------------------------------------------------------- pipeline API
+def test_pipeline_answers_and_draws_reproducibly(chain):
+    from mllm.pipeline import Pipeline, PipelineError
+    from training.data.shapes import ShapesWorld, ShapesWorldConfig
+
+    pipe = Pipeline.from_pretrained(chain["joint"])
+    sample = ShapesWorld(ShapesWorldConfig(seed=1, image_size=32)).sample("test", 0)
+    answer = pipe.answer(sample.image, "what colour is the circle?")
+    assert isinstance(answer, str)
+    again = pipe.answer(sample.image, "how many objects are there?", history=[("what colour is the circle?", answer)])
+    assert isinstance(again, str)
+    first = pipe.generate("a large red circle", n=2, cfg=3.0, top_k=8, seed=3)
+    second = pipe.generate("a large red circle", n=2, cfg=3.0, top_k=8, seed=3)
+    other = pipe.generate("a large red circle", n=2, cfg=3.0, top_k=8, seed=4)
+    assert len(first) == 2 and first[0].shape == (32, 32, 3) and first[0].dtype.name == "uint8"
+    assert all((a == b).all() for a, b in zip(first, second, strict=True))
+    assert any((a != b).any() for a, b in zip(first, other, strict=True))
+    with pytest.raises(PipelineError, match="empty prompt"):
+        pipe.generate("   ")
+    with pytest.raises(PipelineError, match="100,000 characters"):
+        pipe.generate("x" * 100_000)
+    with pytest.raises(PipelineError, match="empty question"):
+        pipe.answer(sample.image, "")
+
+
+def test_llm_pipeline_scores_and_pictures(chain, tmp_path):
+    from training import mllm_pipeline
+
+    metrics = mllm_pipeline.evaluate(chain["joint"], tmp_path, vqa_scenes=3, t2i_prompts=2, cfg=2.0, seed=0)
+    assert 0.0 <= metrics["vqa_mean"] <= 1.0 and 0.0 <= metrics["t2i_all"] <= 1.0
+    assert metrics["t2i_prompts"] == 4 and metrics["vqa_questions"] >= 3 * 5
+    assert (tmp_path / "t2i_samples.png").is_file() and (tmp_path / "vqa_samples.png").is_file()
+    for kind in ("colour", "shape", "count", "exists"):
+        assert 0.0 <= metrics[f"vqa_{kind}_baseline"] <= 1.0

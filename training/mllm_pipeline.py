@@ -1,0 +1,208 @@
+"""The LLM half of the embedded default: data -> code shards -> four stages -> Shapes scores.
+
+    dualtoken tiny-mllm --tokenizer runs/tiny/stage1/tokenizer --run-dir runs/tiny
+
+1. writes the Shapes world's train / val splits as LLaVA conversations + text-image pairs;
+2. tokenises their images once into code shards (the LLM never runs the ViT);
+3. runs the stages of ``configs/stages/tiny/`` (align, understand, generate, joint), each
+   from the previous stage's model;
+4. scores the final model on held-out test scenes through :class:`mllm.pipeline.Pipeline`:
+   VQA per question type next to the majority baseline, and text-to-image judged by the
+   independent checker (:mod:`eval.checker`); writes ``mllm_report.md``, ``mllm_metrics.json``
+   and pictures (generated images with the checker's verdict, VQA samples).
+
+Finished steps are reused when their outputs are complete; an unfinished stage resumes
+from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training import train_mllm
+from training.common import setup_logging
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("align", "understand", "generate", "joint")
+STAGE_CONFIG = "configs/stages/tiny/{stage}.yaml"
+
+
+def _data_ready(folder: Path, count: int) -> bool:
+    from training.data.conversations import LLAVA_FILE_NAME, T2I_FILE_NAME
+
+    llava, t2i = folder / LLAVA_FILE_NAME, folder / T2I_FILE_NAME
+    if not (llava.is_file() and t2i.is_file()):
+        return False
+    try:
+        return len(json.loads(llava.read_text())) == count and len(t2i.read_text().splitlines()) == count
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def prepare_data(tokenizer_dir: Path, data_dir: Path, counts: dict[str, int], seed: int = 0) -> dict[str, Path]:
+    """Shapes splits + their code shards under ``data_dir/<split>`` (reused when complete)."""
+    from tokenizer.model import DualTokenizer
+    from training.data.code_shards import CodeShardsError, CodeStore, collect_image_paths, tokenize_to_shards
+    from training.data.conversations import LLAVA_FILE_NAME, T2I_FILE_NAME, write_shapes
+    from training.data.shapes import ShapesWorld, ShapesWorldConfig
+
+    dualtoken = DualTokenizer.from_pretrained(tokenizer_dir)
+    world = ShapesWorld(ShapesWorldConfig(seed=seed, image_size=dualtoken.backbone.image_size))
+    for split, count in counts.items():
+        folder = data_dir / split
+        if _data_ready(folder, count):
+            logger.info("data: reusing %s", folder)
+        else:
+            write_shapes(world, split, folder, count, progress=True)
+        codes = folder / "codes"
+        try:
+            CodeStore(codes)
+            logger.info("codes: reusing %s", codes)
+        except (FileNotFoundError, CodeShardsError):
+            keys, root = collect_image_paths([folder / LLAVA_FILE_NAME], [folder / T2I_FILE_NAME])
+            tokenize_to_shards(dualtoken, keys, root, codes, tokenizer_path=str(tokenizer_dir), overwrite=True)
+    return {split: data_dir / split for split in counts}
+
+
+def data_overrides(data: dict[str, Path]) -> list[str]:
+    train, val = data["train"], data["val"]
+    return [
+        f"data.codes={train / 'codes'}",
+        f"data.val_codes={val / 'codes'}",
+        f"data.conversations=[{train / 'llava.json'}]",
+        f"data.text_image=[{train / 't2i.jsonl'}]",
+        f"data.val_conversations=[{val / 'llava.json'}]",
+        f"data.val_text_image=[{val / 't2i.jsonl'}]",
+    ]
+
+
+def run_stages(run_dir: Path, data: dict[str, Path], overrides: dict[str, list[str]]) -> tuple[Path, dict]:
+    """The four stages in order; returns the last model folder and per-stage metrics."""
+    previous: Path | None = None
+    metrics: dict[str, Any] = {}
+    for stage in STAGES:
+        out = run_dir / "mllm" / stage
+        model_dir = out / train_mllm.MODEL_DIRNAME
+        if train_mllm.model_folder_is_complete(model_dir):
+            logger.info("LLM stage %s: reusing %s", stage, model_dir)
+            metrics[stage] = json.loads((model_dir / "metrics.json").read_text())
+        else:
+            argv = ["--config", STAGE_CONFIG.format(stage=stage)]
+            sets = [f"stage.init={previous if previous else 'null'}", f"loop.output_dir={out}"]
+            sets += data_overrides(data) + overrides.get("all", []) + overrides.get(stage, [])
+            for value in sets:
+                argv += ["--set", value]
+            metrics[stage] = train_mllm.main(argv)
+        previous = model_dir
+    return previous, metrics
+
+
+def evaluate(model_dir: Path, out_dir: Path, vqa_scenes: int, t2i_prompts: int, cfg: float, seed: int) -> dict:
+    from eval.report import save_labelled_grid
+    from eval.shapes_tasks import shapes_t2i, shapes_vqa
+    from mllm.pipeline import Pipeline
+    from training.data.shapes import ShapesWorld, ShapesWorldConfig
+
+    pipe = Pipeline.from_pretrained(model_dir)
+    world = ShapesWorld(ShapesWorldConfig(image_size=pipe.dualtoken.backbone.image_size))
+    started = time.time()
+    vqa = shapes_vqa(pipe, world, "test", vqa_scenes)
+    vqa_seconds = time.time() - started
+    started = time.time()
+    t2i = shapes_t2i(pipe, world, "test", t2i_prompts, t2i_prompts, cfg=cfg, seed=seed)
+    t2i_seconds = time.time() - started
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = [
+        f"{'OK' if verdict.correct else 'X'} {item.prompt[:28]}"
+        for item, verdict in zip(t2i["items"], t2i["verdicts"], strict=True)
+    ]
+    save_labelled_grid(t2i["images"][:32], labels[:32], out_dir / "t2i_samples.png")
+    vqa_labels = [
+        f"{item.question[:30]} -> {pred}" for item, pred in zip(vqa["items"][:16], vqa["predictions"][:16], strict=True)
+    ]
+    save_labelled_grid([item.image for item in vqa["items"][:16]], vqa_labels, out_dir / "vqa_samples.png", columns=4)
+    metrics = {**vqa["metrics"], **t2i["metrics"], "vqa_seconds": vqa_seconds, "t2i_seconds": t2i_seconds}
+    metrics["t2i_prompts"] = float(len(t2i["items"]))
+    metrics["vqa_questions"] = float(len(vqa["items"]))
+    return metrics
+
+
+def write_report(run_dir: Path, metrics: dict, stage_metrics: dict, timings: dict) -> str:
+    from training.data.shapes import QUESTION_KINDS
+
+    lines = ["# DualToken tiny unified model", "", "## VQA on held-out test scenes", ""]
+    lines += ["| question type | accuracy | majority baseline | questions |", "|---|---|---|---|"]
+    for kind in QUESTION_KINDS:
+        if f"vqa_{kind}" in metrics:
+            lines.append(
+                f"| {kind} | {100 * metrics[f'vqa_{kind}']:.1f} % | {100 * metrics[f'vqa_{kind}_baseline']:.1f} % "
+                f"| {metrics[f'vqa_{kind}_n']:.0f} |"
+            )
+    lines.append(f"| **mean** | **{100 * metrics['vqa_mean']:.1f} %** | {100 * metrics['vqa_mean_baseline']:.1f} % | |")
+    lines += ["", "## Text-to-image, judged by the independent checker", ""]
+    lines += ["| prompts | fully correct (colour + shape + count) |", "|---|---|"]
+    for name, label in (("single", "one object"), ("two", "two objects"), ("all", "all")):
+        if f"t2i_{name}" in metrics:
+            lines.append(f"| {label} | {100 * metrics[f't2i_{name}']:.1f} % |")
+    if "t2i_two_relation_given_correct" in metrics:
+        lines.append(
+            f"| two objects: relation also right (of the correct ones) | "
+            f"{100 * metrics['t2i_two_relation_given_correct']:.1f} % |"
+        )
+    lines += ["", "Chance for a single object: 1/18 = 5.6 %.", "", "## Time", ""]
+    lines += ["| step | seconds |", "|---|---|"]
+    lines += [f"| {name} | {value:.0f} |" for name, value in timings.items()]
+    lines += ["", "Pictures: `mllm_eval/t2i_samples.png` (OK = checker confirms), `mllm_eval/vqa_samples.png`."]
+    text = "\n".join(lines) + "\n"
+    (run_dir / "mllm_report.md").write_text(text)
+    payload = {"eval": metrics, "stages": stage_metrics, "timings": timings}
+    (run_dir / "mllm_metrics.json").write_text(json.dumps(payload, indent=2))
+    return text
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="dualtoken tiny-mllm", description=__doc__.splitlines()[0])
+    parser.add_argument("--tokenizer", required=True, help="a trained DualToken tokenizer folder")
+    parser.add_argument("--run-dir", default="runs/tiny")
+    parser.add_argument("--train-images", type=int, default=20000)
+    parser.add_argument("--val-images", type=int, default=512)
+    parser.add_argument("--vqa-scenes", type=int, default=200, help="test scenes (all their questions)")
+    parser.add_argument("--t2i-prompts", type=int, default=64, help="one-object and two-object prompts each")
+    parser.add_argument("--cfg", type=float, default=3.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override for every stage"
+    )
+    for stage in STAGES:
+        parser.add_argument(f"--set-{stage}", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    setup_logging()
+    run_dir = Path(args.run_dir)
+    timings: dict[str, float] = {}
+    started = time.time()
+    data = prepare_data(Path(args.tokenizer), run_dir / "data", {"train": args.train_images, "val": args.val_images})
+    timings["data_and_codes"] = time.time() - started
+    started = time.time()
+    overrides = {"all": args.overrides, **{stage: getattr(args, f"set_{stage}") for stage in STAGES}}
+    model_dir, stage_metrics = run_stages(run_dir, data, overrides)
+    timings["llm_stages"] = time.time() - started
+    for stage in STAGES:
+        timings[f"stage_{stage}_train"] = stage_metrics[stage].get("train_seconds", 0.0)
+    started = time.time()
+    torch.manual_seed(args.seed)
+    metrics = evaluate(model_dir, run_dir / "mllm_eval", args.vqa_scenes, args.t2i_prompts, args.cfg, args.seed)
+    timings["evaluation"] = time.time() - started
+    print(write_report(run_dir, metrics, stage_metrics, timings))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
