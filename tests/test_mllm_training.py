@@ -211,3 +211,40 @@ def test_llm_pipeline_scores_and_pictures(chain, tmp_path):
     assert (tmp_path / "t2i_samples.png").is_file() and (tmp_path / "vqa_samples.png").is_file()
     for kind in ("colour", "shape", "count", "exists"):
         assert 0.0 <= metrics[f"vqa_{kind}_baseline"] <= 1.0
+
+
+def test_generate_and_chat_commands(chain, tmp_path, capsys):
+    import argparse
+    import io
+
+    from mllm.commands import chat_loop
+    from mllm.pipeline import Pipeline
+    from training.data.shapes import ShapesWorld, ShapesWorldConfig
+
+    out = tmp_path / "red.png"
+    assert cli_main(["generate", "a red circle", "-o", str(out), "--model", str(chain["joint"]), "--n", "2"]) == 0
+    assert (tmp_path / "red_0.png").is_file() and (tmp_path / "red_1.png").is_file()
+    assert not list(tmp_path.glob(".*partial"))
+    assert cli_main(["generate", "  ", "-o", str(out), "--model", str(chain["joint"])]) == 2
+    assert "empty prompt" in capsys.readouterr().err
+    assert cli_main(["generate", "a", "-o", str(out), "--model", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+    from PIL import Image
+
+    picture = tmp_path / "scene.png"
+    Image.fromarray(ShapesWorld(ShapesWorldConfig(image_size=32)).sample("test", 1).image).save(picture)
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("hello")
+    script = io.StringIO(
+        f"/image {not_an_image}\n/image {picture}\nwhat colour is the circle?\nhow many objects are there?\n"
+        "/imagine a blue square\n/quit\n"
+    )
+    transcript = io.StringIO()
+    args = argparse.Namespace(cfg=2.0, top_k=0, top_p=1.0, temperature=1.0, seed=0, out_dir=str(tmp_path / "chat"))
+    pipe = Pipeline.from_pretrained(chain["joint"])
+    chat_loop(pipe, script, transcript, args)
+    lines = transcript.getvalue().splitlines()
+    assert lines[1].startswith("error:") and "notes.png" in lines[1]
+    assert lines[2] == f"(attached {picture})"
+    assert (tmp_path / "chat" / "imagine_001.png").is_file()

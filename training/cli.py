@@ -33,11 +33,18 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "make-data": ("training.data.conversations", "write the Shapes world as LLaVA conversations + text-image pairs"),
     "tokenize-codes": ("training.data.code_shards", "tokenise a dataset's images once into code shards"),
     "train-mllm": ("training.train_mllm", "one LLM stage (align / understand / generate / joint)"),
+    "chat": ("mllm.commands", "chat about images (/image PATH, /imagine PROMPT)"),
+    "generate": ("mllm.commands", "draw images from a text prompt"),
     "tiny-mllm": ("training.mllm_pipeline", "LLM half of the embedded default: data, codes, 4 stages, scores"),
 }
 
 # Entry functions that are not a module's ``main``.
-_ENTRY_NAMES = {"tokenize": "tokenize_main", "reconstruct": "reconstruct_main"}
+_ENTRY_NAMES = {
+    "tokenize": "tokenize_main",
+    "reconstruct": "reconstruct_main",
+    "chat": "chat_main",
+    "generate": "generate_main",
+}
 
 
 def _usage() -> str:
