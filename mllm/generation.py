@@ -52,12 +52,24 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def sample(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``(N, K)`` logits -> ``(N,)`` indices."""
+Generators = torch.Generator | list[torch.Generator] | None
+
+
+def sample(logits: torch.Tensor, config: SamplingConfig, generator: Generators = None) -> torch.Tensor:
+    """``(N, K)`` logits -> ``(N,)`` indices.
+
+    ``generator`` is one generator for the batch, or one per row: then row i's draws depend
+    on its own generator only, so a row samples the same whatever else is in the batch.
+    """
     if config.temperature == 0:
         return logits.argmax(-1)
     filtered = filter_logits(logits / config.temperature, config.top_k, config.top_p)
     probs = filtered.softmax(-1)
+    if isinstance(generator, list):
+        if len(generator) != probs.shape[0]:
+            raise ValueError(f"{len(generator)} generators for {probs.shape[0]} rows")
+        rows = [torch.multinomial(row[None], 1, generator=gen) for row, gen in zip(probs, generator, strict=True)]
+        return torch.cat(rows).squeeze(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -101,7 +113,7 @@ def generate_text(
     sampling: SamplingConfig | None = None,
     stop_ids: tuple[int, ...] = (),
     pad_id: int = 0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     use_cache: bool = True,
 ) -> list[list[int]]:
     """Continue each prompt with text tokens until a stop id (excluded) or ``max_new_tokens``."""
@@ -139,7 +151,7 @@ def generate_image_codes(
     cfg_scale: float = 3.0,
     sampling: SamplingConfig | None = None,
     pad_id: int = 0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     use_cache: bool = True,
     batch_cfg: bool = True,
 ) -> torch.Tensor:

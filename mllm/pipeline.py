@@ -193,8 +193,14 @@ class Pipeline:
         temperature: float = 1.0,
         seed: int = 0,
         use_cache: bool = True,
+        seeds: SequenceABC[int] | None = None,
     ) -> torch.Tensor:
-        """Pixel codes ``(len(prompts) * n, h, w, D)``: ``n`` samples per prompt, prompt-major."""
+        """Pixel codes ``(len(prompts) * n, h, w, D)``: ``n`` samples per prompt, prompt-major.
+
+        Image k is drawn with its own generator seeded ``seed + k`` (or ``seeds[k]``), so an
+        image does not depend on what else is in the batch: ``generate(p, n=4, seed=0)[2]``
+        equals ``generate(p, seed=2)[0]``.
+        """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if n < 1:
             raise PipelineError(f"n={n}; expected >= 1")
@@ -205,9 +211,12 @@ class Pipeline:
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
         sequences = [self.builder.generation(prompt, train=False) for prompt in prompts for _ in range(n)]
         unconditional = self.builder.generation("", train=False) if cfg != 1.0 else None
-        generator = torch.Generator(device=self.device).manual_seed(seed)
+        seeds = list(seeds) if seeds is not None else [seed + k for k in range(len(sequences))]
+        if len(seeds) != len(sequences):
+            raise PipelineError(f"{len(seeds)} seeds for {len(sequences)} images")
+        generators = [torch.Generator(device=self.device).manual_seed(int(value)) for value in seeds]
         return generate_image_codes(
-            self.model, sequences, unconditional, cfg, sampling, self.pad_id, generator, use_cache=use_cache
+            self.model, sequences, unconditional, cfg, sampling, self.pad_id, generators, use_cache=use_cache
         )
 
     @torch.no_grad()

@@ -194,6 +194,13 @@ def test_pipeline_answers_and_draws_reproducibly(chain):
     assert len(first) == 2 and first[0].shape == (32, 32, 3) and first[0].dtype.name == "uint8"
     assert all((a == b).all() for a, b in zip(first, second, strict=True))
     assert any((a != b).any() for a, b in zip(first, other, strict=True))
+    # an image depends on its own seed only, not on the rest of the batch
+    third = pipe.generate("a large red circle", cfg=3.0, top_k=8, seed=4)[0]
+    assert (third == second[1]).all()
+    mixed = pipe.generate(["two blue squares", "a large red circle"], seeds=[9, 4], cfg=3.0, top_k=8)
+    assert (mixed[1] == third).all()
+    answers = pipe.answer_batch([sample.image] * 3, ["what colour is the circle?", "how many objects?", "is it red?"])
+    assert answers[1] == pipe.answer(sample.image, "how many objects?")
     with pytest.raises(PipelineError, match="empty prompt"):
         pipe.generate("   ")
     with pytest.raises(PipelineError, match="100,000 characters"):
