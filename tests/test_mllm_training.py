@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from mllm_fixtures import REPO, make_mllm_data, stage_overrides
+from mllm_fixtures import REPO, stage_overrides
 
 from mllm.chat import SequenceBuilder, collate_sequences
 from training import train_mllm
@@ -35,25 +35,6 @@ def _train_records(output_dir: Path) -> dict[int, dict[str, float]]:
         if "train/loss" in record:
             records[record["step"]] = {k: v for k, v in record.items() if k.startswith("train/")}
     return records
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    torch.set_num_threads(1)
-    return make_mllm_data(tmp_path_factory.mktemp("mllm_data"))
-
-
-@pytest.fixture(scope="module")
-def chain(data, tmp_path_factory) -> dict[str, Path]:
-    """The four tiny stages, 2 steps each, each starting from the previous stage's model."""
-    root = tmp_path_factory.mktemp("chain")
-    folders: dict[str, Path] = {}
-    previous = None
-    for stage in STAGES:
-        metrics = _run(stage, stage_overrides(data, root / stage, previous))
-        assert metrics["steps"] == 2 and metrics["trainable_parameters"] > 0
-        previous = folders[stage] = root / stage / "model"
-    return folders
 
 
 def test_every_stage_runs_and_writes_a_loadable_model(chain):

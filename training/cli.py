@@ -35,6 +35,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train-mllm": ("training.train_mllm", "one LLM stage (align / understand / generate / joint)"),
     "chat": ("mllm.commands", "chat about images (/image PATH, /imagine PROMPT)"),
     "generate": ("mllm.commands", "draw images from a text prompt"),
+    "eval": ("eval.harness", "score a model on registered tasks (results JSON + Markdown)"),
     "tiny-mllm": ("training.mllm_pipeline", "LLM half of the embedded default: data, codes, 4 stages, scores"),
 }
 

@@ -1,0 +1,289 @@
+"""The built-in evaluation tasks (registered with :func:`eval.harness.register`).
+
+Shapes-world tasks render their scenes from the world's seed; images the model draws are
+judged by :mod:`eval.checker`, which never sees the model.
+
+- ``shapes_vqa``: every question of the first ``scenes`` test scenes, by question type, next
+  to the majority baseline of each type.
+- ``geneval`` / ``geneval_compositional``: GenEval-style categories on the Shapes world
+  (single object, two objects, counting, colours, position, colour attribution) from the
+  world's own captions; the compositional variant uses the held-out attribute combinations
+  that no training caption names.
+- ``tokenizer``: PSNR, SSIM and codebook usage / perplexity of both vocabularies.
+- ``zero_shot``: 18-way Shapes classification through the quantised semantic path.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from eval.checker import ObjectSpec, detect_objects, judge
+from eval.harness import Task, register
+from eval.shapes_tasks import majority_answers, score_vqa, vqa_items
+from training.data.shapes import relations
+
+
+def _tensor(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+@register("shapes_vqa")
+class ShapesVQA(Task):
+    def items(self) -> list[dict[str, Any]]:
+        world = self.context.world()
+        self._world = world
+        found = vqa_items(world, self.options.get("split", "test"), int(self.options.get("scenes", 200)))
+        return [{"key": it.key, "question": it.question, "answer": it.answer, "kind": it.kind} for it in found]
+
+    def predict(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        world = self._world
+        images = []
+        for item in batch:
+            split, index, _ = item["key"].split("/")
+            images.append(world.sample(split, int(index)).image)
+        answers = self.context.pipeline.answer_batch(images, [item["question"] for item in batch])
+        return [{"answer": answer} for answer in answers]
+
+    def score(self, items: list[dict[str, Any]], predictions: list[dict[str, Any]]) -> dict[str, float]:
+        from eval.shapes_tasks import VQAItem
+
+        records = [VQAItem(None, it["question"], it["answer"], it["kind"], it["key"]) for it in items]
+        return score_vqa(records, [p["answer"] for p in predictions], majority_answers(self._world))
+
+
+GENEVAL_CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+
+
+@register("geneval")
+class ShapesGenEval(Task):
+    """GenEval-style categories judged by the checker (see the module docstring)."""
+
+    default_split = "test"
+
+    def items(self) -> list[dict[str, Any]]:
+        world = self.context.world()
+        split = self.options.get("split", self.default_split)
+        per = int(self.options.get("per_category", 32))
+        seed = int(self.context.settings.get("seed", 0))
+        items: list[dict[str, Any]] = []
+        for index in range(per):
+            sample = world.sample_single(split, index)
+            items.append(self._item(f"{split}/single/{index}", sample, "single", seed))
+        wanted = {2: per, 3: max(per // 2, 1)}
+        index = 0
+        while any(wanted.values()) and index < world.split_size(split):
+            sample = world.sample(split, index)
+            count = len(sample.objects)
+            if wanted.get(count, 0) > 0:
+                items.append(self._item(f"{split}/scene/{index}", sample, {2: "two", 3: "three"}[count], seed))
+                wanted[count] -= 1
+            index += 1
+        return items
+
+    @staticmethod
+    def _item(key: str, sample: Any, group: str, seed: int) -> dict[str, Any]:
+        relation = None
+        if len(sample.objects) == 2:
+            found = relations(sample.objects[0], sample.objects[1])
+            relation = [0, found[0], 1] if found else None
+        return {
+            "key": key,
+            "prompt": sample.caption,
+            "objects": [[obj.colour, obj.shape] for obj in sample.objects],
+            "relation": relation,
+            "group": group,
+            "seed": seed * 1_000_003 + _stable_hash(key),
+        }
+
+    def predict(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        options = self.options
+        images = self.context.pipeline.generate(
+            [item["prompt"] for item in batch],
+            seeds=[item["seed"] for item in batch],
+            cfg=float(options.get("cfg", 3.0)),
+            top_k=int(options.get("top_k", 0)),
+            top_p=float(options.get("top_p", 1.0)),
+            temperature=float(options.get("temperature", 1.0)),
+        )
+        folder = self.context.out_dir / "images" / self.name
+        folder.mkdir(parents=True, exist_ok=True)
+        predictions = []
+        for item, image in zip(batch, images, strict=True):
+            from PIL import Image
+
+            path = folder / (item["key"].replace("/", "_") + ".png")
+            Image.fromarray(image).save(path)
+            predictions.append({"png": str(path.relative_to(self.context.out_dir)), **judge_item(item, image)})
+        return predictions
+
+    def score(self, items: list[dict[str, Any]], predictions: list[dict[str, Any]]) -> dict[str, float]:
+        hits: dict[str, list[int]] = {name: [] for name in GENEVAL_CATEGORIES}
+        for item, pred in zip(items, predictions, strict=True):
+            hits["counting"].append(int(pred["count_ok"]))
+            if item["group"] == "single":
+                hits["single_object"].append(int(pred["shapes_ok"]))
+                hits["colors"].append(int(pred["correct"]))
+            elif item["group"] == "two":
+                hits["two_object"].append(int(pred["shapes_ok"]))
+                hits["color_attr"].append(int(pred["correct"]))
+                if item["relation"] is not None:
+                    hits["position"].append(int(pred["correct"] and pred["relation_ok"]))
+        metrics = {name: float(np.mean(values)) for name, values in hits.items() if values}
+        metrics["overall"] = float(np.mean([metrics[name] for name in GENEVAL_CATEGORIES if name in metrics]))
+        metrics["images"] = float(len(items))
+        return metrics
+
+
+@register("geneval_compositional")
+class ShapesGenEvalCompositional(ShapesGenEval):
+    """The same categories on attribute combinations held out of training."""
+
+    default_split = "compositional"
+
+
+def judge_item(item: dict[str, Any], image: np.ndarray) -> dict[str, Any]:
+    specs = [ObjectSpec(colour, shape) for colour, shape in item["objects"]]
+    shapes_only = [ObjectSpec(None, shape) for _, shape in item["objects"]]
+    verdict = judge(image, specs)
+    relation = tuple(item["relation"]) if item.get("relation") else None
+    return {
+        "correct": bool(verdict.correct),
+        "shapes_ok": bool(judge(image, shapes_only, exact_count=False).correct),
+        "count_ok": len(verdict.detections) == len(specs),
+        "relation_ok": bool(judge(image, specs, relation).correct) if relation else None,
+        "found": [f"{d.colour} {d.shape}" for d in verdict.detections],
+        "reason": verdict.reason,
+    }
+
+
+def _stable_hash(text: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+
+
+@register("tokenizer")
+class TokenizerMetrics(Task):
+    """PSNR / SSIM per image; codebook usage and perplexity of both branches over the set."""
+
+    needs_model = False
+
+    def items(self) -> list[dict[str, Any]]:
+        self._world = self.context.world()
+        split = self.options.get("split", "test")
+        count = min(int(self.options.get("images", 256)), self._world.split_size(split))
+        return [{"key": f"{split}/{index}"} for index in range(count)]
+
+    @torch.no_grad()
+    def predict(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from tokenizer.losses import psnr, ssim
+
+        tokenizer = self.context.dualtoken
+        images = torch.stack([_tensor(self._world.sample(*_split_index(item["key"])).image) for item in batch])
+        # One image at a time: convolution kernels pick different algorithms for different
+        # batch sizes (last-bit differences), and the scores must not depend on the batch.
+        encoded = [tokenizer.encode(images[row : row + 1]) for row in range(len(batch))]
+        recon = torch.cat([tokenizer.decode(codes.pixel_codes) for codes in encoded]).clamp(-1, 1)
+        codes = type(encoded[0])(
+            pixel_codes=torch.cat([c.pixel_codes for c in encoded]),
+            semantic_codes=torch.cat([c.semantic_codes for c in encoded]),
+        )
+        out = []
+        for row in range(len(batch)):
+            out.append(
+                {
+                    "psnr": float(psnr(recon[row : row + 1], images[row : row + 1])),
+                    "ssim": float(ssim(recon[row : row + 1], images[row : row + 1])),
+                    "pixel_codes": codes.pixel_codes[row].reshape(-1, codes.pixel_codes.shape[-1]).tolist(),
+                    "semantic_codes": codes.semantic_codes[row].reshape(-1, codes.semantic_codes.shape[-1]).tolist(),
+                }
+            )
+        return out
+
+    def score(self, items: list[dict[str, Any]], predictions: list[dict[str, Any]]) -> dict[str, float]:
+        tokenizer = self.context.dualtoken
+        metrics = {
+            "psnr": float(np.mean([p["psnr"] for p in predictions])),
+            "ssim": float(np.mean([p["ssim"] for p in predictions])),
+        }
+        for branch, quantizer in (("pixel", tokenizer.pixel_quantizer), ("semantic", tokenizer.semantic_quantizer)):
+            if quantizer is None:
+                continue
+            size = quantizer.config.codebook_size
+            codes = np.concatenate([np.asarray(p[f"{branch}_codes"]) for p in predictions])  # (N*h*w, D)
+            counts = np.stack([np.bincount(codes[:, d], minlength=size) for d in range(codes.shape[1])])
+            metrics[f"{branch}_usage"] = float((counts.sum(0) > 0).mean())
+            metrics[f"{branch}_min_depth_usage"] = float((counts > 0).mean(1).min())
+            probs = counts.sum(0) / counts.sum()
+            metrics[f"{branch}_perplexity"] = float(math.exp(-(probs[probs > 0] * np.log(probs[probs > 0])).sum()))
+        return metrics
+
+
+@register("zero_shot")
+class ZeroShot(Task):
+    """18-way zero-shot classification of single-object scenes through the quantised semantic path."""
+
+    needs_model = False
+
+    def items(self) -> list[dict[str, Any]]:
+        self._world = self.context.world()
+        split = self.options.get("split", "test")
+        count = min(int(self.options.get("images", 512)), self._world.split_size(split))
+        return [
+            {"key": f"{split}/{index}", "label": self._world.sample_single(split, index).label}
+            for index in range(count)
+        ]
+
+    def _text_embeds(self) -> torch.Tensor:
+        if not hasattr(self, "_embeds"):
+            from transformers import AutoTokenizer
+
+            from training.evaluation import class_text_embeddings
+
+            tokenizer = self.context.dualtoken
+            path = self._tokenizer_dir() / "text_tokenizer"
+            if not path.is_dir():
+                raise FileNotFoundError(
+                    f"zero_shot needs the text tokenizer saved with the DualToken tokenizer ({path})"
+                )
+            self._embeds = class_text_embeddings(
+                tokenizer.text_tower, AutoTokenizer.from_pretrained(path), self._world.zero_shot_prompts()
+            )
+        return self._embeds
+
+    def _tokenizer_dir(self) -> Path:
+        if self.context.tokenizer_path:
+            return Path(self.context.tokenizer_path)
+        import json
+
+        from mllm.pipeline import resolve_tokenizer_path
+
+        sidecar = json.loads((self.context.model_dir / "dualtoken.json").read_text())
+        return resolve_tokenizer_path(self.context.model_dir, sidecar.get("tokenizer_path"))
+
+    @torch.no_grad()
+    def predict(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        tokenizer = self.context.dualtoken
+        out = []
+        for item in batch:  # one at a time, so the result does not depend on the batch size
+            image = _tensor(self._world.sample_single(*_split_index(item["key"])).image)[None]
+            logits = tokenizer.zero_shot_logits(tokenizer.encode(image).semantic_codes, self._text_embeds())
+            out.append({"predicted": int(logits.argmax(-1)[0])})
+        return out
+
+    def score(self, items: list[dict[str, Any]], predictions: list[dict[str, Any]]) -> dict[str, float]:
+        correct = [int(p["predicted"] == it["label"]) for it, p in zip(items, predictions, strict=True)]
+        return {"accuracy": float(np.mean(correct)), "images": float(len(items))}
+
+
+def _split_index(key: str) -> tuple[str, int]:
+    split, index = key.split("/")[:2]
+    return split, int(index)
+
+
+__all__ = ["ShapesVQA", "ShapesGenEval", "ShapesGenEvalCompositional", "TokenizerMetrics", "ZeroShot", "detect_objects"]

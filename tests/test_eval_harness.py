@@ -1,0 +1,111 @@
+"""The evaluation harness: registry, cached predictions and resume, batch-size invariance, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from eval import harness
+from training.cli import main as cli_main
+
+
+@pytest.fixture()
+def settings(tmp_path):
+    data = yaml.safe_load((harness.Path(harness.__file__).parents[1] / "configs/eval/shapes.yaml").read_text())
+    data.update(
+        shapes_vqa={"split": "test", "scenes": 3},
+        geneval={"split": "test", "per_category": 2, "cfg": 2.0},
+        geneval_compositional={"split": "compositional", "per_category": 2, "cfg": 2.0},
+        tokenizer={"split": "test", "images": 6},
+    )
+    path = tmp_path / "settings.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+TASKS = ["shapes_vqa", "geneval", "tokenizer"]
+
+
+def test_results_are_identical_for_batch_size_1_and_8(chain, settings, tmp_path):
+    one = harness.evaluate(TASKS, tmp_path / "b1", chain["joint"], settings, batch_size=1)
+    eight = harness.evaluate(TASKS, tmp_path / "b8", chain["joint"], settings, batch_size=8)
+    assert one == eight
+    assert set(one["geneval"]) >= {"single_object", "two_object", "counting", "colors", "color_attr", "overall"}
+    assert one["shapes_vqa"]["vqa_mean_baseline"] > 0
+    payload = json.loads((tmp_path / "b1" / "results.json").read_text())
+    assert payload["settings"]["version"] == 1 and payload["results"] == one
+    assert "| geneval | overall |" in (tmp_path / "b1" / "results.md").read_text()
+    assert len(list((tmp_path / "b1" / "images" / "geneval").glob("*.png"))) == one["geneval"]["images"]
+
+
+def test_interrupted_run_resumes_from_the_cache(chain, settings, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    calls = []
+    original = harness.run_task
+
+    def counting_predict(task_cls):
+        real = task_cls.predict
+
+        def predict(self, batch):
+            calls.append(len(batch))
+            if sum(calls) > 4:
+                raise KeyboardInterrupt  # killed after the first batches
+            return real(self, batch)
+
+        return predict
+
+    import eval.tasks
+
+    monkeypatch.setattr(eval.tasks.ShapesVQA, "predict", counting_predict(eval.tasks.ShapesVQA))
+    with pytest.raises(KeyboardInterrupt):
+        harness.evaluate(["shapes_vqa"], out, chain["joint"], settings, batch_size=2)
+    assert not (out / "results.json").exists()  # no results file that looks complete
+    cached = (out / "predictions" / "shapes_vqa.jsonl").read_text().splitlines()
+    assert len(cached) == 4
+    with open(out / "predictions" / "shapes_vqa.jsonl", "a") as handle:
+        handle.write('{"key": "torn')  # a line cut off by the kill
+    monkeypatch.undo()
+    calls.clear()
+    monkeypatch.setattr(eval.tasks.ShapesVQA, "predict", _recorder(calls))
+    resumed = harness.evaluate(["shapes_vqa"], out, chain["joint"], settings, batch_size=2)
+    made_on_resume = sum(calls)
+    straight = harness.evaluate(["shapes_vqa"], tmp_path / "straight", chain["joint"], settings, batch_size=2)
+    assert resumed == straight
+    assert made_on_resume == sum(calls) - made_on_resume - 4  # only the missing predictions were made
+    assert original is harness.run_task
+
+
+def _recorder(calls):
+    import eval.tasks
+
+    real = eval.tasks.ShapesVQA.predict
+
+    def predict(self, batch):
+        calls.append(len(batch))
+        return real(self, batch)
+
+    return predict
+
+
+def test_bad_input_is_named(chain, settings, tmp_path, capsys):
+    out = tmp_path / "bad"
+    code = cli_main(
+        ["eval", "--model", str(chain["joint"]), "--tasks", "nope", "--out", str(out), "--settings", str(settings)]
+    )
+    assert code == 2 and "unknown task 'nope'" in capsys.readouterr().err
+    broken = tmp_path / "model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    code = cli_main(
+        ["eval", "--model", str(broken), "--tasks", "shapes_vqa", "--out", str(out), "--settings", str(settings)]
+    )
+    assert code == 2 and "missing model.safetensors" in capsys.readouterr().err
+    old = tmp_path / "old.yaml"
+    old.write_text("version: 0\n")
+    code = cli_main(
+        ["eval", "--model", str(chain["joint"]), "--tasks", "shapes_vqa", "--out", str(out), "--settings", str(old)]
+    )
+    assert code == 2 and "settings version 0" in capsys.readouterr().err
+    assert not (out / "results.json").exists()
