@@ -236,3 +236,30 @@ def test_generate_and_chat_commands(chain, tmp_path, capsys):
     assert lines[1].startswith("error:") and "notes.png" in lines[1]
     assert lines[2] == f"(attached {picture})"
     assert (tmp_path / "chat" / "imagine_001.png").is_file()
+
+
+def test_llm_pipeline_end_to_end_and_reuse(data, tmp_path, caplog):
+    import logging
+
+    from mllm_fixtures import stage_overrides
+
+    from training import mllm_pipeline
+
+    micro = [o for o in stage_overrides(data, tmp_path / "unused") if o.startswith(("model.", "loop.batch", "eval."))]
+    argv = ["--tokenizer", str(data["tokenizer"]), "--run-dir", str(tmp_path / "run"), "--train-images", "16"]
+    argv += ["--val-images", "8", "--vqa-scenes", "2", "--t2i-prompts", "2"]
+    argv += [item for value in [*micro, "loop.max_steps=2"] for item in ("--set", value)]
+    metrics = mllm_pipeline.main(argv)
+    report = (tmp_path / "run" / "mllm_report.md").read_text()
+    assert "majority baseline" in report and f"{100 * metrics['vqa_mean']:.1f} %" in report
+    assert (tmp_path / "run" / "mllm_eval" / "t2i_samples.png").is_file()
+    summary = json.loads((tmp_path / "run" / "mllm_metrics.json").read_text())
+    assert set(summary["stages"]) == {"align", "understand", "generate", "joint"}
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        again = mllm_pipeline.main(argv)
+    timeless = {k: v for k, v in metrics.items() if not k.endswith("_seconds")}
+    assert {k: v for k, v in again.items() if not k.endswith("_seconds")} == pytest.approx(timeless)
+    for stage in ("align", "understand", "generate", "joint"):
+        assert f"LLM stage {stage}: reusing" in caplog.text
+    assert "codes: reusing" in caplog.text and "data: reusing" in caplog.text

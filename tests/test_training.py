@@ -289,7 +289,7 @@ def test_checkpoint_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 # ------------------------------------------------------------------------------ pipeline
 def test_pipeline_reuses_finished_stages(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     run_dir = tmp_path / "run"
-    argv = ["--run-dir", str(run_dir)]
+    argv = ["--run-dir", str(run_dir), "--tokenizer-only"]
     argv += [item for value in [*LOOP_SETS, *TEACHER_SETS] for item in ("--set-teacher", value)]
     argv += [item for value in [*LOOP_SETS, *TOKENIZER_SETS] for item in ("--set-tokenizer", value)]
     teacher_weights = run_dir / "stage0" / "teacher" / "model.safetensors"

@@ -1,6 +1,11 @@
-"""The embedded default end to end: stage 0 (teacher) -> stage 1 (DualToken) -> report.
+"""The embedded default end to end: teacher -> tokenizer -> LLM stages -> scores -> report.
 
     dualtoken tiny-pipeline [--run-dir runs/tiny] [--set-teacher k=v ...] [--set-tokenizer k=v ...]
+                            [--set-llm k=v ...] [--tokenizer-only]
+
+Stage 0 (SigLIP teacher) and stage 1 (DualToken) are followed by the LLM half
+(training/mllm_pipeline.py: Shapes data, code shards, the four LLM stages, VQA and
+checker-judged text-to-image scores); ``report.md`` gathers every number and picture.
 
 A finished stage is reused when its output is complete (model, weights and metrics all
 present and loadable), so re-running after an interruption continues where it stopped;
@@ -69,7 +74,24 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     metrics = json.loads((tokenizer_dir / "metrics.json").read_text())
     report = write_report(run_dir, teacher_metrics, metrics, timings, stage1_dir)
     print(report)
-    return metrics
+    if args.tokenizer_only:
+        return metrics
+    from training import mllm_pipeline
+
+    llm_argv = ["--tokenizer", str(tokenizer_dir), "--run-dir", str(run_dir), *_sets(args.set_llm)]
+    llm_metrics = mllm_pipeline.main(llm_argv)
+    combined = report + "\n" + (run_dir / "mllm_report.md").read_text()
+    model_dir = run_dir / "mllm" / "joint" / "model"
+    combined += (
+        "\n## Use it\n\n"
+        f"    dualtoken chat --model {model_dir}\n"
+        f'    dualtoken generate "a large red circle" -o red.png --model {model_dir} --cfg 3 --seed 0\n'
+        f"    dualtoken eval --model {model_dir} --tasks shapes_vqa geneval geneval_compositional "
+        f"--out {run_dir / 'eval'}\n"
+    )
+    (run_dir / "report.md").write_text(combined)
+    print(f"report: {run_dir / 'report.md'}\nchat with it:  dualtoken chat --model {model_dir}")
+    return {**metrics, **{f"llm_{key}": value for key, value in llm_metrics.items()}}
 
 
 def _sets(values: list[str]) -> list[str]:
@@ -120,6 +142,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--tokenizer-config", default=DEFAULT_TOKENIZER_CONFIG)
     parser.add_argument("--set-teacher", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--set-tokenizer", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--set-llm", action="append", default=[], metavar="KEY=VALUE", help="override for every LLM stage"
+    )
+    parser.add_argument("--tokenizer-only", action="store_true", help="stop after the tokenizer (stage 0 + stage 1)")
     args = parser.parse_args(argv)
     setup_logging()
     return run(args)
