@@ -109,3 +109,52 @@ def test_bad_input_is_named(chain, settings, tmp_path, capsys):
     )
     assert code == 2 and "settings version 0" in capsys.readouterr().err
     assert not (out / "results.json").exists()
+
+
+def test_standard_benchmarks_from_local_files(chain, settings, tmp_path, capsys):
+    from PIL import Image
+
+    from training.data.shapes import ShapesWorld, ShapesWorldConfig
+
+    world = ShapesWorld(ShapesWorldConfig(image_size=32))
+    images = tmp_path / "images"
+    images.mkdir()
+    pope_lines, vqa_questions, vqa_annotations, tsv = [], [], [], ["index\tquestion\tA\tB\tanswer\timage_path"]
+    for index in range(4):
+        sample = world.sample("test", index)
+        name = f"COCO_val2014_{index:012d}.jpg"
+        Image.fromarray(sample.image).save(images / name, format="JPEG")
+        label = "yes" if index % 2 == 0 else "no"
+        pope_lines.append(
+            json.dumps({"question_id": index, "image": name, "text": "is there a circle?", "label": label})
+        )
+        vqa_questions.append({"question_id": index, "image_id": index, "question": "what colour is it?"})
+        vqa_annotations.append(
+            {"question_id": index, "image_id": index, "answers": [{"answer": "red", "answer_id": k} for k in range(10)]}
+        )
+        tsv.append(f"{index}\twhat shape?\tcircle\tsquare\tA\t{images / name}")
+    (tmp_path / "pope.jsonl").write_text("\n".join(pope_lines) + "\n")
+    (tmp_path / "q.json").write_text(json.dumps({"data_subtype": "val2014", "questions": vqa_questions}))
+    (tmp_path / "a.json").write_text(json.dumps({"annotations": vqa_annotations}))
+    (tmp_path / "mc.tsv").write_text("\n".join(tsv) + "\n")
+    data = yaml.safe_load(settings.read_text())
+    data["pope"] = {"questions": str(tmp_path / "pope.jsonl"), "image_dir": str(images)}
+    data["vqav2"] = {
+        "questions": str(tmp_path / "q.json"),
+        "annotations": str(tmp_path / "a.json"),
+        "image_dir": str(images),
+    }
+    data["multiple_choice"] = {"tsv": str(tmp_path / "mc.tsv")}
+    settings.write_text(yaml.safe_dump(data))
+    results = harness.evaluate(["pope", "vqav2", "multiple_choice"], tmp_path / "out", chain["joint"], settings)
+    assert results["pope"]["num_questions"] == 4 and 0 <= results["pope"]["f1"] <= 1
+    assert results["vqav2"]["questions"] == 4 and 0 <= results["vqav2"]["accuracy"] <= 1
+    assert results["multiple_choice"]["num_questions"] == 4
+
+    del data["pope"]
+    settings.write_text(yaml.safe_dump(data))
+    out = tmp_path / "missing"
+    code = cli_main(
+        ["eval", "--model", str(chain["joint"]), "--tasks", "pope", "--out", str(out), "--settings", str(settings)]
+    )
+    assert code == 2 and "needs `pope.questions`" in capsys.readouterr().err
