@@ -194,10 +194,15 @@ class TokenizerMetrics(Task):
             pixel_codes=torch.cat([c.pixel_codes for c in encoded]),
             semantic_codes=torch.cat([c.semantic_codes for c in encoded]),
         )
+        extractor = self._extractor()
+        real = [extractor(images[row : row + 1])[0].double().tolist() for row in range(len(batch))]
+        fake = [extractor(recon[row : row + 1])[0].double().tolist() for row in range(len(batch))]
         out = []
         for row in range(len(batch)):
             out.append(
                 {
+                    "features": real[row],
+                    "recon_features": fake[row],
                     "psnr": float(psnr(recon[row : row + 1], images[row : row + 1])),
                     "ssim": float(ssim(recon[row : row + 1], images[row : row + 1])),
                     "pixel_codes": codes.pixel_codes[row].reshape(-1, codes.pixel_codes.shape[-1]).tolist(),
@@ -206,12 +211,29 @@ class TokenizerMetrics(Task):
             )
         return out
 
+    def _extractor(self) -> Any:
+        """rFID features: Inception from ``fid_weights`` (a local file) or the small fixed conv net."""
+        if not hasattr(self, "_features"):
+            from eval.fid import build_feature_extractor
+
+            self._features = build_feature_extractor(self.options.get("fid_weights"))
+        return self._features
+
     def score(self, items: list[dict[str, Any]], predictions: list[dict[str, Any]]) -> dict[str, float]:
+        from eval.fid import frechet_distance
+
         tokenizer = self.context.dualtoken
         metrics = {
             "psnr": float(np.mean([p["psnr"] for p in predictions])),
             "ssim": float(np.mean([p["ssim"] for p in predictions])),
         }
+        real = np.asarray([p["features"] for p in predictions], dtype=np.float64)
+        fake = np.asarray([p["recon_features"] for p in predictions], dtype=np.float64)
+        if len(real) >= 2:
+            metrics["rfid"] = frechet_distance(
+                real.mean(0), np.cov(real, rowvar=False), fake.mean(0), np.cov(fake, rowvar=False)
+            )
+        metrics["rfid_features"] = self._extractor().name
         for branch, quantizer in (("pixel", tokenizer.pixel_quantizer), ("semantic", tokenizer.semantic_quantizer)):
             if quantizer is None:
                 continue
