@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from eval.checker import ObjectSpec, judge
-from training.data.shapes import QUESTION_KINDS, ShapesWorld, relations
+from training.data.shapes import COLOURS, NUMBER_WORDS, QUESTION_KINDS, SHAPES, ShapesWorld, relations
 
 
 @dataclass
@@ -51,12 +51,24 @@ def majority_answers(world: ShapesWorld, scenes: int = 2000) -> dict[str, str]:
     return {kind: counter.most_common(1)[0][0] for kind, counter in counts.items()}
 
 
+VALID_ANSWERS: dict[str, set[str]] = {
+    "colour": set(COLOURS),
+    "shape": set(SHAPES),
+    "count": set(NUMBER_WORDS),
+    "exists": {"yes", "no"},
+    "position": {"yes", "no", "left", "right", "top", "bottom"},
+}
+
+
 def score_vqa(items: list[VQAItem], predictions: list[str], majority: dict[str, str]) -> dict[str, float]:
+    """Exact match per kind, the majority baseline, and ``vqa_valid``: answers of the right type."""
     hits: dict[str, list[int]] = defaultdict(list)
     base: dict[str, list[int]] = defaultdict(list)
+    valid: list[int] = []
     for item, predicted in zip(items, predictions, strict=True):
         hits[item.kind].append(int(predicted.strip().lower() == item.answer))
         base[item.kind].append(int(majority.get(item.kind) == item.answer))
+        valid.append(int(predicted.strip().lower() in VALID_ANSWERS.get(item.kind, set())))
     metrics: dict[str, float] = {}
     for kind in QUESTION_KINDS:
         if hits[kind]:
@@ -66,6 +78,7 @@ def score_vqa(items: list[VQAItem], predictions: list[str], majority: dict[str, 
     kinds = [kind for kind in QUESTION_KINDS if hits[kind]]
     metrics["vqa_mean"] = float(np.mean([metrics[f"vqa_{kind}"] for kind in kinds]))
     metrics["vqa_mean_baseline"] = float(np.mean([metrics[f"vqa_{kind}_baseline"] for kind in kinds]))
+    metrics["vqa_valid"] = float(np.mean(valid))
     return metrics
 
 

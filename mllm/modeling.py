@@ -439,7 +439,29 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
                 codes = semantic_target[is_semantic] - layout.semantic_offset
                 logits = self.semantic_head(context[is_semantic], codes).float()
                 losses["semantic"] = F.cross_entropy(logits.flatten(0, 1), codes.flatten())
+        if torch.is_grad_enabled():
+            idle = self._idle_heads_term(context, losses)
+            if idle is not None:
+                losses["idle_heads"] = idle
         return losses
+
+    def _idle_heads_term(self, context: torch.Tensor, losses: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Zero times the output of every trainable head that had no target in this batch.
+
+        A batch of VQA alone gives the depth heads no loss. Every engine must then treat them
+        alike: DeepSpeed ZeRO-1/2 gives such parameters a zero gradient (AdamW still moves them
+        with its momentum and decay), and ZeRO-3 (DeepSpeed 0.19) even re-applies their last
+        real gradient. Running the idle head on one slot, times zero, gives it an exact zero
+        gradient through its own forward (so ZeRO-3 gathers its weights), in every engine.
+        """
+        terms = []
+        probe = context[:1, :1].reshape(1, -1)
+        for name, head in (("pixel", self.pixel_head), ("semantic", self.semantic_head)):
+            if head is None or name in losses or not any(p.requires_grad for p in head.parameters()):
+                continue
+            codes = torch.zeros(1, head.depth, dtype=torch.long, device=context.device)
+            terms.append(head(probe, codes).float().sum() * 0.0)
+        return torch.stack(terms).sum() if terms else None
 
 
 def _cache_kwarg(decoder: nn.Module) -> str:

@@ -334,3 +334,18 @@ def test_qwen2_5_3b_config_builds_on_the_meta_device():
     total = sum(p.numel() for p in model.parameters())
     assert total == base + extension + depth_head + projector
     assert 3.3e9 < total < 3.4e9
+
+
+def test_an_idle_head_gets_an_exact_zero_gradient(built):
+    import copy
+
+    _, _, model, builder = built
+    model = copy.deepcopy(model).train()
+    vqa = builder.conversation([("user", "<image>\nwhat colour?"), ("assistant", "red")], semantic=_codes(1, SEM, DS))
+    out = model(**collate_sequences([vqa], pad_id=0))
+    assert "pixel" not in out.losses and out.losses["idle_heads"].item() == 0.0
+    out.loss.backward()
+    grads = [p.grad for p in model.pixel_head.parameters()]
+    assert all(g is not None and not g.any() for g in grads)  # present (every engine steps it alike) and zero
+    with torch.no_grad():
+        assert "idle_heads" not in model(**collate_sequences([vqa], pad_id=0)).losses

@@ -150,7 +150,11 @@ def deepspeed_json(config: DeepSpeedConfig, batch_size: int, grad_clip: float, p
         path = Path(config.config_path)
         if not path.is_file():
             raise FileNotFoundError(f"deepspeed.config_path={path} does not exist")
-        payload.update(json.loads(path.read_text()))
+        # Merged key by key, so a user's {"zero_optimization": {...}} refines the generated
+        # section instead of dropping its stage and offload settings.
+        from training.config import _merge
+
+        payload = _merge(payload, json.loads(path.read_text()))
     return payload
 
 
