@@ -335,4 +335,5 @@ def mixed_runs(tmp_path_factory: pytest.TempPathFactory, data: dict[str, Path]) 
 def test_zero3_with_vqa_steps_matches_single_process(mixed_runs: tuple[Run, Run]) -> None:
     plain, zero3 = mixed_runs
     assert "text" in plain.records()[3] and "pixel" not in plain.records()[3]  # step 3 is a VQA step
-    _assert_steps_close(plain, zero3, list(range(1, STEPS + 1)), MIXED_RTOL, ("loss", "grad_norm", "pixel"))
+    _assert_steps_close(plain, zero3, list(range(1, STEPS + 1)), MIXED_RTOL, ("loss", "grad_norm"))
+    _assert_steps_close(plain, zero3, [1, 2, 4], MIXED_RTOL, ("pixel",))  # the depth head after its idle step
