@@ -1,5 +1,5 @@
 # The two commands of the README:
-#   make demo   set up from nothing, then train the tokenizer on the embedded default and report
+#   make demo   set up from nothing, then train the whole system on the embedded default and report
 #   make test   set up from nothing, then run the test suite
 PYTHON ?= python3
 VENV ?= .venv
