@@ -352,3 +352,32 @@ def _saved_keys(run_dir: Path) -> list[str]:
 
     with safe_open(str(run_dir / "tokenizer" / "model.safetensors"), "pt") as weights:
         return list(weights.keys())
+
+
+def test_pipeline_runs_the_whole_system(tmp_path: Path) -> None:
+    """tiny-pipeline without --tokenizer-only: teacher, tokenizer, the LLM half, one report."""
+    run_dir = tmp_path / "run"
+    argv = ["--run-dir", str(run_dir)]
+    argv += [item for value in [*LOOP_SETS, *TEACHER_SETS] for item in ("--set-teacher", value)]
+    argv += [item for value in [*LOOP_SETS, *TOKENIZER_SETS] for item in ("--set-tokenizer", value)]
+    micro = [
+        "loop.max_steps=2",
+        "loop.batch_size=4",
+        "loop.num_threads=1",
+        "model.llm_config.hidden_size=32",
+        "model.llm_config.intermediate_size=64",
+        "model.llm_config.num_hidden_layers=1",
+        "model.llm_config.num_attention_heads=2",
+        "model.llm_config.num_key_value_heads=1",
+        "model.depth_head_layers=1",
+        "model.depth_head_heads=2",
+        "eval.vqa_samples=4",
+    ]
+    argv += [item for value in micro for item in ("--set-llm", value)]
+    argv += ["--llm-option=--train-images=12", "--llm-option=--val-images=4"]
+    argv += ["--llm-option=--vqa-scenes=1", "--llm-option=--t2i-prompts=1"]
+    metrics = pipeline.main(argv)
+    assert "test_psnr" in metrics and "llm_vqa_mean" in metrics and "llm_t2i_all" in metrics
+    report = (run_dir / "report.md").read_text()
+    assert "reconstruction PSNR" in report and "majority baseline" in report and "dualtoken chat --model" in report
+    assert (run_dir / "mllm" / "joint" / "model" / "model.safetensors").is_file()

@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     from training import mllm_pipeline
 
     llm_argv = ["--tokenizer", str(tokenizer_dir), "--run-dir", str(run_dir), *_sets(args.set_llm)]
+    llm_argv += [item for value in args.llm_option for item in value.split("=", 1)]
     llm_metrics = mllm_pipeline.main(llm_argv)
     combined = report + "\n" + (run_dir / "mllm_report.md").read_text()
     model_dir = run_dir / "mllm" / "joint" / "model"
@@ -146,6 +147,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "--set-llm", action="append", default=[], metavar="KEY=VALUE", help="override for every LLM stage"
     )
     parser.add_argument("--tokenizer-only", action="store_true", help="stop after the tokenizer (stage 0 + stage 1)")
+    parser.add_argument(
+        "--llm-option",
+        action="append",
+        default=[],
+        metavar="--NAME=VALUE",
+        help="an option of `dualtoken tiny-mllm`, e.g. --llm-option=--train-images=5000",
+    )
     args = parser.parse_args(argv)
     setup_logging()
     return run(args)
