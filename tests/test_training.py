@@ -132,6 +132,23 @@ def test_stage0_writes_a_loadable_teacher(teacher_dir: Path) -> None:
     assert staging_leftovers(teacher_dir.parent) == []
 
 
+def test_stage0_class_loss_trains_the_head_and_saves_siglip_only(tmp_path: Path) -> None:
+    """teacher.class_loss_weight > 0: the auxiliary class head trains, the saved teacher is plain SigLIP."""
+    from safetensors import safe_open
+
+    output_dir = tmp_path / "stage0"
+    train_teacher.main(teacher_argv(output_dir, "teacher.class_loss_weight=1.0", "teacher.single_object_fraction=1.0"))
+    records = train_records(output_dir, "stage0/loss")
+    assert [record["step"] for record in records] == [1, 2]
+    teacher = output_dir / train_teacher.TEACHER_DIRNAME
+    with safe_open(str(teacher / "model.safetensors"), framework="pt") as handle:
+        assert not any("class_head" in key for key in handle.keys())
+    reference = tmp_path / "no_class_loss"
+    train_teacher.main(teacher_argv(reference, "teacher.single_object_fraction=1.0"))
+    # the class cross-entropy adds to the loss of the same batch at step 1 (same weights, same data)
+    assert records[0]["stage0/loss"] > train_records(reference, "stage0/loss")[0]["stage0/loss"]
+
+
 # ------------------------------------------------------------------------------ stage 1
 def test_stage1_with_gan_writes_a_loadable_tokenizer(teacher_dir: Path, tmp_path: Path) -> None:
     output_dir = tmp_path / "stage1"

@@ -67,12 +67,19 @@ class TeacherConfig:
     single_object_fraction: float = 0.5
     # Add the class prompts to every batch's texts (see sigmoid_loss).
     class_prompt_negatives: bool = True
+    # Weight of an auxiliary cross-entropy over the zero-shot classes on the pooled image
+    # output of single-object scenes (their class is known), through a linear head that is
+    # dropped after training. It gives shape a direct gradient: with the sigmoid loss alone
+    # shape stays near chance for ~300 steps (issue 2, runs/teacher_exp). 0 turns it off.
+    class_loss_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.vision.kind != "siglip":
             raise ConfigError(f"teacher.vision.kind={self.vision.kind!r}; stage 0 trains a SigLIP ('siglip')")
         if not 0 <= self.single_object_fraction <= 1:
             raise ConfigError("teacher.single_object_fraction must lie in [0, 1]")
+        if self.class_loss_weight < 0:
+            raise ConfigError("teacher.class_loss_weight must be >= 0")
 
 
 @dataclass
@@ -156,12 +163,22 @@ def build_teacher(config: TeacherConfig, vocab_size: int) -> SiglipModel:
     return model
 
 
+class TeacherWithClassHead(torch.nn.Module):
+    """The SigLIP being trained plus the auxiliary class head (only ``siglip`` is saved)."""
+
+    def __init__(self, siglip: SiglipModel, num_classes: int) -> None:
+        super().__init__()
+        self.siglip = siglip
+        self.class_head = torch.nn.Linear(siglip.config.vision_config.hidden_size, num_classes)
+
+
 def sigmoid_loss(
     model: SiglipModel,
     images: torch.Tensor,
     input_ids: torch.Tensor,
     prompt_ids: torch.Tensor | None = None,
     class_targets: torch.Tensor | None = None,
+    image_features: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SigLIP's pairwise sigmoid loss over (images x captions), optionally extended with
     (images x class prompts).
@@ -171,8 +188,11 @@ def sigmoid_loss(
     prompt_ids: (K, L) class prompts and class_targets: (B, K) in {+1, -1}: the prompts are
     extra texts in every batch, so each image meets the hard negatives that differ from it
     in shape alone (same colour) — the signal a random batch of captions rarely contains.
+    image_features: the pooled image output when the caller already computed it.
     """
-    image_embeds = torch.nn.functional.normalize(model.get_image_features(pixel_values=images).pooler_output, dim=-1)
+    if image_features is None:
+        image_features = model.get_image_features(pixel_values=images).pooler_output
+    image_embeds = torch.nn.functional.normalize(image_features, dim=-1)
     texts = input_ids if prompt_ids is None else torch.cat([input_ids, prompt_ids])
     text_embeds = torch.nn.functional.normalize(model.get_text_features(input_ids=texts).pooler_output, dim=-1)
     logits = image_embeds @ text_embeds.t() * model.logit_scale.exp() + model.logit_bias
@@ -225,7 +245,8 @@ def fit(config: Stage0Config, dist_state: distributed.DistState) -> dict[str, fl
     world = ShapesWorld(config.data.shapes)
     text_tokenizer = build_word_tokenizer(world_texts(world), config.teacher.text.max_length)
     seed_everything(loop.seed)
-    model = build_teacher(config.teacher, vocab_size=len(text_tokenizer))
+    siglip = build_teacher(config.teacher, vocab_size=len(text_tokenizer))
+    model = TeacherWithClassHead(siglip, len(world.zero_shot_prompts()))
     logger.info("stage 0: SigLIP teacher with %.2fM trainable parameters", count_parameters(model) / 1e6)
     optimizer = build_optimizer(model.parameters(), config.optim)
     scheduler = warmup_cosine(optimizer, config.optim, loop.max_steps)
@@ -269,14 +290,24 @@ def fit(config: Stage0Config, dist_state: distributed.DistState) -> dict[str, fl
         loader, desc="stage 0 (teacher)", initial=start_step, total=loop.max_steps, disable=not dist_state.is_main
     ):
         input_ids = tokenize_texts(text_tokenizer, batch["caption"], max_length)
+        images = batch["image"].to(dist_state.device)
         with autocast(loop.precision, dist_state.device):
+            pooled = engine.module.siglip.get_image_features(pixel_values=images).pooler_output
             loss = sigmoid_loss(
-                engine.module,
-                batch["image"].to(dist_state.device),
+                engine.module.siglip,
+                images,
                 input_ids.to(dist_state.device),
                 prompt_ids if config.teacher.class_prompt_negatives else None,
                 batch["class_targets"].to(dist_state.device),
+                image_features=pooled,
             )
+            single = batch["class_targets"].gt(0).sum(dim=-1).eq(1).to(dist_state.device)
+            if config.teacher.class_loss_weight > 0 and bool(single.any()):
+                class_logits = engine.module.class_head(pooled[single])
+                labels = batch["label"].to(dist_state.device)[single]
+                loss = loss + config.teacher.class_loss_weight * torch.nn.functional.cross_entropy(
+                    class_logits.float(), labels
+                )
         engine.backward(loss)
         engine.step()
         step += 1
@@ -291,11 +322,11 @@ def fit(config: Stage0Config, dist_state: distributed.DistState) -> dict[str, fl
             distributed.save_checkpoint(checkpoints, step, {"teacher": engine}, {})
             distributed.prune_checkpoints(checkpoints)
     metrics = {
-        "teacher_zero_shot_val": teacher_zero_shot(engine.module, text_tokenizer, world, "val", loop.eval_images)
+        "teacher_zero_shot_val": teacher_zero_shot(engine.module.siglip, text_tokenizer, world, "val", loop.eval_images)
     }
     metrics["train_seconds"] = time.time() - started
     if dist_state.is_main:
-        save_teacher(engine.module, text_tokenizer, output_dir / TEACHER_DIRNAME, metrics)
+        save_teacher(engine.module.siglip, text_tokenizer, output_dir / TEACHER_DIRNAME, metrics)
         writer.scalars(step, metrics, prefix="stage0/")
     writer.close()
     logger.info("stage 0 done: %s", json.dumps(metrics))
