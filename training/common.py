@@ -175,6 +175,11 @@ def step_loader(
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers, generator=generator)
 
 
+def format_metrics(metrics: dict[str, float]) -> str:
+    """``name=value, ...`` with 4 significant digits, for log lines."""
+    return ", ".join(f"{key}={value:.4g}" for key, value in metrics.items())
+
+
 def count_parameters(module: torch.nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 

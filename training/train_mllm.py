@@ -43,6 +43,7 @@ from training.common import (
     autocast,
     build_optimizer,
     count_parameters,
+    format_metrics,
     restore_schedule_lr,
     seed_everything,
     setup_logging,
@@ -599,7 +600,7 @@ class MLLMStageTrainer:
                 progress.set_postfix({k: f"{averaged[k]:.3f}" for k in ("text", "pixel") if k in averaged})
                 window.clear()
             if step % loop.eval_every == 0 and step < loop.max_steps:
-                logger.info("step %d: %s", step, _fmt(self.evaluate(step)))
+                logger.info("step %d: %s", step, format_metrics(self.evaluate(step)))
             if step % loop.save_every == 0 or step == loop.max_steps:
                 distributed.save_checkpoint(checkpoints, step, self.engines, {})
                 distributed.prune_checkpoints(checkpoints)
@@ -626,7 +627,7 @@ class MLLMStageTrainer:
             )
             (self.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
             self.writer.scalars(step, metrics, prefix="final/")
-            logger.info("stage %s done: %s", self.config.stage.name, _fmt(metrics))
+            logger.info("stage %s done: %s", self.config.stage.name, format_metrics(metrics))
         distributed.barrier()
         self.writer.close()
         return metrics
@@ -672,10 +673,6 @@ def save_model_folder(
         shutil.rmtree(directory)
     staging.rename(directory)
     return directory
-
-
-def _fmt(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{key}={value:.4g}" for key, value in metrics.items())
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -38,6 +38,7 @@ from training.common import (
     autocast,
     build_optimizer,
     count_parameters,
+    format_metrics,
     restore_schedule_lr,
     seed_everything,
     setup_logging,
@@ -308,7 +309,7 @@ class Stage1Trainer:
                 self.output_dir / "reconstructions" / f"{split}_step_{step:07d}.png",
                 labels=["original", "decoded"],
             )
-            logger.info("eval %s @ %d: %s (grid: %s)", split, step, _fmt(metrics), grid)
+            logger.info("eval %s @ %d: %s (grid: %s)", split, step, format_metrics(metrics), grid)
             self.writer.scalars(step, metrics, prefix=f"eval_{split}/")
         return metrics
 
@@ -396,13 +397,9 @@ class Stage1Trainer:
             (directory / "metrics.json").write_text(json.dumps(metrics, indent=2))
             (self.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
             self.writer.scalars(step, metrics, prefix="final/")
-            logger.info("stage 1 done: %s", _fmt(metrics))
+            logger.info("stage 1 done: %s", format_metrics(metrics))
         self.writer.close()
         return metrics
-
-
-def _fmt(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{key}={value:.4g}" for key, value in metrics.items())
 
 
 def tokenizer_is_complete(directory: Path) -> bool:
