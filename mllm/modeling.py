@@ -464,6 +464,48 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
         return torch.stack(terms).sum() if terms else None
 
 
+@torch.no_grad()
+def init_code_embeddings(
+    model: DualTokenMLLMForCausalLM,
+    semantic_codebook: torch.Tensor | None,
+    pixel_codebook: torch.Tensor | None,
+    seed: int = 0,
+) -> None:
+    """Start the visual code rows as one fixed linear map of the tokenizer's code vectors.
+
+    A slot's input sums its codes' rows over depths, so with these rows it is the same map
+    applied to the slot's quantised feature (the sum of its code vectors): the LM sees the
+    tokenizer's geometry from step 0 instead of 1024 unrelated random vectors per branch.
+    The depth heads' code embeddings start the same way. Rows are scaled to the text rows'
+    standard deviation (relative code norms are kept). A branch whose codebook is None keeps
+    its random rows.
+    """
+    embeddings = model.get_input_embeddings().weight
+    layout = model.layout
+    text_std = float(embeddings[: layout.text_size].float().std())
+    generator = torch.Generator().manual_seed(seed)
+    branches = (
+        ("semantic", semantic_codebook, layout.semantic_offset, layout.semantic_size, model.semantic_head),
+        ("pixel", pixel_codebook, layout.pixel_offset, layout.pixel_size, model.pixel_head),
+    )
+    for name, codebook, offset, size, head in branches:
+        if codebook is None:
+            continue
+        if codebook.ndim != 2 or codebook.shape[0] != size:
+            raise VocabularyError(
+                f"the {name} codebook has shape {tuple(codebook.shape)}; the vocabulary expects ({size}, code_dim)"
+            )
+        codebook = codebook.detach().float().cpu()
+        targets = [(embeddings, offset, text_std)]
+        if head is not None:
+            targets.append((head.code_embed.weight, 0, float(head.code_embed.weight.float().std())))
+        for weight, start, std in targets:
+            projection = torch.randn(codebook.shape[1], weight.shape[1], generator=generator)
+            rows = codebook @ projection
+            rows = rows * (std / float(rows.std().clamp_min(1e-12)))
+            weight[start : start + size].copy_(rows.to(weight.dtype))
+
+
 def _cache_kwarg(decoder: nn.Module) -> str:
     """The decoder's KV-cache argument: ``cache`` in recent transformers, ``past_key_values`` before."""
     import inspect

@@ -349,3 +349,32 @@ def test_an_idle_head_gets_an_exact_zero_gradient(built):
     assert all(g is not None and not g.any() for g in grads)  # present (every engine steps it alike) and zero
     with torch.no_grad():
         assert "idle_heads" not in model(**collate_sequences([vqa], pad_id=0)).losses
+
+
+def test_codebook_initialised_code_rows_are_a_linear_map_of_the_code_vectors(text_tokenizer):
+    import copy
+
+    from mllm.modeling import init_code_embeddings
+
+    tokenizer = copy.deepcopy(text_tokenizer)
+    layout = extend_tokenizer(tokenizer, SEM, PIX)
+    model = DualTokenMLLMForCausalLM.from_llm(
+        _tiny_llm(len(text_tokenizer)), layout, semantic_depth=DS, pixel_depth=DP, depth_head_layers=1
+    )
+    generator = torch.Generator().manual_seed(3)
+    semantic, pixel = torch.randn(SEM, 8, generator=generator), torch.randn(PIX, 8, generator=generator)
+    semantic[2] = semantic[0] + semantic[1]  # a slot's summed rows must equal the map of its summed vectors
+    pixel[5] = pixel[3] - pixel[4]
+    text_before = model.get_input_embeddings().weight[: layout.text_size].clone()
+    init_code_embeddings(model, semantic, pixel)
+    rows = model.get_input_embeddings().weight
+    sem_rows = rows[layout.semantic_offset : layout.semantic_offset + SEM]
+    pix_rows = rows[layout.pixel_offset : layout.pixel_offset + PIX]
+    torch.testing.assert_close(sem_rows[2], sem_rows[0] + sem_rows[1])
+    torch.testing.assert_close(pix_rows[5], pix_rows[3] - pix_rows[4])
+    head_rows = model.pixel_head.code_embed.weight
+    torch.testing.assert_close(head_rows[5], head_rows[3] - head_rows[4])
+    torch.testing.assert_close(rows[: layout.text_size], text_before)  # text rows untouched
+    assert float(sem_rows.std()) == pytest.approx(float(text_before.std()), rel=1e-3)
+    with pytest.raises(VocabularyError, match=r"pixel codebook has shape \(7, 8\)"):
+        init_code_embeddings(model, None, torch.randn(7, 8))

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from mllm.chat import QWEN_TEMPLATE, ChatTemplate, ConversationError, Sequence, SequenceBuilder, collate_sequences
 from mllm.generation import generate_text
-from mllm.modeling import DualTokenMLLMForCausalLM, pick_attn_implementation
+from mllm.modeling import DualTokenMLLMForCausalLM, init_code_embeddings, pick_attn_implementation
 from mllm.vocab import TINY_CHAT_TOKENS, extend_tokenizer, shapes_corpus, train_sentencepiece
 from tokenizer.config import ConfigError
 from training import distributed
@@ -81,6 +81,9 @@ class ModelConfig:
     depth_head_layers: int = 2
     depth_head_heads: int = 4
     depth_head_hidden: int = 0
+    # random | codebook: start the visual code rows (and the depth heads' code embeddings) as a
+    # fixed linear map of the DualToken tokenizer's code vectors (mllm.modeling.init_code_embeddings).
+    code_embedding_init: str = "random"
     max_length: int = 0  # 0 = the LM's max_position_embeddings
     attn_implementation: str = "auto"  # auto = FlashAttention-2 when installed (GPU), else SDPA
     gradient_checkpointing: bool = False
@@ -89,6 +92,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _require(
             self.chat_template in ("tiny", "qwen"), f"model.chat_template={self.chat_template!r}; expected tiny|qwen"
+        )
+        _require(
+            self.code_embedding_init in ("random", "codebook"),
+            f"model.code_embedding_init={self.code_embedding_init!r}; expected random|codebook",
         )
         _require(
             bool(self.llm_config) or bool(self.llm_pretrained),
@@ -204,7 +211,36 @@ def build_model(model_config: ModelConfig, store: CodeStore) -> tuple[DualTokenM
         chat_template=template.to_dict(),
         attn_implementation=attn,
     )
+    if model_config.code_embedding_init == "codebook":
+        semantic, pixel = tokenizer_codebooks(store)
+        init_code_embeddings(model, semantic, pixel)
     return model, tokenizer
+
+
+def tokenizer_codebooks(store: CodeStore) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The semantic and pixel codebooks of the DualToken tokenizer that wrote ``store``.
+
+    The tokenizer is found through the shards' ``meta.json`` and must be the one that wrote
+    them (same weight fingerprint), or the rows would describe another tokenizer's codes.
+    """
+    from tokenizer import DualTokenizer
+    from training.data.code_shards import tokenizer_fingerprint
+
+    meta = store.meta
+    path = Path(meta.tokenizer_path)
+    if not path.is_dir():
+        raise ConfigError(
+            f"model.code_embedding_init=codebook needs the tokenizer that wrote {store.out_dir} "
+            f"({meta.tokenizer_path}, from its meta.json), which is not a folder"
+        )
+    dualtoken = DualTokenizer.from_pretrained(path)
+    if tokenizer_fingerprint(dualtoken) != meta.tokenizer_fingerprint:
+        raise ConfigError(
+            f"{path} is not the tokenizer that wrote {store.out_dir} (weight fingerprints differ); "
+            "re-tokenise or set model.code_embedding_init=random"
+        )
+    pixel = dualtoken.pixel_quantizer.codebook if dualtoken.pixel_quantizer is not None else None
+    return dualtoken.semantic_quantizer.codebook, pixel
 
 
 def load_model_folder(
