@@ -9,7 +9,8 @@ judged by :mod:`eval.checker`, which never sees the model.
   (single object, two objects, counting, colours, position, colour attribution) from the
   world's own captions; the compositional variant uses the held-out attribute combinations
   that no training caption names.
-- ``tokenizer``: PSNR, SSIM and codebook usage / perplexity of both vocabularies.
+- ``tokenizer``: PSNR, SSIM, rFID, the checker on reconstructions (the text-to-image ceiling)
+  and codebook usage / perplexity of both vocabularies.
 - ``zero_shot``: 18-way Shapes classification through the quantised semantic path.
 """
 
@@ -113,14 +114,34 @@ class ShapesGenEval(Task):
         )
         folder = self.context.out_dir / "images" / self.name
         folder.mkdir(parents=True, exist_ok=True)
+        world = self.context.world()
+        extractor = self._extractor()
         predictions = []
         for item, image in zip(batch, images, strict=True):
             from PIL import Image
 
             path = folder / (item["key"].replace("/", "_") + ".png")
             Image.fromarray(image).save(path)
-            predictions.append({"png": str(path.relative_to(self.context.out_dir)), **judge_item(item, image)})
+            # FID features of the generated image and of the scene its prompt describes.
+            reference = _tensor(_geneval_scene(world, item["key"]).image).unsqueeze(0)
+            generated = _tensor(image).unsqueeze(0)
+            predictions.append(
+                {
+                    "png": str(path.relative_to(self.context.out_dir)),
+                    **judge_item(item, image),
+                    "features": extractor(generated)[0].double().tolist(),
+                    "ref_features": extractor(reference)[0].double().tolist(),
+                }
+            )
         return predictions
+
+    def _extractor(self) -> Any:
+        """FID features: Inception from ``fid_weights`` (a local file) or the small fixed conv net."""
+        if not hasattr(self, "_features"):
+            from eval.fid import build_feature_extractor
+
+            self._features = build_feature_extractor(self.options.get("fid_weights"))
+        return self._features
 
     def score(self, items: list[dict[str, Any]], predictions: list[dict[str, Any]]) -> dict[str, float]:
         hits: dict[str, list[int]] = {name: [] for name in GENEVAL_CATEGORIES}
@@ -137,6 +158,17 @@ class ShapesGenEval(Task):
         metrics = {name: float(np.mean(values)) for name, values in hits.items() if values}
         metrics["overall"] = float(np.mean([metrics[name] for name in GENEVAL_CATEGORIES if name in metrics]))
         metrics["images"] = float(len(items))
+        fake = np.asarray([p["features"] for p in predictions], dtype=np.float64)
+        real = np.asarray([p["ref_features"] for p in predictions], dtype=np.float64)
+        if len(real) >= 2:
+            from eval.fid import frechet_distance
+
+            # Generated images against the scenes their prompts came from (same count); with
+            # the default small conv net this tracks progress but is not comparable to published FID.
+            metrics["fid"] = frechet_distance(
+                real.mean(0), np.cov(real, rowvar=False), fake.mean(0), np.cov(fake, rowvar=False)
+            )
+            metrics["fid_features"] = self._extractor().name
         return metrics
 
 
@@ -182,10 +214,12 @@ class TokenizerMetrics(Task):
 
     @torch.no_grad()
     def predict(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from eval.checker import ObjectSpec, judge, to_uint8_image
         from tokenizer.losses import psnr, ssim
 
         tokenizer = self.context.dualtoken
-        images = torch.stack([_tensor(self._world.sample(*_split_index(item["key"])).image) for item in batch])
+        scenes = [self._world.sample(*_split_index(item["key"])) for item in batch]
+        images = torch.stack([_tensor(scene.image) for scene in scenes])
         # One image at a time: convolution kernels pick different algorithms for different
         # batch sizes (last-bit differences), and the scores must not depend on the batch.
         encoded = [tokenizer.encode(images[row : row + 1]) for row in range(len(batch))]
@@ -205,6 +239,11 @@ class TokenizerMetrics(Task):
                     "recon_features": fake[row],
                     "psnr": float(psnr(recon[row : row + 1], images[row : row + 1])),
                     "ssim": float(ssim(recon[row : row + 1], images[row : row + 1])),
+                    "checker": int(
+                        judge(
+                            to_uint8_image(recon[row]), [ObjectSpec(o.colour, o.shape) for o in scenes[row].objects]
+                        ).correct
+                    ),
                     "pixel_codes": codes.pixel_codes[row].reshape(-1, codes.pixel_codes.shape[-1]).tolist(),
                     "semantic_codes": codes.semantic_codes[row].reshape(-1, codes.semantic_codes.shape[-1]).tolist(),
                 }
@@ -226,6 +265,8 @@ class TokenizerMetrics(Task):
         metrics = {
             "psnr": float(np.mean([p["psnr"] for p in predictions])),
             "ssim": float(np.mean([p["ssim"] for p in predictions])),
+            # The text-to-image ceiling on these codes (see training.evaluation.tokenizer_metrics).
+            "checker_on_reconstructions": float(np.mean([p["checker"] for p in predictions])),
         }
         real = np.asarray([p["features"] for p in predictions], dtype=np.float64)
         fake = np.asarray([p["recon_features"] for p in predictions], dtype=np.float64)
@@ -302,6 +343,12 @@ class ZeroShot(Task):
     def score(self, items: list[dict[str, Any]], predictions: list[dict[str, Any]]) -> dict[str, float]:
         correct = [int(p["predicted"] == it["label"]) for it, p in zip(items, predictions, strict=True)]
         return {"accuracy": float(np.mean(correct)), "images": float(len(items))}
+
+
+def _geneval_scene(world: Any, key: str) -> Any:
+    """The world scene behind a geneval item key (``split/single/i`` or ``split/scene/i``)."""
+    split, group, index = key.split("/")
+    return (world.sample_single if group == "single" else world.sample)(split, int(index))
 
 
 def _split_index(key: str) -> tuple[str, int]:

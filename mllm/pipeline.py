@@ -221,8 +221,13 @@ class Pipeline:
 
     @torch.no_grad()
     def decode(self, pixel_codes: torch.Tensor) -> list[np.ndarray]:
-        """Pixel codes -> ``(H, W, 3)`` uint8 images."""
-        images = self.dualtoken.decode(pixel_codes.to(self.device))
+        """Pixel codes -> ``(H, W, 3)`` uint8 images.
+
+        One image at a time: convolutions pick different kernels for different batch sizes, and
+        an image must not depend (even in its last bits) on the rest of its batch.
+        """
+        codes = pixel_codes.to(self.device)
+        images = torch.cat([self.dualtoken.decode(codes[row : row + 1]) for row in range(codes.shape[0])])
         images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return list(images)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -67,7 +68,8 @@ def tokenizer_metrics(
     the *quantised* semantic path. Returns (metrics, first originals, their reconstructions)."""
     was_training = tokenizer.training
     tokenizer.eval()
-    psnrs, ssims = [], []
+    psnrs, ssims, checked = [], [], []
+    describe = getattr(recon_dataset, "objects", None)  # Shapes scenes: the checker can judge
     pixel_counts = semantic_counts = None
     first_images = first_recons = None
     for batch in tqdm(_loader(recon_dataset, batch_size, limit), desc="reconstruction", leave=False):
@@ -76,6 +78,8 @@ def tokenizer_metrics(
         recons = tokenizer.decode(codes.pixel_codes)
         psnrs.append(psnr(recons, images))
         ssims.append(ssim(recons, images))
+        if describe is not None:
+            checked += _checker_verdicts(recons, [describe(int(index)) for index in batch["index"]])
         pixel_counts = _accumulate_counts(pixel_counts, codes.pixel_codes, _codebook_size(tokenizer, "pixel"))
         semantic_counts = _accumulate_counts(
             semantic_counts, codes.semantic_codes, tokenizer.config.semantic_quantizer.codebook_size
@@ -86,6 +90,10 @@ def tokenizer_metrics(
         "psnr": float(torch.cat(psnrs).mean()),
         "ssim": float(torch.cat(ssims).mean()),
     }
+    if checked:
+        # The ceiling of text-to-image on these codes: a generated image can pass the checker
+        # only as often as the decoder draws real scenes recognisably.
+        metrics["checker_on_reconstructions"] = float(np.mean(checked))
     for branch, counts in (("pixel", pixel_counts), ("semantic", semantic_counts)):
         usage = code_usage_from_counts(counts)
         metrics[f"{branch}_usage"] = float(usage["usage"])
@@ -102,6 +110,16 @@ def tokenizer_metrics(
         )
     tokenizer.train(was_training)
     return metrics, first_images, first_recons
+
+
+def _checker_verdicts(recons: torch.Tensor, scenes: Sequence[list[tuple[str, str]]]) -> list[int]:
+    """1 where the independent checker finds exactly the scene's objects in a reconstruction."""
+    from eval.checker import ObjectSpec, judge, to_uint8_image
+
+    return [
+        int(judge(to_uint8_image(recon), [ObjectSpec(colour, shape) for colour, shape in objects]).correct)
+        for recon, objects in zip(recons.clamp(-1, 1), scenes, strict=True)
+    ]
 
 
 def _codebook_size(tokenizer: DualTokenizer, branch: str) -> int:

@@ -667,6 +667,11 @@ class ShapesImageDataset(Dataset):
     def __len__(self) -> int:
         return self._length
 
+    def objects(self, index: int) -> list[tuple[str, str]]:
+        """(colour, shape) of each object in item ``index`` (what an image checker should find)."""
+        sample = (self.world.sample_single if self.single_object else self.world.sample)(self.split, index)
+        return [(obj.colour, obj.shape) for obj in sample.objects]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < self._length:
             raise IndexError(f"index {index} out of range for ShapesImageDataset of length {self._length}")
