@@ -115,11 +115,11 @@ def test_unknown_config_key(capsys: pytest.CaptureFixture) -> None:
 def test_out_of_range_tap_in_the_config(capsys: pytest.CaptureFixture) -> None:
     argv = ["train-tokenizer", "--config", "configs/tokenizer/tiny.yaml", "--set", "tokenizer.taps.semantic_layer=9"]
     assert cli.main(argv) == 2
-    _assert_one_error(capsys, "tokenizer.taps.semantic_layer=9", "6 layers")
+    _assert_one_error(capsys, "tokenizer.taps.semantic_layer=9", "3 layers")
 
 
 def test_out_of_range_tap_for_the_teacher(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """The YAML says 6 layers; the teacher on disk has 3, and only it decides."""
+    """The overridden YAML says 6 layers; the teacher on disk has 3, and only it decides."""
     vision = BackboneConfig(
         image_size=32, patch_size=8, hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64
     )
@@ -138,6 +138,10 @@ def test_out_of_range_tap_for_the_teacher(tmp_path: Path, capsys: pytest.Capture
         f"teacher_path={teacher_dir}",
         "--set",
         f"loop.output_dir={tmp_path / 'stage1'}",
+        "--set",
+        "tokenizer.backbone.num_layers=6",
+        "--set",
+        "tokenizer.taps.semantic_layer=5",
     ]
     assert cli.main(argv) == 2
     _assert_one_error(capsys, "taps.semantic_layer=5", "3 layers")

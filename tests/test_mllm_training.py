@@ -51,10 +51,16 @@ def test_every_stage_runs_and_writes_a_loadable_model(chain):
     assert "train/pixel" not in _train_records(chain["understand"].parent)[1]
 
 
-def test_frozen_parameters_do_not_move(chain):
+def test_frozen_parameters_do_not_move(chain, data, tmp_path):
+    # The paper's generate stage (configs/stages/qwen2_5_3b/generate.yaml): the depth head and
+    # the embeddings train, the LM's layers stay frozen.
+    out = tmp_path / "generate"
+    _run(
+        "generate",
+        stage_overrides(data, out, chain["understand"]) + ["stage.trainable=[pixel_head.*, llm.model.embed_tokens.*]"],
+    )
     before, _, _ = train_mllm.load_model_folder(chain["understand"])
-    after, _, _ = train_mllm.load_model_folder(chain["generate"])
-    # generate: the depth head and the embeddings train, the LM's layers stay frozen
+    after, _, _ = train_mllm.load_model_folder(out / "model")
     frozen = dict(before.named_parameters())
     for name, param in after.named_parameters():
         if name.startswith("llm.model.layers"):
@@ -146,6 +152,23 @@ def test_conversation_without_answer_is_named(data, tmp_path, capsys):
     broken.write_text(json.dumps(records))
     code, err = _cli("joint", stage_overrides(data, tmp_path / "x") + [f"data.conversations=[{broken}]"], capsys)
     assert code == 2 and "unanswered_llava.json" in err and "record 3" in err
+
+
+def test_codebook_init_refuses_another_tokenizer(data, tmp_path, capsys):
+    """The code rows start from the codebooks of the tokenizer that wrote the shards, or not at all."""
+    import shutil
+
+    from mllm_fixtures import tiny_dualtoken
+
+    codes = tmp_path / "codes"
+    shutil.copytree(data["train_codes"], codes)
+    other = tiny_dualtoken(seed=1).save_pretrained(tmp_path / "other_tokenizer")
+    meta = json.loads((codes / "meta.json").read_text())
+    meta["tokenizer_path"] = str(other)
+    (codes / "meta.json").write_text(json.dumps(meta))
+    overrides = stage_overrides(data, tmp_path / "x") + [f"data.codes={codes}", "model.code_embedding_init=codebook"]
+    code, err = _cli("align", overrides, capsys)
+    assert code == 2 and "other_tokenizer is not the tokenizer that wrote" in err
 
 
 def test_trainable_glob_matching_nothing_is_named(data, tmp_path, capsys):

@@ -144,7 +144,7 @@ def test_stage0_class_loss_trains_the_head_and_saves_siglip_only(tmp_path: Path)
     with safe_open(str(teacher / "model.safetensors"), framework="pt") as handle:
         assert not any("class_head" in key for key in handle.keys())
     reference = tmp_path / "no_class_loss"
-    train_teacher.main(teacher_argv(reference, "teacher.single_object_fraction=1.0"))
+    train_teacher.main(teacher_argv(reference, "teacher.class_loss_weight=0.0", "teacher.single_object_fraction=1.0"))
     # the class cross-entropy adds to the loss of the same batch at step 1 (same weights, same data)
     assert records[0]["stage0/loss"] > train_records(reference, "stage0/loss")[0]["stage0/loss"]
 
@@ -174,10 +174,17 @@ def test_stage1_with_gan_writes_a_loadable_tokenizer(teacher_dir: Path, tmp_path
         "test_pixel_usage",
         "test_semantic_usage",
         "val_psnr",
+        "test_checker_on_reconstructions",
         "steps",
     } <= set(metrics)
     assert metrics["steps"] == 2
-    for key in ("test_zero_shot", "test_teacher_zero_shot", "test_pixel_usage", "test_semantic_usage"):
+    for key in (
+        "test_zero_shot",
+        "test_teacher_zero_shot",
+        "test_pixel_usage",
+        "test_semantic_usage",
+        "test_checker_on_reconstructions",
+    ):
         assert 0.0 <= metrics[key] <= 1.0, key
     saved = json.loads((output_dir / train_tokenizer.TOKENIZER_DIRNAME / "metrics.json").read_text())
     assert saved == pytest.approx(metrics)
@@ -398,3 +405,16 @@ def test_pipeline_runs_the_whole_system(tmp_path: Path) -> None:
     report = (run_dir / "report.md").read_text()
     assert "reconstruction PSNR" in report and "majority baseline" in report and "dualtoken chat --model" in report
     assert (run_dir / "mllm" / "joint" / "model" / "model.safetensors").is_file()
+
+
+def test_checker_on_reconstructions_scores_what_the_decoder_draws() -> None:
+    """Originals pass the checker, a flat grey image does not, a swapped scene does not."""
+    from training.evaluation import _checker_verdicts
+
+    world = ShapesWorld(ShapesWorldConfig(seed=0, image_size=64))
+    dataset = ShapesImageDataset(world, "test")
+    images = torch.stack([dataset[index]["image"] for index in range(6)])
+    scenes = [dataset.objects(index) for index in range(6)]
+    assert _checker_verdicts(images, scenes) == [1] * 6
+    assert _checker_verdicts(torch.zeros_like(images), scenes) == [0] * 6
+    assert sum(_checker_verdicts(images, scenes[1:] + scenes[:1])) < 6
