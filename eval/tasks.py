@@ -229,6 +229,7 @@ class TokenizerMetrics(Task):
             semantic_codes=torch.cat([c.semantic_codes for c in encoded]),
         )
         extractor = self._extractor()
+        lpips = self._lpips()
         real = [extractor(images[row : row + 1])[0].double().tolist() for row in range(len(batch))]
         fake = [extractor(recon[row : row + 1])[0].double().tolist() for row in range(len(batch))]
         out = []
@@ -239,6 +240,11 @@ class TokenizerMetrics(Task):
                     "recon_features": fake[row],
                     "psnr": float(psnr(recon[row : row + 1], images[row : row + 1])),
                     "ssim": float(ssim(recon[row : row + 1], images[row : row + 1])),
+                    **(
+                        {"lpips": float(lpips(recon[row : row + 1], images[row : row + 1], reduction="none")[0])}
+                        if lpips is not None
+                        else {}
+                    ),
                     "checker": int(
                         judge(
                             to_uint8_image(recon[row]), [ObjectSpec(o.colour, o.shape) for o in scenes[row].objects]
@@ -258,6 +264,21 @@ class TokenizerMetrics(Task):
             self._features = build_feature_extractor(self.options.get("fid_weights"))
         return self._features
 
+    def _lpips(self) -> Any:
+        """LPIPS(VGG16) when ``lpips_weights`` (a local torchvision vgg16 state dict) is set, else None.
+
+        ``lpips_linear`` optionally names the LPIPS v0.1 linear-layer weights; nothing is downloaded.
+        """
+        if not hasattr(self, "_lpips_net"):
+            self._lpips_net = None
+            if self.options.get("lpips_weights"):
+                from tokenizer.losses import PerceptualLoss
+
+                self._lpips_net = PerceptualLoss.from_vgg16(
+                    self.options["lpips_weights"], self.options.get("lpips_linear")
+                ).eval()
+        return self._lpips_net
+
     def score(self, items: list[dict[str, Any]], predictions: list[dict[str, Any]]) -> dict[str, float]:
         from eval.fid import frechet_distance
 
@@ -268,6 +289,8 @@ class TokenizerMetrics(Task):
             # The text-to-image ceiling on these codes (see training.evaluation.tokenizer_metrics).
             "checker_on_reconstructions": float(np.mean([p["checker"] for p in predictions])),
         }
+        if all("lpips" in p for p in predictions):
+            metrics["lpips"] = float(np.mean([p["lpips"] for p in predictions]))
         real = np.asarray([p["features"] for p in predictions], dtype=np.float64)
         fake = np.asarray([p["recon_features"] for p in predictions], dtype=np.float64)
         if len(real) >= 2:

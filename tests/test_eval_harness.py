@@ -160,3 +160,26 @@ def test_standard_benchmarks_from_local_files(chain, settings, tmp_path, capsys)
         ["eval", "--model", str(chain["joint"]), "--tasks", "pope", "--out", str(out), "--settings", str(settings)]
     )
     assert code == 2 and "needs `pope.questions`" in capsys.readouterr().err
+
+
+def test_tokenizer_task_adds_lpips_from_local_vgg_weights(chain, tmp_path):
+    """LPIPS appears only when a local VGG16 state dict is named, and is 0 only for a perfect decoder."""
+    import torch
+    import torchvision
+    from torch import nn
+
+    with torch.device("meta"):
+        vgg = torchvision.models.vgg16(weights=None)
+    vgg.features.to_empty(device="cpu")
+    torch.manual_seed(0)
+    for module in vgg.features:
+        if isinstance(module, nn.Conv2d):
+            module.reset_parameters()
+    weights = tmp_path / "vgg16.pth"
+    torch.save({f"features.{k}": v for k, v in vgg.features.state_dict().items()}, weights)
+    data = yaml.safe_load((harness.Path(harness.__file__).parents[1] / "configs/eval/shapes.yaml").read_text())
+    data["tokenizer"] = {"split": "test", "images": 3, "lpips_weights": str(weights)}
+    settings = tmp_path / "lpips.yaml"
+    settings.write_text(yaml.safe_dump(data))
+    results = harness.evaluate(["tokenizer"], tmp_path / "out", chain["joint"], settings, batch_size=2)
+    assert results["tokenizer"]["lpips"] > 0  # a micro tokenizer's reconstructions differ from the scenes
