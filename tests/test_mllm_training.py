@@ -286,3 +286,15 @@ def test_llm_pipeline_end_to_end_and_reuse(data, tmp_path, caplog):
     for stage in ("align", "understand", "generate", "joint"):
         assert f"LLM stage {stage}: reusing" in caplog.text
     assert "codes: reusing" in caplog.text and "data: reusing" in caplog.text
+
+
+def test_building_the_tiny_model_leaves_no_temporary_folders(data, tmp_path, monkeypatch):
+    import tempfile
+
+    from training.config import load_config
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    config = load_config(train_mllm.MLLMStageConfig, _config("align"), stage_overrides(data, tmp_path / "x"))
+    model, tokenizer = train_mllm.build_model(config.model, CodeStore(data["train_codes"]))
+    assert tokenizer("is there a red circle?")["input_ids"]
+    assert list(tmp_path.glob("dualtoken-sp-*")) == []

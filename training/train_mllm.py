@@ -182,9 +182,10 @@ def build_model(model_config: ModelConfig, store: CodeStore) -> tuple[DualTokenM
         corpus += [DESCRIBE_PROMPT, *TINY_CHAT_TOKENS]
         import tempfile
 
-        tokenizer = train_sentencepiece(
-            corpus, tempfile.mkdtemp(prefix="dualtoken-sp-"), model_config.sentencepiece_vocab
-        )
+        # The tokenizer holds its model in memory: the folder it was trained into can go (the
+        # stage saves it with the model).
+        with tempfile.TemporaryDirectory(prefix="dualtoken-sp-") as folder:
+            tokenizer = train_sentencepiece(corpus, folder, model_config.sentencepiece_vocab)
     attn = pick_attn_implementation(model_config.attn_implementation)
     dtype = getattr(torch, model_config.dtype)
     if model_config.llm_pretrained:
