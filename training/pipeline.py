@@ -118,6 +118,10 @@ def write_report(run_dir: Path, teacher: dict, metrics: dict, timings: dict, sta
             f"{100 * metrics['test_semantic_usage']:.1f} % ({100 * metrics['test_semantic_min_depth_usage']:.1f} %)",
         ),
         (
+            "checker on reconstructions (the text-to-image ceiling, test)",
+            f"{100 * metrics.get('test_checker_on_reconstructions', float('nan')):.1f} %",
+        ),
+        (
             "stage 0 wall time (s)",
             f"{timings['stage0_seconds']:.0f} (teacher trained in {teacher.get('train_seconds', 0):.0f})",
         ),
