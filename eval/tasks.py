@@ -61,8 +61,32 @@ class ShapesVQA(Task):
 GENEVAL_CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 
+class _FIDFeatures:
+    """The FID feature network of a task: Inception from ``fid_weights`` (a local file), else the
+    small fixed conv net; built once per task."""
+
+    options: dict[str, Any]
+
+    def _extractor(self) -> Any:
+        if not hasattr(self, "_features"):
+            from eval.fid import build_feature_extractor
+
+            self._features = build_feature_extractor(self.options.get("fid_weights"))
+        return self._features
+
+
+def _fid(real: list[list[float]], fake: list[list[float]]) -> float | None:
+    """Frechet distance between two feature sets (None with fewer than 2 rows: no covariance)."""
+    from eval.fid import frechet_distance
+
+    if len(real) < 2:
+        return None
+    a, b = np.asarray(real, dtype=np.float64), np.asarray(fake, dtype=np.float64)
+    return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+
+
 @register("geneval")
-class ShapesGenEval(Task):
+class ShapesGenEval(_FIDFeatures, Task):
     """GenEval-style categories judged by the checker (see the module docstring)."""
 
     default_split = "test"
@@ -135,14 +159,6 @@ class ShapesGenEval(Task):
             )
         return predictions
 
-    def _extractor(self) -> Any:
-        """FID features: Inception from ``fid_weights`` (a local file) or the small fixed conv net."""
-        if not hasattr(self, "_features"):
-            from eval.fid import build_feature_extractor
-
-            self._features = build_feature_extractor(self.options.get("fid_weights"))
-        return self._features
-
     def score(self, items: list[dict[str, Any]], predictions: list[dict[str, Any]]) -> dict[str, float]:
         hits: dict[str, list[int]] = {name: [] for name in GENEVAL_CATEGORIES}
         for item, pred in zip(items, predictions, strict=True):
@@ -158,16 +174,11 @@ class ShapesGenEval(Task):
         metrics = {name: float(np.mean(values)) for name, values in hits.items() if values}
         metrics["overall"] = float(np.mean([metrics[name] for name in GENEVAL_CATEGORIES if name in metrics]))
         metrics["images"] = float(len(items))
-        fake = np.asarray([p["features"] for p in predictions], dtype=np.float64)
-        real = np.asarray([p["ref_features"] for p in predictions], dtype=np.float64)
-        if len(real) >= 2:
-            from eval.fid import frechet_distance
-
-            # Generated images against the scenes their prompts came from (same count); with
-            # the default small conv net this tracks progress but is not comparable to published FID.
-            metrics["fid"] = frechet_distance(
-                real.mean(0), np.cov(real, rowvar=False), fake.mean(0), np.cov(fake, rowvar=False)
-            )
+        # Generated images against the scenes their prompts came from (same count); with the
+        # default small conv net this tracks progress but is not comparable to published FID.
+        fid = _fid([p["ref_features"] for p in predictions], [p["features"] for p in predictions])
+        if fid is not None:
+            metrics["fid"] = fid
             metrics["fid_features"] = self._extractor().name
         return metrics
 
@@ -201,7 +212,7 @@ def _stable_hash(text: str) -> int:
 
 
 @register("tokenizer")
-class TokenizerMetrics(Task):
+class TokenizerMetrics(_FIDFeatures, Task):
     """PSNR / SSIM per image; codebook usage and perplexity of both branches over the set."""
 
     needs_model = False
@@ -214,8 +225,8 @@ class TokenizerMetrics(Task):
 
     @torch.no_grad()
     def predict(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        from eval.checker import ObjectSpec, judge, to_uint8_image
         from tokenizer.losses import psnr, ssim
+        from training.evaluation import checker_verdicts
 
         tokenizer = self.context.dualtoken
         scenes = [self._world.sample(*_split_index(item["key"])) for item in batch]
@@ -230,6 +241,7 @@ class TokenizerMetrics(Task):
         )
         extractor = self._extractor()
         lpips = self._lpips()
+        checked = checker_verdicts(recon, [[(o.colour, o.shape) for o in scene.objects] for scene in scenes])
         real = [extractor(images[row : row + 1])[0].double().tolist() for row in range(len(batch))]
         fake = [extractor(recon[row : row + 1])[0].double().tolist() for row in range(len(batch))]
         out = []
@@ -245,24 +257,12 @@ class TokenizerMetrics(Task):
                         if lpips is not None
                         else {}
                     ),
-                    "checker": int(
-                        judge(
-                            to_uint8_image(recon[row]), [ObjectSpec(o.colour, o.shape) for o in scenes[row].objects]
-                        ).correct
-                    ),
+                    "checker": checked[row],
                     "pixel_codes": codes.pixel_codes[row].reshape(-1, codes.pixel_codes.shape[-1]).tolist(),
                     "semantic_codes": codes.semantic_codes[row].reshape(-1, codes.semantic_codes.shape[-1]).tolist(),
                 }
             )
         return out
-
-    def _extractor(self) -> Any:
-        """rFID features: Inception from ``fid_weights`` (a local file) or the small fixed conv net."""
-        if not hasattr(self, "_features"):
-            from eval.fid import build_feature_extractor
-
-            self._features = build_feature_extractor(self.options.get("fid_weights"))
-        return self._features
 
     def _lpips(self) -> Any:
         """LPIPS(VGG16) when ``lpips_weights`` (a local torchvision vgg16 state dict) is set, else None.
@@ -280,7 +280,6 @@ class TokenizerMetrics(Task):
         return self._lpips_net
 
     def score(self, items: list[dict[str, Any]], predictions: list[dict[str, Any]]) -> dict[str, float]:
-        from eval.fid import frechet_distance
 
         tokenizer = self.context.dualtoken
         metrics = {
@@ -291,12 +290,9 @@ class TokenizerMetrics(Task):
         }
         if all("lpips" in p for p in predictions):
             metrics["lpips"] = float(np.mean([p["lpips"] for p in predictions]))
-        real = np.asarray([p["features"] for p in predictions], dtype=np.float64)
-        fake = np.asarray([p["recon_features"] for p in predictions], dtype=np.float64)
-        if len(real) >= 2:
-            metrics["rfid"] = frechet_distance(
-                real.mean(0), np.cov(real, rowvar=False), fake.mean(0), np.cov(fake, rowvar=False)
-            )
+        rfid = _fid([p["features"] for p in predictions], [p["recon_features"] for p in predictions])
+        if rfid is not None:
+            metrics["rfid"] = rfid
         metrics["rfid_features"] = self._extractor().name
         for branch, quantizer in (("pixel", tokenizer.pixel_quantizer), ("semantic", tokenizer.semantic_quantizer)):
             if quantizer is None:

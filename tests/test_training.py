@@ -409,12 +409,12 @@ def test_pipeline_runs_the_whole_system(tmp_path: Path) -> None:
 
 def test_checker_on_reconstructions_scores_what_the_decoder_draws() -> None:
     """Originals pass the checker, a flat grey image does not, a swapped scene does not."""
-    from training.evaluation import _checker_verdicts
+    from training.evaluation import checker_verdicts
 
     world = ShapesWorld(ShapesWorldConfig(seed=0, image_size=64))
     dataset = ShapesImageDataset(world, "test")
     images = torch.stack([dataset[index]["image"] for index in range(6)])
     scenes = [dataset.objects(index) for index in range(6)]
-    assert _checker_verdicts(images, scenes) == [1] * 6
-    assert _checker_verdicts(torch.zeros_like(images), scenes) == [0] * 6
-    assert sum(_checker_verdicts(images, scenes[1:] + scenes[:1])) < 6
+    assert checker_verdicts(images, scenes) == [1] * 6
+    assert checker_verdicts(torch.zeros_like(images), scenes) == [0] * 6
+    assert sum(checker_verdicts(images, scenes[1:] + scenes[:1])) < 6

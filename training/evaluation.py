@@ -79,7 +79,7 @@ def tokenizer_metrics(
         psnrs.append(psnr(recons, images))
         ssims.append(ssim(recons, images))
         if describe is not None:
-            checked += _checker_verdicts(recons, [describe(int(index)) for index in batch["index"]])
+            checked += checker_verdicts(recons, [describe(int(index)) for index in batch["index"]])
         pixel_counts = _accumulate_counts(pixel_counts, codes.pixel_codes, _codebook_size(tokenizer, "pixel"))
         semantic_counts = _accumulate_counts(
             semantic_counts, codes.semantic_codes, tokenizer.config.semantic_quantizer.codebook_size
@@ -112,7 +112,7 @@ def tokenizer_metrics(
     return metrics, first_images, first_recons
 
 
-def _checker_verdicts(recons: torch.Tensor, scenes: Sequence[list[tuple[str, str]]]) -> list[int]:
+def checker_verdicts(recons: torch.Tensor, scenes: Sequence[list[tuple[str, str]]]) -> list[int]:
     """1 where the independent checker finds exactly the scene's objects in a reconstruction."""
     from eval.checker import ObjectSpec, judge, to_uint8_image
 
