@@ -90,16 +90,26 @@ class _Runner:
         self.cache = out.past_key_values if self.use_cache else None
         return out.hidden_states[:, -1]
 
-    def feed(self, slots: torch.Tensor) -> torch.Tensor:
-        """Append ``(N, C)`` slots and return the new last hidden states ``(N, H)``."""
+    def feed(self, slots: torch.Tensor, image_index: int = -1) -> torch.Tensor:
+        """Append ``(N, C)`` slots and return the new last hidden states ``(N, H)``.
+
+        ``image_index``: the slots' index in the image being drawn (-1 for text), which the
+        model cannot infer from one slot alone (its 2-D image position embedding needs it).
+        """
         slots = slots.unsqueeze(1)
         self.ids = torch.cat([self.ids, slots], dim=1)
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         if not self.use_cache:
             return self.start()
         position = (self.mask.sum(-1, keepdim=True) - 1).clamp_min(0)
+        index = torch.full(slots.shape[:2], image_index, dtype=torch.long, device=slots.device)
         out = self.model(
-            slots, attention_mask=self.mask, position_ids=position, past_key_values=self.cache, use_cache=True
+            slots,
+            attention_mask=self.mask,
+            position_ids=position,
+            past_key_values=self.cache,
+            use_cache=True,
+            image_slot_index=index,
         )
         self.cache = out.past_key_values
         return out.hidden_states[:, -1]
@@ -203,8 +213,8 @@ def generate_image_codes(
             semantic = pick(model.semantic_head.next_logits, config.semantic_depth)
             slot_ids[:, :split] = layout.semantic_ids(semantic)
         if len(runners) == 1:
-            hidden = runners[0].feed(slot_ids)
+            hidden = runners[0].feed(slot_ids, slot)
         else:
-            hidden = torch.cat([runners[0].feed(slot_ids[:count]), runners[1].feed(slot_ids[count:])])
+            hidden = torch.cat([runners[0].feed(slot_ids[:count], slot), runners[1].feed(slot_ids[count:], slot)])
     height, width = config.grid_size
     return all_codes.view(count, height, width, config.pixel_depth)

@@ -31,6 +31,8 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from mllm.vocab import VocabLayout, VocabularyError
 
 BRANCHES = ("semantic", "pixel")
+# The terms of DualTokenMLLMOutput.loss; other entries of ``losses`` are diagnostics (accuracies, CE per depth).
+LOSS_TERMS = ("text", "pixel", "semantic", "idle_heads")
 FUSIONS = ("sum", "sum_mlp", "concat_mlp")
 IGNORE = -100
 
@@ -70,6 +72,7 @@ class DualTokenMLLMConfig(PretrainedConfig):
         depth_head_layers: int = 2,
         depth_head_heads: int = 4,
         depth_head_hidden: int = 0,
+        image_position_embedding: bool = False,
         chat_template: dict | None = None,
         **kwargs: Any,
     ) -> None:
@@ -92,6 +95,7 @@ class DualTokenMLLMConfig(PretrainedConfig):
         self.depth_head_layers = int(depth_head_layers)
         self.depth_head_heads = int(depth_head_heads)
         self.depth_head_hidden = int(depth_head_hidden)
+        self.image_position_embedding = bool(image_position_embedding)
         self.chat_template = dict(chat_template or {})
         super().__init__(**kwargs)
         self.validate()
@@ -233,6 +237,10 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
         else:
             width = 2 * hidden if config.input_fusion == "concat_mlp" else hidden
             self.visual_projector = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.image_rows = self.image_cols = None
+        if config.image_position_embedding:
+            self.image_rows = nn.Embedding(config.grid_size[0], hidden)
+            self.image_cols = nn.Embedding(config.grid_size[1], hidden)
         head_hidden = config.depth_head_hidden or hidden
         self.pixel_head = None
         if config.depth_head_layers > 0:
@@ -301,7 +309,8 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
             nn.init.zeros_(module.classifier_bias)
 
     def _own_modules(self) -> list[nn.Module]:
-        return [m for m in (self.visual_projector, self.pixel_head, self.semantic_head) if m is not None]
+        own = (self.visual_projector, self.image_rows, self.image_cols, self.pixel_head, self.semantic_head)
+        return [m for m in own if m is not None]
 
     @property
     def layout(self) -> VocabLayout:
@@ -317,8 +326,37 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
         return self.llm.get_output_embeddings()
 
     # ------------------------------------------------------------------ inputs
-    def embed_slots(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """``(B, L)`` or ``(B, L, C)`` ids (``-1`` = empty) -> ``(B, L, H)`` input embeddings."""
+    def image_slot_index(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``(B, L, C)`` ids -> ``(B, L)``: each image slot's index in its image (raster order), -1 elsewhere.
+
+        An image is a contiguous run of image slots; a run longer than one image (two images
+        back to back) restarts the count every ``grid_size`` slots.
+        """
+        layout = self.layout
+        is_image = (layout.is_semantic(input_ids) | layout.is_pixel(input_ids)).any(dim=-1)
+        count = is_image.long().cumsum(dim=-1)
+        # The count just before each run starts: the running maximum of the count at non-image slots.
+        before = torch.where(is_image, torch.zeros_like(count), count).cummax(dim=-1).values
+        index = (count - before - 1) % self.config.image_slots
+        return torch.where(is_image, index, torch.full_like(index, -1))
+
+    def embed_image_positions(self, embeds: torch.Tensor, slot_index: torch.Tensor) -> torch.Tensor:
+        """Add the learned row and column embeddings to the image slots (``slot_index >= 0``)."""
+        if self.image_rows is None:
+            return embeds
+        columns = self.config.grid_size[1]
+        index = slot_index.clamp_min(0)
+        positions = self.image_rows(index // columns) + self.image_cols(index % columns)
+        return embeds + positions.to(embeds.dtype) * (slot_index >= 0).unsqueeze(-1).to(embeds.dtype)
+
+    def embed_slots(self, input_ids: torch.Tensor, image_slot_index: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, L)`` or ``(B, L, C)`` ids (``-1`` = empty) -> ``(B, L, H)`` input embeddings.
+
+        With ``image_position_embedding`` each image slot also gets its row and column
+        embedding; ``image_slot_index`` (``(B, L)``, -1 off images) gives the slots' indices
+        in their image, and is derived from the runs of image slots in ``input_ids`` when
+        omitted (a sampler feeding one slot at a time with a KV cache must pass it).
+        """
         embed = self.get_input_embeddings()
         if input_ids.dim() == 2:
             return embed(input_ids)
@@ -330,7 +368,12 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
         valid = (input_ids >= 0).unsqueeze(-1)
         vectors = embed(input_ids.clamp_min(0)) * valid
         if self.visual_projector is None:
-            return vectors.sum(dim=2)
+            embeds = vectors.sum(dim=2)
+            if self.image_rows is not None:
+                if image_slot_index is None:
+                    image_slot_index = self.image_slot_index(input_ids)
+                embeds = self.embed_image_positions(embeds, image_slot_index)
+            return embeds
         split = self.config.semantic_depth
         semantic, pixel = vectors[:, :, :split].sum(dim=2), vectors[:, :, split:].sum(dim=2)
         layout = self.layout
@@ -338,7 +381,12 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
         fused_in = (
             torch.cat([semantic, pixel], dim=-1) if self.config.input_fusion == "concat_mlp" else semantic + pixel
         )
-        return torch.where(is_image, self.visual_projector(fused_in), semantic + pixel)
+        embeds = torch.where(is_image, self.visual_projector(fused_in), semantic + pixel)
+        if self.image_rows is not None:
+            if image_slot_index is None:
+                image_slot_index = self.image_slot_index(input_ids)
+            embeds = self.embed_image_positions(embeds, image_slot_index)
+        return embeds
 
     # ------------------------------------------------------------------ outputs
     def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -372,6 +420,7 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
         past_key_values: Any = None,
         use_cache: bool | None = None,
         loss_weights: dict[str, float] | None = None,
+        image_slot_index: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> DualTokenMLLMOutput:
         """Run the LM over slots; with ``labels`` (same shape as ``input_ids``) return the losses.
@@ -379,11 +428,13 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
         ``losses`` holds ``text`` (cross-entropy on text/boundary targets), ``pixel`` and, when
         the model writes them, ``semantic`` (mean over slots and depths); ``loss`` is their
         sum weighted by ``loss_weights`` (default 1 each). A loss with no target is omitted.
+        Diagnostics ride along: ``text_acc``, ``pixel_acc`` and, without grad, ``pixel_depth{d}``
+        (the pixel CE at RVQ depth d).
         """
         self.layout.check_ids(input_ids)
         if attention_mask is not None and position_ids is None and past_key_values is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-        embeds = self.embed_slots(input_ids)
+        embeds = self.embed_slots(input_ids, image_slot_index)
         decoder = self.llm.get_decoder()
         outputs = decoder(
             inputs_embeds=embeds,
@@ -401,7 +452,7 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
             result.losses = self.compute_losses(hidden, labels)
             weights = loss_weights or {}
             terms = [
-                weights.get(name, 1.0) * value for name, value in result.losses.items() if not name.endswith("_acc")
+                weights.get(name, 1.0) * value for name, value in result.losses.items() if name in LOSS_TERMS
             ]
             result.loss = torch.stack(terms).sum() if terms else hidden.sum() * 0.0
         return result
@@ -431,6 +482,9 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
             logits = self.pixel_logits(context[is_pixel], codes).float()
             losses["pixel"] = F.cross_entropy(logits.flatten(0, 1), codes.flatten())
             losses["pixel_acc"] = (logits.argmax(-1) == codes).float().mean().detach()
+            if codes.shape[1] > 1 and not torch.is_grad_enabled():  # held-out diagnostics: CE per RVQ depth
+                per_depth = F.cross_entropy(logits.transpose(1, 2), codes, reduction="none").mean(dim=0)
+                losses.update({f"pixel_depth{d + 1}": value for d, value in enumerate(per_depth)})
 
         if self.semantic_head is not None:
             semantic_target = target[..., :split]

@@ -166,6 +166,12 @@ def test_losses_cover_answers_and_image_slots_and_train(built):
         first = first if first is not None else out.loss.item()
     assert out.loss.item() < 0.5 * first
     assert out.losses["pixel_acc"].item() > 0.5
+    # Held out (no grad): the pixel CE per RVQ depth averages to the pixel loss, and is no loss term.
+    with torch.no_grad():
+        out = model(**batch)
+    per_depth = torch.stack([out.losses[f"pixel_depth{d + 1}"] for d in range(DP)])
+    torch.testing.assert_close(per_depth.mean(), out.losses["pixel"])
+    torch.testing.assert_close(out.loss, out.losses["text"] + out.losses["pixel"])
 
 
 def test_depth_one_uses_the_lm_head_rows(text_tokenizer):
@@ -378,3 +384,88 @@ def test_codebook_initialised_code_rows_are_a_linear_map_of_the_code_vectors(tex
     assert float(sem_rows.std()) == pytest.approx(float(text_before.std()), rel=1e-3)
     with pytest.raises(VocabularyError, match=r"pixel codebook has shape \(7, 8\)"):
         init_code_embeddings(model, None, torch.randn(7, 8))
+
+
+# ---------------------------------------------------------------------------- 2-D image positions
+@pytest.fixture(scope="module")
+def positioned(text_tokenizer):
+    import copy
+
+    tokenizer = copy.deepcopy(text_tokenizer)
+    layout = extend_tokenizer(tokenizer, SEM, PIX)
+    torch.manual_seed(2)
+    model = DualTokenMLLMForCausalLM.from_llm(
+        _tiny_llm(len(text_tokenizer)),
+        layout,
+        semantic_depth=DS,
+        pixel_depth=DP,
+        grid_size=GRID,
+        read=["semantic", "pixel"],
+        input_fusion="concat_mlp",
+        depth_head_layers=1,
+        depth_head_heads=2,
+        image_position_embedding=True,
+    ).eval()
+    with torch.no_grad():  # post_init draws them at std 0.02; make them matter in these checks
+        model.image_rows.weight.normal_(std=0.5)
+        model.image_cols.weight.normal_(std=0.5)
+    return tokenizer, layout, model, SequenceBuilder.for_model(tokenizer, model.config)
+
+
+def test_image_slot_index_counts_each_image_in_raster_order(positioned):
+    _, layout, model, builder = positioned
+    # Two images: one in a conversation, then one generated after it, in one sequence.
+    first = builder.conversation(
+        [("user", "<image> what?"), ("assistant", "red")], _codes(1, SEM, DS), _codes(2, PIX, DP)
+    )
+    second = builder.generation("a red circle", _codes(3, PIX, DP))
+    ids = torch.cat([first.ids, second.ids])[None]
+    index = model.image_slot_index(ids)[0]
+    is_image = (layout.is_semantic(ids) | layout.is_pixel(ids)).any(-1)[0]
+    assert torch.equal(index >= 0, is_image)
+    slots = GRID[0] * GRID[1]
+    assert index[is_image].tolist() == list(range(slots)) * 2
+    # Back-to-back image runs restart the count every grid's worth of slots.
+    block = first.ids[is_image[: len(first.ids)]]
+    assert model.image_slot_index(torch.cat([block, block])[None])[0].tolist() == list(range(slots)) * 2
+
+
+def test_image_positions_change_image_slots_only_and_survive_save_load(positioned, tmp_path):
+    _, layout, model, builder = positioned
+    seq = builder.conversation(
+        [("user", "<image> what?"), ("assistant", "red")], _codes(1, SEM, DS), _codes(2, PIX, DP)
+    )
+    ids = seq.ids[None]
+    is_image = (layout.is_semantic(ids) | layout.is_pixel(ids)).any(-1)[0]
+    with torch.no_grad():
+        placed = model.embed_slots(ids)[0]
+        # The same codes in every image slot: without positions all image rows would be equal.
+        same = ids.clone()
+        same[0, is_image] = ids[0, is_image][0]
+        rows = model.embed_slots(same)[0][is_image]
+        assert not torch.allclose(rows[0], rows[1]) and not torch.allclose(rows[0], rows[GRID[1]])
+        # Explicit indices override the derived ones; -1 everywhere removes the positions.
+        none = model.embed_slots(ids, torch.full(ids.shape[:2], -1))[0]
+        torch.testing.assert_close(none[~is_image], placed[~is_image])
+        assert not torch.allclose(none[is_image], placed[is_image])
+    model.save_pretrained(tmp_path / "m")
+    loaded = DualTokenMLLMForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert loaded.config.image_position_embedding
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.embed_slots(ids)[0], placed)
+
+
+def test_image_decoding_with_positions_cache_equals_without(positioned):
+    _, _, model, builder = positioned
+    prompts = [builder.generation("a red circle", train=False), builder.generation("two squares", train=False)]
+    uncond = builder.generation("", train=False)
+    settings = SamplingConfig(temperature=1.0, top_k=20)
+
+    def run(**kwargs):
+        return generate_image_codes(
+            model, prompts, uncond, 2.0, settings, generator=torch.Generator().manual_seed(5), **kwargs
+        )
+
+    cached = run()
+    assert torch.equal(cached, run(use_cache=False))
+    assert torch.equal(cached, run(batch_cfg=False))

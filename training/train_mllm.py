@@ -81,6 +81,9 @@ class ModelConfig:
     depth_head_layers: int = 2
     depth_head_heads: int = 4
     depth_head_hidden: int = 0
+    # Learned row + column embeddings added to every image slot: the LM knows where in the grid
+    # a slot sits without counting slots from <image_gen_start> through 1-D positions.
+    image_position_embedding: bool = False
     # random | codebook: start the visual code rows (and the depth heads' code embeddings) as a
     # fixed linear map of the DualToken tokenizer's code vectors (mllm.modeling.init_code_embeddings).
     code_embedding_init: str = "random"
@@ -209,6 +212,7 @@ def build_model(model_config: ModelConfig, store: CodeStore) -> tuple[DualTokenM
         depth_head_layers=model_config.depth_head_layers,
         depth_head_heads=model_config.depth_head_heads,
         depth_head_hidden=model_config.depth_head_hidden,
+        image_position_embedding=model_config.image_position_embedding,
         chat_template=template.to_dict(),
         attn_implementation=attn,
     )
