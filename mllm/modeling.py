@@ -451,9 +451,7 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
         if labels is not None:
             result.losses = self.compute_losses(hidden, labels)
             weights = loss_weights or {}
-            terms = [
-                weights.get(name, 1.0) * value for name, value in result.losses.items() if name in LOSS_TERMS
-            ]
+            terms = [weights.get(name, 1.0) * value for name, value in result.losses.items() if name in LOSS_TERMS]
             result.loss = torch.stack(terms).sum() if terms else hidden.sum() * 0.0
         return result
 
