@@ -366,14 +366,16 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
                 f"(semantic depth {self.config.semantic_depth} + pixel depth {self.config.pixel_depth})"
             )
         valid = (input_ids >= 0).unsqueeze(-1)
-        vectors = embed(input_ids.clamp_min(0)) * valid
+        embeds = self._fuse_slot_vectors(input_ids, embed(input_ids.clamp_min(0)) * valid)
+        if self.image_rows is not None:
+            index = self.image_slot_index(input_ids) if image_slot_index is None else image_slot_index
+            embeds = self.embed_image_positions(embeds, index)
+        return embeds
+
+    def _fuse_slot_vectors(self, input_ids: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """``(B, L, C, H)`` per-column embeddings -> ``(B, L, H)`` slot inputs (``input_fusion``)."""
         if self.visual_projector is None:
-            embeds = vectors.sum(dim=2)
-            if self.image_rows is not None:
-                if image_slot_index is None:
-                    image_slot_index = self.image_slot_index(input_ids)
-                embeds = self.embed_image_positions(embeds, image_slot_index)
-            return embeds
+            return vectors.sum(dim=2)
         split = self.config.semantic_depth
         semantic, pixel = vectors[:, :, :split].sum(dim=2), vectors[:, :, split:].sum(dim=2)
         layout = self.layout
@@ -381,12 +383,7 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
         fused_in = (
             torch.cat([semantic, pixel], dim=-1) if self.config.input_fusion == "concat_mlp" else semantic + pixel
         )
-        embeds = torch.where(is_image, self.visual_projector(fused_in), semantic + pixel)
-        if self.image_rows is not None:
-            if image_slot_index is None:
-                image_slot_index = self.image_slot_index(input_ids)
-            embeds = self.embed_image_positions(embeds, image_slot_index)
-        return embeds
+        return torch.where(is_image, self.visual_projector(fused_in), semantic + pixel)
 
     # ------------------------------------------------------------------ outputs
     def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -190,7 +190,8 @@ def test_depth_one_uses_the_lm_head_rows(text_tokenizer):
         DualTokenMLLMForCausalLM.from_llm(_tiny_llm(len(text_tokenizer)), layout, pixel_depth=2, depth_head_layers=0)
 
 
-def test_concat_fusion_mixes_both_branches(text_tokenizer):
+def _concat_reader(text_tokenizer, **options):
+    """A tiny model that reads both branches through the concat + MLP fusion, with its tokenizer."""
     import copy
 
     tokenizer = copy.deepcopy(text_tokenizer)
@@ -205,7 +206,13 @@ def test_concat_fusion_mixes_both_branches(text_tokenizer):
         input_fusion="concat_mlp",
         depth_head_layers=1,
         depth_head_heads=2,
+        **options,
     )
+    return tokenizer, layout, model
+
+
+def test_concat_fusion_mixes_both_branches(text_tokenizer):
+    tokenizer, layout, model = _concat_reader(text_tokenizer)
     builder = SequenceBuilder.for_model(tokenizer, model.config)
     seq = builder.conversation(
         [("user", "<image> what?"), ("assistant", "red")], _codes(3, SEM, DS), _codes(4, PIX, DP)
@@ -389,23 +396,9 @@ def test_codebook_initialised_code_rows_are_a_linear_map_of_the_code_vectors(tex
 # ---------------------------------------------------------------------------- 2-D image positions
 @pytest.fixture(scope="module")
 def positioned(text_tokenizer):
-    import copy
-
-    tokenizer = copy.deepcopy(text_tokenizer)
-    layout = extend_tokenizer(tokenizer, SEM, PIX)
     torch.manual_seed(2)
-    model = DualTokenMLLMForCausalLM.from_llm(
-        _tiny_llm(len(text_tokenizer)),
-        layout,
-        semantic_depth=DS,
-        pixel_depth=DP,
-        grid_size=GRID,
-        read=["semantic", "pixel"],
-        input_fusion="concat_mlp",
-        depth_head_layers=1,
-        depth_head_heads=2,
-        image_position_embedding=True,
-    ).eval()
+    tokenizer, layout, model = _concat_reader(text_tokenizer, image_position_embedding=True)
+    model.eval()
     with torch.no_grad():  # post_init draws them at std 0.02; make them matter in these checks
         model.image_rows.weight.normal_(std=0.5)
         model.image_cols.weight.normal_(std=0.5)
