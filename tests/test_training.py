@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from tokenizer.config import ConfigError
 from tokenizer.model import DualTokenizer
 from training import cli, distributed, pipeline, train_teacher, train_tokenizer
 from training.data import ShapesImageDataset, ShapesWorld, ShapesWorldConfig
@@ -209,6 +210,41 @@ def test_stage1_with_gan_writes_a_loadable_tokenizer(teacher_dir: Path, tmp_path
         # save_image_grid: 80-px label column, 2-px padding, originals above reconstructions.
         assert image.size == (80 + EVAL_IMAGES * (IMAGE_SIZE + 2) + 2, 2 * (IMAGE_SIZE + 2) + 2)
     assert staging_leftovers(output_dir) == []
+
+
+def test_decoder_only_fine_tuning_keeps_every_code(teacher_dir: Path, tmp_path: Path) -> None:
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    # A dead-code threshold above any EMA count would restart codes at every training step.
+    restart = "tokenizer.pixel_quantizer.dead_code_threshold=1e6"
+    train_tokenizer.main(tokenizer_argv(base, teacher_dir, restart))
+    start = base / train_tokenizer.TOKENIZER_DIRNAME
+    metrics = train_tokenizer.main(
+        tokenizer_argv(tuned, teacher_dir, restart, f"init_tokenizer={start}", "decoder_only=true", "optim.lr=1e-2")
+    )
+    assert metrics["steps"] == 2
+    before = DualTokenizer.from_pretrained(start).state_dict()
+    after = DualTokenizer.from_pretrained(tuned / train_tokenizer.TOKENIZER_DIRNAME).state_dict()
+    decoder = [name for name in before if name.split(".")[0] in train_tokenizer.DECODER_MODULES]
+    assert decoder and all(not torch.equal(before[name], after[name]) for name in decoder if "weight" in name)
+    for name in set(before) - set(decoder):  # encoder, projections, codebooks and their EMA state
+        assert torch.equal(before[name], after[name]), name
+    world = ShapesWorld(ShapesWorldConfig(seed=0, image_size=IMAGE_SIZE, num_train=NUM_TRAIN))
+    images = torch.stack([ShapesImageDataset(world, "test")[index]["image"] for index in range(3)])
+    old, new = (DualTokenizer.from_pretrained(path).encode(images) for path in (start, tuned / "tokenizer"))
+    assert torch.equal(old.pixel_codes, new.pixel_codes) and torch.equal(old.semantic_codes, new.semantic_codes)
+
+
+def test_decoder_only_fine_tuning_rejects_bad_starts(teacher_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="set init_tokenizer"):
+        train_tokenizer.main(tokenizer_argv(tmp_path / "a", teacher_dir, "decoder_only=true"))
+    with pytest.raises(FileNotFoundError, match="is not a saved DualTokenizer"):
+        train_tokenizer.main(tokenizer_argv(tmp_path / "b", teacher_dir, f"init_tokenizer={tmp_path}"))
+    train_tokenizer.main(tokenizer_argv(tmp_path / "c", teacher_dir))
+    start = tmp_path / "c" / train_tokenizer.TOKENIZER_DIRNAME
+    with pytest.raises(ConfigError, match=r"tokenizer.pixel_quantizer=.*make them equal"):
+        train_tokenizer.main(
+            tokenizer_argv(tmp_path / "d", teacher_dir, f"init_tokenizer={start}", "tokenizer.pixel_quantizer.depth=3")
+        )
 
 
 def test_stage1_rejects_taps_beyond_the_teacher(teacher_dir: Path, tmp_path: Path) -> None:

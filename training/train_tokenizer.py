@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from tokenizer.backbone import SiglipBackbone, VisionBackbone
-from tokenizer.config import ConfigError, DiscriminatorConfig, DualTokenizerConfig
+from tokenizer.config import ConfigError, DiscriminatorConfig, DualTokenizerConfig, config_to_dict
 from tokenizer.discriminator import PatchDiscriminator
 from tokenizer.losses import (
     PerceptualLoss,
@@ -93,6 +93,13 @@ class Stage1Config:
     """The experiment YAML of stage 1 (configs/tokenizer/*.yaml)."""
 
     teacher_path: str = "runs/tiny/stage0/teacher"
+    # Start from a trained DualToken folder instead of the teacher (its own saved config is
+    # used; the `tokenizer:` section must describe the same architecture).
+    init_tokenizer: str | None = None
+    # Train only the pixel decoder (pixel_up + decoder) of `init_tokenizer`; the encoder,
+    # projections and codebooks stay frozen (in eval mode: no EMA or dead-code updates), so
+    # every image keeps its codes and code shards made with `init_tokenizer` stay valid.
+    decoder_only: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: DualTokenizerConfig = field(default_factory=DualTokenizerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -103,6 +110,37 @@ class Stage1Config:
     )
     loop: LoopConfig = field(default_factory=LoopConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    def __post_init__(self) -> None:
+        if self.decoder_only and not self.init_tokenizer:
+            raise ConfigError("decoder_only=true fine-tunes a trained tokenizer: set init_tokenizer to its folder")
+
+
+# ---------------------------------------------------------------------------------- setup
+DECODER_MODULES = ("pixel_up", "decoder")
+
+
+def load_init_tokenizer(config: Stage1Config) -> DualTokenizer:
+    """The trained tokenizer named by ``config.init_tokenizer``, checked against ``config.tokenizer``."""
+    tokenizer = DualTokenizer.from_pretrained(config.init_tokenizer)
+    saved, wanted = config_to_dict(tokenizer.config), config_to_dict(config.tokenizer)
+    for section in ("taps", "pixel_quantizer", "semantic_quantizer", "decoder", "projection"):
+        if saved.get(section) != wanted.get(section):
+            raise ConfigError(
+                f"init_tokenizer={config.init_tokenizer} was saved with tokenizer.{section}={saved.get(section)}, "
+                f"but the config asks for {wanted.get(section)}; make them equal"
+            )
+    return tokenizer
+
+
+def frozen_parts(tokenizer: DualTokenizer) -> list[nn.Module]:
+    """Freeze all but DECODER_MODULES; returns the frozen parts (to keep in eval mode)."""
+    frozen = []
+    for name, child in tokenizer.named_children():
+        child.requires_grad_(name in DECODER_MODULES)
+        if name not in DECODER_MODULES:
+            frozen.append(child)
+    return frozen
 
 
 # ---------------------------------------------------------------------------------- setup
@@ -205,7 +243,11 @@ class Stage1Trainer:
         self.output_dir = Path(config.loop.output_dir)
         seed_everything(config.loop.seed)
         backbone, self.teacher = load_teacher(config.teacher_path)
-        self.tokenizer = DualTokenizer(config.tokenizer, backbone=backbone, text_tower=self.teacher.text_tower)
+        if config.init_tokenizer:
+            self.tokenizer = load_init_tokenizer(config)
+        else:
+            self.tokenizer = DualTokenizer(config.tokenizer, backbone=backbone, text_tower=self.teacher.text_tower)
+        self._frozen = frozen_parts(self.tokenizer) if config.decoder_only else []
         self.tokenizer.backbone.set_gradient_checkpointing(config.tokenizer.backbone.gradient_checkpointing)
         logger.info(
             "stage 1: DualToken with %.2fM trainable parameters (taps %d/%d of %d layers)",
@@ -226,6 +268,13 @@ class Stage1Trainer:
         self.writer = MetricsWriter(self.output_dir, enabled=dist_state.is_main)
         self._text_embeds: torch.Tensor | None = None
         self._world = ShapesWorld(config.data.shapes) if config.data.kind == "shapes" else None
+
+    def _train_mode(self) -> None:
+        """Training mode, except the frozen parts of a decoder-only run: in eval mode their
+        quantisers make no EMA or dead-code updates, so the codes cannot move."""
+        self.engine.train()
+        for part in self._frozen:
+            part.eval()
 
     def _engine(self, module: nn.Module, optim: OptimConfig) -> distributed.TrainEngine:
         """AdamW + warm-up/cosine over the trainable parameters of ``module``, in an engine."""
@@ -354,7 +403,7 @@ class Stage1Trainer:
             loop.num_workers,
         )
         step, started, window = start_step, time.time(), []
-        self.engine.train()
+        self._train_mode()
         progress = tqdm(
             loader, desc="stage 1 (DualToken)", initial=start_step, total=loop.max_steps, disable=not self.dist.is_main
         )
@@ -371,7 +420,7 @@ class Stage1Trainer:
                 window.clear()
             if step % loop.eval_every == 0 and step < loop.max_steps:
                 self.evaluate(step)
-                self.engine.train()
+                self._train_mode()
             # The final step is checkpointed too, so a finished run can be extended (a larger
             # loop.max_steps, same output_dir) and continues exactly where it stopped.
             if step % loop.save_every == 0:
