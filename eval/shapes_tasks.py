@@ -128,9 +128,16 @@ def t2i_items(world: ShapesWorld, split: str, singles: int, pairs: int) -> list[
 
 
 def score_t2i(items: list[T2IItem], images: list[np.ndarray]) -> tuple[dict[str, float], list[Any]]:
+    """Fully correct per category, plus partial credit that moves before the full verdict does.
+
+    ``t2i_object_recall``: named objects found with their colour and shape (extra objects
+    allowed); ``t2i_colour_recall``: named objects whose colour is among the detections;
+    ``t2i_count_ok``: images with exactly the named number of objects.
+    """
     verdicts = []
     by_category: dict[str, list[int]] = defaultdict(list)
     relation_hits: list[int] = []
+    partial: dict[str, list[float]] = defaultdict(list)
     for item, image in zip(items, images, strict=True):
         verdict = judge(image, item.expected)
         verdicts.append(verdict)
@@ -138,7 +145,12 @@ def score_t2i(items: list[T2IItem], images: list[np.ndarray]) -> tuple[dict[str,
         by_category["all"].append(int(verdict.correct))
         if item.relation is not None and verdict.correct:
             relation_hits.append(int(judge(image, item.expected, item.relation).correct))
+        colours = {detection.colour for detection in verdict.detections}
+        partial["object_recall"] += [float(hit) for hit in verdict.matched]
+        partial["colour_recall"] += [float(spec.colour in colours) for spec in item.expected]
+        partial["count_ok"].append(float(verdict.count_ok))
     metrics = {f"t2i_{name}": float(np.mean(values)) for name, values in by_category.items()}
+    metrics.update({f"t2i_{name}": float(np.mean(values)) for name, values in partial.items()})
     if relation_hits:
         metrics["t2i_two_relation_given_correct"] = float(np.mean(relation_hits))
     return metrics, verdicts

@@ -337,3 +337,29 @@ def test_judging_a_caption_end_to_end(world: ShapesWorld) -> None:
     # The same caption does not fit a different scene.
     other = next(s for s in (world.sample("test", i) for i in range(1, 200)) if s.caption != scene.caption)
     assert not judge(other.image, *parse_caption(scene.caption)).correct
+
+
+def test_text_to_image_scores_give_partial_credit() -> None:
+    from eval.shapes_tasks import score_t2i, t2i_items
+    from training.data.shapes import ShapesWorld, ShapesWorldConfig
+
+    world = ShapesWorld(ShapesWorldConfig(seed=0, image_size=64))
+    items = t2i_items(world, "test", 3, 3)
+    renders = [world.sample_single("test", i).image for i in range(3)]
+    renders += [world.sample("test", int(item.key.rsplit("/", 1)[1])).image for item in items[3:]]
+    perfect, _ = score_t2i(items, renders)
+    assert perfect["t2i_all"] == perfect["t2i_object_recall"] == perfect["t2i_colour_recall"] == 1.0
+    assert perfect["t2i_count_ok"] == 1.0
+    # Each single-object prompt answered with a two-object scene that holds its object: the full
+    # verdict fails on the extra object, object recall does not; a blank canvas scores nothing.
+    pairs = [world.sample("test", i) for i in range(200)]
+    pairs = [scene for scene in pairs if len(scene.objects) == 2]
+    holding = []
+    for item in items[:3]:
+        wanted = (item.expected[0].colour, item.expected[0].shape)
+        holding.append(next(s.image for s in pairs if wanted in {(o.colour, o.shape) for o in s.objects}))
+    extra, _ = score_t2i(items[:3], holding)
+    assert extra["t2i_all"] == 0.0 and extra["t2i_count_ok"] == 0.0
+    assert extra["t2i_object_recall"] == extra["t2i_colour_recall"] == 1.0
+    blank, _ = score_t2i(items, [np.full((64, 64, 3), 128, np.uint8)] * len(items))
+    assert blank["t2i_object_recall"] == blank["t2i_colour_recall"] == blank["t2i_count_ok"] == 0.0

@@ -157,6 +157,14 @@ def write_report(run_dir: Path, metrics: dict, stage_metrics: dict, timings: dic
             f"| two objects: relation also right (of the correct ones) | "
             f"{100 * metrics['t2i_two_relation_given_correct']:.1f} % |"
         )
+    partial = (
+        ("object_recall", "named objects found (colour + shape; extras allowed)"),
+        ("colour_recall", "named objects whose colour was drawn"),
+        ("count_ok", "images with the named number of objects"),
+    )
+    lines += [
+        f"| {label} | {100 * metrics[f't2i_{name}']:.1f} % |" for name, label in partial if f"t2i_{name}" in metrics
+    ]
     lines += ["", "Chance for a single object: 1/18 = 5.6 %.", "", "## Time", ""]
     lines += ["| step | seconds |", "|---|---|"]
     lines += [f"| {name} | {value:.0f} |" for name, value in timings.items()]
