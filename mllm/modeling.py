@@ -32,7 +32,7 @@ from mllm.vocab import VocabLayout, VocabularyError
 
 BRANCHES = ("semantic", "pixel")
 # The terms of DualTokenMLLMOutput.loss; other entries of ``losses`` are diagnostics (accuracies, CE per depth).
-LOSS_TERMS = ("text", "pixel", "semantic", "idle_heads")
+LOSS_TERMS = ("text", "pixel", "semantic", "contrast", "idle_heads")
 FUSIONS = ("sum", "sum_mlp", "concat_mlp")
 IGNORE = -100
 
@@ -418,6 +418,8 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
         use_cache: bool | None = None,
         loss_weights: dict[str, float] | None = None,
         image_slot_index: torch.Tensor | None = None,
+        contrast_rows: torch.Tensor | None = None,
+        contrast_beta: float = 0.1,
         **kwargs: Any,
     ) -> DualTokenMLLMOutput:
         """Run the LM over slots; with ``labels`` (same shape as ``input_ids``) return the losses.
@@ -427,6 +429,13 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
         sum weighted by ``loss_weights`` (default 1 each). A loss with no target is omitted.
         Diagnostics ride along: ``text_acc``, ``pixel_acc`` and, without grad, ``pixel_depth{d}``
         (the pixel CE at RVQ depth d).
+
+        ``contrast_rows`` ``(K, 2)``: pairs ``(matched, mismatched)`` of batch rows holding the same
+        image under its own caption and under another one. The mismatched rows give no likelihood
+        loss; they give ``contrast`` = mean softplus(-beta * margin), where margin is the image's
+        summed pixel log-likelihood under its caption minus under the other caption (logged as
+        ``contrast_margin``). Background slots cancel in the margin, so its gradient falls on the
+        slots that the caption decides, which the plain likelihood barely rewards.
         """
         self.layout.check_ids(input_ids)
         if attention_mask is not None and position_ids is None and past_key_values is None:
@@ -446,20 +455,32 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
             cache = getattr(outputs, "cache", None)
         result = DualTokenMLLMOutput(hidden_states=hidden, past_key_values=cache)
         if labels is not None:
-            result.losses = self.compute_losses(hidden, labels)
+            result.losses = self.compute_losses(hidden, labels, contrast_rows, contrast_beta)
             weights = loss_weights or {}
             terms = [weights.get(name, 1.0) * value for name, value in result.losses.items() if name in LOSS_TERMS]
             result.loss = torch.stack(terms).sum() if terms else hidden.sum() * 0.0
         return result
 
-    def compute_losses(self, hidden: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def compute_losses(
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor,
+        contrast_rows: torch.Tensor | None = None,
+        contrast_beta: float = 0.1,
+    ) -> dict[str, torch.Tensor]:
         """Next-slot losses: the hidden state at position t predicts the labels of slot t + 1."""
         if labels.dim() == 2:
             labels = labels.unsqueeze(-1)
         labels = labels.masked_fill(labels < 0, IGNORE)
         layout = self.layout
         split = self.config.semantic_depth
+        mismatched = torch.zeros(labels.shape[0], dtype=torch.bool, device=labels.device)
+        if contrast_rows is not None and contrast_rows.numel():
+            mismatched[contrast_rows[:, 1]] = True
         context, target = hidden[:, :-1], labels[:, 1:]
+        pixel_target = target[..., split:]
+        is_pixel_all = layout.is_pixel(pixel_target).all(dim=-1)
+        target = target.masked_fill(mismatched[:, None, None], IGNORE)  # no likelihood from mismatched rows
         losses: dict[str, torch.Tensor] = {}
 
         first = target[..., 0]
@@ -470,16 +491,24 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
             losses["text"] = F.cross_entropy(logits, truth)
             losses["text_acc"] = (logits.argmax(-1) == truth).float().mean().detach()
 
-        pixel_target = target[..., split:]
-        is_pixel = layout.is_pixel(pixel_target).all(dim=-1)
-        if bool(is_pixel.any()):
-            codes = pixel_target[is_pixel] - layout.pixel_offset
-            logits = self.pixel_logits(context[is_pixel], codes).float()
-            losses["pixel"] = F.cross_entropy(logits.flatten(0, 1), codes.flatten())
-            losses["pixel_acc"] = (logits.argmax(-1) == codes).float().mean().detach()
-            if codes.shape[1] > 1 and not torch.is_grad_enabled():  # held-out diagnostics: CE per RVQ depth
-                per_depth = F.cross_entropy(logits.transpose(1, 2), codes, reduction="none").mean(dim=0)
-                losses.update({f"pixel_depth{d + 1}": value for d, value in enumerate(per_depth)})
+        is_pixel = is_pixel_all & ~mismatched[:, None]
+        if bool(is_pixel_all.any()):
+            codes = pixel_target[is_pixel_all] - layout.pixel_offset
+            logits = self.pixel_logits(context[is_pixel_all], codes).float()
+            nll = F.cross_entropy(logits.transpose(1, 2), codes, reduction="none")  # (slots, depth)
+            kept = ~mismatched[is_pixel_all.nonzero()[:, 0]]
+            if bool(kept.any()):
+                losses["pixel"] = nll[kept].mean()
+                losses["pixel_acc"] = (logits[kept].argmax(-1) == codes[kept]).float().mean().detach()
+                if codes.shape[1] > 1 and not torch.is_grad_enabled():  # held-out diagnostics: CE per RVQ depth
+                    per_depth = nll[kept].mean(dim=0)
+                    losses.update({f"pixel_depth{d + 1}": value for d, value in enumerate(per_depth)})
+            if mismatched.any():
+                rows = is_pixel_all.nonzero()[:, 0]
+                image_nll = torch.zeros(labels.shape[0], device=nll.device).index_add(0, rows, nll.sum(dim=-1))
+                margin = image_nll[contrast_rows[:, 1]] - image_nll[contrast_rows[:, 0]]
+                losses["contrast"] = F.softplus(-contrast_beta * margin).mean()
+                losses["contrast_margin"] = margin.mean().detach()
 
         if self.semantic_head is not None:
             semantic_target = target[..., :split]

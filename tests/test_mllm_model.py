@@ -174,6 +174,46 @@ def test_losses_cover_answers_and_image_slots_and_train(built):
     torch.testing.assert_close(out.loss, out.losses["text"] + out.losses["pixel"])
 
 
+def test_caption_contrast_compares_one_image_under_two_captions(built):
+    import torch.nn.functional as F
+
+    _, _, model, builder = built
+    pixel = _codes(3, PIX, DP)
+    matched = builder.generation("a red circle", pixel)
+    mismatched = builder.generation("two large blue squares and a green triangle", pixel)
+    other = builder.generation("a small cyan square", _codes(4, PIX, DP))
+
+    def image_nll(sequence) -> float:  # summed pixel NLL of one image, run alone
+        with torch.no_grad():
+            out = model(**collate_sequences([sequence], pad_id=0))
+        return out.losses["pixel"].item() * GRID[0] * GRID[1] * DP
+
+    batch = collate_sequences([matched, other, mismatched], pad_id=0)
+    with torch.no_grad():
+        plain = model(**collate_sequences([matched, other], pad_id=0))
+        out = model(**batch, contrast_rows=torch.tensor([[0, 2]]), contrast_beta=0.05)
+    margin = image_nll(mismatched) - image_nll(matched)
+    assert abs(margin) > 1e-3  # the caption changes the likelihood of the same codes
+    torch.testing.assert_close(out.losses["contrast_margin"], torch.tensor(margin), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.losses["contrast"], F.softplus(torch.tensor(-0.05 * margin)), rtol=1e-4, atol=1e-5)
+    # the mismatched row adds no likelihood term: text and pixel losses are those of the other rows
+    for name in ("text", "pixel"):
+        torch.testing.assert_close(out.losses[name], plain.losses[name], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, plain.loss + out.losses["contrast"], rtol=1e-5, atol=1e-6)
+
+    # Training on the contrast alone widens the margin: the model learns to read the caption.
+    import copy
+
+    trained = copy.deepcopy(model).train()
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=3e-3)
+    for _ in range(10):
+        step = trained(**batch, contrast_rows=torch.tensor([[0, 2]]), loss_weights={"text": 0.0, "pixel": 0.0})
+        step.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert step.losses["contrast_margin"].item() > margin + 1.0
+
+
 def test_depth_one_uses_the_lm_head_rows(text_tokenizer):
     import copy
 

@@ -122,6 +122,43 @@ def test_gradient_checkpointing_gives_the_same_step(data, tmp_path):
         assert b[step]["train/loss"] == pytest.approx(a[step]["train/loss"], rel=1e-5)
 
 
+def test_caption_contrast_pairs_each_captioned_image_with_another_caption(data, tmp_path):
+    overrides = stage_overrides(data, tmp_path / "contrast", steps=2) + [
+        "stage.loss_weights.contrast=1.0",
+        "stage.uncond_prob=0.5",
+        "data.mix={vqa: 0.0, t2i: 1.0}",
+    ]
+    config = train_mllm.load_config(train_mllm.MLLMStageConfig, _config("joint"), overrides)
+    trainer = train_mllm.MLLMStageTrainer(config, train_mllm.distributed.init_distributed(False))
+    keys = train_mllm.MixtureSampler(trainer.dataset, 8, 0, 0, 1, 0, 1).batch_for_step(0)
+    items = [trainer.dataset[key] for key in keys]
+    paired = [row for row, item in enumerate(items) if isinstance(item, tuple)]
+    assert 0 < len(paired) < len(items)  # captioned items are paired; dropped captions are not
+    trainer.dataset.contrast = False
+    plain = [trainer.dataset[key] for key in keys]
+    trainer.dataset.contrast = True
+
+    def split(sequence):  # (image slots, text slots)
+        image = (sequence.ids >= trainer.model.layout.semantic_offset).any(-1)
+        return sequence.ids[image], sequence.ids[~image]
+
+    for item, reference in zip(items, plain, strict=True):  # the matched row is the plain stage's sequence
+        matched = item[0] if isinstance(item, tuple) else item
+        assert torch.equal(matched.ids, reference.ids)
+        if isinstance(item, tuple):  # same image codes, other caption
+            (image, text), (other_image, other_text) = split(matched), split(item[1])
+            assert image.shape[0] == 4 * 4 and torch.equal(image, other_image)
+            assert not torch.equal(text, other_text)
+    batch = trainer._collate(items)
+    assert batch["input_ids"].shape[0] == len(items) + len(paired)
+    assert batch["contrast_rows"].tolist() == [[row, len(items) + k] for k, row in enumerate(paired)]
+
+    metrics = trainer.fit()
+    records = _train_records(tmp_path / "contrast")
+    assert all("train/contrast" in r and "train/contrast_margin" in r for r in records.values())
+    assert "val_t2i_contrast_margin" in metrics and "val_t2i_contrast" not in metrics
+
+
 # ---------------------------------------------------------------------------- bad input
 def _cli(stage: str, overrides: list[str], capsys) -> tuple[int, str]:
     argv = ["train-mllm", "--config", _config(stage)]

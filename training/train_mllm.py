@@ -59,6 +59,7 @@ MODEL_DIRNAME = "model"
 SIDECAR = "dualtoken.json"
 DESCRIBE_PROMPT = "describe the image."
 SOURCES = ("vqa", "t2i", "caption")
+LOSS_WEIGHTS = ("text", "pixel", "semantic", "contrast")  # the weightable terms of the model's loss
 
 
 def _require(condition: bool, message: str) -> None:
@@ -114,11 +115,19 @@ class StageConfig:
     frozen: list[str] = field(default_factory=list)  # globs removed from `trainable`
     loss_weights: dict[str, float] = field(default_factory=lambda: {"text": 1.0, "pixel": 1.0, "semantic": 1.0})
     uncond_prob: float = 0.1  # caption dropped -> learns the unconditional branch for CFG
+    # loss_weights.contrast > 0 adds, for every captioned text-to-image item, the same image under
+    # another record's caption, and the term softplus(-contrast_beta * margin) (see model.forward).
+    contrast_beta: float = 0.1
+
+    @property
+    def contrast(self) -> bool:
+        return self.loss_weights.get("contrast", 0.0) > 0
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.uncond_prob < 1.0, f"stage.uncond_prob={self.uncond_prob}; expected in [0, 1)")
-        unknown = set(self.loss_weights) - {"text", "pixel", "semantic"}
-        _require(not unknown, f"stage.loss_weights has unknown terms {sorted(unknown)}; expected text/pixel/semantic")
+        unknown = set(self.loss_weights) - set(LOSS_WEIGHTS)
+        _require(not unknown, f"stage.loss_weights has unknown terms {sorted(unknown)}; expected {LOSS_WEIGHTS}")
+        _require(self.contrast_beta > 0, f"stage.contrast_beta={self.contrast_beta}; expected > 0")
 
 
 @dataclass
@@ -322,6 +331,7 @@ class MixedSequences(Dataset):
         mix: dict[str, float],
         uncond_prob: float,
         seed: int,
+        contrast: bool = False,
     ) -> None:
         self.builder = builder
         self.store = store
@@ -335,11 +345,13 @@ class MixedSequences(Dataset):
         self.sizes = [len(self.sources[name]) for name in self.names]
         self.uncond_prob = uncond_prob
         self.seed = seed
+        self.contrast = contrast
 
     def __len__(self) -> int:
         return sum(self.sizes)
 
-    def __getitem__(self, key: tuple[int, int, int]) -> Sequence:
+    def __getitem__(self, key: tuple[int, int, int]) -> Sequence | tuple[Sequence, Sequence]:
+        """A sequence; with ``contrast``, a captioned text-to-image item is ``(matched, mismatched)``."""
         source, item, draw = key
         name = self.names[source]
         record = self.sources[name][item]
@@ -347,10 +359,24 @@ class MixedSequences(Dataset):
             return conversation_sequence(self.builder, self.store, record)
         pixel, semantic = self.store.get(normalise_key(record.image_key))
         if name == "t2i":
-            drop = np.random.default_rng([self.seed, draw]).random() < self.uncond_prob
-            return self.builder.generation("" if drop else record.caption, pixel, semantic)
+            rng = np.random.default_rng([self.seed, draw])
+            if rng.random() < self.uncond_prob:
+                return self.builder.generation("", pixel, semantic)
+            matched = self.builder.generation(record.caption, pixel, semantic)
+            if not self.contrast:
+                return matched
+            return matched, self.builder.generation(self._other_caption(record.caption, rng), pixel, semantic)
         turns = [("user", f"<image>\n{DESCRIBE_PROMPT}"), ("assistant", record.caption)]
         return self.builder.conversation(turns, semantic=semantic, pixel=pixel)
+
+    def _other_caption(self, caption: str, rng: np.random.Generator) -> str:
+        """A different record's caption (a few draws; the last one stands if all match)."""
+        pairs = self.sources["t2i"]
+        for _ in range(8):
+            other = pairs[int(rng.integers(len(pairs)))].caption
+            if other != caption:
+                break
+        return other
 
 
 class MixtureSampler(torch.utils.data.Sampler):
@@ -538,6 +564,7 @@ class MLLMStageTrainer:
             config.data.mix,
             stage.uncond_prob,
             loop.seed,
+            contrast=stage.contrast,
         )
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
@@ -556,13 +583,21 @@ class MLLMStageTrainer:
                 f"pixel depth) = {expected} but the model was built for {found}"
             )
 
-    def _collate(self, sequences: list[Sequence]) -> dict[str, torch.Tensor]:
-        return collate_sequences(sequences, self.pad_id)
+    def _collate(self, items: list[Sequence | tuple[Sequence, Sequence]]) -> dict[str, torch.Tensor]:
+        """Pad a batch; ``(matched, mismatched)`` items put their mismatched rows after the others
+        and list the pairs in ``contrast_rows``."""
+        paired = [row for row, item in enumerate(items) if isinstance(item, tuple)]
+        rows = [item[0] if isinstance(item, tuple) else item for item in items] + [items[row][1] for row in paired]
+        batch = collate_sequences(rows, self.pad_id)
+        if paired:
+            batch["contrast_rows"] = torch.tensor([[row, len(items) + k] for k, row in enumerate(paired)])
+        return batch
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         batch = {key: value.to(self.dist.device) for key, value in batch.items()}
+        stage = self.config.stage
         with autocast(self.config.loop.precision, self.dist.device):
-            out = self.engine(**batch, loss_weights=self.config.stage.loss_weights)
+            out = self.engine(**batch, loss_weights=stage.loss_weights, contrast_beta=stage.contrast_beta)
         self.engine.backward(out.loss)
         grad_norm = self.engine.step()
         record = {"loss": out.loss.item()}
@@ -578,12 +613,16 @@ class MLLMStageTrainer:
         model = self.engine.module
         model.eval()
         if self.val_pairs:
-            sequences = [
-                self.builder.generation(pair.caption, *self.val_store.get(normalise_key(pair.image_key)))
-                for pair in self.val_pairs[:64]
-            ]
-            out = model(**self._to_device(self._collate(sequences)))
-            metrics.update({f"val_t2i_{k}": v.item() for k, v in out.losses.items()})
+            # Each image also under the next pair's caption: the held-out contrast_margin (nats per
+            # image) says how much the model's likelihood depends on the caption at all.
+            pairs = self.val_pairs[:64]
+            items = []
+            for pair, other in zip(pairs, pairs[1:] + pairs[:1], strict=True):
+                codes = self.val_store.get(normalise_key(pair.image_key))
+                matched = self.builder.generation(pair.caption, *codes)
+                items.append((matched, self.builder.generation(other.caption, *codes)) if len(pairs) > 1 else matched)
+            out = model(**self._to_device(self._collate(items)))
+            metrics.update({f"val_t2i_{k}": v.item() for k, v in out.losses.items() if k != "contrast"})
         if self.val_conversations and self.config.eval.vqa_samples > 0:
             metrics.update(
                 vqa_accuracy(
