@@ -132,6 +132,8 @@ def score_t2i(items: list[T2IItem], images: list[np.ndarray]) -> tuple[dict[str,
 
     ``t2i_object_recall``: named objects found with their colour and shape (extra objects
     allowed); ``t2i_colour_recall``: named objects whose colour is among the detections;
+    ``t2i_colour_precision``: the share of the detected objects' area in a named colour (0 for
+    an image with no detection), which a canvas splashed with every colour fails;
     ``t2i_count_ok``: images with exactly the named number of objects.
     """
     verdicts = []
@@ -148,6 +150,10 @@ def score_t2i(items: list[T2IItem], images: list[np.ndarray]) -> tuple[dict[str,
         colours = {detection.colour for detection in verdict.detections}
         partial["object_recall"] += [float(hit) for hit in verdict.matched]
         partial["colour_recall"] += [float(spec.colour in colours) for spec in item.expected]
+        named = {spec.colour for spec in item.expected}
+        area = sum(detection.area for detection in verdict.detections)
+        in_named = sum(detection.area for detection in verdict.detections if detection.colour in named)
+        partial["colour_precision"].append(in_named / area if area > 0 else 0.0)
         partial["count_ok"].append(float(verdict.count_ok))
     metrics = {f"t2i_{name}": float(np.mean(values)) for name, values in by_category.items()}
     metrics.update({f"t2i_{name}": float(np.mean(values)) for name, values in partial.items()})

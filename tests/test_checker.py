@@ -349,7 +349,7 @@ def test_text_to_image_scores_give_partial_credit() -> None:
     renders += [world.sample("test", int(item.key.rsplit("/", 1)[1])).image for item in items[3:]]
     perfect, _ = score_t2i(items, renders)
     assert perfect["t2i_all"] == perfect["t2i_object_recall"] == perfect["t2i_colour_recall"] == 1.0
-    assert perfect["t2i_count_ok"] == 1.0
+    assert perfect["t2i_count_ok"] == perfect["t2i_colour_precision"] == 1.0
     # Each single-object prompt answered with a two-object scene that holds its object: the full
     # verdict fails on the extra object, object recall does not; a blank canvas scores nothing.
     pairs = [world.sample("test", i) for i in range(200)]
@@ -357,9 +357,18 @@ def test_text_to_image_scores_give_partial_credit() -> None:
     holding = []
     for item in items[:3]:
         wanted = (item.expected[0].colour, item.expected[0].shape)
-        holding.append(next(s.image for s in pairs if wanted in {(o.colour, o.shape) for o in s.objects}))
+        holding.append(
+            next(
+                scene.image
+                for scene in pairs
+                if wanted in {(o.colour, o.shape) for o in scene.objects}
+                and scene.objects[0].colour != scene.objects[1].colour
+            )
+        )
     extra, _ = score_t2i(items[:3], holding)
     assert extra["t2i_all"] == 0.0 and extra["t2i_count_ok"] == 0.0
     assert extra["t2i_object_recall"] == extra["t2i_colour_recall"] == 1.0
+    assert 0.0 < extra["t2i_colour_precision"] < 1.0  # the extra object has another colour
     blank, _ = score_t2i(items, [np.full((64, 64, 3), 128, np.uint8)] * len(items))
     assert blank["t2i_object_recall"] == blank["t2i_colour_recall"] == blank["t2i_count_ok"] == 0.0
+    assert blank["t2i_colour_precision"] == 0.0

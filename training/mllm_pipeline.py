@@ -160,6 +160,7 @@ def write_report(run_dir: Path, metrics: dict, stage_metrics: dict, timings: dic
     partial = (
         ("object_recall", "named objects found (colour + shape; extras allowed)"),
         ("colour_recall", "named objects whose colour was drawn"),
+        ("colour_precision", "drawn objects' area in a named colour"),
         ("count_ok", "images with the named number of objects"),
     )
     lines += [
