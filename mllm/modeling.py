@@ -496,7 +496,8 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
             codes = pixel_target[is_pixel_all] - layout.pixel_offset
             logits = self.pixel_logits(context[is_pixel_all], codes).float()
             nll = F.cross_entropy(logits.transpose(1, 2), codes, reduction="none")  # (slots, depth)
-            kept = ~mismatched[is_pixel_all.nonzero()[:, 0]]
+            rows = is_pixel_all.nonzero()[:, 0]  # the batch row of each slot
+            kept = ~mismatched[rows]
             if bool(kept.any()):
                 losses["pixel"] = nll[kept].mean()
                 losses["pixel_acc"] = (logits[kept].argmax(-1) == codes[kept]).float().mean().detach()
@@ -504,7 +505,6 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
                     per_depth = nll[kept].mean(dim=0)
                     losses.update({f"pixel_depth{d + 1}": value for d, value in enumerate(per_depth)})
             if mismatched.any():
-                rows = is_pixel_all.nonzero()[:, 0]
                 image_nll = torch.zeros(labels.shape[0], device=nll.device).index_add(0, rows, nll.sum(dim=-1))
                 margin = image_nll[contrast_rows[:, 1]] - image_nll[contrast_rows[:, 0]]
                 losses["contrast"] = F.softplus(-contrast_beta * margin).mean()
