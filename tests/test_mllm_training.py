@@ -213,6 +213,20 @@ def test_trainable_glob_matching_nothing_is_named(data, tmp_path, capsys):
     assert code == 2 and "matches no parameter" in err
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("stage.loss_weights.contrast=-0.2", "stage.loss_weights.contrast=-0.2; expected a finite number >= 0"),
+        ("stage.loss_weights.pixel=high", "stage.loss_weights.pixel='high'; expected a finite number >= 0"),
+        ("stage.loss_weights.depth=1.0", "stage.loss_weights has unknown terms ['depth']"),
+        ("stage.contrast_beta=0", "stage.contrast_beta=0.0; expected > 0"),
+    ],
+)
+def test_bad_loss_weights_are_named(data, tmp_path, capsys, override, message):
+    code, err = _cli("joint", stage_overrides(data, tmp_path / "x") + [override], capsys)
+    assert code == 2 and message in err
+
+
 def test_prompt_longer_than_the_context_is_named(data, tmp_path, capsys):
     code, err = _cli("joint", stage_overrides(data, tmp_path / "x") + ["model.max_length=40"], capsys)
     assert code == 2 and "longer than the model's context of 40" in err

@@ -352,23 +352,39 @@ def test_pipeline_reuses_finished_stages(tmp_path: Path, caplog: pytest.LogCaptu
     argv = ["--run-dir", str(run_dir), "--tokenizer-only"]
     argv += [item for value in [*LOOP_SETS, *TEACHER_SETS] for item in ("--set-teacher", value)]
     argv += [item for value in [*LOOP_SETS, *TOKENIZER_SETS] for item in ("--set-tokenizer", value)]
+    # Stage 1b takes stage 1's architecture and data overrides itself; only its loop is set here.
+    argv += [item for value in LOOP_SETS for item in ("--set-decoder", value)]
     teacher_weights = run_dir / "stage0" / "teacher" / "model.safetensors"
     tokenizer_weights = run_dir / "stage1" / "tokenizer" / "model.safetensors"
+    decoder_weights = run_dir / "stage1_decoder" / "tokenizer" / "model.safetensors"
 
     metrics = pipeline.main(argv)
+    # The pipeline's tokenizer is stage 1b's: stage 1's encoder and codebooks, a fine-tuned decoder.
+    assert metrics == json.loads((decoder_weights.parent / "metrics.json").read_text())
+    stage1_metrics = json.loads((tokenizer_weights.parent / "metrics.json").read_text())
+    stage1_state, decoder_state = load_file(tokenizer_weights), load_file(decoder_weights)
+    assert decoder_state.keys() == stage1_state.keys()
+    for name in decoder_state:
+        same = torch.equal(decoder_state[name], stage1_state[name])
+        assert same != name.startswith(("decoder.", "pixel_up.")), name
     report = (run_dir / "report.md").read_text()
     assert "reconstruction PSNR" in report and f"{metrics['test_psnr']:.2f}" in report
+    assert f"before decoder fine-tuning: PSNR (dB) / SSIM | {stage1_metrics['test_psnr']:.2f}" in report
+    assert "stage 1b (decoder fine-tuning) wall time" in report
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert summary["tokenizer"] == pytest.approx(metrics) and "teacher_zero_shot_val" in summary["teacher"]
-    mtimes = {path: path.stat().st_mtime_ns for path in (teacher_weights, tokenizer_weights)}
+    assert summary["tokenizer_before_decoder_finetuning"] == pytest.approx(stage1_metrics)
+    mtimes = {path: path.stat().st_mtime_ns for path in (teacher_weights, tokenizer_weights, decoder_weights)}
     trained_weights = load_file(tokenizer_weights)
 
     caplog.clear()
     with caplog.at_level(logging.INFO):
         assert pipeline.main(argv) == pytest.approx(metrics)
     assert "stage 0: reusing" in caplog.text and "stage 1: reusing" in caplog.text
+    assert "stage 1b: reusing" in caplog.text
     assert {path: path.stat().st_mtime_ns for path in mtimes} == mtimes
     assert len(train_records(run_dir / "stage1", "train/total")) == 2  # no training step ran again
+    assert len(train_records(run_dir / "stage1_decoder", "train/total")) == 2
 
     tokenizer_weights.unlink()
     caplog.clear()
@@ -376,6 +392,10 @@ def test_pipeline_reuses_finished_stages(tmp_path: Path, caplog: pytest.LogCaptu
         pipeline.main(argv)
     assert "stage 0: reusing" in caplog.text and "stage 1: reusing" not in caplog.text
     assert "stage 1 done" in caplog.text
+    # A decoder tuned on the previous stage-1 tokenizer is stale: removed and trained afresh.
+    assert "stage 1b: removing" in caplog.text and "stage 1b: reusing" not in caplog.text
+    assert "stage 1b done" in caplog.text
+    assert [record["step"] for record in train_records(run_dir / "stage1_decoder", "train/total")] == [1, 2]
     assert teacher_weights.stat().st_mtime_ns == mtimes[teacher_weights]
     # Stage 1 trained again (no checkpoint: save_every=250 > max_steps) with the same seed and
     # batches, so the same weights come back.
@@ -420,6 +440,7 @@ def test_pipeline_runs_the_whole_system(tmp_path: Path) -> None:
     argv = ["--run-dir", str(run_dir)]
     argv += [item for value in [*LOOP_SETS, *TEACHER_SETS] for item in ("--set-teacher", value)]
     argv += [item for value in [*LOOP_SETS, *TOKENIZER_SETS] for item in ("--set-tokenizer", value)]
+    argv += [item for value in LOOP_SETS for item in ("--set-decoder", value)]
     micro = [
         "loop.max_steps=2",
         "loop.batch_size=4",
@@ -441,6 +462,9 @@ def test_pipeline_runs_the_whole_system(tmp_path: Path) -> None:
     report = (run_dir / "report.md").read_text()
     assert "reconstruction PSNR" in report and "majority baseline" in report and "dualtoken chat --model" in report
     assert (run_dir / "mllm" / "joint" / "model" / "model.safetensors").is_file()
+    # The LLM half was given stage 1b's tokenizer, the one with the fine-tuned decoder.
+    sidecar = json.loads((run_dir / "mllm" / "joint" / "model" / "dualtoken.json").read_text())
+    assert Path(sidecar["tokenizer_path"]) == run_dir / "stage1_decoder" / "tokenizer"
 
 
 def test_checker_on_reconstructions_scores_what_the_decoder_draws() -> None:

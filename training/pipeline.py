@@ -1,9 +1,10 @@
 """The embedded default end to end: teacher -> tokenizer -> LLM stages -> scores -> report.
 
     dualtoken tiny-pipeline [--run-dir runs/tiny] [--set-teacher k=v ...] [--set-tokenizer k=v ...]
-                            [--set-llm k=v ...] [--tokenizer-only]
+                            [--set-decoder k=v ...] [--no-decoder] [--set-llm k=v ...] [--tokenizer-only]
 
-Stage 0 (SigLIP teacher) and stage 1 (DualToken) are followed by the LLM half
+Stage 0 (SigLIP teacher), stage 1 (DualToken) and stage 1b (the pixel decoder alone
+fine-tuned on frozen codes, which draws small shapes more sharply) are followed by the LLM half
 (training/mllm_pipeline.py: Shapes data, code shards, the four LLM stages, VQA and
 checker-judged text-to-image scores); ``report.md`` gathers every number and picture.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -27,6 +29,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TEACHER_CONFIG = "configs/tokenizer/tiny_teacher.yaml"
 DEFAULT_TOKENIZER_CONFIG = "configs/tokenizer/tiny.yaml"
+DEFAULT_DECODER_CONFIG = "configs/tokenizer/tiny_decoder.yaml"
+DECODER_DIRNAME = "stage1_decoder"
+# Stage 1's overrides that stage 1b shares: it loads that tokenizer (same architecture) on the same data.
+SHARED_WITH_DECODER = ("tokenizer.", "data.", "teacher_path")
 
 
 def _stage_done(directory: Path, check) -> bool:
@@ -56,7 +62,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
 
     tokenizer_dir = stage1_dir / train_tokenizer.TOKENIZER_DIRNAME
     started = time.time()
-    if _stage_done(tokenizer_dir, train_tokenizer.tokenizer_is_complete):
+    stage1_reused = _stage_done(tokenizer_dir, train_tokenizer.tokenizer_is_complete)
+    if stage1_reused:
         logger.info("stage 1: reusing the finished tokenizer in %s", tokenizer_dir)
     else:
         train_tokenizer.main(
@@ -72,7 +79,13 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         )
     timings["stage1_seconds"] = time.time() - started
     metrics = json.loads((tokenizer_dir / "metrics.json").read_text())
-    report = write_report(run_dir, teacher_metrics, metrics, timings, stage1_dir)
+    stage1_metrics = None
+    if not args.no_decoder:
+        stage1_metrics = metrics
+        tokenizer_dir, metrics, timings["stage1b_seconds"] = _decoder_stage(
+            args, run_dir / DECODER_DIRNAME, tokenizer_dir, teacher_dir, stage1_reused
+        )
+    report = write_report(run_dir, teacher_metrics, metrics, timings, stage1_dir, stage1_metrics)
     print(report)
     if args.tokenizer_only:
         return metrics
@@ -95,12 +108,47 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     return {**metrics, **{f"llm_{key}": value for key, value in llm_metrics.items()}}
 
 
+def _decoder_stage(
+    args: argparse.Namespace, output_dir: Path, stage1_tokenizer: Path, teacher_dir: Path, stage1_reused: bool
+) -> tuple[Path, dict, float]:
+    """Stage 1b: the decoder of the stage-1 tokenizer fine-tuned alone; returns its tokenizer, metrics, seconds."""
+    tokenizer_dir = output_dir / train_tokenizer.TOKENIZER_DIRNAME
+    started = time.time()
+    if not stage1_reused and output_dir.exists():
+        # Stage 1 was trained again, so a decoder (or checkpoint) tuned on the old codes is stale.
+        logger.info("stage 1b: removing %s, which fine-tuned the previous stage-1 tokenizer", output_dir)
+        shutil.rmtree(output_dir)
+    if _stage_done(tokenizer_dir, train_tokenizer.tokenizer_is_complete):
+        logger.info("stage 1b: reusing the fine-tuned decoder in %s", tokenizer_dir)
+    else:
+        train_tokenizer.main(
+            [
+                "--config",
+                args.decoder_config,
+                "--set",
+                f"loop.output_dir={output_dir}",
+                "--set",
+                f"init_tokenizer={stage1_tokenizer}",
+                "--set",
+                f"teacher_path={teacher_dir}",
+                *_sets([value for value in args.set_tokenizer if value.startswith(SHARED_WITH_DECODER)]),
+                *_sets(args.set_decoder),
+            ]
+        )
+    return tokenizer_dir, json.loads((tokenizer_dir / "metrics.json").read_text()), time.time() - started
+
+
 def _sets(values: list[str]) -> list[str]:
     return [item for value in values for item in ("--set", value)]
 
 
-def write_report(run_dir: Path, teacher: dict, metrics: dict, timings: dict, stage1_dir: Path) -> str:
+def write_report(
+    run_dir: Path, teacher: dict, metrics: dict, timings: dict, stage1_dir: Path, stage1: dict | None = None
+) -> str:
+    """The tokenizer half's report; ``metrics`` are the final tokenizer's, ``stage1`` stage 1's when 1b ran."""
     grids = sorted((stage1_dir / "reconstructions").glob("test_step_*.png"))
+    if stage1 is not None:
+        grids = sorted((run_dir / DECODER_DIRNAME / "reconstructions").glob("test_step_*.png")) or grids
     rows = [
         ("reconstruction PSNR (dB), held-out test images", f"{metrics['test_psnr']:.2f}"),
         ("reconstruction SSIM, held-out test images", f"{metrics['test_ssim']:.3f}"),
@@ -121,22 +169,40 @@ def write_report(run_dir: Path, teacher: dict, metrics: dict, timings: dict, sta
             "checker on reconstructions (the text-to-image ceiling, test)",
             f"{100 * metrics.get('test_checker_on_reconstructions', float('nan')):.1f} %",
         ),
+    ]
+    if stage1 is not None:
+        rows += [
+            (
+                "stage 1 before decoder fine-tuning: PSNR (dB) / SSIM",
+                f"{stage1['test_psnr']:.2f} / {stage1['test_ssim']:.3f}",
+            ),
+            (
+                "stage 1 before decoder fine-tuning: checker on reconstructions",
+                f"{100 * stage1.get('test_checker_on_reconstructions', float('nan')):.1f} %",
+            ),
+        ]
+    rows += [
         (
             "stage 0 wall time (s)",
             f"{timings['stage0_seconds']:.0f} (teacher trained in {teacher.get('train_seconds', 0):.0f})",
         ),
         (
             "stage 1 wall time (s)",
-            f"{timings['stage1_seconds']:.0f} (training loop {metrics.get('train_seconds', 0):.0f})",
+            f"{timings['stage1_seconds']:.0f} (training loop {(stage1 or metrics).get('train_seconds', 0):.0f})",
         ),
     ]
+    if "stage1b_seconds" in timings:
+        rows.append(("stage 1b (decoder fine-tuning) wall time (s)", f"{timings['stage1b_seconds']:.0f}"))
     lines = ["# DualToken tiny run", "", "| metric | value |", "|---|---|"]
     lines += [f"| {name} | {value} |" for name, value in rows]
     if grids:
         lines += ["", f"Reconstructions (top: original, bottom: decoded from pixel codes): `{grids[-1]}`"]
     text = "\n".join(lines) + "\n"
     (run_dir / "report.md").write_text(text)
-    (run_dir / "metrics.json").write_text(json.dumps({"teacher": teacher, "tokenizer": metrics, **timings}, indent=2))
+    summary = {"teacher": teacher, "tokenizer": metrics, **timings}
+    if stage1 is not None:
+        summary["tokenizer_before_decoder_finetuning"] = stage1
+    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     return text
 
 
@@ -150,7 +216,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument(
         "--set-llm", action="append", default=[], metavar="KEY=VALUE", help="override for every LLM stage"
     )
-    parser.add_argument("--tokenizer-only", action="store_true", help="stop after the tokenizer (stage 0 + stage 1)")
+    parser.add_argument("--decoder-config", default=DEFAULT_DECODER_CONFIG)
+    parser.add_argument("--set-decoder", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--no-decoder",
+        action="store_true",
+        help="skip stage 1b (decoder fine-tuning); the LLM reads stage 1's tokenizer",
+    )
+    parser.add_argument("--tokenizer-only", action="store_true", help="stop after the tokenizer (stages 0, 1 and 1b)")
     parser.add_argument(
         "--llm-option",
         action="append",

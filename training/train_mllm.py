@@ -127,6 +127,16 @@ class StageConfig:
         _require(0.0 <= self.uncond_prob < 1.0, f"stage.uncond_prob={self.uncond_prob}; expected in [0, 1)")
         unknown = set(self.loss_weights) - set(LOSS_WEIGHTS)
         _require(not unknown, f"stage.loss_weights has unknown terms {sorted(unknown)}; expected {LOSS_WEIGHTS}")
+        for name, weight in self.loss_weights.items():
+            # A negative weight would train the model away from its data (and contrast < 0 would
+            # silently mean off): 0 switches a term off.
+            _require(
+                isinstance(weight, (int, float))
+                and not isinstance(weight, bool)
+                and math.isfinite(weight)
+                and weight >= 0,
+                f"stage.loss_weights.{name}={weight!r}; expected a finite number >= 0 (0 switches the term off)",
+            )
         _require(self.contrast_beta > 0, f"stage.contrast_beta={self.contrast_beta}; expected > 0")
 
 

@@ -269,6 +269,10 @@ class Stage1Trainer:
         self._text_embeds: torch.Tensor | None = None
         self._world = ShapesWorld(config.data.shapes) if config.data.kind == "shapes" else None
 
+    @property
+    def _stage_label(self) -> str:
+        return "stage 1b (decoder only)" if self.config.decoder_only else "stage 1 (DualToken)"
+
     def _train_mode(self) -> None:
         """Training mode, except the frozen parts of a decoder-only run: in eval mode their
         quantisers make no EMA or dead-code updates, so the codes cannot move."""
@@ -405,7 +409,7 @@ class Stage1Trainer:
         step, started, window = start_step, time.time(), []
         self._train_mode()
         progress = tqdm(
-            loader, desc="stage 1 (DualToken)", initial=start_step, total=loop.max_steps, disable=not self.dist.is_main
+            loader, desc=self._stage_label, initial=start_step, total=loop.max_steps, disable=not self.dist.is_main
         )
         for batch in progress:
             record = self.train_step(batch["image"].to(self.dist.device), step)
@@ -446,7 +450,7 @@ class Stage1Trainer:
             (directory / "metrics.json").write_text(json.dumps(metrics, indent=2))
             (self.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
             self.writer.scalars(step, metrics, prefix="final/")
-            logger.info("stage 1 done: %s", format_metrics(metrics))
+            logger.info("%s done: %s", self._stage_label.split(" (")[0], format_metrics(metrics))
         self.writer.close()
         return metrics
 
