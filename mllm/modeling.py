@@ -19,6 +19,7 @@ the pixel-code rows. An optional second head predicts semantic codes.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -420,6 +421,7 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
         image_slot_index: torch.Tensor | None = None,
         contrast_rows: torch.Tensor | None = None,
         contrast_beta: float = 0.1,
+        pixel_depth_weights: Sequence[float] | None = None,
         **kwargs: Any,
     ) -> DualTokenMLLMOutput:
         """Run the LM over slots; with ``labels`` (same shape as ``input_ids``) return the losses.
@@ -436,6 +438,9 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
         summed pixel log-likelihood under its caption minus under the other caption (logged as
         ``contrast_margin``). Background slots cancel in the margin, so its gradient falls on the
         slots that the caption decides, which the plain likelihood barely rewards.
+
+        ``pixel_depth_weights`` (one per RVQ depth): ``pixel`` becomes the weighted mean of the
+        per-depth cross-entropies instead of the plain mean (deeper depths carry fine residuals).
         """
         self.layout.check_ids(input_ids)
         if attention_mask is not None and position_ids is None and past_key_values is None:
@@ -455,7 +460,7 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
             cache = getattr(outputs, "cache", None)
         result = DualTokenMLLMOutput(hidden_states=hidden, past_key_values=cache)
         if labels is not None:
-            result.losses = self.compute_losses(hidden, labels, contrast_rows, contrast_beta)
+            result.losses = self.compute_losses(hidden, labels, contrast_rows, contrast_beta, pixel_depth_weights)
             weights = loss_weights or {}
             terms = [weights.get(name, 1.0) * value for name, value in result.losses.items() if name in LOSS_TERMS]
             result.loss = torch.stack(terms).sum() if terms else hidden.sum() * 0.0
@@ -467,6 +472,7 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
         labels: torch.Tensor,
         contrast_rows: torch.Tensor | None = None,
         contrast_beta: float = 0.1,
+        pixel_depth_weights: Sequence[float] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Next-slot losses: the hidden state at position t predicts the labels of slot t + 1."""
         if labels.dim() == 2:
@@ -499,7 +505,18 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
             rows = is_pixel_all.nonzero()[:, 0]  # the batch row of each slot
             kept = ~mismatched[rows]
             if bool(kept.any()):
-                losses["pixel"] = nll[kept].mean()
+                if pixel_depth_weights is None:
+                    losses["pixel"] = nll[kept].mean()
+                else:
+                    if len(pixel_depth_weights) != nll.shape[1]:
+                        raise ValueError(
+                            f"pixel_depth_weights has {len(pixel_depth_weights)} entries; the model writes "
+                            f"{nll.shape[1]} pixel depth(s)"
+                        )
+                    weights = torch.tensor(pixel_depth_weights, dtype=nll.dtype, device=nll.device)
+                    if bool((weights < 0).any()) or float(weights.sum()) <= 0:
+                        raise ValueError(f"pixel_depth_weights={list(pixel_depth_weights)}; expected >= 0, not all 0")
+                    losses["pixel"] = (nll[kept].mean(dim=0) * weights).sum() / weights.sum()
                 losses["pixel_acc"] = (logits[kept].argmax(-1) == codes[kept]).float().mean().detach()
                 if codes.shape[1] > 1 and not torch.is_grad_enabled():  # held-out diagnostics: CE per RVQ depth
                     per_depth = nll[kept].mean(dim=0)

@@ -97,4 +97,6 @@ def stage_overrides(data: dict[str, Path], output_dir: Path, init: Path | None =
         "model.depth_head_heads=2",
         "eval.vqa_samples=8",
         "eval.batch_size=8",
+        # The tiny stage configs weigh 4 pixel depths; the fixture's codes have 2.
+        "stage.pixel_depth_weights=[1.0,0.1]",
     ]

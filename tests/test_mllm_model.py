@@ -174,6 +174,26 @@ def test_losses_cover_answers_and_image_slots_and_train(built):
     torch.testing.assert_close(out.loss, out.losses["text"] + out.losses["pixel"])
 
 
+def test_pixel_depth_weights_give_the_weighted_mean_of_the_depths(built):
+    _, _, model, builder = built
+    batch = collate_sequences([builder.generation("a red circle", _codes(5, PIX, DP))], pad_id=0)
+    with torch.no_grad():
+        plain = model(**batch)
+        per_depth = torch.stack([plain.losses[f"pixel_depth{d + 1}"] for d in range(DP)])
+        assert per_depth.std() > 1e-4  # the depths differ, so a wrong weighting cannot pass
+        weights = [float(d + 1) for d in range(DP)]
+        weighted = model(**batch, pixel_depth_weights=weights)
+        first_only = model(**batch, pixel_depth_weights=[1.0] + [0.0] * (DP - 1))
+        with pytest.raises(ValueError, match=f"pixel_depth_weights has {DP + 1} entries; the model writes {DP}"):
+            model(**batch, pixel_depth_weights=[1.0] * (DP + 1))
+        with pytest.raises(ValueError, match="expected >= 0, not all 0"):
+            model(**batch, pixel_depth_weights=[0.0] * DP)
+    expected = (per_depth * torch.tensor(weights)).sum() / sum(weights)
+    torch.testing.assert_close(weighted.losses["pixel"], expected)
+    torch.testing.assert_close(first_only.losses["pixel"], per_depth[0])
+    torch.testing.assert_close(weighted.loss, weighted.losses["text"] + expected)
+
+
 def test_caption_contrast_compares_one_image_under_two_captions(built):
     import torch.nn.functional as F
 

@@ -453,6 +453,7 @@ def test_pipeline_runs_the_whole_system(tmp_path: Path) -> None:
         "model.depth_head_layers=1",
         "model.depth_head_heads=2",
         "eval.vqa_samples=4",
+        "stage.pixel_depth_weights=[1.0,0.1]",  # the tiny stages weigh 4 pixel depths; DEPTH = 2 here
     ]
     argv += [item for value in micro for item in ("--set-llm", value)]
     argv += ["--llm-option=--train-images=12", "--llm-option=--val-images=4"]

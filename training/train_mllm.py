@@ -107,6 +107,10 @@ class ModelConfig:
         )
 
 
+def _is_weight(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
 @dataclass
 class StageConfig:
     name: str = "stage"
@@ -118,6 +122,10 @@ class StageConfig:
     # loss_weights.contrast > 0 adds, for every captioned text-to-image item, the same image under
     # another record's caption, and the term softplus(-contrast_beta * margin) (see model.forward).
     contrast_beta: float = 0.1
+    # One weight per pixel RVQ depth: the pixel loss becomes the weighted mean of the per-depth
+    # cross-entropies (null = plain mean). Deeper depths hold fine residuals that stay near their
+    # unigram entropy in short runs; lower weights there leave the LM's gradient to depth 1.
+    pixel_depth_weights: list[float] | None = None
 
     @property
     def contrast(self) -> bool:
@@ -131,13 +139,17 @@ class StageConfig:
             # A negative weight would train the model away from its data (and contrast < 0 would
             # silently mean off): 0 switches a term off.
             _require(
-                isinstance(weight, (int, float))
-                and not isinstance(weight, bool)
-                and math.isfinite(weight)
-                and weight >= 0,
+                _is_weight(weight),
                 f"stage.loss_weights.{name}={weight!r}; expected a finite number >= 0 (0 switches the term off)",
             )
         _require(self.contrast_beta > 0, f"stage.contrast_beta={self.contrast_beta}; expected > 0")
+        weights = self.pixel_depth_weights
+        if weights is not None:
+            _require(
+                isinstance(weights, list) and all(_is_weight(w) for w in weights) and any(w > 0 for w in weights),
+                f"stage.pixel_depth_weights={weights!r}; expected a list of finite numbers >= 0, one per pixel "
+                "depth, not all 0",
+            )
 
 
 @dataclass
@@ -592,6 +604,12 @@ class MLLMStageTrainer:
                 f"data.codes={self.config.data.codes} holds codes (semantic size, pixel size, semantic depth, "
                 f"pixel depth) = {expected} but the model was built for {found}"
             )
+        weights = self.config.stage.pixel_depth_weights
+        written = model_config.pixel_depth if self.model.pixel_head is not None else 1
+        if weights is not None and len(weights) != written:
+            raise ConfigError(
+                f"stage.pixel_depth_weights has {len(weights)} entries; the model writes {written} pixel depth(s)"
+            )
 
     def _collate(self, items: list[Sequence | tuple[Sequence, Sequence]]) -> dict[str, torch.Tensor]:
         """Pad a batch; ``(matched, mismatched)`` items put their mismatched rows after the others
@@ -607,7 +625,12 @@ class MLLMStageTrainer:
         batch = {key: value.to(self.dist.device) for key, value in batch.items()}
         stage = self.config.stage
         with autocast(self.config.loop.precision, self.dist.device):
-            out = self.engine(**batch, loss_weights=stage.loss_weights, contrast_beta=stage.contrast_beta)
+            out = self.engine(
+                **batch,
+                loss_weights=stage.loss_weights,
+                contrast_beta=stage.contrast_beta,
+                pixel_depth_weights=stage.pixel_depth_weights,
+            )
         self.engine.backward(out.loss)
         grad_norm = self.engine.step()
         record = {"loss": out.loss.item()}
