@@ -14,6 +14,7 @@ generated images are judged by :mod:`eval.checker`, which never sees the model.
 
 from __future__ import annotations
 
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from eval.checker import ObjectSpec, judge
-from training.data.shapes import COLOURS, NUMBER_WORDS, QUESTION_KINDS, SHAPES, ShapesWorld, relations
+from training.data.shapes import COLOURS, NUMBER_WORDS, QUESTION_KINDS, SHAPES, SIZES, ShapesWorld, relations
 
 
 @dataclass
@@ -82,6 +83,42 @@ def score_vqa(items: list[VQAItem], predictions: list[str], majority: dict[str, 
     return metrics
 
 
+_NAMED_WORDS = re.compile(r"\b(" + "|".join([*COLOURS, *SHAPES, *SIZES]) + r")s?\b")
+
+
+def question_form(question: str) -> str:
+    """A question's template: colour, shape and size words (and their runs) replaced by one ``X``."""
+    return re.sub(r"X( X)+", "X", _NAMED_WORDS.sub("X", question))
+
+
+def vqa_by_form(items: list[VQAItem], predictions: list[str]) -> list[dict[str, Any]]:
+    """Accuracy per question form, beside the most common answer given and the most common truth.
+
+    A model that answers from the prior gives one answer to a form whatever the image (share
+    near 1) while the truth is split: this table shows it where per-kind accuracy cannot.
+    """
+    groups: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
+    for item, predicted in zip(items, predictions, strict=True):
+        groups[question_form(item.question)].append((item.kind, item.answer, predicted.strip().lower()))
+    rows = []
+    for form, triples in groups.items():
+        given, truth = Counter(p for _, _, p in triples), Counter(a for _, a, _ in triples)
+        (top_given, given_n), (top_truth, truth_n) = given.most_common(1)[0], truth.most_common(1)[0]
+        rows.append(
+            {
+                "form": form,
+                "kind": triples[0][0],
+                "questions": len(triples),
+                "accuracy": float(np.mean([a == p for _, a, p in triples])),
+                "top_prediction": top_given,
+                "top_prediction_share": given_n / len(triples),
+                "top_answer": top_truth,
+                "top_answer_share": truth_n / len(triples),
+            }
+        )
+    return sorted(rows, key=lambda row: (-row["questions"], row["form"]))
+
+
 def shapes_vqa(pipe: Any, world: ShapesWorld, split: str = "test", limit: int = 200, batch_size: int = 32) -> dict:
     items = vqa_items(world, split, limit)
     predictions: list[str] = []
@@ -90,6 +127,7 @@ def shapes_vqa(pipe: Any, world: ShapesWorld, split: str = "test", limit: int = 
         predictions += pipe.answer_batch([it.image for it in chunk], [it.question for it in chunk])
     return {
         "metrics": score_vqa(items, predictions, majority_answers(world)),
+        "by_form": vqa_by_form(items, predictions),
         "items": items,
         "predictions": predictions,
     }

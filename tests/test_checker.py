@@ -372,3 +372,32 @@ def test_text_to_image_scores_give_partial_credit() -> None:
     blank, _ = score_t2i(items, [np.full((64, 64, 3), 128, np.uint8)] * len(items))
     assert blank["t2i_object_recall"] == blank["t2i_colour_recall"] == blank["t2i_count_ok"] == 0.0
     assert blank["t2i_colour_precision"] == 0.0
+
+
+def test_vqa_by_form_shows_a_model_that_answers_from_the_prior() -> None:
+    from eval.shapes_tasks import VQAItem, question_form, vqa_by_form
+
+    assert question_form("is the yellow triangle to the right of the large red triangle?") == (
+        "is the X to the right of the X?"
+    )
+    assert question_form("how many squares are there?") == "how many X are there?"
+    assert question_form("what colour is the small circle?") == question_form("what colour is the square?")
+    image = np.zeros((8, 8, 3), np.uint8)
+    sides = [
+        ("red circle", "left"),
+        ("large blue square", "right"),
+        ("green triangle", "left"),
+        ("cyan circle", "right"),
+    ]
+    items = [
+        VQAItem(image, f"which side is the {name} on?", side, "position", str(i))
+        for i, (name, side) in enumerate(sides)
+    ]
+    items += [VQAItem(image, "how many objects are there?", "two", "count", "c0")]
+    rows = vqa_by_form(items, ["right"] * 4 + ["two"])
+    assert [row["form"] for row in rows] == ["which side is the X on?", "how many objects are there?"]
+    side = rows[0]
+    assert side["questions"] == 4 and side["accuracy"] == 0.5 and side["kind"] == "position"
+    assert (side["top_prediction"], side["top_prediction_share"]) == ("right", 1.0)
+    assert side["top_answer_share"] == 0.5  # the truth is split, the answers are not: the prior
+    assert rows[1]["accuracy"] == 1.0

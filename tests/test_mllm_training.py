@@ -220,6 +220,9 @@ def test_trainable_glob_matching_nothing_is_named(data, tmp_path, capsys):
         ("stage.loss_weights.pixel=high", "stage.loss_weights.pixel='high'; expected a finite number >= 0"),
         ("stage.loss_weights.depth=1.0", "stage.loss_weights has unknown terms ['depth']"),
         ("stage.contrast_beta=0", "stage.contrast_beta=0.0; expected > 0"),
+        ("stage.pixel_depth_weights=[1.0,-1.0]", "stage.pixel_depth_weights=[1.0, -1.0]; expected a list of finite"),
+        ("stage.pixel_depth_weights=[0,0]", "stage.pixel_depth_weights=[0.0, 0.0]; expected a list of finite"),
+        ("stage.pixel_depth_weights=[1.0,0.5,0.5]", "stage.pixel_depth_weights has 3 entries; the model writes 2"),
     ],
 )
 def test_bad_loss_weights_are_named(data, tmp_path, capsys, override, message):
@@ -273,6 +276,9 @@ def test_llm_pipeline_scores_and_pictures(chain, tmp_path):
     assert (tmp_path / "t2i_samples.png").is_file() and (tmp_path / "vqa_samples.png").is_file()
     for kind in ("colour", "shape", "count", "exists"):
         assert 0.0 <= metrics[f"vqa_{kind}_baseline"] <= 1.0
+    by_form = json.loads((tmp_path / mllm_pipeline.BY_FORM_FILE).read_text())
+    assert sum(row["questions"] for row in by_form) == metrics["vqa_questions"]
+    assert {row["form"] for row in by_form} >= {"how many objects are there?", "is there a X?"}
 
 
 def test_generate_and_chat_commands(chain, tmp_path, capsys):
@@ -319,7 +325,8 @@ def test_llm_pipeline_end_to_end_and_reuse(data, tmp_path, caplog):
 
     from training import mllm_pipeline
 
-    micro = [o for o in stage_overrides(data, tmp_path / "unused") if o.startswith(("model.", "loop.batch", "eval."))]
+    prefixes = ("model.", "loop.batch", "eval.", "stage.pixel_depth_weights")
+    micro = [o for o in stage_overrides(data, tmp_path / "unused") if o.startswith(prefixes)]
     argv = ["--tokenizer", str(data["tokenizer"]), "--run-dir", str(tmp_path / "run"), "--train-images", "16"]
     argv += ["--val-images", "8", "--vqa-scenes", "2", "--t2i-prompts", "2"]
     argv += [item for value in [*micro, "loop.max_steps=2"] for item in ("--set", value)]
@@ -327,6 +334,12 @@ def test_llm_pipeline_end_to_end_and_reuse(data, tmp_path, caplog):
     report = (tmp_path / "run" / "mllm_report.md").read_text()
     assert "majority baseline" in report and f"{100 * metrics['vqa_mean']:.1f} %" in report
     assert (tmp_path / "run" / "mllm_eval" / "t2i_samples.png").is_file()
+    # Every scene gets one "yes" and one "no" existence question: 2 scenes, 4 such questions, the
+    # most asked form, so the table (forms asked as often as min(20, the most asked)) lists it.
+    by_form = json.loads((tmp_path / "run" / "mllm_eval" / mllm_pipeline.BY_FORM_FILE).read_text())
+    exists = next(row for row in by_form if row["form"] == "is there a X?")
+    assert exists["questions"] == 4 and exists["top_answer_share"] == 0.5
+    assert f"| is there a X? | 4 | {100 * exists['accuracy']:.1f} % |" in report
     summary = json.loads((tmp_path / "run" / "mllm_metrics.json").read_text())
     assert set(summary["stages"]) == {"align", "understand", "generate", "joint"}
     caplog.clear()

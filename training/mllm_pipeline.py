@@ -1,6 +1,6 @@
 """The LLM half of the embedded default: data -> code shards -> four stages -> Shapes scores.
 
-    dualtoken tiny-mllm --tokenizer runs/tiny/stage1/tokenizer --run-dir runs/tiny
+    dualtoken tiny-mllm --tokenizer runs/tiny/stage1_decoder/tokenizer --run-dir runs/tiny
 
 1. writes the Shapes world's train / val splits as LLaVA conversations + text-image pairs;
 2. tokenises their images once into code shards (the LLM never runs the ViT);
@@ -32,6 +32,8 @@ from training.common import setup_logging
 logger = logging.getLogger(__name__)
 
 STAGES = ("align", "understand", "generate", "joint")
+EVAL_DIRNAME = "mllm_eval"
+BY_FORM_FILE = "vqa_by_form.json"  # VQA accuracy per question form (eval.shapes_tasks.vqa_by_form)
 STAGE_CONFIG = "configs/stages/tiny/{stage}.yaml"
 
 
@@ -129,6 +131,7 @@ def evaluate(model_dir: Path, out_dir: Path, vqa_scenes: int, t2i_prompts: int, 
         f"{item.question[:30]} -> {pred}" for item, pred in zip(vqa["items"][:16], vqa["predictions"][:16], strict=True)
     ]
     save_labelled_grid([item.image for item in vqa["items"][:16]], vqa_labels, out_dir / "vqa_samples.png", columns=4)
+    (out_dir / BY_FORM_FILE).write_text(json.dumps(vqa["by_form"], indent=2))
     metrics = {**vqa["metrics"], **t2i["metrics"], "vqa_seconds": vqa_seconds, "t2i_seconds": t2i_seconds}
     metrics["t2i_prompts"] = float(len(t2i["items"]))
     metrics["vqa_questions"] = float(len(vqa["items"]))
@@ -147,6 +150,20 @@ def write_report(run_dir: Path, metrics: dict, stage_metrics: dict, timings: dic
                 f"| {metrics[f'vqa_{kind}_n']:.0f} |"
             )
     lines.append(f"| **mean** | **{100 * metrics['vqa_mean']:.1f} %** | {100 * metrics['vqa_mean_baseline']:.1f} % | |")
+    by_form_path = run_dir / EVAL_DIRNAME / BY_FORM_FILE
+    if by_form_path.is_file():
+        rows = json.loads(by_form_path.read_text())
+        floor = min(20, max((row["questions"] for row in rows), default=0))  # a small evaluation lists all
+        rows = [row for row in rows if row["questions"] >= floor]
+        lines += ["", f"By question form (X = a colour, shape or size; forms asked {floor}+ times):", ""]
+        lines += ["| form | questions | accuracy | most common answer given | most common true answer |"]
+        lines += ["|---|---|---|---|---|"]
+        lines += [
+            f"| {row['form']} | {row['questions']} | {100 * row['accuracy']:.1f} % "
+            f"| {row['top_prediction']} ({100 * row['top_prediction_share']:.0f} %) "
+            f"| {row['top_answer']} ({100 * row['top_answer_share']:.0f} %) |"
+            for row in rows
+        ]
     lines += ["", "## Text-to-image, judged by the independent checker", ""]
     lines += ["| prompts | fully correct (colour + shape + count) |", "|---|---|"]
     for name, label in (("single", "one object"), ("two", "two objects"), ("all", "all")):
@@ -169,7 +186,10 @@ def write_report(run_dir: Path, metrics: dict, stage_metrics: dict, timings: dic
     lines += ["", "Chance for a single object: 1/18 = 5.6 %.", "", "## Time", ""]
     lines += ["| step | seconds |", "|---|---|"]
     lines += [f"| {name} | {value:.0f} |" for name, value in timings.items()]
-    lines += ["", "Pictures: `mllm_eval/t2i_samples.png` (OK = checker confirms), `mllm_eval/vqa_samples.png`."]
+    lines += [
+        "",
+        f"Pictures: `{EVAL_DIRNAME}/t2i_samples.png` (OK = checker confirms), `{EVAL_DIRNAME}/vqa_samples.png`.",
+    ]
     text = "\n".join(lines) + "\n"
     (run_dir / "mllm_report.md").write_text(text)
     payload = {"eval": metrics, "stages": stage_metrics, "timings": timings}
@@ -207,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
         timings[f"stage_{stage}_train"] = stage_metrics[stage].get("train_seconds", 0.0)
     started = time.time()
     torch.manual_seed(args.seed)
-    metrics = evaluate(model_dir, run_dir / "mllm_eval", args.vqa_scenes, args.t2i_prompts, args.cfg, args.seed)
+    metrics = evaluate(model_dir, run_dir / EVAL_DIRNAME, args.vqa_scenes, args.t2i_prompts, args.cfg, args.seed)
     timings["evaluation"] = time.time() - started
     print(write_report(run_dir, metrics, stage_metrics, timings))
     return metrics
