@@ -192,7 +192,12 @@ def write_report(
         ),
     ]
     if "stage1b_seconds" in timings:
-        rows.append(("stage 1b (decoder fine-tuning) wall time (s)", f"{timings['stage1b_seconds']:.0f}"))
+        rows.append(
+            (
+                "stage 1b (decoder fine-tuning) wall time (s)",
+                f"{timings['stage1b_seconds']:.0f} (training loop {metrics.get('train_seconds', 0):.0f})",
+            )
+        )
     lines = ["# DualToken tiny run", "", "| metric | value |", "|---|---|"]
     lines += [f"| {name} | {value} |" for name, value in rows]
     if grids:
