@@ -505,21 +505,13 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
             rows = is_pixel_all.nonzero()[:, 0]  # the batch row of each slot
             kept = ~mismatched[rows]
             if bool(kept.any()):
+                per_depth = nll[kept].mean(dim=0)
                 if pixel_depth_weights is None:
                     losses["pixel"] = nll[kept].mean()
                 else:
-                    if len(pixel_depth_weights) != nll.shape[1]:
-                        raise ValueError(
-                            f"pixel_depth_weights has {len(pixel_depth_weights)} entries; the model writes "
-                            f"{nll.shape[1]} pixel depth(s)"
-                        )
-                    weights = torch.tensor(pixel_depth_weights, dtype=nll.dtype, device=nll.device)
-                    if bool((weights < 0).any()) or float(weights.sum()) <= 0:
-                        raise ValueError(f"pixel_depth_weights={list(pixel_depth_weights)}; expected >= 0, not all 0")
-                    losses["pixel"] = (nll[kept].mean(dim=0) * weights).sum() / weights.sum()
+                    losses["pixel"] = _depth_weighted_mean(per_depth, pixel_depth_weights)
                 losses["pixel_acc"] = (logits[kept].argmax(-1) == codes[kept]).float().mean().detach()
                 if codes.shape[1] > 1 and not torch.is_grad_enabled():  # held-out diagnostics: CE per RVQ depth
-                    per_depth = nll[kept].mean(dim=0)
                     losses.update({f"pixel_depth{d + 1}": value for d, value in enumerate(per_depth)})
             if mismatched.any():
                 image_nll = torch.zeros(labels.shape[0], device=nll.device).index_add(0, rows, nll.sum(dim=-1))
@@ -557,6 +549,18 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
             codes = torch.zeros(1, head.depth, dtype=torch.long, device=context.device)
             terms.append(head(probe, codes).float().sum() * 0.0)
         return torch.stack(terms).sum() if terms else None
+
+
+def _depth_weighted_mean(per_depth: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """``sum(w_d * CE_d) / sum(w_d)`` over the RVQ depths; the weights are checked first."""
+    if len(weights) != per_depth.shape[0]:
+        raise ValueError(
+            f"pixel_depth_weights has {len(weights)} entries; the model writes {per_depth.shape[0]} pixel depth(s)"
+        )
+    scale = torch.tensor(weights, dtype=per_depth.dtype, device=per_depth.device)
+    if bool((scale < 0).any()) or float(scale.sum()) <= 0:
+        raise ValueError(f"pixel_depth_weights={list(weights)}; expected >= 0, not all 0")
+    return (per_depth * scale).sum() / scale.sum()
 
 
 @torch.no_grad()

@@ -270,8 +270,8 @@ class Stage1Trainer:
         self._world = ShapesWorld(config.data.shapes) if config.data.kind == "shapes" else None
 
     @property
-    def _stage_label(self) -> str:
-        return "stage 1b (decoder only)" if self.config.decoder_only else "stage 1 (DualToken)"
+    def _stage_name(self) -> str:
+        return "stage 1b" if self.config.decoder_only else "stage 1"
 
     def _train_mode(self) -> None:
         """Training mode, except the frozen parts of a decoder-only run: in eval mode their
@@ -409,7 +409,11 @@ class Stage1Trainer:
         step, started, window = start_step, time.time(), []
         self._train_mode()
         progress = tqdm(
-            loader, desc=self._stage_label, initial=start_step, total=loop.max_steps, disable=not self.dist.is_main
+            loader,
+            desc=f"{self._stage_name} ({'decoder only' if self.config.decoder_only else 'DualToken'})",
+            initial=start_step,
+            total=loop.max_steps,
+            disable=not self.dist.is_main,
         )
         for batch in progress:
             record = self.train_step(batch["image"].to(self.dist.device), step)
@@ -450,7 +454,7 @@ class Stage1Trainer:
             (directory / "metrics.json").write_text(json.dumps(metrics, indent=2))
             (self.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
             self.writer.scalars(step, metrics, prefix="final/")
-            logger.info("%s done: %s", self._stage_label.split(" (")[0], format_metrics(metrics))
+            logger.info("%s done: %s", self._stage_name, format_metrics(metrics))
         self.writer.close()
         return metrics
 
