@@ -4,7 +4,9 @@ Shapes-world tasks render their scenes from the world's seed; images the model d
 judged by :mod:`eval.checker`, which never sees the model.
 
 - ``shapes_vqa``: every question of the first ``scenes`` test scenes, by question type, next
-  to the majority baseline of each type.
+  to the majority baseline of each type; ``shapes_vqa_by_form.json`` beside the results gives
+  accuracy per question form with the most common answer given and true (a model answering
+  from the prior shows there).
 - ``geneval`` / ``geneval_compositional``: GenEval-style categories on the Shapes world
   (single object, two objects, counting, colours, position, colour attribution) from the
   world's own captions; the compositional variant uses the held-out attribute combinations
@@ -16,6 +18,7 @@ judged by :mod:`eval.checker`, which never sees the model.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,7 @@ import torch
 
 from eval.checker import ObjectSpec, detect_objects, judge
 from eval.harness import Task, register
-from eval.shapes_tasks import majority_answers, score_vqa, vqa_items
+from eval.shapes_tasks import majority_answers, score_vqa, vqa_by_form, vqa_items
 from tokenizer.config import ConfigError
 from training.data.shapes import relations
 
@@ -55,7 +58,12 @@ class ShapesVQA(Task):
         from eval.shapes_tasks import VQAItem
 
         records = [VQAItem(None, it["question"], it["answer"], it["kind"], it["key"]) for it in items]
-        return score_vqa(records, [p["answer"] for p in predictions], majority_answers(self._world))
+        answers = [p["answer"] for p in predictions]
+        by_form = self.context.out_dir / f"{self.name}_by_form.json"
+        partial = by_form.with_name(f".{by_form.name}.partial")
+        partial.write_text(json.dumps(vqa_by_form(records, answers), indent=2))
+        partial.replace(by_form)
+        return score_vqa(records, answers, majority_answers(self._world))
 
 
 GENEVAL_CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")

@@ -36,6 +36,14 @@ def test_results_are_identical_for_batch_size_1_and_8(chain, settings, tmp_path)
     assert one["geneval"]["fid"] > 0  # micro-model drawings are far from the scenes
     assert 0.0 <= one["tokenizer"]["checker_on_reconstructions"] <= 1.0
     assert one["shapes_vqa"]["vqa_mean_baseline"] > 0
+    by_form = json.loads((tmp_path / "b1" / "shapes_vqa_by_form.json").read_text())
+    # Every question is in one form; forms name no colour, and the per-form hits add up to the total.
+    vqa = one["shapes_vqa"]
+    kinds = [key[4:-2] for key in vqa if key.endswith("_n")]
+    assert sum(row["questions"] for row in by_form) == sum(vqa[f"vqa_{kind}_n"] for kind in kinds)
+    assert not any(word in row["form"].split() for row in by_form for word in ("red", "blue", "circle"))
+    hits = sum(row["accuracy"] * row["questions"] for row in by_form)
+    assert hits == pytest.approx(sum(vqa[f"vqa_{kind}"] * vqa[f"vqa_{kind}_n"] for kind in kinds))
     payload = json.loads((tmp_path / "b1" / "results.json").read_text())
     assert payload["settings"]["version"] == 1 and payload["results"] == one
     assert "| geneval | overall |" in (tmp_path / "b1" / "results.md").read_text()
