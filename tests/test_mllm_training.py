@@ -350,6 +350,11 @@ def test_llm_pipeline_end_to_end_and_reuse(data, tmp_path, caplog):
     for stage in ("align", "understand", "generate", "joint"):
         assert f"LLM stage {stage}: reusing" in caplog.text
     assert "codes: reusing" in caplog.text and "data: reusing" in caplog.text
+    # A finished stage asked for with other settings is not reused: the error names the stage and the change.
+    from tokenizer.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"LLM stage joint in .* other settings .*now: \['loop.max_steps=3'\]"):
+        mllm_pipeline.main([*argv, "--set-joint", "loop.max_steps=3"])
 
 
 def test_building_the_tiny_model_leaves_no_temporary_folders(data, tmp_path, monkeypatch):

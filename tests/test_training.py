@@ -349,7 +349,7 @@ def test_checkpoint_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 # ------------------------------------------------------------------------------ pipeline
 def test_pipeline_reuses_finished_stages(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     run_dir = tmp_path / "run"
-    argv = ["--run-dir", str(run_dir), "--tokenizer-only"]
+    argv = ["--run-dir", str(run_dir), "--tokenizer-only", "--decoder"]
     argv += [item for value in [*LOOP_SETS, *TEACHER_SETS] for item in ("--set-teacher", value)]
     argv += [item for value in [*LOOP_SETS, *TOKENIZER_SETS] for item in ("--set-tokenizer", value)]
     # Stage 1b takes stage 1's architecture and data overrides itself; only its loop is set here.
@@ -385,6 +385,17 @@ def test_pipeline_reuses_finished_stages(tmp_path: Path, caplog: pytest.LogCaptu
     assert {path: path.stat().st_mtime_ns for path in mtimes} == mtimes
     assert len(train_records(run_dir / "stage1", "train/total")) == 2  # no training step ran again
     assert len(train_records(run_dir / "stage1_decoder", "train/total")) == 2
+
+    # Other settings for a finished stage: a clear error naming the difference, nothing retrained.
+    for flag, value, stage in [
+        ("--set-decoder", "loop.max_steps=3", "stage 1b"),
+        ("--set-tokenizer", "loop.seed=7", "stage 1"),
+        ("--set-teacher", "loop.seed=7", "stage 0"),
+    ]:
+        with pytest.raises(ConfigError, match=rf"{stage} in .* other settings .*now: \['{value}'\]"):
+            pipeline.main([*argv, flag, value])
+    assert {path: path.stat().st_mtime_ns for path in mtimes} == mtimes
+    assert cli.main(["tiny-pipeline", *argv, "--set-decoder", "loop.max_steps=3"]) == 2
 
     tokenizer_weights.unlink()
     caplog.clear()
@@ -440,7 +451,6 @@ def test_pipeline_runs_the_whole_system(tmp_path: Path) -> None:
     argv = ["--run-dir", str(run_dir)]
     argv += [item for value in [*LOOP_SETS, *TEACHER_SETS] for item in ("--set-teacher", value)]
     argv += [item for value in [*LOOP_SETS, *TOKENIZER_SETS] for item in ("--set-tokenizer", value)]
-    argv += [item for value in LOOP_SETS for item in ("--set-decoder", value)]
     micro = [
         "loop.max_steps=2",
         "loop.batch_size=4",
@@ -463,9 +473,12 @@ def test_pipeline_runs_the_whole_system(tmp_path: Path) -> None:
     report = (run_dir / "report.md").read_text()
     assert "reconstruction PSNR" in report and "majority baseline" in report and "dualtoken chat --model" in report
     assert (run_dir / "mllm" / "joint" / "model" / "model.safetensors").is_file()
-    # The LLM half was given stage 1b's tokenizer, the one with the fine-tuned decoder.
+    # Stage 1b is opt-in (--decoder): by default the LLM half is given stage 1's tokenizer.
     sidecar = json.loads((run_dir / "mllm" / "joint" / "model" / "dualtoken.json").read_text())
-    assert Path(sidecar["tokenizer_path"]) == run_dir / "stage1_decoder" / "tokenizer"
+    assert Path(sidecar["tokenizer_path"]) == run_dir / "stage1" / "tokenizer"
+    assert not (run_dir / "stage1_decoder").exists() and "stage 1b" not in report
+    # --set-decoder without --decoder would configure a stage that never runs: refused up front.
+    assert cli.main(["tiny-pipeline", "--run-dir", str(run_dir), "--set-decoder", "loop.max_steps=3"]) == 2
 
 
 def test_checker_on_reconstructions_scores_what_the_decoder_draws() -> None:

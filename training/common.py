@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from tokenizer.config import ConfigError
 from training.config import OptimConfig
 
 logger = logging.getLogger("dualtoken")
@@ -189,3 +190,36 @@ def autocast(precision: str, device: torch.device):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return torch.autocast(device_type=device.type, enabled=False)
+
+
+# ---------------------------------------------------------------------- pipeline stage settings
+SETTINGS_FILENAME = "pipeline_settings.json"
+
+
+def check_stage_settings(output_dir: Path, argv: list[str], stage: str) -> None:
+    """Raise ``ConfigError`` when ``output_dir`` was started by the pipeline with other settings than ``argv``."""
+    path = output_dir / SETTINGS_FILENAME
+    if not path.is_file():
+        return
+    try:
+        recorded = json.loads(path.read_text())["argv"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ConfigError(
+            f"{path}: unreadable stage settings ({error}); delete {output_dir} to train {stage} again"
+        ) from None
+    if recorded == argv:
+        return
+    before = [item for item in recorded if item not in argv]
+    now = [item for item in argv if item not in recorded]
+    raise ConfigError(
+        f"{stage} in {output_dir} was started with other settings (there: {before or recorded}; now: "
+        f"{now or argv}); pass the same options, use another --run-dir, or delete {output_dir} to train it again"
+    )
+
+
+def record_stage_settings(output_dir: Path, argv: list[str]) -> None:
+    """Write the settings a stage is started with (atomically) for :func:`check_stage_settings`."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    partial = output_dir / f".{SETTINGS_FILENAME}.partial"
+    partial.write_text(json.dumps({"argv": argv}, indent=2))
+    partial.replace(output_dir / SETTINGS_FILENAME)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from training import train_mllm
-from training.common import setup_logging
+from training.common import check_stage_settings, record_stage_settings, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -93,15 +93,18 @@ def run_stages(run_dir: Path, data: dict[str, Path], overrides: dict[str, list[s
     for stage in STAGES:
         out = run_dir / "mllm" / stage
         model_dir = out / train_mllm.MODEL_DIRNAME
+        argv = ["--config", STAGE_CONFIG.format(stage=stage)]
+        sets = [f"stage.init={previous if previous else 'null'}", f"loop.output_dir={out}"]
+        sets += data_overrides(data) + overrides.get("all", []) + overrides.get(stage, [])
+        for value in sets:
+            argv += ["--set", value]
+        # A stage folder started with other settings is neither reused nor resumed (clear error).
+        check_stage_settings(out, argv, f"LLM stage {stage}")
         if train_mllm.model_folder_is_complete(model_dir):
             logger.info("LLM stage %s: reusing %s", stage, model_dir)
             metrics[stage] = json.loads((model_dir / "metrics.json").read_text())
         else:
-            argv = ["--config", STAGE_CONFIG.format(stage=stage)]
-            sets = [f"stage.init={previous if previous else 'null'}", f"loop.output_dir={out}"]
-            sets += data_overrides(data) + overrides.get("all", []) + overrides.get(stage, [])
-            for value in sets:
-                argv += ["--set", value]
+            record_stage_settings(out, argv)
             metrics[stage] = train_mllm.main(argv)
         previous = model_dir
     return previous, metrics

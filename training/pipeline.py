@@ -1,16 +1,21 @@
 """The embedded default end to end: teacher -> tokenizer -> LLM stages -> scores -> report.
 
     dualtoken tiny-pipeline [--run-dir runs/tiny] [--set-teacher k=v ...] [--set-tokenizer k=v ...]
-                            [--set-decoder k=v ...] [--no-decoder] [--set-llm k=v ...] [--tokenizer-only]
+                            [--decoder] [--set-decoder k=v ...] [--set-llm k=v ...] [--tokenizer-only]
 
-Stage 0 (SigLIP teacher), stage 1 (DualToken) and stage 1b (the pixel decoder alone
-fine-tuned on frozen codes, which draws small shapes more sharply) are followed by the LLM half
+Stage 0 (SigLIP teacher) and stage 1 (DualToken) are followed by the LLM half
 (training/mllm_pipeline.py: Shapes data, code shards, the four LLM stages, VQA and
 checker-judged text-to-image scores); ``report.md`` gathers every number and picture.
+``--decoder`` adds stage 1b after stage 1: the pixel decoder alone fine-tuned on the frozen
+codes, which draws small shapes more sharply (the codes, and so the LLM half's inputs, do not
+change). It is off by default to keep the tokenizer half within its 15-minute budget.
 
 A finished stage is reused when its output is complete (model, weights and metrics all
 present and loadable), so re-running after an interruption continues where it stopped;
-an unfinished stage resumes from its last checkpoint.
+an unfinished stage resumes from its last checkpoint. Each stage folder records the settings it
+was started with (``pipeline_settings.json``); a re-run that asks for other settings (say
+``--set-decoder loop.max_steps=...``) stops with an error naming the difference instead of
+reusing, or resuming, a stage trained otherwise.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import time
 from pathlib import Path
 
 from training import train_teacher, train_tokenizer
-from training.common import setup_logging
+from training.common import check_stage_settings, record_stage_settings, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -51,36 +56,31 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     teacher_dir = stage0_dir / train_teacher.TEACHER_DIRNAME
     timings: dict[str, float] = {}
     started = time.time()
+    stage0_argv = ["--config", args.teacher_config, "--set", f"loop.output_dir={stage0_dir}", *_sets(args.set_teacher)]
+    check_stage_settings(stage0_dir, stage0_argv, "stage 0")
     if _stage_done(teacher_dir, train_teacher.teacher_is_complete):
         logger.info("stage 0: reusing the finished teacher in %s", teacher_dir)
     else:
-        train_teacher.main(
-            ["--config", args.teacher_config, "--set", f"loop.output_dir={stage0_dir}", *_sets(args.set_teacher)]
-        )
+        record_stage_settings(stage0_dir, stage0_argv)
+        train_teacher.main(stage0_argv)
     timings["stage0_seconds"] = time.time() - started
     teacher_metrics = json.loads((teacher_dir / "metrics.json").read_text())
 
     tokenizer_dir = stage1_dir / train_tokenizer.TOKENIZER_DIRNAME
     started = time.time()
+    stage1_argv = ["--config", args.tokenizer_config, "--set", f"loop.output_dir={stage1_dir}"]
+    stage1_argv += ["--set", f"teacher_path={teacher_dir}", *_sets(args.set_tokenizer)]
+    check_stage_settings(stage1_dir, stage1_argv, "stage 1")
     stage1_reused = _stage_done(tokenizer_dir, train_tokenizer.tokenizer_is_complete)
     if stage1_reused:
         logger.info("stage 1: reusing the finished tokenizer in %s", tokenizer_dir)
     else:
-        train_tokenizer.main(
-            [
-                "--config",
-                args.tokenizer_config,
-                "--set",
-                f"loop.output_dir={stage1_dir}",
-                "--set",
-                f"teacher_path={teacher_dir}",
-                *_sets(args.set_tokenizer),
-            ]
-        )
+        record_stage_settings(stage1_dir, stage1_argv)
+        train_tokenizer.main(stage1_argv)
     timings["stage1_seconds"] = time.time() - started
     metrics = json.loads((tokenizer_dir / "metrics.json").read_text())
     stage1_metrics = None
-    if not args.no_decoder:
+    if args.decoder:
         stage1_metrics = metrics
         tokenizer_dir, metrics, timings["stage1b_seconds"] = _decoder_stage(
             args, run_dir / DECODER_DIRNAME, tokenizer_dir, teacher_dir, stage1_reused
@@ -118,23 +118,16 @@ def _decoder_stage(
         # Stage 1 was trained again, so a decoder (or checkpoint) tuned on the old codes is stale.
         logger.info("stage 1b: removing %s, which fine-tuned the previous stage-1 tokenizer", output_dir)
         shutil.rmtree(output_dir)
+    argv = ["--config", args.decoder_config, "--set", f"loop.output_dir={output_dir}"]
+    argv += ["--set", f"init_tokenizer={stage1_tokenizer}", "--set", f"teacher_path={teacher_dir}"]
+    argv += _sets([value for value in args.set_tokenizer if value.startswith(SHARED_WITH_DECODER)])
+    argv += _sets(args.set_decoder)
+    check_stage_settings(output_dir, argv, "stage 1b")
     if _stage_done(tokenizer_dir, train_tokenizer.tokenizer_is_complete):
         logger.info("stage 1b: reusing the fine-tuned decoder in %s", tokenizer_dir)
     else:
-        train_tokenizer.main(
-            [
-                "--config",
-                args.decoder_config,
-                "--set",
-                f"loop.output_dir={output_dir}",
-                "--set",
-                f"init_tokenizer={stage1_tokenizer}",
-                "--set",
-                f"teacher_path={teacher_dir}",
-                *_sets([value for value in args.set_tokenizer if value.startswith(SHARED_WITH_DECODER)]),
-                *_sets(args.set_decoder),
-            ]
-        )
+        record_stage_settings(output_dir, argv)
+        train_tokenizer.main(argv)
     return tokenizer_dir, json.loads((tokenizer_dir / "metrics.json").read_text()), time.time() - started
 
 
@@ -224,11 +217,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--decoder-config", default=DEFAULT_DECODER_CONFIG)
     parser.add_argument("--set-decoder", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument(
-        "--no-decoder",
+        "--decoder",
         action="store_true",
-        help="skip stage 1b (decoder fine-tuning); the LLM reads stage 1's tokenizer",
+        help="run stage 1b (decoder-only fine-tuning) after stage 1; the LLM half then decodes with its decoder",
     )
-    parser.add_argument("--tokenizer-only", action="store_true", help="stop after the tokenizer (stages 0, 1 and 1b)")
+    parser.add_argument("--tokenizer-only", action="store_true", help="stop after the tokenizer (stage 0, 1 and 1b)")
     parser.add_argument(
         "--llm-option",
         action="append",
@@ -237,6 +230,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         help="an option of `dualtoken tiny-mllm`, e.g. --llm-option=--train-images=5000",
     )
     args = parser.parse_args(argv)
+    if args.set_decoder and not args.decoder:
+        parser.error("--set-decoder configures stage 1b, which runs only with --decoder")
     setup_logging()
     return run(args)
 
