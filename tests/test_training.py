@@ -481,6 +481,19 @@ def test_pipeline_runs_the_whole_system(tmp_path: Path) -> None:
     assert cli.main(["tiny-pipeline", "--run-dir", str(run_dir), "--set-decoder", "loop.max_steps=3"]) == 2
 
 
+def test_evaluation_leaves_the_training_rng_alone() -> None:
+    """A mid-run evaluation must not shift the random draws of the training that follows it."""
+    from training.evaluation import zero_shot_accuracy
+
+    world = ShapesWorld(ShapesWorldConfig(seed=0, image_size=64))
+    dataset = ShapesImageDataset(world, "val", single_object=True)
+    text_embeds = torch.nn.functional.normalize(torch.randn(18, 12), dim=-1)
+    state = torch.random.get_rng_state()
+    accuracy = zero_shot_accuracy(lambda images: images.mean(dim=(2, 3)).repeat(1, 4), text_embeds, dataset, 4, 8)
+    assert 0.0 <= accuracy <= 1.0
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
 def test_checker_on_reconstructions_scores_what_the_decoder_draws() -> None:
     """Originals pass the checker, a flat grey image does not, a swapped scene does not."""
     from training.evaluation import checker_verdicts

@@ -26,7 +26,10 @@ def _loader(dataset: Dataset, batch_size: int, limit: int | None) -> DataLoader:
 
     if limit is not None and limit < len(dataset):
         dataset = torch.utils.data.Subset(dataset, range(limit))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_image_text)
+    # Its own generator: a DataLoader otherwise draws its base seed from the global RNG, so a
+    # mid-run evaluation would shift the random draws of the training that follows it.
+    generator = torch.Generator().manual_seed(0)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_image_text, generator=generator)
 
 
 @torch.no_grad()
