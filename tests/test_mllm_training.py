@@ -353,7 +353,7 @@ def test_llm_pipeline_end_to_end_and_reuse(data, tmp_path, caplog):
     # A finished stage asked for with other settings is not reused: the error names the stage and the change.
     from tokenizer.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"LLM stage joint in .* other settings .*now: \['loop.max_steps=3'\]"):
+    with pytest.raises(ConfigError, match=r"LLM stage joint in .* other settings .*only now: \['loop.max_steps=3'\]"):
         mllm_pipeline.main([*argv, "--set-joint", "loop.max_steps=3"])
 
 

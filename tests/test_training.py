@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -392,10 +393,17 @@ def test_pipeline_reuses_finished_stages(tmp_path: Path, caplog: pytest.LogCaptu
         ("--set-tokenizer", "loop.seed=7", "stage 1"),
         ("--set-teacher", "loop.seed=7", "stage 0"),
     ]:
-        with pytest.raises(ConfigError, match=rf"{stage} in .* other settings .*now: \['{value}'\]"):
+        with pytest.raises(ConfigError, match=rf"{stage} in .* other settings .*only now: \['{value}'\]"):
             pipeline.main([*argv, flag, value])
     assert {path: path.stat().st_mtime_ns for path in mtimes} == mtimes
     assert cli.main(["tiny-pipeline", *argv, "--set-decoder", "loop.max_steps=3"]) == 2
+    # The same folder named by a relative path (or moved) is the same run: reused, not refused.
+    relative = [os.path.relpath(run_dir) if item == str(run_dir) else item for item in argv]
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert pipeline.main(relative) == pytest.approx(metrics)
+    assert "stage 0: reusing" in caplog.text and "stage 1b: reusing" in caplog.text
+    assert {path: path.stat().st_mtime_ns for path in mtimes} == mtimes
 
     tokenizer_weights.unlink()
     caplog.clear()

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import random
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -196,8 +197,22 @@ def autocast(precision: str, device: torch.device):
 SETTINGS_FILENAME = "pipeline_settings.json"
 
 
-def check_stage_settings(output_dir: Path, argv: list[str], stage: str) -> None:
-    """Raise ``ConfigError`` when ``output_dir`` was started by the pipeline with other settings than ``argv``."""
+def _portable(argv: list[str], run_dir: Path | None) -> list[str]:
+    """``argv`` with the run folder written as ``{run_dir}``, so a moved folder, or one named by
+    an absolute instead of a relative path, still matches what it recorded."""
+    if run_dir is None:
+        return list(argv)
+    names = sorted({str(run_dir), str(Path(run_dir).resolve())}, key=len, reverse=True)
+    # The folder as a whole path component: after "=", "[" or ",", before "/", "]", "," or the end.
+    pattern = re.compile(r"(?<=[=\[,])(?:" + "|".join(map(re.escape, names)) + r")(?=/|\]|,|$)")
+    return [pattern.sub("{run_dir}", item) for item in argv]
+
+
+def check_stage_settings(output_dir: Path, argv: list[str], stage: str, run_dir: Path | None = None) -> None:
+    """Raise ``ConfigError`` when ``output_dir`` was started by the pipeline with other settings than ``argv``.
+
+    Paths inside ``run_dir`` are compared relative to it (see :func:`record_stage_settings`).
+    """
     path = output_dir / SETTINGS_FILENAME
     if not path.is_file():
         return
@@ -207,19 +222,23 @@ def check_stage_settings(output_dir: Path, argv: list[str], stage: str) -> None:
         raise ConfigError(
             f"{path}: unreadable stage settings ({error}); delete {output_dir} to train {stage} again"
         ) from None
+    argv = _portable(argv, run_dir)
     if recorded == argv:
         return
     before = [item for item in recorded if item not in argv]
     now = [item for item in argv if item not in recorded]
+    if not before and not now:  # the same items in another order (later --set wins)
+        before, now = recorded, argv
     raise ConfigError(
-        f"{stage} in {output_dir} was started with other settings (there: {before or recorded}; now: "
-        f"{now or argv}); pass the same options, use another --run-dir, or delete {output_dir} to train it again"
+        f"{stage} in {output_dir} was started with other settings (only there: {before}; only now: {now}); "
+        f"pass the same options, use another --run-dir, or delete {output_dir} to train it again"
     )
 
 
-def record_stage_settings(output_dir: Path, argv: list[str]) -> None:
-    """Write the settings a stage is started with (atomically) for :func:`check_stage_settings`."""
+def record_stage_settings(output_dir: Path, argv: list[str], run_dir: Path | None = None) -> None:
+    """Write the settings a stage is started with (atomically) for :func:`check_stage_settings`;
+    paths inside ``run_dir`` are written relative to it, as ``{run_dir}``."""
     output_dir.mkdir(parents=True, exist_ok=True)
     partial = output_dir / f".{SETTINGS_FILENAME}.partial"
-    partial.write_text(json.dumps({"argv": argv}, indent=2))
+    partial.write_text(json.dumps({"argv": _portable(argv, run_dir)}, indent=2))
     partial.replace(output_dir / SETTINGS_FILENAME)

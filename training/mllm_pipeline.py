@@ -99,12 +99,12 @@ def run_stages(run_dir: Path, data: dict[str, Path], overrides: dict[str, list[s
         for value in sets:
             argv += ["--set", value]
         # A stage folder started with other settings is neither reused nor resumed (clear error).
-        check_stage_settings(out, argv, f"LLM stage {stage}")
+        check_stage_settings(out, argv, f"LLM stage {stage}", run_dir)
         if train_mllm.model_folder_is_complete(model_dir):
             logger.info("LLM stage %s: reusing %s", stage, model_dir)
             metrics[stage] = json.loads((model_dir / "metrics.json").read_text())
         else:
-            record_stage_settings(out, argv)
+            record_stage_settings(out, argv, run_dir)
             metrics[stage] = train_mllm.main(argv)
         previous = model_dir
     return previous, metrics
