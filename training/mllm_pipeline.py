@@ -1,6 +1,6 @@
 """The LLM half of the embedded default: data -> code shards -> four stages -> Shapes scores.
 
-    dualtoken tiny-mllm --tokenizer runs/tiny/stage1_decoder/tokenizer --run-dir runs/tiny
+    dualtoken tiny-mllm --tokenizer runs/tiny/stage1/tokenizer --run-dir runs/tiny
 
 1. writes the Shapes world's train / val splits as LLaVA conversations + text-image pairs;
 2. tokenises their images once into code shards (the LLM never runs the ViT);

@@ -1,7 +1,7 @@
 """``dualtoken tokenize`` and ``dualtoken reconstruct``: use a trained tokenizer on files.
 
-dualtoken tokenize    --tokenizer runs/tiny/stage1_decoder/tokenizer --images a.png b.png -o codes.pt
-dualtoken reconstruct --tokenizer runs/tiny/stage1_decoder/tokenizer --images a.png b.png -o grid.png
+dualtoken tokenize    --tokenizer runs/tiny/stage1/tokenizer --images a.png b.png -o codes.pt
+dualtoken reconstruct --tokenizer runs/tiny/stage1/tokenizer --images a.png b.png -o grid.png
 """
 
 from __future__ import annotations
