@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 from tqdm import tqdm
 
 from tokenizer.config import ConfigError
+from training.common import write_text_atomic
 from training.config import read_yaml
 
 logger = logging.getLogger(__name__)
@@ -161,12 +162,6 @@ def load_settings(path: str | Path) -> dict[str, Any]:
     return settings
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.partial")
-    temporary.write_text(text)
-    temporary.replace(path)
-
-
 def results_markdown(results: dict[str, dict[str, float]]) -> str:
     lines = ["| task | metric | value |", "|---|---|---|"]
     for task, metrics in results.items():
@@ -203,8 +198,8 @@ def evaluate(
         results[name] = run_task(task, size, out_dir / "predictions" / f"{name}.jsonl")
         logger.info("%s: %s", name, results[name])
     payload = {"results": results, "settings": settings, "settings_file": str(settings_path), "model": str(model_dir)}
-    _write_atomic(out_dir / "results.json", json.dumps(payload, indent=2))
-    _write_atomic(out_dir / "results.md", results_markdown(results))
+    write_text_atomic(out_dir / "results.json", json.dumps(payload, indent=2))
+    write_text_atomic(out_dir / "results.md", results_markdown(results))
     return results
 
 

@@ -30,6 +30,7 @@ from eval.checker import ObjectSpec, detect_objects, judge
 from eval.harness import Task, register
 from eval.shapes_tasks import majority_answers, score_vqa, vqa_by_form, vqa_items
 from tokenizer.config import ConfigError
+from training.common import write_text_atomic
 from training.data.shapes import relations
 
 
@@ -59,10 +60,9 @@ class ShapesVQA(Task):
 
         records = [VQAItem(None, it["question"], it["answer"], it["kind"], it["key"]) for it in items]
         answers = [p["answer"] for p in predictions]
-        by_form = self.context.out_dir / f"{self.name}_by_form.json"
-        partial = by_form.with_name(f".{by_form.name}.partial")
-        partial.write_text(json.dumps(vqa_by_form(records, answers), indent=2))
-        partial.replace(by_form)
+        write_text_atomic(
+            self.context.out_dir / f"{self.name}_by_form.json", json.dumps(vqa_by_form(records, answers), indent=2)
+        )
         return score_vqa(records, answers, majority_answers(self._world))
 
 

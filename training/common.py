@@ -193,6 +193,14 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a hidden sibling file and a rename: readers see the old
+    file or the new one, never a torn one."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
 # ---------------------------------------------------------------------- pipeline stage settings
 SETTINGS_FILENAME = "pipeline_settings.json"
 
@@ -239,6 +247,4 @@ def record_stage_settings(output_dir: Path, argv: list[str], run_dir: Path | Non
     """Write the settings a stage is started with (atomically) for :func:`check_stage_settings`;
     paths inside ``run_dir`` are written relative to it, as ``{run_dir}``."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    partial = output_dir / f".{SETTINGS_FILENAME}.partial"
-    partial.write_text(json.dumps({"argv": _portable(argv, run_dir)}, indent=2))
-    partial.replace(output_dir / SETTINGS_FILENAME)
+    write_text_atomic(output_dir / SETTINGS_FILENAME, json.dumps({"argv": _portable(argv, run_dir)}, indent=2))

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from training import train_mllm
-from training.common import check_stage_settings, record_stage_settings, setup_logging
+from training.common import check_stage_settings, record_stage_settings, setup_logging, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def evaluate(model_dir: Path, out_dir: Path, vqa_scenes: int, t2i_prompts: int, 
         f"{item.question[:30]} -> {pred}" for item, pred in zip(vqa["items"][:16], vqa["predictions"][:16], strict=True)
     ]
     save_labelled_grid([item.image for item in vqa["items"][:16]], vqa_labels, out_dir / "vqa_samples.png", columns=4)
-    (out_dir / BY_FORM_FILE).write_text(json.dumps(vqa["by_form"], indent=2))
+    write_text_atomic(out_dir / BY_FORM_FILE, json.dumps(vqa["by_form"], indent=2))
     metrics = {**vqa["metrics"], **t2i["metrics"], "vqa_seconds": vqa_seconds, "t2i_seconds": t2i_seconds}
     metrics["t2i_prompts"] = float(len(t2i["items"]))
     metrics["vqa_questions"] = float(len(vqa["items"]))
