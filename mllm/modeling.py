@@ -575,9 +575,13 @@ def init_code_embeddings(
     A slot's input sums its codes' rows over depths, so with these rows it is the same map
     applied to the slot's quantised feature (the sum of its code vectors): the LM sees the
     tokenizer's geometry from step 0 instead of 1024 unrelated random vectors per branch.
-    The depth heads' code embeddings start the same way. Rows are scaled to the text rows'
-    standard deviation (relative code norms are kept). A branch whose codebook is None keeps
-    its random rows.
+    The depth heads' code embeddings start the same way, and each depth's classifier starts
+    as its head's code rows (scaled to unit-variance logits): a head state near a code's
+    embedding scores that code and its codebook neighbours high, so the head starts out able
+    to say "a code like the one to the left" instead of learning 1024 unrelated output rows
+    (tiny config, 100 text-to-image steps: held-out depth-1 CE 4.07 against 5.28 from
+    random classifiers). Rows are scaled to the text rows' standard deviation (relative code
+    norms are kept). A branch whose codebook is None keeps its random rows.
     """
     embeddings = model.get_input_embeddings().weight
     layout = model.layout
@@ -603,6 +607,10 @@ def init_code_embeddings(
             rows = codebook @ projection
             rows = rows * (std / float(rows.std().clamp_min(1e-12)))
             weight[start : start + size].copy_(rows.to(weight.dtype))
+        if head is not None:
+            rows = head.code_embed.weight.float()
+            rows = rows / (float(rows.std().clamp_min(1e-12)) * math.sqrt(rows.shape[1]))
+            head.classifier_weight.copy_(rows.T.expand_as(head.classifier_weight).to(head.classifier_weight.dtype))
 
 
 def _cache_kwarg(decoder: nn.Module) -> str:

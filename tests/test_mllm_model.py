@@ -447,6 +447,13 @@ def test_codebook_initialised_code_rows_are_a_linear_map_of_the_code_vectors(tex
     torch.testing.assert_close(pix_rows[5], pix_rows[3] - pix_rows[4])
     head_rows = model.pixel_head.code_embed.weight
     torch.testing.assert_close(head_rows[5], head_rows[3] - head_rows[4])
+    # Every depth's classifier starts as the head's code rows, scaled so that a unit-variance
+    # head state gives logits of about unit variance.
+    classifier = model.pixel_head.classifier_weight
+    for depth in range(DP):
+        torch.testing.assert_close(classifier[depth].T / classifier[depth].T.norm(), head_rows / head_rows.norm())
+    state = torch.randn(4096, classifier.shape[1], generator=generator)
+    assert float((state @ classifier[0]).std()) == pytest.approx(1.0, rel=0.1)
     torch.testing.assert_close(rows[: layout.text_size], text_before)  # text rows untouched
     assert float(sem_rows.std()) == pytest.approx(float(text_before.std()), rel=1e-3)
     with pytest.raises(VocabularyError, match=r"pixel codebook has shape \(7, 8\)"):
