@@ -18,6 +18,7 @@ from typing import TextIO
 import numpy as np
 
 from mllm.pipeline import Pipeline, PipelineError
+from training.common import atomic_output
 
 
 def _save_images(images: list[np.ndarray], output: Path) -> list[Path]:
@@ -29,9 +30,8 @@ def _save_images(images: list[np.ndarray], output: Path) -> list[Path]:
     else:
         paths = [output.with_name(f"{output.stem}_{index}{output.suffix or '.png'}") for index in range(len(images))]
     for image, path in zip(images, paths, strict=True):
-        temporary = path.with_name(f".{path.name}.partial")
-        Image.fromarray(image).save(temporary, format="PNG")
-        temporary.replace(path)  # never a half-written PNG under the real name
+        with atomic_output(path) as temporary:  # never a half-written PNG under the real name
+            Image.fromarray(image).save(temporary, format="PNG")
     return paths
 
 

@@ -513,3 +513,37 @@ def test_checker_on_reconstructions_scores_what_the_decoder_draws() -> None:
     assert checker_verdicts(images, scenes) == [1] * 6
     assert checker_verdicts(torch.zeros_like(images), scenes) == [0] * 6
     assert sum(checker_verdicts(images, scenes[1:] + scenes[:1])) < 6
+
+
+def test_stage_settings_round_trip_and_an_unreadable_file_is_named(tmp_path: Path) -> None:
+    """Settings are recorded relative to the run folder; a torn settings file stops the rerun with its name."""
+    from training.common import SETTINGS_FILENAME, check_stage_settings, record_stage_settings
+
+    run_dir = tmp_path / "run"
+    stage_dir = run_dir / "stage0"
+    argv = ["--set", f"loop.output_dir={stage_dir}", "--set", "loop.max_steps=3"]
+    record_stage_settings(stage_dir, argv, run_dir)
+    assert "{run_dir}" in (stage_dir / SETTINGS_FILENAME).read_text()
+    check_stage_settings(stage_dir, argv, "stage 0", run_dir)  # same settings: no error
+    with pytest.raises(ConfigError, match=r"only there: \['loop.max_steps=3'\]; only now: \['loop.max_steps=4'\]"):
+        check_stage_settings(stage_dir, argv[:3] + ["loop.max_steps=4"], "stage 0", run_dir)
+    (stage_dir / SETTINGS_FILENAME).write_text('{"argv": ["--set", "loop.')  # torn
+    with pytest.raises(ConfigError, match=rf"{SETTINGS_FILENAME}: unreadable stage settings .*delete {stage_dir}"):
+        check_stage_settings(stage_dir, argv, "stage 0", run_dir)
+    (stage_dir / SETTINGS_FILENAME).write_text('{"args": []}')  # no argv
+    with pytest.raises(ConfigError, match="unreadable stage settings"):
+        check_stage_settings(stage_dir, argv, "stage 0", run_dir)
+
+
+def test_atomic_output_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:
+    from training.common import atomic_output, write_text_atomic
+
+    target = tmp_path / "results.json"
+    write_text_atomic(target, "old")
+    with pytest.raises(RuntimeError, match="disk full"), atomic_output(target) as partial:
+        partial.write_text("half of the ne")
+        raise RuntimeError("disk full")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no partial file left behind
+    write_text_atomic(target, "new")
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]

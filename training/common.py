@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -193,12 +194,22 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a hidden sibling file and a rename: readers see the old
-    file or the new one, never a torn one."""
+@contextlib.contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """Yield a hidden sibling of ``path`` to write; on success it is renamed to ``path``, on an
+    error it is removed. Readers see the old file or the new one, never a torn one."""
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    partial.replace(path)
+    try:
+        yield partial
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through :func:`atomic_output`."""
+    with atomic_output(path) as partial:
+        partial.write_text(text)
 
 
 # ---------------------------------------------------------------------- pipeline stage settings

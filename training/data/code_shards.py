@@ -117,9 +117,9 @@ class CodeShardsMeta:
         return meta
 
     def write(self, out_dir: Path) -> None:
-        temporary = out_dir / f".{META_NAME}{_TEMPORARY_SUFFIX}"
-        temporary.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(temporary, out_dir / META_NAME)
+        from training.common import write_text_atomic
+
+        write_text_atomic(out_dir / META_NAME, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 def shard_name(index: int) -> str:

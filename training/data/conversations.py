@@ -276,13 +276,13 @@ def shapes_t2i_record(sample: ShapesSample, image: str) -> dict:
 
 def _write_atomic(path: Path, lines: Iterator[str], opening: str = "", closing: str = "") -> None:
     """Write ``opening + lines + closing`` to a temporary name, then rename it to ``path``."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
+    from training.common import atomic_output
+
+    with atomic_output(path) as temporary, open(temporary, "w", encoding="utf-8") as handle:
         handle.write(opening)
         for line in lines:
             handle.write(line)
         handle.write(closing)
-    os.replace(temporary, path)
 
 
 def write_shapes(
