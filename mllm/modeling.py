@@ -18,6 +18,7 @@ the pixel-code rows. An optional second head predicts semantic codes.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,10 @@ BRANCHES = ("semantic", "pixel")
 # The terms of DualTokenMLLMOutput.loss; other entries of ``losses`` are diagnostics (accuracies, CE per depth).
 LOSS_TERMS = ("text", "pixel", "semantic", "contrast", "idle_heads")
 FUSIONS = ("sum", "sum_mlp", "concat_mlp")
+IMAGE_ATTENTIONS = ("causal", "bidirectional")
 IGNORE = -100
+
+logger = logging.getLogger(__name__)
 
 
 def pick_attn_implementation(requested: str | None = None) -> str:
@@ -74,6 +78,7 @@ class DualTokenMLLMConfig(PretrainedConfig):
         depth_head_heads: int = 4,
         depth_head_hidden: int = 0,
         image_position_embedding: bool = False,
+        image_attention: str = "causal",
         chat_template: dict | None = None,
         **kwargs: Any,
     ) -> None:
@@ -97,6 +102,7 @@ class DualTokenMLLMConfig(PretrainedConfig):
         self.depth_head_heads = int(depth_head_heads)
         self.depth_head_hidden = int(depth_head_hidden)
         self.image_position_embedding = bool(image_position_embedding)
+        self.image_attention = image_attention
         self.chat_template = dict(chat_template or {})
         super().__init__(**kwargs)
         self.validate()
@@ -108,6 +114,8 @@ class DualTokenMLLMConfig(PretrainedConfig):
             raise ValueError(f"write={self.write}; expected ['pixel'] or ['pixel', 'semantic']")
         if self.input_fusion not in FUSIONS:
             raise ValueError(f"input_fusion={self.input_fusion!r}; expected one of {FUSIONS}")
+        if self.image_attention not in IMAGE_ATTENTIONS:
+            raise ValueError(f"image_attention={self.image_attention!r}; expected one of {IMAGE_ATTENTIONS}")
         if self.semantic_depth < 1 or self.pixel_depth < 1:
             raise ValueError(f"depths must be >= 1 (semantic {self.semantic_depth}, pixel {self.pixel_depth})")
         if self.depth_head_layers == 0 and self.pixel_depth > 1:
@@ -223,7 +231,16 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
         # decoder would build no causal mask. Use the wrapper's (set by from_pretrained /
         # from_config, ``attn_implementation=...``), else FlashAttention-2 when available, else SDPA.
         impl = getattr(config, "_attn_implementation", None) or pick_attn_implementation()
+        if config.image_attention == "bidirectional" and impl.startswith("flash"):
+            # FlashAttention takes no mask: the image blocks' bidirectional attention needs SDPA.
+            logger.warning("image_attention=bidirectional needs a mask: using sdpa instead of %s", impl)
+            impl = config._attn_implementation = "sdpa"
         self.llm.config._attn_implementation = impl
+        layer_types = set(getattr(self.llm.config, "layer_types", None) or ["full_attention"])
+        if config.image_attention == "bidirectional" and layer_types != {"full_attention"}:
+            raise ValueError(
+                f"image_attention=bidirectional supports full-attention LMs only; this one has layers {sorted(layer_types)}"
+            )
         config.text_config = self.llm.config
         self._cache_kwarg = _cache_kwarg(self.llm.get_decoder())
         rows = self.llm.get_input_embeddings().weight.shape[0]
@@ -341,6 +358,41 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
         index = (count - before - 1) % self.config.image_slots
         return torch.where(is_image, index, torch.full_like(index, -1))
 
+    def read_image_blocks(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``(B, L, C)`` ids -> ``(B, L)``: for slots of an image the model *reads* (between
+        ``<image>`` and ``</image>``) the number of that image in its row (0, 1, ...), -1 elsewhere
+        (text, boundary tokens, images being generated)."""
+        first = input_ids[..., 0] if input_ids.dim() == 3 else input_ids
+        layout = self.layout
+        starts = (first == layout.image_start_id).long().cumsum(dim=-1)
+        ends = (first == layout.image_end_id).long().cumsum(dim=-1)
+        is_image = layout.is_semantic(input_ids) | layout.is_pixel(input_ids)
+        if input_ids.dim() == 3:
+            is_image = is_image.any(dim=-1)
+        inside = is_image & (starts > ends)
+        return torch.where(inside, starts - 1, torch.full_like(starts, -1))
+
+    def image_attention_mask(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """The additive ``(B, 1, L, L)`` mask of a prefill with ``image_attention="bidirectional"``:
+        causal, padding masked, and every slot of a read image sees its whole image (a prefix-LM
+        block, as PaLI / Gemma 3 do). None when the model is causal or the batch reads no image."""
+        if self.config.image_attention != "bidirectional":
+            return None
+        blocks = self.read_image_blocks(input_ids)
+        if not bool((blocks >= 0).any()):
+            return None
+        length = blocks.shape[1]
+        positions = torch.arange(length, device=blocks.device)
+        allowed = (positions[None, :] <= positions[:, None]).unsqueeze(0)  # (1, q, k) causal
+        same_image = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
+        allowed = allowed | same_image
+        if attention_mask is not None:
+            allowed = allowed & attention_mask.bool()[:, None, :]  # padding rows stay finite (additive mask)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=blocks.device)
+        return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
     def embed_image_positions(self, embeds: torch.Tensor, slot_index: torch.Tensor) -> torch.Tensor:
         """Add the learned row and column embeddings to the image slots (``slot_index >= 0``)."""
         if self.image_rows is None:
@@ -447,9 +499,15 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         embeds = self.embed_slots(input_ids, image_slot_index)
         decoder = self.llm.get_decoder()
+        mask = attention_mask
+        if past_key_values is None or not past_key_values.get_seq_length():
+            # A prefill (or training) reading images builds its own mask; later cached steps only
+            # add text or generated slots, which attend causally as usual.
+            mask = self.image_attention_mask(input_ids, attention_mask, embeds.dtype)
+            mask = attention_mask if mask is None else {"full_attention": mask}
         outputs = decoder(
             inputs_embeds=embeds,
-            attention_mask=attention_mask,
+            attention_mask=mask,
             position_ids=position_ids,
             use_cache=use_cache,
             **{self._cache_kwarg: past_key_values},

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from mllm.chat import ConversationError, SequenceBuilder, collate_sequences
 from mllm.generation import SamplingConfig, filter_logits, generate_image_codes, generate_text
-from mllm.modeling import DualTokenMLLMForCausalLM
+from mllm.modeling import DualTokenMLLMConfig, DualTokenMLLMForCausalLM
 from mllm.vocab import VocabLayout, VocabularyError, extend_tokenizer, shapes_corpus, train_sentencepiece
 from training.data.shapes import ShapesWorld, ShapesWorldConfig
 
@@ -355,6 +355,87 @@ def test_image_decoding_with_cache_equals_without_and_cfg(built):
     assert not torch.equal(
         cached, generate_image_codes(model, prompts, uncond, 3.0, settings, generator=torch.Generator().manual_seed(8))
     )
+
+
+# ---------------------------------------------------------------------------- bidirectional image attention
+@pytest.fixture(scope="module")
+def both_attentions(built):
+    """The ``built`` model and a copy with the same weights that reads images bidirectionally."""
+    import copy
+
+    tokenizer, layout, model, builder = built
+    prefix = copy.deepcopy(model)
+    prefix.config.image_attention = "bidirectional"
+    return builder, model, prefix
+
+
+def _question(builder, seed):
+    return builder.conversation(
+        [("user", "<image> what colour is it?"), ("assistant", "red")], _codes(seed, SEM, DS), train=True
+    )
+
+
+def test_read_image_blocks_cover_the_read_image_only(both_attentions):
+    builder, _, prefix = both_attentions
+    sequence = _question(builder, 5)
+    blocks = prefix.read_image_blocks(sequence.ids[None])[0]
+    slots = GRID[0] * GRID[1]
+    assert int((blocks == 0).sum()) == slots and int((blocks > 0).sum()) == 0
+    start = int((blocks == 0).nonzero()[0])
+    assert bool((blocks[start : start + slots] == 0).all())  # one contiguous run: the image's slots
+    generated = builder.generation("a red circle", _codes(6, PIX, DP))
+    assert bool((prefix.read_image_blocks(generated.ids[None]) == -1).all())  # drawn images stay causal
+
+
+def test_bidirectional_image_attention_sees_the_whole_read_image_only(both_attentions):
+    builder, causal, prefix = both_attentions
+    one, two = _question(builder, 5), _question(builder, 5)
+    blocks = prefix.read_image_blocks(one.ids[None])[0]
+    first, last = [int(i) for i in (blocks == 0).nonzero()[[0, -1], 0]]
+    offset = builder.layout.semantic_offset
+    two.ids[last, :DS] = (one.ids[last, :DS] - offset + 1) % SEM + offset  # other codes, last slot
+    assert not torch.equal(one.ids, two.ids)
+    with torch.no_grad():
+        states = {
+            name: [model(input_ids=seq.ids[None]).hidden_states[0] for seq in (one, two)]
+            for name, model in (("causal", causal), ("prefix", prefix))
+        }
+    for name in ("causal", "prefix"):
+        torch.testing.assert_close(states[name][0][:first], states[name][1][:first])  # text before the image
+        assert not torch.allclose(states[name][0][last + 1 :], states[name][1][last + 1 :])  # text after it
+    # the image's first slot sees its last slot only with bidirectional attention
+    torch.testing.assert_close(states["causal"][0][first], states["causal"][1][first])
+    assert not torch.allclose(states["prefix"][0][first], states["prefix"][1][first])
+    # a text-to-image sequence (no read image) is unchanged: generated slots stay causal
+    generated = builder.generation("a red circle", _codes(6, PIX, DP))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            causal(input_ids=generated.ids[None]).hidden_states,
+            prefix(input_ids=generated.ids[None]).hidden_states,
+        )
+
+
+def test_bidirectional_image_attention_decodes_the_same_with_and_without_cache(both_attentions):
+    builder, _, prefix = both_attentions
+    prompts = [
+        builder.conversation(
+            [("user", "<image> what colour is it?")], _codes(5, SEM, DS), train=False, add_generation_prompt=True
+        ),
+        builder.conversation([("user", "how many?")], train=False, add_generation_prompt=True),
+    ]
+    cached = generate_text(prefix, prompts, max_new_tokens=8, use_cache=True)
+    assert cached == generate_text(prefix, prompts, max_new_tokens=8, use_cache=False)
+    assert generate_text(prefix, prompts[:1], max_new_tokens=8)[0] == cached[0]  # padding changes nothing
+    assert generate_text(prefix, prompts[1:], max_new_tokens=8)[0] == cached[1]
+
+
+def test_image_attention_is_checked_and_saved(built, tmp_path):
+    _, _, model, _ = built
+    with pytest.raises(ValueError, match="image_attention='sideways'"):
+        DualTokenMLLMConfig(text_config=model.config.text_config, image_attention="sideways")
+    config = DualTokenMLLMConfig.from_dict({**model.config.to_dict(), "image_attention": "bidirectional"})
+    config.save_pretrained(tmp_path)
+    assert DualTokenMLLMConfig.from_pretrained(tmp_path).image_attention == "bidirectional"
 
 
 # ---------------------------------------------------------------------------- paper scale

@@ -85,6 +85,9 @@ class ModelConfig:
     # Learned row + column embeddings added to every image slot: the LM knows where in the grid
     # a slot sits without counting slots from <image_gen_start> through 1-D positions.
     image_position_embedding: bool = False
+    # causal | bidirectional: with bidirectional, every slot of an image the model reads attends to
+    # its whole image (a prefix-LM block); generated images and text stay causal. Needs SDPA or eager.
+    image_attention: str = "causal"
     # random | codebook: start the visual code rows (and the depth heads' code embeddings) as a
     # fixed linear map of the DualToken tokenizer's code vectors (mllm.modeling.init_code_embeddings).
     code_embedding_init: str = "random"
@@ -100,6 +103,10 @@ class ModelConfig:
         _require(
             self.code_embedding_init in ("random", "codebook"),
             f"model.code_embedding_init={self.code_embedding_init!r}; expected random|codebook",
+        )
+        _require(
+            self.image_attention in ("causal", "bidirectional"),
+            f"model.image_attention={self.image_attention!r}; expected causal|bidirectional",
         )
         _require(
             bool(self.llm_config) or bool(self.llm_pretrained),
@@ -244,6 +251,7 @@ def build_model(model_config: ModelConfig, store: CodeStore) -> tuple[DualTokenM
         depth_head_heads=model_config.depth_head_heads,
         depth_head_hidden=model_config.depth_head_hidden,
         image_position_embedding=model_config.image_position_embedding,
+        image_attention=model_config.image_attention,
         chat_template=template.to_dict(),
         attn_implementation=attn,
     )
