@@ -530,7 +530,7 @@ def test_codebook_initialised_code_rows_are_a_linear_map_of_the_code_vectors(tex
     torch.testing.assert_close(head_rows[5], head_rows[3] - head_rows[4])
     # Every depth's classifier starts as the head's code rows, scaled so that a unit-variance
     # head state gives logits of about unit variance.
-    classifier = model.pixel_head.classifier_weight
+    classifier = model.pixel_head.classifier_weight.detach()
     for depth in range(DP):
         torch.testing.assert_close(classifier[depth].T / classifier[depth].T.norm(), head_rows / head_rows.norm())
     state = torch.randn(4096, classifier.shape[1], generator=generator)
