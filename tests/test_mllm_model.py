@@ -519,9 +519,9 @@ def test_codebook_initialised_code_rows_are_a_linear_map_of_the_code_vectors(tex
     semantic, pixel = torch.randn(SEM, 8, generator=generator), torch.randn(PIX, 8, generator=generator)
     semantic[2] = semantic[0] + semantic[1]  # a slot's summed rows must equal the map of its summed vectors
     pixel[5] = pixel[3] - pixel[4]
-    text_before = model.get_input_embeddings().weight[: layout.text_size].clone()
+    text_before = model.get_input_embeddings().weight[: layout.text_size].detach().clone()
     init_code_embeddings(model, semantic, pixel)
-    rows = model.get_input_embeddings().weight
+    rows = model.get_input_embeddings().weight.detach()
     sem_rows = rows[layout.semantic_offset : layout.semantic_offset + SEM]
     pix_rows = rows[layout.pixel_offset : layout.pixel_offset + PIX]
     torch.testing.assert_close(sem_rows[2], sem_rows[0] + sem_rows[1])
