@@ -344,14 +344,19 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
         return self.llm.get_output_embeddings()
 
     # ------------------------------------------------------------------ inputs
+    def is_image_slot(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``(B, L)`` text ids or ``(B, L, C)`` slot ids -> ``(B, L)`` bool: the slot holds image codes."""
+        layout = self.layout
+        is_code = layout.is_semantic(input_ids) | layout.is_pixel(input_ids)
+        return is_code.any(dim=-1) if input_ids.dim() == 3 else is_code
+
     def image_slot_index(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``(B, L, C)`` ids -> ``(B, L)``: each image slot's index in its image (raster order), -1 elsewhere.
 
         An image is a contiguous run of image slots; a run longer than one image (two images
         back to back) restarts the count every ``grid_size`` slots.
         """
-        layout = self.layout
-        is_image = (layout.is_semantic(input_ids) | layout.is_pixel(input_ids)).any(dim=-1)
+        is_image = self.is_image_slot(input_ids)
         count = is_image.long().cumsum(dim=-1)
         # The count just before each run starts: the running maximum of the count at non-image slots.
         before = torch.where(is_image, torch.zeros_like(count), count).cummax(dim=-1).values
@@ -366,10 +371,7 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
         layout = self.layout
         starts = (first == layout.image_start_id).long().cumsum(dim=-1)
         ends = (first == layout.image_end_id).long().cumsum(dim=-1)
-        is_image = layout.is_semantic(input_ids) | layout.is_pixel(input_ids)
-        if input_ids.dim() == 3:
-            is_image = is_image.any(dim=-1)
-        inside = is_image & (starts > ends)
+        inside = self.is_image_slot(input_ids) & (starts > ends)
         return torch.where(inside, starts - 1, torch.full_like(starts, -1))
 
     def image_attention_mask(
@@ -431,8 +433,7 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
             return vectors.sum(dim=2)
         split = self.config.semantic_depth
         semantic, pixel = vectors[:, :, :split].sum(dim=2), vectors[:, :, split:].sum(dim=2)
-        layout = self.layout
-        is_image = (layout.is_semantic(input_ids) | layout.is_pixel(input_ids)).any(dim=-1, keepdim=True)
+        is_image = self.is_image_slot(input_ids).unsqueeze(-1)
         fused_in = (
             torch.cat([semantic, pixel], dim=-1) if self.config.input_fusion == "concat_mlp" else semantic + pixel
         )
