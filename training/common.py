@@ -9,7 +9,7 @@ import math
 import random
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -259,3 +259,25 @@ def record_stage_settings(output_dir: Path, argv: list[str], run_dir: Path | Non
     paths inside ``run_dir`` are written relative to it, as ``{run_dir}``."""
     output_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(output_dir / SETTINGS_FILENAME, json.dumps({"argv": _portable(argv, run_dir)}, indent=2))
+
+
+def run_or_reuse(
+    stage: str,
+    output_dir: Path,
+    argv: list[str],
+    run_dir: Path | None,
+    finished: Callable[[], bool],
+    train: Callable[[list[str]], Any],
+    result: str,
+) -> tuple[bool, Any]:
+    """One pipeline stage: refuse a folder started with other settings, reuse a finished one, else train.
+
+    ``finished()`` says whether ``result`` (a path, for the log) is complete. Returns
+    ``(reused, train's return value or None)``.
+    """
+    check_stage_settings(output_dir, argv, stage, run_dir)
+    if finished():
+        logger.info("%s: reusing %s", stage, result)
+        return True, None
+    record_stage_settings(output_dir, argv, run_dir)
+    return False, train(argv)

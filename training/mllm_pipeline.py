@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from training import train_mllm
-from training.common import check_stage_settings, record_stage_settings, setup_logging, write_text_atomic
+from training.common import run_or_reuse, setup_logging, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -99,13 +99,16 @@ def run_stages(run_dir: Path, data: dict[str, Path], overrides: dict[str, list[s
         for value in sets:
             argv += ["--set", value]
         # A stage folder started with other settings is neither reused nor resumed (clear error).
-        check_stage_settings(out, argv, f"LLM stage {stage}", run_dir)
-        if train_mllm.model_folder_is_complete(model_dir):
-            logger.info("LLM stage %s: reusing %s", stage, model_dir)
-            metrics[stage] = json.loads((model_dir / "metrics.json").read_text())
-        else:
-            record_stage_settings(out, argv, run_dir)
-            metrics[stage] = train_mllm.main(argv)
+        reused, trained = run_or_reuse(
+            f"LLM stage {stage}",
+            out,
+            argv,
+            run_dir,
+            lambda model_dir=model_dir: train_mllm.model_folder_is_complete(model_dir),
+            train_mllm.main,
+            str(model_dir),
+        )
+        metrics[stage] = json.loads((model_dir / "metrics.json").read_text()) if reused else trained
         previous = model_dir
     return previous, metrics
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from training import train_teacher, train_tokenizer
-from training.common import check_stage_settings, record_stage_settings, setup_logging
+from training.common import run_or_reuse, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +57,15 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     timings: dict[str, float] = {}
     started = time.time()
     stage0_argv = ["--config", args.teacher_config, "--set", f"loop.output_dir={stage0_dir}", *_sets(args.set_teacher)]
-    check_stage_settings(stage0_dir, stage0_argv, "stage 0", run_dir)
-    if _stage_done(teacher_dir, train_teacher.teacher_is_complete):
-        logger.info("stage 0: reusing the finished teacher in %s", teacher_dir)
-    else:
-        record_stage_settings(stage0_dir, stage0_argv, run_dir)
-        train_teacher.main(stage0_argv)
+    run_or_reuse(
+        "stage 0",
+        stage0_dir,
+        stage0_argv,
+        run_dir,
+        lambda: _stage_done(teacher_dir, train_teacher.teacher_is_complete),
+        train_teacher.main,
+        f"the finished teacher in {teacher_dir}",
+    )
     timings["stage0_seconds"] = time.time() - started
     teacher_metrics = json.loads((teacher_dir / "metrics.json").read_text())
 
@@ -70,13 +73,15 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     started = time.time()
     stage1_argv = ["--config", args.tokenizer_config, "--set", f"loop.output_dir={stage1_dir}"]
     stage1_argv += ["--set", f"teacher_path={teacher_dir}", *_sets(args.set_tokenizer)]
-    check_stage_settings(stage1_dir, stage1_argv, "stage 1", run_dir)
-    stage1_reused = _stage_done(tokenizer_dir, train_tokenizer.tokenizer_is_complete)
-    if stage1_reused:
-        logger.info("stage 1: reusing the finished tokenizer in %s", tokenizer_dir)
-    else:
-        record_stage_settings(stage1_dir, stage1_argv, run_dir)
-        train_tokenizer.main(stage1_argv)
+    stage1_reused, _ = run_or_reuse(
+        "stage 1",
+        stage1_dir,
+        stage1_argv,
+        run_dir,
+        lambda: _stage_done(tokenizer_dir, train_tokenizer.tokenizer_is_complete),
+        train_tokenizer.main,
+        f"the finished tokenizer in {tokenizer_dir}",
+    )
     timings["stage1_seconds"] = time.time() - started
     metrics = json.loads((tokenizer_dir / "metrics.json").read_text())
     stage1_metrics = None
@@ -122,12 +127,15 @@ def _decoder_stage(
     argv += ["--set", f"init_tokenizer={stage1_tokenizer}", "--set", f"teacher_path={teacher_dir}"]
     argv += _sets([value for value in args.set_tokenizer if value.startswith(SHARED_WITH_DECODER)])
     argv += _sets(args.set_decoder)
-    check_stage_settings(output_dir, argv, "stage 1b", output_dir.parent)
-    if _stage_done(tokenizer_dir, train_tokenizer.tokenizer_is_complete):
-        logger.info("stage 1b: reusing the fine-tuned decoder in %s", tokenizer_dir)
-    else:
-        record_stage_settings(output_dir, argv, output_dir.parent)
-        train_tokenizer.main(argv)
+    run_or_reuse(
+        "stage 1b",
+        output_dir,
+        argv,
+        output_dir.parent,
+        lambda: _stage_done(tokenizer_dir, train_tokenizer.tokenizer_is_complete),
+        train_tokenizer.main,
+        f"the fine-tuned decoder in {tokenizer_dir}",
+    )
     return tokenizer_dir, json.loads((tokenizer_dir / "metrics.json").read_text()), time.time() - started
 
 
