@@ -54,10 +54,15 @@ QWEN_TEMPLATE = ChatTemplate(
 
 @dataclass
 class Sequence:
-    """One training or prompt sequence: ``ids`` and ``labels`` are ``(L, C)`` long tensors."""
+    """One training or prompt sequence: ``ids`` and ``labels`` are ``(L, C)`` long tensors.
+
+    ``segments`` ``(L,)``, set by :meth:`SequenceBuilder.independent_turns`: 0 for the shared
+    prefix, k for the k-th question-answer pair, which sees the prefix and itself only.
+    """
 
     ids: torch.Tensor
     labels: torch.Tensor
+    segments: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -195,6 +200,58 @@ class SequenceBuilder:
             parts.append(self._text_rows(self.text_ids(self.template.assistant), False))
         return self._finish(parts)
 
+    def independent_turns(
+        self,
+        turns: list[tuple[str, str]],
+        semantic: torch.Tensor | None = None,
+        pixel: torch.Tensor | None = None,
+        train: bool = True,
+    ) -> Sequence:
+        """Several one-question conversations about one image, packed into one sequence.
+
+        The prefix (system prompt, user prefix, image) is shared; each (user, assistant) pair
+        follows as its own segment, laid out exactly as the text after the image in the
+        one-turn conversation ``[(user, "<image>\nquestion"), (assistant, answer)]``.
+        :func:`collate_sequences` restarts each segment's positions after the prefix, and
+        the model lets a segment attend to the prefix and itself only. So an answer cannot
+        be read off the other questions of the same image (a question that names a red
+        triangle gives away "is there a red triangle?"), and training sees each question
+        the way a one-question prompt is asked, for the cost of one image.
+        Without an image this is :meth:`conversation`.
+        """
+        if semantic is None and pixel is None:
+            return self.conversation(turns, train=train)
+        if not turns:
+            raise ConversationError("a conversation needs at least one turn")
+        roles = [role for role, _ in turns]
+        if any(role not in ("user", "assistant") for role in roles):
+            raise ConversationError(f"unknown role in {sorted(set(roles))}; expected 'user' or 'assistant'")
+        pairs = [(turns[k][1], turns[k + 1][1]) for k in range(0, len(turns) - 1, 2)]
+        if roles[0::2] != ["user"] * len(roles[0::2]) or roles[1::2] != ["assistant"] * len(roles[1::2]):
+            raise ConversationError("independent turns need (user, assistant) pairs in order")
+        if train and not pairs:
+            raise ConversationError("the conversation has no assistant turn, so there is nothing to learn")
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if self.template.system:
+            parts.append(self._text_rows(self.text_ids(self.template.system), False))
+        parts.append(self._text_rows(self.text_ids(self.template.user), False))
+        block = self._read_block(semantic, pixel)
+        parts.append((block, torch.full_like(block, IGNORE)))
+        segments = [torch.zeros(sum(len(ids) for ids, _ in parts), dtype=torch.long)]
+        for number, (question, answer) in enumerate(pairs, start=1):
+            question = question.replace(IMAGE_PLACEHOLDER, " ").strip()
+            turn = []
+            if question:
+                turn.append(self._text_rows(self.text_ids(question), False))
+            turn.append(self._text_rows(self.text_ids(self.template.end), False))
+            turn.append(self._text_rows(self.text_ids(self.template.assistant), False))
+            turn.append(self._text_rows(self.text_ids(answer.strip()) + self.text_ids(self.template.end), train))
+            parts += turn
+            segments.append(torch.full((sum(len(ids) for ids, _ in turn),), number, dtype=torch.long))
+        sequence = self._finish(parts)
+        sequence.segments = torch.cat(segments)
+        return sequence
+
     def generation(
         self,
         caption: str,
@@ -238,17 +295,43 @@ def _check_depth(codes: torch.Tensor, depth: int, branch: str) -> None:
         raise ConversationError(f"{branch} codes have shape {tuple(codes.shape)}; expected (h, w, {depth})")
 
 
+def segment_positions(segments: torch.Tensor) -> torch.Tensor:
+    """``(L,)`` segment ids (0 = shared prefix, then 1, 2, ... in order) -> ``(L,)`` position ids:
+    the prefix counts 0, 1, ...; every later segment restarts right after the prefix."""
+    prefix = int((segments == 0).sum())
+    positions = torch.arange(len(segments))
+    opens = torch.ones(len(segments), dtype=torch.bool)
+    opens[1:] = segments[1:] != segments[:-1]
+    segment_start = torch.where(opens, positions, torch.zeros_like(positions)).cummax(dim=0).values
+    return torch.where(segments == 0, positions, prefix + positions - segment_start)
+
+
 def collate_sequences(sequences: list[Sequence], pad_id: int, left_pad: bool = False) -> dict[str, torch.Tensor]:
-    """Pad to the longest: ``input_ids`` / ``labels`` ``(B, L, C)`` and ``attention_mask`` ``(B, L)``."""
+    """Pad to the longest: ``input_ids`` / ``labels`` ``(B, L, C)`` and ``attention_mask`` ``(B, L)``.
+
+    When a sequence has ``segments`` (independent turns) the batch also carries
+    ``segment_ids`` ``(B, L)`` (-1 on padding; a plain sequence is one segment 0) and the
+    matching ``position_ids``.
+    """
     length = max(len(seq) for seq in sequences)
     width = sequences[0].ids.shape[1]
     ids = torch.full((len(sequences), length, width), -1, dtype=torch.long)
     ids[:, :, 0] = pad_id
     labels = torch.full((len(sequences), length, width), IGNORE, dtype=torch.long)
     mask = torch.zeros(len(sequences), length, dtype=torch.long)
+    segmented = any(seq.segments is not None for seq in sequences)
+    segment_ids = torch.full((len(sequences), length), -1, dtype=torch.long)
+    positions = torch.zeros(len(sequences), length, dtype=torch.long)
     for row, seq in enumerate(sequences):
         span = slice(length - len(seq), length) if left_pad else slice(0, len(seq))
         ids[row, span] = seq.ids
         labels[row, span] = seq.labels
         mask[row, span] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        if segmented:
+            segments = seq.segments if seq.segments is not None else torch.zeros(len(seq), dtype=torch.long)
+            segment_ids[row, span] = segments
+            positions[row, span] = segment_positions(segments)
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    if segmented:
+        batch.update(segment_ids=segment_ids, position_ids=positions)
+    return batch

@@ -237,6 +237,7 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
             impl = config._attn_implementation = "sdpa"
         self.llm.config._attn_implementation = impl
         layer_types = set(getattr(self.llm.config, "layer_types", None) or ["full_attention"])
+        self._full_attention_only = layer_types == {"full_attention"}
         if config.image_attention == "bidirectional" and layer_types != {"full_attention"}:
             raise ValueError(
                 f"image_attention=bidirectional supports full-attention LMs only; this one has layers {sorted(layer_types)}"
@@ -374,25 +375,38 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
         inside = self.is_image_slot(input_ids) & (starts > ends)
         return torch.where(inside, starts - 1, torch.full_like(starts, -1))
 
-    def image_attention_mask(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, dtype: torch.dtype
+    def prefill_attention_mask(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dtype: torch.dtype,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """The additive ``(B, 1, L, L)`` mask of a prefill with ``image_attention="bidirectional"``:
-        causal, padding masked, and every slot of a read image sees its whole image (a prefix-LM
-        block, as PaLI / Gemma 3 do). None when the model is causal or the batch reads no image."""
-        if self.config.image_attention != "bidirectional":
+        """The additive ``(B, 1, L, L)`` mask of a prefill that is not plainly causal, else None.
+
+        Causal with padding masked, and two rules on top. With ``image_attention="bidirectional"``
+        every slot of a read image sees its whole image (a prefix-LM block, as PaLI / Gemma 3
+        do). With ``segment_ids`` (independent turns, see
+        :meth:`mllm.chat.SequenceBuilder.independent_turns`) a slot of segment k >= 1 sees the
+        shared prefix (segment 0) and its own segment only."""
+        bidirectional = self.config.image_attention == "bidirectional"
+        blocks = self.read_image_blocks(input_ids) if bidirectional else None
+        if blocks is not None and not bool((blocks >= 0).any()):
+            blocks = None
+        if blocks is None and segment_ids is None:
             return None
-        blocks = self.read_image_blocks(input_ids)
-        if not bool((blocks >= 0).any()):
-            return None
-        length = blocks.shape[1]
-        positions = torch.arange(length, device=blocks.device)
+        length = input_ids.shape[1]
+        positions = torch.arange(length, device=input_ids.device)
         allowed = (positions[None, :] <= positions[:, None]).unsqueeze(0)  # (1, q, k) causal
-        same_image = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
-        allowed = allowed | same_image
+        if segment_ids is not None:
+            seen = (segment_ids[:, None, :] == 0) | (segment_ids[:, None, :] == segment_ids[:, :, None])
+            allowed = allowed & seen
+        if blocks is not None:
+            same_image = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
+            allowed = allowed | same_image
         if attention_mask is not None:
             allowed = allowed & attention_mask.bool()[:, None, :]  # padding rows stay finite (additive mask)
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=blocks.device)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=input_ids.device)
         return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
 
     def embed_image_positions(self, embeds: torch.Tensor, slot_index: torch.Tensor) -> torch.Tensor:
@@ -475,6 +489,7 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
         contrast_rows: torch.Tensor | None = None,
         contrast_beta: float = 0.1,
         pixel_depth_weights: Sequence[float] | None = None,
+        segment_ids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> DualTokenMLLMOutput:
         """Run the LM over slots; with ``labels`` (same shape as ``input_ids``) return the losses.
@@ -494,8 +509,21 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
 
         ``pixel_depth_weights`` (one per RVQ depth): ``pixel`` becomes the weighted mean of the
         per-depth cross-entropies instead of the plain mean (deeper depths carry fine residuals).
+
+        ``segment_ids`` ``(B, L)`` (with their ``position_ids``, from
+        :func:`mllm.chat.collate_sequences`): independent turns, each seeing the shared prefix
+        and itself only. Training and prefills only (no KV cache).
         """
         self.layout.check_ids(input_ids)
+        if segment_ids is not None:
+            if past_key_values is not None or position_ids is None:
+                raise ValueError("segment_ids need their position_ids and no KV cache (training or a prefill)")
+            impl = self.llm.config._attn_implementation
+            if impl not in ("sdpa", "eager") or not self._full_attention_only:
+                raise ValueError(
+                    f"independent turns (segment_ids) need a mask: sdpa or eager attention on a full-attention LM, "
+                    f"not {impl}; load the model with attn_implementation='sdpa' or use whole conversations"
+                )
         if attention_mask is not None and position_ids is None and past_key_values is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         embeds = self.embed_slots(input_ids, image_slot_index)
@@ -504,7 +532,7 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
         if past_key_values is None or not past_key_values.get_seq_length():
             # A prefill (or training) reading images builds its own mask; later cached steps only
             # add text or generated slots, which attend causally as usual.
-            mask = self.image_attention_mask(input_ids, attention_mask, embeds.dtype)
+            mask = self.prefill_attention_mask(input_ids, attention_mask, embeds.dtype, segment_ids)
             mask = attention_mask if mask is None else {"full_attention": mask}
         outputs = decoder(
             inputs_embeds=embeds,

@@ -429,6 +429,64 @@ def test_bidirectional_image_attention_decodes_the_same_with_and_without_cache(b
     assert generate_text(prefix, prompts[1:], max_new_tokens=8)[0] == cached[1]
 
 
+QUESTIONS = [("what colour is it?", "red"), ("how many objects are there?", "two"), ("is there a red circle?", "yes")]
+
+
+def test_independent_turns_lay_out_one_question_prompts_after_a_shared_image(built):
+    _, _, _, builder = built
+    codes = _codes(5, SEM, DS)
+    turns = [
+        turn
+        for q, a in QUESTIONS
+        for turn in (("user", f"<image>\n{q}" if q == QUESTIONS[0][0] else q), ("assistant", a))
+    ]
+    packed = builder.independent_turns(turns, codes)
+    singles = [builder.conversation([("user", f"<image>\n{q}"), ("assistant", a)], codes) for q, a in QUESTIONS]
+    prefix = int((packed.segments == 0).sum())
+    assert torch.equal(packed.ids[:prefix], singles[0].ids[:prefix])
+    for number, single in enumerate(singles, start=1):
+        where = packed.segments == number
+        assert torch.equal(packed.ids[where], single.ids[prefix:])
+        assert torch.equal(packed.labels[where], single.labels[prefix:])
+    batch = collate_sequences([packed, singles[1]], pad_id=0)
+    positions, segments = batch["position_ids"], batch["segment_ids"]
+    for number, single in enumerate(singles, start=1):
+        assert positions[0][segments[0] == number].tolist() == list(range(prefix, len(single)))
+    assert positions[1, : len(singles[1])].tolist() == list(range(len(singles[1])))  # a plain row counts on
+    assert bool((segments[1, : len(singles[1])] == 0).all()) and bool((segments[1, len(singles[1]) :] == -1).all())
+    with pytest.raises(ConversationError, match="pairs"):
+        builder.independent_turns([("assistant", "red"), ("user", "what colour is it?")], codes)
+    text_only = builder.independent_turns([("user", "hello"), ("assistant", "hi")])
+    assert text_only.segments is None  # no image: an ordinary conversation
+
+
+@pytest.mark.parametrize("attention", ["causal", "prefix"])
+def test_independent_turns_see_the_image_and_their_own_question_only(both_attentions, attention):
+    builder, causal, prefix = both_attentions
+    model = causal if attention == "causal" else prefix
+    codes = _codes(7, SEM, DS)
+    turns = [turn for q, a in QUESTIONS for turn in (("user", q), ("assistant", a))]
+    packed = builder.independent_turns(turns, codes)
+    singles = [builder.conversation([("user", f"<image>\n{q}"), ("assistant", a)], codes) for q, a in QUESTIONS]
+    batch = collate_sequences([singles[0], packed], pad_id=0)  # padded, beside a plain row
+    start = int((packed.segments == 0).sum())
+    with torch.no_grad():
+        states = model(**{k: v for k, v in batch.items() if k != "labels"}).hidden_states
+        for number, single in enumerate(singles, start=1):
+            alone = model(input_ids=single.ids[None]).hidden_states[0]
+            torch.testing.assert_close(states[1][: len(packed)][packed.segments == number], alone[start:])
+        torch.testing.assert_close(states[0][: len(singles[0])], model(input_ids=singles[0].ids[None]).hidden_states[0])
+        # the same turns as one conversation: later answers see the earlier questions
+        whole = builder.conversation([("user", "<image>\n" + QUESTIONS[0][0]), *turns[1:]], codes)
+        last = model(input_ids=whole.ids[None]).hidden_states[0][-len(singles[2]) + start :]
+        alone = model(input_ids=singles[2].ids[None]).hidden_states[0][start:]
+        assert not torch.allclose(last, alone)
+        losses = model(**batch).losses
+    assert torch.isfinite(losses["text"])
+    with pytest.raises(ValueError, match="position_ids"):
+        model(input_ids=batch["input_ids"], segment_ids=batch["segment_ids"])
+
+
 def test_image_attention_is_checked_and_saved(built, tmp_path):
     _, _, model, _ = built
     with pytest.raises(ValueError, match="image_attention='sideways'"):

@@ -230,6 +230,32 @@ def test_bad_loss_weights_are_named(data, tmp_path, capsys, override, message):
     assert code == 2 and message in err
 
 
+def test_vqa_turns_train_either_way_and_a_bad_value_is_named(data, tmp_path, capsys, monkeypatch):
+    # The stage tests above train whole conversations (the tiny config); independent turns too,
+    # and their segments reach the model's attention mask.
+    from mllm.modeling import DualTokenMLLMForCausalLM
+
+    built, masked = [], []
+    build, mask = SequenceBuilder.independent_turns, DualTokenMLLMForCausalLM.prefill_attention_mask
+
+    def spy_build(self, *args, **kwargs):
+        built.append(1)
+        return build(self, *args, **kwargs)
+
+    def spy_mask(self, input_ids, attention_mask, dtype, segment_ids=None):
+        masked.append(segment_ids is not None)
+        return mask(self, input_ids, attention_mask, dtype, segment_ids)
+
+    monkeypatch.setattr(SequenceBuilder, "independent_turns", spy_build)
+    monkeypatch.setattr(DualTokenMLLMForCausalLM, "prefill_attention_mask", spy_mask)
+    metrics = _run("understand", stage_overrides(data, tmp_path / "turns") + ["data.vqa_turns=independent"])
+    assert metrics["steps"] == 2 and built and any(masked)
+    record = _train_records(tmp_path / "turns")[2]
+    assert 0 < record["train/text"] < 20
+    code, err = _cli("understand", stage_overrides(data, tmp_path / "x") + ["data.vqa_turns=sideways"], capsys)
+    assert code == 2 and "data.vqa_turns='sideways'; expected one of conversation|independent" in err
+
+
 def test_prompt_longer_than_the_context_is_named(data, tmp_path, capsys):
     code, err = _cli("joint", stage_overrides(data, tmp_path / "x") + ["model.max_length=40"], capsys)
     assert code == 2 and "longer than the model's context of 40" in err

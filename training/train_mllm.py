@@ -59,6 +59,7 @@ MODEL_DIRNAME = "model"
 SIDECAR = "dualtoken.json"
 DESCRIBE_PROMPT = "describe the image."
 SOURCES = ("vqa", "t2i", "caption")
+VQA_TURNS = ("conversation", "independent")
 LOSS_WEIGHTS = ("text", "pixel", "semantic", "contrast")  # the weightable terms of the model's loss
 
 
@@ -169,8 +170,16 @@ class MLLMDataConfig:
     mix: dict[str, float] = field(default_factory=lambda: {"vqa": 1.0, "t2i": 1.0, "caption": 0.0})
     val_conversations: list[str] = field(default_factory=list)
     val_text_image: list[str] = field(default_factory=list)
+    # How a VQA record's turns are trained: "conversation" (one dialogue, later turns see the
+    # earlier ones) or "independent" (each question-answer pair sees the image and itself only,
+    # positions as in a one-question prompt; for sets of independent questions such as the
+    # Shapes world's, whose other questions would give answers away).
+    vqa_turns: str = "conversation"
 
     def __post_init__(self) -> None:
+        _require(
+            self.vqa_turns in VQA_TURNS, f"data.vqa_turns={self.vqa_turns!r}; expected one of {'|'.join(VQA_TURNS)}"
+        )
         unknown = set(self.mix) - set(SOURCES)
         _require(not unknown, f"data.mix has unknown sources {sorted(unknown)}; expected a subset of {SOURCES}")
         _require(any(w > 0 for w in self.mix.values()), "data.mix gives every source weight 0")
@@ -362,8 +371,10 @@ class MixedSequences(Dataset):
         uncond_prob: float,
         seed: int,
         contrast: bool = False,
+        vqa_turns: str = "conversation",
     ) -> None:
         self.builder = builder
+        self.independent_turns = vqa_turns == "independent"
         self.store = store
         self.sources = {"vqa": conversations, "t2i": pairs, "caption": pairs}
         weights = {name: mix.get(name, 0.0) for name in SOURCES}
@@ -386,7 +397,7 @@ class MixedSequences(Dataset):
         name = self.names[source]
         record = self.sources[name][item]
         if name == "vqa":
-            return conversation_sequence(self.builder, self.store, record)
+            return conversation_sequence(self.builder, self.store, record, independent=self.independent_turns)
         pixel, semantic = self.store.get(normalise_key(record.image_key))
         if name == "t2i":
             rng = np.random.default_rng([self.seed, draw])
@@ -451,12 +462,15 @@ class MixtureSampler(torch.utils.data.Sampler):
         return max(0, self.max_steps - self.start_step)
 
 
-def conversation_sequence(builder: SequenceBuilder, store: CodeStore, record: Any, train: bool = True) -> Sequence:
+def conversation_sequence(
+    builder: SequenceBuilder, store: CodeStore, record: Any, train: bool = True, independent: bool = False
+) -> Sequence:
     turns = [(turn.role, turn.text) for turn in record.turns]
     if record.image_key is None:
         return builder.conversation(turns, train=train)
     pixel, semantic = store.get(normalise_key(record.image_key))
-    return builder.conversation(turns, semantic=semantic, pixel=pixel, train=train)
+    build = builder.independent_turns if independent else builder.conversation
+    return build(turns, semantic=semantic, pixel=pixel, train=train)
 
 
 def _check_images_tokenised(store: CodeStore, records: list[Any], codes_dir: str | None) -> None:
@@ -595,6 +609,7 @@ class MLLMStageTrainer:
             stage.uncond_prob,
             loop.seed,
             contrast=stage.contrast,
+            vqa_turns=config.data.vqa_turns,
         )
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
