@@ -216,8 +216,9 @@ class SequenceBuilder:
         the model lets a segment attend to the prefix and itself only. So an answer cannot
         be read off the other questions of the same image (a question that names a red
         triangle gives away "is there a red triangle?"), and training sees each question
-        the way a one-question prompt is asked, for the cost of one image.
-        Without an image this is :meth:`conversation`.
+        the way a one-question prompt is asked, for the cost of one image. A last question
+        without an answer has nothing to learn and is left out. Without an image this is
+        :meth:`conversation`.
         """
         if semantic is None and pixel is None:
             return self.conversation(turns, train=train)
