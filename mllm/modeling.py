@@ -238,7 +238,7 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
         self.llm.config._attn_implementation = impl
         layer_types = set(getattr(self.llm.config, "layer_types", None) or ["full_attention"])
         self._full_attention_only = layer_types == {"full_attention"}
-        if config.image_attention == "bidirectional" and layer_types != {"full_attention"}:
+        if config.image_attention == "bidirectional" and not self._full_attention_only:
             raise ValueError(
                 f"image_attention=bidirectional supports full-attention LMs only; this one has layers {sorted(layer_types)}"
             )
