@@ -487,6 +487,18 @@ def test_independent_turns_see_the_image_and_their_own_question_only(both_attent
         model(input_ids=batch["input_ids"], segment_ids=batch["segment_ids"])
 
 
+def test_independent_turns_refuse_attention_that_takes_no_mask(built):
+    import copy
+
+    _, _, model, builder = built
+    flash = copy.deepcopy(model)
+    flash.llm.config._attn_implementation = "flash_attention_2"
+    turns = [turn for q, a in QUESTIONS for turn in (("user", q), ("assistant", a))]
+    batch = collate_sequences([builder.independent_turns(turns, _codes(7, SEM, DS))], pad_id=0)
+    with pytest.raises(ValueError, match="need a mask: sdpa or eager attention .* not flash_attention_2"):
+        flash(**batch)
+
+
 def test_image_attention_is_checked_and_saved(built, tmp_path):
     _, _, model, _ = built
     with pytest.raises(ValueError, match="image_attention='sideways'"):
