@@ -37,6 +37,43 @@ BRANCHES = ("semantic", "pixel")
 LOSS_TERMS = ("text", "pixel", "semantic", "contrast", "idle_heads")
 FUSIONS = ("sum", "sum_mlp", "concat_mlp")
 IMAGE_ATTENTIONS = ("causal", "bidirectional")
+IMAGE_POSITIONS = ("none", "learned", "sincos")
+
+
+def _position_mode(value: bool | str | None) -> str:
+    """``image_position_embedding`` as one of IMAGE_POSITIONS (``True`` / ``False`` from older configs)."""
+    if value is True:
+        return "learned"
+    if value is False or value is None:
+        return "none"
+    return str(value)
+
+
+def sincos_grid_table(grid_size: Sequence[int], hidden: int, scale: float = 1.0) -> torch.Tensor:
+    """``(rows * cols, hidden)`` fixed 2-D sine-cosine embeddings of a grid's slots, each of norm ``scale``.
+
+    The first half of the channels encodes the row, the second half the column, each as sine /
+    cosine pairs at frequencies spread geometrically from a quarter turn over the grid's side
+    (its sine rises monotonically across the grid, a coordinate that a linear map reads off)
+    to half a turn per slot (the finest difference between neighbours).
+    """
+    if hidden % 4:
+        raise ValueError(f"sincos image positions need a hidden size divisible by 4, not {hidden}")
+    pairs = hidden // 4
+
+    def axis(length: int) -> torch.Tensor:
+        lowest = math.pi / (2 * max(length, 1))
+        omega = lowest * (math.pi / lowest) ** (torch.arange(pairs, dtype=torch.float64) / max(pairs - 1, 1))
+        angles = torch.arange(length, dtype=torch.float64)[:, None] * omega[None, :]
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)  # (length, hidden / 2)
+
+    rows, cols = int(grid_size[0]), int(grid_size[1])
+    table = torch.cat(
+        [axis(rows)[:, None, :].expand(rows, cols, -1), axis(cols)[None, :, :].expand(rows, cols, -1)], dim=-1
+    )
+    return (table.reshape(rows * cols, hidden) * (scale / math.sqrt(hidden / 2))).float()
+
+
 IGNORE = -100
 
 logger = logging.getLogger(__name__)
@@ -77,7 +114,8 @@ class DualTokenMLLMConfig(PretrainedConfig):
         depth_head_layers: int = 2,
         depth_head_heads: int = 4,
         depth_head_hidden: int = 0,
-        image_position_embedding: bool = False,
+        image_position_embedding: bool | str = False,
+        image_position_scale: float = 1.0,
         image_attention: str = "causal",
         chat_template: dict | None = None,
         **kwargs: Any,
@@ -101,7 +139,8 @@ class DualTokenMLLMConfig(PretrainedConfig):
         self.depth_head_layers = int(depth_head_layers)
         self.depth_head_heads = int(depth_head_heads)
         self.depth_head_hidden = int(depth_head_hidden)
-        self.image_position_embedding = bool(image_position_embedding)
+        self.image_position_embedding = _position_mode(image_position_embedding)
+        self.image_position_scale = float(image_position_scale)
         self.image_attention = image_attention
         self.chat_template = dict(chat_template or {})
         super().__init__(**kwargs)
@@ -114,6 +153,12 @@ class DualTokenMLLMConfig(PretrainedConfig):
             raise ValueError(f"write={self.write}; expected ['pixel'] or ['pixel', 'semantic']")
         if self.input_fusion not in FUSIONS:
             raise ValueError(f"input_fusion={self.input_fusion!r}; expected one of {FUSIONS}")
+        if self.image_position_embedding not in IMAGE_POSITIONS:
+            raise ValueError(
+                f"image_position_embedding={self.image_position_embedding!r}; expected one of {IMAGE_POSITIONS}"
+            )
+        if self.image_position_scale <= 0:
+            raise ValueError(f"image_position_scale={self.image_position_scale}; expected > 0")
         if self.image_attention not in IMAGE_ATTENTIONS:
             raise ValueError(f"image_attention={self.image_attention!r}; expected one of {IMAGE_ATTENTIONS}")
         if self.semantic_depth < 1 or self.pixel_depth < 1:
@@ -257,7 +302,7 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
             width = 2 * hidden if config.input_fusion == "concat_mlp" else hidden
             self.visual_projector = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         self.image_rows = self.image_cols = None
-        if config.image_position_embedding:
+        if config.image_position_embedding == "learned":
             self.image_rows = nn.Embedding(config.grid_size[0], hidden)
             self.image_cols = nn.Embedding(config.grid_size[1], hidden)
         head_hidden = config.depth_head_hidden or hidden
@@ -410,12 +455,17 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
         return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
 
     def embed_image_positions(self, embeds: torch.Tensor, slot_index: torch.Tensor) -> torch.Tensor:
-        """Add the learned row and column embeddings to the image slots (``slot_index >= 0``)."""
-        if self.image_rows is None:
+        """Add the row and column embeddings to the image slots (``slot_index >= 0``)."""
+        mode = self.config.image_position_embedding
+        if mode == "none":
             return embeds
         columns = self.config.grid_size[1]
         index = slot_index.clamp_min(0)
-        positions = self.image_rows(index // columns) + self.image_cols(index % columns)
+        if mode == "learned":
+            positions = self.image_rows(index // columns) + self.image_cols(index % columns)
+        else:
+            table = sincos_grid_table(self.config.grid_size, embeds.shape[-1], self.config.image_position_scale)
+            positions = table.to(embeds.device)[index]
         return embeds + positions.to(embeds.dtype) * (slot_index >= 0).unsqueeze(-1).to(embeds.dtype)
 
     def embed_slots(self, input_ids: torch.Tensor, image_slot_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -436,7 +486,7 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
             )
         valid = (input_ids >= 0).unsqueeze(-1)
         embeds = self._fuse_slot_vectors(input_ids, embed(input_ids.clamp_min(0)) * valid)
-        if self.image_rows is not None:
+        if self.config.image_position_embedding != "none":
             index = self.image_slot_index(input_ids) if image_slot_index is None else image_slot_index
             embeds = self.embed_image_positions(embeds, index)
         return embeds

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from mllm.chat import ConversationError, SequenceBuilder, collate_sequences
 from mllm.generation import SamplingConfig, filter_logits, generate_image_codes, generate_text
-from mllm.modeling import DualTokenMLLMConfig, DualTokenMLLMForCausalLM
+from mllm.modeling import DualTokenMLLMConfig, DualTokenMLLMForCausalLM, sincos_grid_table
 from mllm.vocab import VocabLayout, VocabularyError, extend_tokenizer, shapes_corpus, train_sentencepiece
 from training.data.shapes import ShapesWorld, ShapesWorldConfig
 
@@ -612,15 +612,43 @@ def test_codebook_initialised_code_rows_are_a_linear_map_of_the_code_vectors(tex
 
 
 # ---------------------------------------------------------------------------- 2-D image positions
-@pytest.fixture(scope="module")
-def positioned(text_tokenizer):
+@pytest.fixture(scope="module", params=["learned", "sincos"])
+def positioned(request, text_tokenizer):
     torch.manual_seed(2)
-    tokenizer, layout, model = _concat_reader(text_tokenizer, image_position_embedding=True)
+    tokenizer, layout, model = _concat_reader(text_tokenizer, image_position_embedding=request.param)
     model.eval()
-    with torch.no_grad():  # post_init draws them at std 0.02; make them matter in these checks
-        model.image_rows.weight.normal_(std=0.5)
-        model.image_cols.weight.normal_(std=0.5)
+    if request.param == "learned":
+        with torch.no_grad():  # post_init draws them at std 0.02; make them matter in these checks
+            model.image_rows.weight.normal_(std=0.5)
+            model.image_cols.weight.normal_(std=0.5)
     return tokenizer, layout, model, SequenceBuilder.for_model(tokenizer, model.config)
+
+
+def test_sincos_grid_table_is_a_fixed_coordinate_code():
+    table = sincos_grid_table((4, 6), 32, scale=2.5).reshape(4, 6, 32)
+    torch.testing.assert_close(table.norm(dim=-1), torch.full((4, 6), 2.5))
+    # Rows live in the first half of the channels, columns in the second.
+    torch.testing.assert_close(table[:, :1, :16].expand(4, 6, 16), table[..., :16])
+    torch.testing.assert_close(table[:1, :, 16:].expand(4, 6, 16), table[..., 16:])
+    # Channel 0 (the lowest frequency's sine) rises monotonically across the grid: a coordinate.
+    assert bool((table[1:, 0, 0] > table[:-1, 0, 0]).all()) and bool((table[0, 1:, 16] > table[0, :-1, 16]).all())
+    flat = table.reshape(24, 32)
+    distances = torch.cdist(flat, flat) + torch.eye(24) * 10
+    assert float(distances.min()) > 0.1  # every slot has its own code
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_grid_table((2, 2), 30)
+
+
+def test_image_position_modes_are_checked_and_sincos_adds_no_parameters(text_tokenizer):
+    _, _, plain = _concat_reader(text_tokenizer)
+    _, _, fixed = _concat_reader(text_tokenizer, image_position_embedding="sincos", image_position_scale=0.5)
+    assert plain.config.image_position_embedding == "none"
+    assert sum(p.numel() for p in fixed.parameters()) == sum(p.numel() for p in plain.parameters())
+    assert DualTokenMLLMConfig(image_position_embedding=True).image_position_embedding == "learned"
+    with pytest.raises(ValueError, match="image_position_embedding='grid'; expected one of"):
+        DualTokenMLLMConfig(image_position_embedding="grid")
+    with pytest.raises(ValueError, match="image_position_scale=0.0"):
+        DualTokenMLLMConfig(image_position_embedding="sincos", image_position_scale=0.0)
 
 
 def test_image_slot_index_counts_each_image_in_raster_order(positioned):
@@ -661,7 +689,7 @@ def test_image_positions_change_image_slots_only_and_survive_save_load(positione
         assert not torch.allclose(none[is_image], placed[is_image])
     model.save_pretrained(tmp_path / "m")
     loaded = DualTokenMLLMForCausalLM.from_pretrained(tmp_path / "m").eval()
-    assert loaded.config.image_position_embedding
+    assert loaded.config.image_position_embedding == model.config.image_position_embedding
     with torch.no_grad():
         torch.testing.assert_close(loaded.embed_slots(ids)[0], placed)
 

@@ -83,9 +83,11 @@ class ModelConfig:
     depth_head_layers: int = 2
     depth_head_heads: int = 4
     depth_head_hidden: int = 0
-    # Learned row + column embeddings added to every image slot: the LM knows where in the grid
-    # a slot sits without counting slots from <image_gen_start> through 1-D positions.
-    image_position_embedding: bool = False
+    # Row + column embeddings added to every image slot, so that the LM knows where in the grid a
+    # slot sits without working it out from 1-D positions: false | learned (true) | sincos (fixed
+    # 2-D sine-cosine features of norm image_position_scale; mllm.modeling.sincos_grid_table).
+    image_position_embedding: bool | str = False
+    image_position_scale: float = 1.0
     # causal | bidirectional: with bidirectional, every slot of an image the model reads attends to
     # its whole image (a prefix-LM block); generated images and text stay causal. Needs SDPA or eager.
     image_attention: str = "causal"
@@ -108,6 +110,14 @@ class ModelConfig:
         _require(
             self.image_attention in ("causal", "bidirectional"),
             f"model.image_attention={self.image_attention!r}; expected causal|bidirectional",
+        )
+        _require(
+            self.image_position_embedding in (False, True, "none", "learned", "sincos"),
+            f"model.image_position_embedding={self.image_position_embedding!r}; expected false|learned|sincos",
+        )
+        _require(
+            _is_weight(self.image_position_scale) and self.image_position_scale > 0,
+            f"model.image_position_scale={self.image_position_scale!r}; expected a number > 0",
         )
         _require(
             bool(self.llm_config) or bool(self.llm_pretrained),
@@ -260,6 +270,7 @@ def build_model(model_config: ModelConfig, store: CodeStore) -> tuple[DualTokenM
         depth_head_heads=model_config.depth_head_heads,
         depth_head_hidden=model_config.depth_head_hidden,
         image_position_embedding=model_config.image_position_embedding,
+        image_position_scale=model_config.image_position_scale,
         image_attention=model_config.image_attention,
         chat_template=template.to_dict(),
         attn_implementation=attn,
