@@ -1,0 +1,107 @@
+"""Can a trained tiny model tell *where* an object is? Two measurements on held-out Shapes scenes.
+
+1. Accuracy of the absolute position questions ("which side is the X on?", "is the X at the top
+   or the bottom?") by the number of objects in the scene. Answered by comparing the logits of
+   the two possible answers after the one-question prompt, so every question gets a verdict.
+2. Where the answer looks: on one-object scenes, the share of each layer's and head's attention
+   (from the last prompt position, over the image slots) that falls on the object's slots,
+   divided by the slots' share of the image (1 = uniform; a head that finds the object scores
+   well above 1).
+
+    python scripts/vqa_position_diagnosis.py runs/tiny/mllm/understand/model --scenes 150
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mllm.chat import collate_sequences  # noqa: E402
+from mllm.modeling import DualTokenMLLMForCausalLM  # noqa: E402
+from mllm.pipeline import Pipeline  # noqa: E402
+from training.data.shapes import ShapesWorld, ShapesWorldConfig, object_coverage  # noqa: E402
+
+
+def prompt_batch(pipe: Pipeline, image: np.ndarray, question: str) -> dict[str, torch.Tensor]:
+    semantic, pixel = pipe.encode([image])
+    seq = pipe.builder.conversation(
+        [("user", f"<image>\n{question}")], semantic[0], pixel[0], train=False, add_generation_prompt=True
+    )
+    return collate_sequences([seq], pipe.pad_id)
+
+
+def position_accuracy(pipe: Pipeline, world: ShapesWorld, scenes: int) -> dict[str, float]:
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for index in range(scenes):
+        sample = world.sample("test", index)
+        for pair in sample.qa:
+            if pair.question.startswith("which side"):
+                options, form = ("left", "right"), "side"
+            elif "top or the bottom" in pair.question:
+                options, form = ("top", "bottom"), "top/bottom"
+            else:
+                continue
+            batch = prompt_batch(pipe, sample.image, pair.question)
+            with torch.no_grad():
+                hidden = pipe.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).hidden_states
+                logits = pipe.model.text_logits(hidden[0, -1])
+            ids = [pipe.builder.text_ids(option)[0] for option in options]
+            hit = options[int(logits[ids].argmax())] == pair.answer
+            hits[f"{form}, {len(sample.objects)} object(s)"].append(hit)
+            hits["all"].append(hit)
+    return {key: float(np.mean(values)) for key, values in sorted(hits.items())}
+
+
+def attention_on_objects(model_dir: str, pipe: Pipeline, world: ShapesWorld, scenes: int) -> np.ndarray:
+    model = DualTokenMLLMForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
+    grid = model.config.grid_size
+    ratios = []
+    for index in range(scenes):
+        sample = world.sample_single("test", index)
+        obj = sample.objects[0]
+        size = sample.image.shape[0]
+        mask = np.zeros((size, size))
+        coverage, (y0, x0) = object_coverage(obj, size)
+        mask[y0 : y0 + coverage.shape[0], x0 : x0 + coverage.shape[1]] = coverage > 0.5
+        cell = (size // grid[0], size // grid[1])
+        on_object = torch.from_numpy(mask.reshape(grid[0], cell[0], grid[1], cell[1]).mean(axis=(1, 3)).flatten() > 0.3)
+        batch = prompt_batch(pipe, sample.image, f"which side is the {obj.colour} {obj.shape} on?")
+        slots = model.image_slot_index(batch["input_ids"])[0] >= 0
+        with torch.no_grad():
+            embeds = model.embed_slots(batch["input_ids"])
+            out = model.llm.get_decoder()(
+                inputs_embeds=embeds, attention_mask=batch["attention_mask"], output_attentions=True
+            )
+        per_layer = []
+        for attention in out.attentions:  # (1, heads, L, L)
+            image = attention[0, :, -1][:, slots]
+            per_layer.append((image[:, on_object].sum(-1) / image.sum(-1)).numpy() / float(on_object.float().mean()))
+        ratios.append(np.stack(per_layer))
+    return np.stack(ratios).mean(axis=0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model", help="a trained model folder (a stage's model/)")
+    parser.add_argument("--scenes", type=int, default=150, help="test scenes for each measurement")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    pipe = Pipeline.from_pretrained(args.model)
+    world = ShapesWorld(ShapesWorldConfig())
+    print("absolute position questions, accuracy:")
+    for key, value in position_accuracy(pipe, world, args.scenes).items():
+        print(f"  {key:28s} {value:.3f}")
+    print("attention on the object's slots / their share of the image (rows: layers, columns: heads):")
+    print(np.array2string(attention_on_objects(args.model, pipe, world, args.scenes // 2), precision=2))
+
+
+if __name__ == "__main__":
+    main()
