@@ -7,6 +7,9 @@
    (from the last prompt position, over the image slots) that falls on the object's slots,
    divided by the slots' share of the image (1 = uniform; a head that finds the object scores
    well above 1).
+3. Where the model knows it: a linear probe (left vs right, one-object training scenes, 70 % to
+   fit and 30 % held out) on the hidden state after every layer, at the position that predicts
+   the answer and at the slot under the object's centre.
 
     python scripts/vqa_position_diagnosis.py runs/tiny/mllm/understand/model --scenes 150
 """
@@ -87,10 +90,59 @@ def attention_on_objects(model_dir: str, pipe: Pipeline, world: ShapesWorld, sce
     return np.stack(ratios).mean(axis=0)
 
 
+def _probe_accuracy(features: torch.Tensor, labels: torch.Tensor, fit: torch.Tensor) -> float:
+    """Held-out accuracy of an L2-regularised logistic regression fitted on the ``fit`` rows."""
+    features = (features - features[fit].mean(0)) / (features[fit].std(0) + 1e-6)
+    weight = torch.zeros(features.shape[1], requires_grad=True)
+    bias = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.Adam([weight, bias], lr=0.01)
+    for _ in range(300):
+        optimizer.zero_grad()
+        logits = features[fit] @ weight + bias
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels[fit]) + 1e-3 * weight.pow(2).sum()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        predicted = (features[~fit] @ weight + bias) > 0
+    return float((predicted == labels[~fit].bool()).float().mean())
+
+
+def side_probes(pipe: Pipeline, world: ShapesWorld, scenes: int) -> dict[str, list[float]]:
+    model = pipe.model
+    grid = model.config.grid_size
+    answer_states, slot_states, labels = [], [], []
+    for index in range(scenes):
+        sample = world.sample_single("train", index)
+        obj = sample.objects[0]
+        if abs(obj.center[0] - 0.5) < 0.1:  # no "which side" question is asked this close to the middle
+            continue
+        batch = prompt_batch(pipe, sample.image, f"which side is the {obj.colour} {obj.shape} on?")
+        slots = (model.image_slot_index(batch["input_ids"])[0] >= 0).nonzero()[:, 0]
+        row = min(int(obj.center[1] * grid[0]), grid[0] - 1)
+        col = min(int(obj.center[0] * grid[1]), grid[1] - 1)
+        with torch.no_grad():
+            embeds = model.embed_slots(batch["input_ids"])
+            out = model.llm.get_decoder()(
+                inputs_embeds=embeds, attention_mask=batch["attention_mask"], output_hidden_states=True
+            )
+        answer_states.append(torch.stack([hidden[0, -1] for hidden in out.hidden_states]))
+        slot_states.append(torch.stack([hidden[0, slots[row * grid[1] + col]] for hidden in out.hidden_states]))
+        labels.append(float(obj.center[0] > 0.5))
+    target = torch.tensor(labels)
+    fit = torch.arange(len(labels)) < int(0.7 * len(labels))
+    result = {}
+    for name, states in (("answer position", answer_states), ("object-centre slot", slot_states)):
+        stacked = torch.stack(states).float()  # (scenes, layers + 1, hidden)
+        result[name] = [_probe_accuracy(stacked[:, layer], target, fit) for layer in range(stacked.shape[1])]
+    result["scenes (fit / held out)"] = [float(fit.sum()), float((~fit).sum())]
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", help="a trained model folder (a stage's model/)")
     parser.add_argument("--scenes", type=int, default=150, help="test scenes for each measurement")
+    parser.add_argument("--probe-scenes", type=int, default=400, help="one-object training scenes for the probes")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -101,6 +153,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {key:28s} {value:.3f}")
     print("attention on the object's slots / their share of the image (rows: layers, columns: heads):")
     print(np.array2string(attention_on_objects(args.model, pipe, world, args.scenes // 2), precision=2))
+    print("left/right linear probe, held-out accuracy after the input embedding and each layer:")
+    for key, values in side_probes(pipe, world, args.probe_scenes).items():
+        print(f"  {key:24s} " + " ".join(f"{value:.3f}" for value in values))
 
 
 if __name__ == "__main__":
