@@ -38,6 +38,9 @@ LOSS_TERMS = ("text", "pixel", "semantic", "contrast", "idle_heads")
 FUSIONS = ("sum", "sum_mlp", "concat_mlp")
 IMAGE_ATTENTIONS = ("causal", "bidirectional")
 IMAGE_POSITIONS = ("none", "learned", "sincos")
+IGNORE = -100
+
+logger = logging.getLogger(__name__)
 
 
 def _position_mode(value: bool | str | None) -> str:
@@ -72,11 +75,6 @@ def sincos_grid_table(grid_size: Sequence[int], hidden: int, scale: float = 1.0)
         [axis(rows)[:, None, :].expand(rows, cols, -1), axis(cols)[None, :, :].expand(rows, cols, -1)], dim=-1
     )
     return (table.reshape(rows * cols, hidden) * (scale / math.sqrt(hidden / 2))).float()
-
-
-IGNORE = -100
-
-logger = logging.getLogger(__name__)
 
 
 def pick_attn_implementation(requested: str | None = None) -> str:
