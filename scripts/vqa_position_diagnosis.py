@@ -10,6 +10,10 @@
 3. Where the model knows it: a linear probe (left vs right, one-object training scenes, 70 % to
    fit and 30 % held out) on the hidden state after every layer, at the position that predicts
    the answer and at the slot under the object's centre.
+4. Whether the answer depends on the image's layout at all: the change of the state that
+   predicts the answer (relative to its norm) when the code grid is mirrored left to right,
+   beside its change when the image is replaced by another scene. A model that reads the image
+   as a bag of slots barely moves under the mirror.
 
     python scripts/vqa_position_diagnosis.py runs/tiny/mllm/understand/model --scenes 150
 """
@@ -138,6 +142,29 @@ def side_probes(pipe: Pipeline, world: ShapesWorld, scenes: int) -> dict[str, li
     return result
 
 
+def mirror_sensitivity(pipe: Pipeline, world: ShapesWorld, scenes: int) -> dict[str, float]:
+    def answer_state(semantic: torch.Tensor, pixel: torch.Tensor, question: str) -> torch.Tensor:
+        seq = pipe.builder.conversation(
+            [("user", f"<image>\n{question}")], semantic, pixel, train=False, add_generation_prompt=True
+        )
+        batch = collate_sequences([seq], pipe.pad_id)
+        with torch.no_grad():
+            return pipe.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).hidden_states[0, -1]
+
+    mirrored, replaced = [], []
+    for index in range(scenes):
+        sample, other = world.sample_single("test", index), world.sample_single("test", index + scenes)
+        obj = sample.objects[0]
+        question = f"which side is the {obj.colour} {obj.shape} on?"
+        semantic, pixel = pipe.encode([sample.image, other.image])
+        state = answer_state(semantic[0], pixel[0], question)
+        flipped = answer_state(semantic[0].flip(1), pixel[0].flip(1), question)
+        swapped = answer_state(semantic[1], pixel[1], question)
+        mirrored.append(float((flipped - state).norm() / state.norm()))
+        replaced.append(float((swapped - state).norm() / state.norm()))
+    return {"code grid mirrored": float(np.median(mirrored)), "another scene": float(np.median(replaced))}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", help="a trained model folder (a stage's model/)")
@@ -156,6 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     print("left/right linear probe, held-out accuracy after the input embedding and each layer:")
     for key, values in side_probes(pipe, world, args.probe_scenes).items():
         print(f"  {key:24s} " + " ".join(f"{value:.3f}" for value in values))
+    print("median change of the answer state / its norm, one-object test scenes:")
+    for key, value in mirror_sensitivity(pipe, world, args.scenes // 3).items():
+        print(f"  {key:24s} {value:.4f}")
 
 
 if __name__ == "__main__":
