@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from mllm.chat import QWEN_TEMPLATE, ChatTemplate, ConversationError, Sequence, SequenceBuilder, collate_sequences
 from mllm.generation import generate_text
-from mllm.modeling import DualTokenMLLMForCausalLM, init_code_embeddings, pick_attn_implementation
+from mllm.modeling import IMAGE_POSITIONS, DualTokenMLLMForCausalLM, init_code_embeddings, pick_attn_implementation
 from mllm.vocab import TINY_CHAT_TOKENS, extend_tokenizer, shapes_corpus, train_sentencepiece
 from tokenizer.config import ConfigError
 from training import distributed
@@ -112,7 +112,7 @@ class ModelConfig:
             f"model.image_attention={self.image_attention!r}; expected causal|bidirectional",
         )
         _require(
-            self.image_position_embedding in (False, True, "none", "learned", "sincos"),
+            self.image_position_embedding in (False, True, *IMAGE_POSITIONS),
             f"model.image_position_embedding={self.image_position_embedding!r}; expected false|learned|sincos",
         )
         _require(
