@@ -37,7 +37,7 @@ BRANCHES = ("semantic", "pixel")
 LOSS_TERMS = ("text", "pixel", "semantic", "contrast", "idle_heads")
 FUSIONS = ("sum", "sum_mlp", "concat_mlp")
 IMAGE_ATTENTIONS = ("causal", "bidirectional")
-IMAGE_POSITIONS = ("none", "learned", "sincos")
+IMAGE_POSITIONS = ("none", "learned", "sincos", "projector")
 IGNORE = -100
 
 logger = logging.getLogger(__name__)
@@ -157,6 +157,11 @@ class DualTokenMLLMConfig(PretrainedConfig):
             )
         if self.image_position_scale <= 0:
             raise ValueError(f"image_position_scale={self.image_position_scale}; expected > 0")
+        if self.image_position_embedding == "projector" and self.input_fusion == "sum":
+            raise ValueError(
+                "image_position_embedding='projector' feeds the positions through the visual projector, "
+                "which input_fusion='sum' does not have; use concat_mlp or sum_mlp"
+            )
         if self.image_attention not in IMAGE_ATTENTIONS:
             raise ValueError(f"image_attention={self.image_attention!r}; expected one of {IMAGE_ATTENTIONS}")
         if self.semantic_depth < 1 or self.pixel_depth < 1:
@@ -453,18 +458,24 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
         return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
 
     def embed_image_positions(self, embeds: torch.Tensor, slot_index: torch.Tensor) -> torch.Tensor:
-        """Add the row and column embeddings to the image slots (``slot_index >= 0``)."""
+        """Add the row and column embeddings to the image slots (``slot_index >= 0``).
+
+        ``projector`` positions are not added here: they enter the visual projector's input
+        (:meth:`_fuse_slot_vectors`)."""
         mode = self.config.image_position_embedding
-        if mode == "none":
+        if mode in ("none", "projector"):
             return embeds
         columns = self.config.grid_size[1]
         index = slot_index.clamp_min(0)
         if mode == "learned":
             positions = self.image_rows(index // columns) + self.image_cols(index % columns)
         else:
-            table = sincos_grid_table(self.config.grid_size, embeds.shape[-1], self.config.image_position_scale)
-            positions = table.to(embeds.device)[index]
+            positions = self._sincos_rows(index, embeds.shape[-1])
         return embeds + positions.to(embeds.dtype) * (slot_index >= 0).unsqueeze(-1).to(embeds.dtype)
+
+    def _sincos_rows(self, index: torch.Tensor, width: int) -> torch.Tensor:
+        table = sincos_grid_table(self.config.grid_size, width, self.config.image_position_scale)
+        return table.to(index.device)[index]
 
     def embed_slots(self, input_ids: torch.Tensor, image_slot_index: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, L)`` or ``(B, L, C)`` ids (``-1`` = empty) -> ``(B, L, H)`` input embeddings.
@@ -482,15 +493,26 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
                 f"input_ids has shape {tuple(input_ids.shape)}; expected (B, L) or (B, L, {self.config.slot_width}) "
                 f"(semantic depth {self.config.semantic_depth} + pixel depth {self.config.pixel_depth})"
             )
-        valid = (input_ids >= 0).unsqueeze(-1)
-        embeds = self._fuse_slot_vectors(input_ids, embed(input_ids.clamp_min(0)) * valid)
+        index = None
         if self.config.image_position_embedding != "none":
             index = self.image_slot_index(input_ids) if image_slot_index is None else image_slot_index
+        valid = (input_ids >= 0).unsqueeze(-1)
+        embeds = self._fuse_slot_vectors(input_ids, embed(input_ids.clamp_min(0)) * valid, index)
+        if index is not None:
             embeds = self.embed_image_positions(embeds, index)
         return embeds
 
-    def _fuse_slot_vectors(self, input_ids: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-        """``(B, L, C, H)`` per-column embeddings -> ``(B, L, H)`` slot inputs (``input_fusion``)."""
+    def _fuse_slot_vectors(
+        self, input_ids: torch.Tensor, vectors: torch.Tensor, slot_index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``(B, L, C, H)`` per-column embeddings -> ``(B, L, H)`` slot inputs (``input_fusion``).
+
+        With ``projector`` positions the sine-cosine table (as wide as the projector's input)
+        is added to an image slot's input before the projector, so the slot's embedding is a
+        nonlinear function of its codes *and* its place, as a ViT's patch feature is. Added
+        after the projector, a position is the same on every slot whatever it shows, and an
+        answer that pools the image evenly (as a freshly trained LM does) sees none of it.
+        """
         if self.visual_projector is None:
             return vectors.sum(dim=2)
         split = self.config.semantic_depth
@@ -499,6 +521,9 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
         fused_in = (
             torch.cat([semantic, pixel], dim=-1) if self.config.input_fusion == "concat_mlp" else semantic + pixel
         )
+        if self.config.image_position_embedding == "projector" and slot_index is not None:
+            rows = self._sincos_rows(slot_index.clamp_min(0), fused_in.shape[-1])
+            fused_in = fused_in + rows.to(fused_in.dtype) * (slot_index >= 0).unsqueeze(-1).to(fused_in.dtype)
         return torch.where(is_image, self.visual_projector(fused_in), semantic + pixel)
 
     # ------------------------------------------------------------------ outputs

@@ -612,7 +612,7 @@ def test_codebook_initialised_code_rows_are_a_linear_map_of_the_code_vectors(tex
 
 
 # ---------------------------------------------------------------------------- 2-D image positions
-@pytest.fixture(scope="module", params=["learned", "sincos"])
+@pytest.fixture(scope="module", params=["learned", "sincos", "projector"])
 def positioned(request, text_tokenizer):
     torch.manual_seed(2)
     tokenizer, layout, model = _concat_reader(text_tokenizer, image_position_embedding=request.param)
@@ -641,14 +641,39 @@ def test_sincos_grid_table_is_a_fixed_coordinate_code():
 
 def test_image_position_modes_are_checked_and_sincos_adds_no_parameters(text_tokenizer):
     _, _, plain = _concat_reader(text_tokenizer)
-    _, _, fixed = _concat_reader(text_tokenizer, image_position_embedding="sincos", image_position_scale=0.5)
     assert plain.config.image_position_embedding == "none"
-    assert sum(p.numel() for p in fixed.parameters()) == sum(p.numel() for p in plain.parameters())
+    for mode in ("sincos", "projector"):
+        _, _, fixed = _concat_reader(text_tokenizer, image_position_embedding=mode, image_position_scale=0.5)
+        assert sum(p.numel() for p in fixed.parameters()) == sum(p.numel() for p in plain.parameters())
+    with pytest.raises(ValueError, match="'projector' feeds the positions through the visual projector"):
+        DualTokenMLLMConfig(image_position_embedding="projector", input_fusion="sum")
     assert DualTokenMLLMConfig(image_position_embedding=True).image_position_embedding == "learned"
     with pytest.raises(ValueError, match="image_position_embedding='grid'; expected one of"):
         DualTokenMLLMConfig(image_position_embedding="grid")
     with pytest.raises(ValueError, match="image_position_scale=0.0"):
         DualTokenMLLMConfig(image_position_embedding="sincos", image_position_scale=0.0)
+
+
+def test_projector_positions_survive_an_even_pooling_of_the_image(text_tokenizer):
+    """Moving an object leaves the mean of the image's slot embeddings unchanged when positions
+    are added after the projector (the same table row sits on every slot whatever it shows),
+    but not when they enter the projector: there a slot's embedding mixes code and place, so
+    an answer that still pools the image evenly (a freshly trained LM) can tell where it is."""
+    torch.manual_seed(4)
+    means = {}
+    for mode in ("sincos", "projector"):
+        tokenizer, layout, model = _concat_reader(text_tokenizer, image_position_embedding=mode)
+        builder = SequenceBuilder.for_model(tokenizer, model.config)
+        rows = []
+        for column in (0, GRID[1] - 1):
+            semantic, pixel = torch.full((*GRID, DS), 3), torch.full((*GRID, DP), 3)
+            semantic[:, column], pixel[:, column] = 9, 11  # an object down one edge
+            ids = builder.image_slots(semantic, pixel)[None]
+            with torch.no_grad():
+                rows.append(model.embed_slots(ids)[0].mean(dim=0))
+        means[mode] = (rows[0] - rows[1]).norm() / rows[0].norm()
+    assert float(means["sincos"]) < 1e-5
+    assert float(means["projector"]) > 1e-2
 
 
 def test_image_slot_index_counts_each_image_in_raster_order(positioned):

@@ -223,12 +223,19 @@ def test_trainable_glob_matching_nothing_is_named(data, tmp_path, capsys):
         ("stage.pixel_depth_weights=[1.0,-1.0]", "stage.pixel_depth_weights=[1.0, -1.0]; expected a list of finite"),
         ("stage.pixel_depth_weights=[0,0]", "stage.pixel_depth_weights=[0.0, 0.0]; expected a list of finite"),
         ("stage.pixel_depth_weights=[1.0,0.5,0.5]", "stage.pixel_depth_weights has 3 entries; the model writes 2"),
-        ("model.image_position_embedding=grid", "model.image_position_embedding='grid'; expected false|learned|sincos"),
+        (
+            "model.image_position_embedding=grid",
+            "model.image_position_embedding='grid'; expected false|learned|sincos|projector",
+        ),
         ("model.image_position_scale=0", "model.image_position_scale=0.0; expected a number > 0"),
+        (
+            "model.image_position_embedding=projector model.input_fusion=sum",
+            "model.image_position_embedding=projector needs a visual projector",
+        ),
     ],
 )
 def test_bad_loss_weights_are_named(data, tmp_path, capsys, override, message):
-    code, err = _cli("joint", stage_overrides(data, tmp_path / "x") + [override], capsys)
+    code, err = _cli("joint", stage_overrides(data, tmp_path / "x") + override.split(), capsys)
     assert code == 2 and message in err
 
 

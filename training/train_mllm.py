@@ -85,7 +85,9 @@ class ModelConfig:
     depth_head_hidden: int = 0
     # Row + column embeddings added to every image slot, so that the LM knows where in the grid a
     # slot sits without working it out from 1-D positions: false | learned (true) | sincos (fixed
-    # 2-D sine-cosine features of norm image_position_scale; mllm.modeling.sincos_grid_table).
+    # 2-D sine-cosine features of norm image_position_scale; mllm.modeling.sincos_grid_table) |
+    # projector (the same features added to the visual projector's input, so that a slot's
+    # embedding mixes what it shows with where it is; needs input_fusion concat_mlp or sum_mlp).
     image_position_embedding: bool | str = False
     image_position_scale: float = 1.0
     # causal | bidirectional: with bidirectional, every slot of an image the model reads attends to
@@ -113,11 +115,16 @@ class ModelConfig:
         )
         _require(
             self.image_position_embedding in (False, True, *IMAGE_POSITIONS),
-            f"model.image_position_embedding={self.image_position_embedding!r}; expected false|learned|sincos",
+            f"model.image_position_embedding={self.image_position_embedding!r}; expected false|learned|sincos|projector",
         )
         _require(
             _is_weight(self.image_position_scale) and self.image_position_scale > 0,
             f"model.image_position_scale={self.image_position_scale!r}; expected a number > 0",
+        )
+        _require(
+            self.image_position_embedding != "projector" or self.input_fusion != "sum",
+            "model.image_position_embedding=projector needs a visual projector: model.input_fusion concat_mlp "
+            f"or sum_mlp, not {self.input_fusion!r}",
         )
         _require(
             bool(self.llm_config) or bool(self.llm_pretrained),
