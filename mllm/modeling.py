@@ -37,7 +37,7 @@ BRANCHES = ("semantic", "pixel")
 LOSS_TERMS = ("text", "pixel", "semantic", "contrast", "idle_heads")
 FUSIONS = ("sum", "sum_mlp", "concat_mlp")
 IMAGE_ATTENTIONS = ("causal", "bidirectional")
-IMAGE_POSITIONS = ("none", "learned", "sincos", "projector")
+IMAGE_POSITIONS = ("none", "learned", "sincos", "projector", "gated")
 IGNORE = -100
 
 logger = logging.getLogger(__name__)
@@ -304,10 +304,15 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
         else:
             width = 2 * hidden if config.input_fusion == "concat_mlp" else hidden
             self.visual_projector = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden))
-        self.image_rows = self.image_cols = None
+        self.image_rows = self.image_cols = self.image_position_gate = None
         if config.image_position_embedding == "learned":
             self.image_rows = nn.Embedding(config.grid_size[0], hidden)
             self.image_cols = nn.Embedding(config.grid_size[1], hidden)
+        elif config.image_position_embedding == "gated":
+            # Reads the slot's code vectors (the projector's input) and scales the sine-cosine
+            # table channel by channel (initialised at std 1 in _init_weights).
+            content = 2 * hidden if config.input_fusion == "concat_mlp" else hidden
+            self.image_position_gate = nn.Linear(content, hidden)
         head_hidden = config.depth_head_hidden or hidden
         self.pixel_head = None
         if config.depth_head_layers > 0:
@@ -374,9 +379,22 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
         elif isinstance(module, DepthHead):
             nn.init.normal_(module.classifier_weight, std=std)
             nn.init.zeros_(module.classifier_bias)
+        if module is self.image_position_gate:
+            # At std 1 a slot's gates start at about its code vectors' norm, so where an object
+            # is shows in an even pooling of the image from the first step; at 0.3 the learnability
+            # test (scripts/position_learnability.py) stayed at chance for 240 steps, at 1.0 it
+            # answered "which side" perfectly after 140.
+            nn.init.normal_(module.weight, std=1.0)
 
     def _own_modules(self) -> list[nn.Module]:
-        own = (self.visual_projector, self.image_rows, self.image_cols, self.pixel_head, self.semantic_head)
+        own = (
+            self.visual_projector,
+            self.image_rows,
+            self.image_cols,
+            self.image_position_gate,
+            self.pixel_head,
+            self.semantic_head,
+        )
         return [m for m in own if m is not None]
 
     @property
@@ -460,10 +478,10 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
     def embed_image_positions(self, embeds: torch.Tensor, slot_index: torch.Tensor) -> torch.Tensor:
         """Add the row and column embeddings to the image slots (``slot_index >= 0``).
 
-        ``projector`` positions are not added here: they enter the visual projector's input
+        ``projector`` and ``gated`` positions are not added here: they depend on the slot's codes
         (:meth:`_fuse_slot_vectors`)."""
         mode = self.config.image_position_embedding
-        if mode in ("none", "projector"):
+        if mode in ("none", "projector", "gated"):
             return embeds
         columns = self.config.grid_size[1]
         index = slot_index.clamp_min(0)
@@ -507,24 +525,37 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
     ) -> torch.Tensor:
         """``(B, L, C, H)`` per-column embeddings -> ``(B, L, H)`` slot inputs (``input_fusion``).
 
-        With ``projector`` positions the sine-cosine table (as wide as the projector's input)
-        is added to an image slot's input before the projector, so the slot's embedding is a
-        nonlinear function of its codes *and* its place, as a ViT's patch feature is. Added
-        after the projector, a position is the same on every slot whatever it shows, and an
-        answer that pools the image evenly (as a freshly trained LM does) sees none of it.
+        Positions that depend on what a slot shows (``slot_index``: ``(B, L)``, -1 off images):
+
+        - ``projector``: the sine-cosine table (as wide as the projector's input) is added to an
+          image slot's input before the projector, so the slot's embedding is a nonlinear
+          function of its codes *and* its place, as a ViT's patch feature is.
+        - ``gated``: the slot's embedding is left as it is, and the sine-cosine table, scaled
+          channel by channel by a linear map of the slot's code vectors, is added to it.
+
+        A position added regardless of content (``learned``, ``sincos``) is the same on every
+        slot whatever it shows, so it averages out of an even pooling of the image, which is
+        how a freshly trained LM reads it: the answer cannot learn where anything is.
         """
+        mode = self.config.image_position_embedding
         if self.visual_projector is None:
-            return vectors.sum(dim=2)
-        split = self.config.semantic_depth
-        semantic, pixel = vectors[:, :, :split].sum(dim=2), vectors[:, :, split:].sum(dim=2)
-        is_image = self.is_image_slot(input_ids).unsqueeze(-1)
-        fused_in = (
-            torch.cat([semantic, pixel], dim=-1) if self.config.input_fusion == "concat_mlp" else semantic + pixel
-        )
-        if self.config.image_position_embedding == "projector" and slot_index is not None:
-            rows = self._sincos_rows(slot_index.clamp_min(0), fused_in.shape[-1])
-            fused_in = fused_in + rows.to(fused_in.dtype) * (slot_index >= 0).unsqueeze(-1).to(fused_in.dtype)
-        return torch.where(is_image, self.visual_projector(fused_in), semantic + pixel)
+            fused = content = vectors.sum(dim=2)
+        else:
+            split = self.config.semantic_depth
+            semantic, pixel = vectors[:, :, :split].sum(dim=2), vectors[:, :, split:].sum(dim=2)
+            is_image = self.is_image_slot(input_ids).unsqueeze(-1)
+            content = fused_in = (
+                torch.cat([semantic, pixel], dim=-1) if self.config.input_fusion == "concat_mlp" else semantic + pixel
+            )
+            if mode == "projector" and slot_index is not None:
+                rows = self._sincos_rows(slot_index.clamp_min(0), fused_in.shape[-1])
+                fused_in = fused_in + rows.to(fused_in.dtype) * (slot_index >= 0).unsqueeze(-1).to(fused_in.dtype)
+            fused = torch.where(is_image, self.visual_projector(fused_in), semantic + pixel)
+        if mode == "gated" and slot_index is not None:
+            rows = self._sincos_rows(slot_index.clamp_min(0), fused.shape[-1]).to(fused.dtype)
+            on = (slot_index >= 0).unsqueeze(-1).to(fused.dtype)
+            fused = fused + rows * self.image_position_gate(content) * on
+        return fused
 
     # ------------------------------------------------------------------ outputs
     def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -612,7 +612,7 @@ def test_codebook_initialised_code_rows_are_a_linear_map_of_the_code_vectors(tex
 
 
 # ---------------------------------------------------------------------------- 2-D image positions
-@pytest.fixture(scope="module", params=["learned", "sincos", "projector"])
+@pytest.fixture(scope="module", params=["learned", "sincos", "projector", "gated"])
 def positioned(request, text_tokenizer):
     torch.manual_seed(2)
     tokenizer, layout, model = _concat_reader(text_tokenizer, image_position_embedding=request.param)
@@ -645,6 +645,11 @@ def test_image_position_modes_are_checked_and_sincos_adds_no_parameters(text_tok
     for mode in ("sincos", "projector"):
         _, _, fixed = _concat_reader(text_tokenizer, image_position_embedding=mode, image_position_scale=0.5)
         assert sum(p.numel() for p in fixed.parameters()) == sum(p.numel() for p in plain.parameters())
+    # gated: one linear map from the slot's code vectors (2H with concat fusion) to H gates.
+    _, _, gated = _concat_reader(text_tokenizer, image_position_embedding="gated")
+    hidden = plain.config.text_config.hidden_size
+    extra = sum(p.numel() for p in gated.parameters()) - sum(p.numel() for p in plain.parameters())
+    assert extra == 2 * hidden * hidden + hidden
     with pytest.raises(ValueError, match="'projector' feeds the positions through the visual projector"):
         DualTokenMLLMConfig(image_position_embedding="projector", input_fusion="sum")
     assert DualTokenMLLMConfig(image_position_embedding=True).image_position_embedding == "learned"
@@ -661,7 +666,7 @@ def test_projector_positions_survive_an_even_pooling_of_the_image(text_tokenizer
     an answer that still pools the image evenly (a freshly trained LM) can tell where it is."""
     torch.manual_seed(4)
     means = {}
-    for mode in ("sincos", "projector"):
+    for mode in ("sincos", "projector", "gated"):
         tokenizer, layout, model = _concat_reader(text_tokenizer, image_position_embedding=mode)
         builder = SequenceBuilder.for_model(tokenizer, model.config)
         rows = []
@@ -673,7 +678,7 @@ def test_projector_positions_survive_an_even_pooling_of_the_image(text_tokenizer
                 rows.append(model.embed_slots(ids)[0].mean(dim=0))
         means[mode] = (rows[0] - rows[1]).norm() / rows[0].norm()
     assert float(means["sincos"]) < 1e-5
-    assert float(means["projector"]) > 1e-2
+    assert float(means["projector"]) > 1e-2 and float(means["gated"]) > 1e-2
 
 
 def test_image_slot_index_counts_each_image_in_raster_order(positioned):

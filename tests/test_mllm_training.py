@@ -225,7 +225,7 @@ def test_trainable_glob_matching_nothing_is_named(data, tmp_path, capsys):
         ("stage.pixel_depth_weights=[1.0,0.5,0.5]", "stage.pixel_depth_weights has 3 entries; the model writes 2"),
         (
             "model.image_position_embedding=grid",
-            "model.image_position_embedding='grid'; expected false|learned|sincos|projector",
+            "model.image_position_embedding='grid'; expected false|learned|sincos|projector|gated",
         ),
         ("model.image_position_scale=0", "model.image_position_scale=0.0; expected a number > 0"),
         (

@@ -87,7 +87,9 @@ class ModelConfig:
     # slot sits without working it out from 1-D positions: false | learned (true) | sincos (fixed
     # 2-D sine-cosine features of norm image_position_scale; mllm.modeling.sincos_grid_table) |
     # projector (the same features added to the visual projector's input, so that a slot's
-    # embedding mixes what it shows with where it is; needs input_fusion concat_mlp or sum_mlp).
+    # embedding mixes what it shows with where it is; needs input_fusion concat_mlp or sum_mlp) |
+    # gated (the features scaled channel by channel by a learned linear map of the slot's codes,
+    # added to the slot's embedding: the content path stays as it is).
     image_position_embedding: bool | str = False
     image_position_scale: float = 1.0
     # causal | bidirectional: with bidirectional, every slot of an image the model reads attends to
@@ -115,7 +117,7 @@ class ModelConfig:
         )
         _require(
             self.image_position_embedding in (False, True, *IMAGE_POSITIONS),
-            f"model.image_position_embedding={self.image_position_embedding!r}; expected false|learned|sincos|projector",
+            f"model.image_position_embedding={self.image_position_embedding!r}; expected false|learned|sincos|projector|gated",
         )
         _require(
             _is_weight(self.image_position_scale) and self.image_position_scale > 0,
