@@ -659,11 +659,12 @@ def test_image_position_modes_are_checked_and_sincos_adds_no_parameters(text_tok
         DualTokenMLLMConfig(image_position_embedding="sincos", image_position_scale=0.0)
 
 
-def test_projector_positions_survive_an_even_pooling_of_the_image(text_tokenizer):
+def test_content_dependent_positions_survive_an_even_pooling_of_the_image(text_tokenizer):
     """Moving an object leaves the mean of the image's slot embeddings unchanged when positions
-    are added after the projector (the same table row sits on every slot whatever it shows),
-    but not when they enter the projector: there a slot's embedding mixes code and place, so
-    an answer that still pools the image evenly (a freshly trained LM) can tell where it is."""
+    are added whatever a slot shows (sincos: the same table row sits on every slot), but not
+    when they depend on the slot's codes (projector: they enter the projector's input; gated:
+    the codes scale them). Only then can an answer that pools the image evenly (a freshly
+    trained LM) tell where the object is."""
     torch.manual_seed(4)
     means = {}
     for mode in ("sincos", "projector", "gated"):
