@@ -36,12 +36,16 @@ from mllm.pipeline import Pipeline  # noqa: E402
 from training.data.shapes import ShapesWorld, ShapesWorldConfig, object_coverage  # noqa: E402
 
 
-def prompt_batch(pipe: Pipeline, image: np.ndarray, question: str) -> dict[str, torch.Tensor]:
-    semantic, pixel = pipe.encode([image])
+def codes_batch(pipe: Pipeline, semantic: torch.Tensor, pixel: torch.Tensor, question: str) -> dict[str, torch.Tensor]:
     seq = pipe.builder.conversation(
-        [("user", f"<image>\n{question}")], semantic[0], pixel[0], train=False, add_generation_prompt=True
+        [("user", f"<image>\n{question}")], semantic, pixel, train=False, add_generation_prompt=True
     )
     return collate_sequences([seq], pipe.pad_id)
+
+
+def prompt_batch(pipe: Pipeline, image: np.ndarray, question: str) -> dict[str, torch.Tensor]:
+    semantic, pixel = pipe.encode([image])
+    return codes_batch(pipe, semantic[0], pixel[0], question)
 
 
 def position_accuracy(pipe: Pipeline, world: ShapesWorld, scenes: int) -> dict[str, float]:
@@ -144,10 +148,7 @@ def side_probes(pipe: Pipeline, world: ShapesWorld, scenes: int) -> dict[str, li
 
 def mirror_sensitivity(pipe: Pipeline, world: ShapesWorld, scenes: int) -> dict[str, float]:
     def answer_state(semantic: torch.Tensor, pixel: torch.Tensor, question: str) -> torch.Tensor:
-        seq = pipe.builder.conversation(
-            [("user", f"<image>\n{question}")], semantic, pixel, train=False, add_generation_prompt=True
-        )
-        batch = collate_sequences([seq], pipe.pad_id)
+        batch = codes_batch(pipe, semantic, pixel, question)
         with torch.no_grad():
             return pipe.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).hidden_states[0, -1]
 

@@ -117,7 +117,8 @@ class ModelConfig:
         )
         _require(
             self.image_position_embedding in (False, True, *IMAGE_POSITIONS),
-            f"model.image_position_embedding={self.image_position_embedding!r}; expected false|learned|sincos|projector|gated",
+            f"model.image_position_embedding={self.image_position_embedding!r}; expected "
+            + "|".join(["false", *IMAGE_POSITIONS[1:]]),
         )
         _require(
             _is_weight(self.image_position_scale) and self.image_position_scale > 0,
