@@ -14,12 +14,14 @@ image slots, ``<image_gen_end>`` and ``end``. Image slots read the branches in
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from mllm.vocab import VocabLayout
+
+Box = tuple[float, float, float, float]  # (left, top, right, bottom) in image fractions
 
 IMAGE_PLACEHOLDER = "<image>"
 IGNORE = -100
@@ -58,11 +60,20 @@ class Sequence:
 
     ``segments`` ``(L,)``, set by :meth:`SequenceBuilder.independent_turns`: 0 for the shared
     prefix, k for the k-th question-answer pair, which sees the prefix and itself only.
+
+    ``object_slots``: positions of the generated image's slots under the caption's objects
+    (text-to-image sequences built with boxes).
+
+    ``grounding``: ``(query, slots)`` pairs, one per answer that came with boxes: ``query`` is
+    the position whose output predicts the answer's first token, ``slots`` the positions of the
+    image slots that the boxes cover (the target of the grounding loss).
     """
 
     ids: torch.Tensor
     labels: torch.Tensor
     segments: torch.Tensor | None = None
+    grounding: list[tuple[int, list[int]]] = field(default_factory=list)
+    object_slots: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -154,22 +165,28 @@ class SequenceBuilder:
         pixel: torch.Tensor | None = None,
         train: bool = True,
         add_generation_prompt: bool = False,
+        boxes: list[tuple[Box, ...]] | None = None,
     ) -> Sequence:
         """``turns``: ``[(role, text)]`` with roles ``user`` / ``assistant``; the image replaces ``<image>``.
 
         With ``train`` the assistant turns are labelled; ``add_generation_prompt`` appends the
-        assistant prefix (inference: the model continues with the answer).
+        assistant prefix (inference: the model continues with the answer). ``boxes`` (one
+        entry per turn, image fractions) fill :attr:`Sequence.grounding` for the answers that
+        have them.
         """
         if not turns:
             raise ConversationError("a conversation needs at least one turn")
         if train and not any(role == "assistant" for role, _ in turns):
             raise ConversationError("the conversation has no assistant turn, so there is nothing to learn")
         has_image = semantic is not None or pixel is not None
+        boxes = self._check_boxes(boxes, turns, has_image)
         parts: list[tuple[torch.Tensor, torch.Tensor]] = []
         placed = False
+        image_at = -1  # the position of the first image slot
+        queries: list[tuple[int, tuple[Box, ...]]] = []
         if self.template.system:
             parts.append(self._text_rows(self.text_ids(self.template.system), False))
-        for role, text in turns:
+        for turn_index, (role, text) in enumerate(turns):
             if role == "user":
                 parts.append(self._text_rows(self.text_ids(self.template.user), False))
                 pieces = text.split(IMAGE_PLACEHOLDER)
@@ -180,6 +197,7 @@ class SequenceBuilder:
                 for index, piece in enumerate(pieces):
                     if index == 1:
                         block = self._read_block(semantic, pixel)
+                        image_at = _length(parts) + 1
                         parts.append((block, torch.full_like(block, IGNORE)))
                         placed = True
                     piece = piece.strip()
@@ -188,6 +206,8 @@ class SequenceBuilder:
                 parts.append(self._text_rows(self.text_ids(self.template.end), False))
             elif role == "assistant":
                 parts.append(self._text_rows(self.text_ids(self.template.assistant), False))
+                if boxes[turn_index]:
+                    queries.append((_length(parts) - 1, boxes[turn_index]))
                 parts.append(self._text_rows(self.text_ids(text.strip()) + self.text_ids(self.template.end), train))
             else:
                 raise ConversationError(f"unknown role {role!r}; expected 'user' or 'assistant'")
@@ -195,10 +215,14 @@ class SequenceBuilder:
             # An image without a placeholder goes in front of the first user text.
             block = self._read_block(semantic, pixel)
             index = 2 if self.template.system else 1
+            image_at = _length(parts[:index]) + 1
+            queries = [(query + len(block), regions) for query, regions in queries]
             parts.insert(index, (block, torch.full_like(block, IGNORE)))
         if add_generation_prompt:
             parts.append(self._text_rows(self.text_ids(self.template.assistant), False))
-        return self._finish(parts)
+        sequence = self._finish(parts)
+        sequence.grounding = self._grounding(queries, image_at, semantic, pixel)
+        return sequence
 
     def independent_turns(
         self,
@@ -206,6 +230,7 @@ class SequenceBuilder:
         semantic: torch.Tensor | None = None,
         pixel: torch.Tensor | None = None,
         train: bool = True,
+        boxes: list[tuple[Box, ...]] | None = None,
     ) -> Sequence:
         """Several one-question conversations about one image, packed into one sequence.
 
@@ -218,10 +243,10 @@ class SequenceBuilder:
         triangle gives away "is there a red triangle?"), and training sees each question
         the way a one-question prompt is asked, for the cost of one image. A last question
         without an answer has nothing to learn and is left out. Without an image this is
-        :meth:`conversation`.
+        :meth:`conversation`. ``boxes`` as in :meth:`conversation`.
         """
         if semantic is None and pixel is None:
-            return self.conversation(turns, train=train)
+            return self.conversation(turns, train=train, boxes=boxes)
         if not turns:
             raise ConversationError("a conversation needs at least one turn")
         roles = [role for role, _ in turns]
@@ -232,11 +257,14 @@ class SequenceBuilder:
             raise ConversationError("independent turns need (user, assistant) pairs in order")
         if train and not pairs:
             raise ConversationError("the conversation has no assistant turn, so there is nothing to learn")
+        boxes = self._check_boxes(boxes, turns, True)
         parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        queries: list[tuple[int, tuple[Box, ...]]] = []
         if self.template.system:
             parts.append(self._text_rows(self.text_ids(self.template.system), False))
         parts.append(self._text_rows(self.text_ids(self.template.user), False))
         block = self._read_block(semantic, pixel)
+        image_at = _length(parts) + 1
         parts.append((block, torch.full_like(block, IGNORE)))
         segments = [torch.zeros(sum(len(ids) for ids, _ in parts), dtype=torch.long)]
         for number, (question, answer) in enumerate(pairs, start=1):
@@ -246,12 +274,45 @@ class SequenceBuilder:
                 turn.append(self._text_rows(self.text_ids(question), False))
             turn.append(self._text_rows(self.text_ids(self.template.end), False))
             turn.append(self._text_rows(self.text_ids(self.template.assistant), False))
+            if boxes[2 * number - 1]:
+                queries.append((_length(parts) + _length(turn) - 1, boxes[2 * number - 1]))
             turn.append(self._text_rows(self.text_ids(answer.strip()) + self.text_ids(self.template.end), train))
             parts += turn
             segments.append(torch.full((sum(len(ids) for ids, _ in turn),), number, dtype=torch.long))
         sequence = self._finish(parts)
         sequence.segments = torch.cat(segments)
+        sequence.grounding = self._grounding(queries, image_at, semantic, pixel)
         return sequence
+
+    @staticmethod
+    def _check_boxes(
+        boxes: list[tuple[Box, ...]] | None, turns: list[tuple[str, str]], has_image: bool
+    ) -> list[tuple[Box, ...]]:
+        if boxes is None:
+            return [()] * len(turns)
+        if len(boxes) != len(turns):
+            raise ConversationError(f"boxes has {len(boxes)} entries for {len(turns)} turns; expected one per turn")
+        if any(boxes) and not has_image:
+            raise ConversationError("a turn has boxes but the conversation has no image to point into")
+        return list(boxes)
+
+    @staticmethod
+    def _grounding(
+        queries: list[tuple[int, tuple[Box, ...]]],
+        image_at: int,
+        semantic: torch.Tensor | None,
+        pixel: torch.Tensor | None,
+    ) -> list[tuple[int, list[int]]]:
+        if not queries:
+            return []
+        reference = semantic if semantic is not None else pixel
+        assert reference is not None  # _check_boxes: boxes need an image
+        rows, cols = reference.shape[0], reference.shape[1]
+        found = []
+        for query, regions in queries:
+            covered = sorted({slot for region in regions for slot in box_slots(region, rows, cols)})
+            found.append((query, [image_at + slot for slot in covered]))
+        return found
 
     def generation(
         self,
@@ -259,10 +320,13 @@ class SequenceBuilder:
         pixel: torch.Tensor | None = None,
         semantic: torch.Tensor | None = None,
         train: bool = True,
+        boxes: tuple[Box, ...] = (),
     ) -> Sequence:
         """A text-to-image sequence; without codes it is the prompt up to ``<image_gen_start>``.
 
         An empty ``caption`` gives the unconditional sequence used for classifier-free guidance.
+        ``boxes`` (image fractions, where the caption's objects are) fill
+        :attr:`Sequence.object_slots`.
         """
         parts = []
         if self.template.system:
@@ -273,13 +337,19 @@ class SequenceBuilder:
         parts.append(self._text_rows(self.text_ids(self.template.end), False))
         parts.append(self._text_rows(self.text_ids(self.template.assistant), False))
         parts.append(self._text_rows([self.layout.gen_start_id], train and pixel is not None))
+        first = _length(parts)
         if pixel is not None:
             slots = self.image_slots(semantic if "semantic" in self.write else None, pixel)
             labels = slots.clone() if train else torch.full_like(slots, IGNORE)
             labels[labels < 0] = IGNORE
             parts.append((slots, labels))
             parts.append(self._text_rows([self.layout.gen_end_id] + self.text_ids(self.template.end), train))
-        return self._finish(parts)
+        sequence = self._finish(parts)
+        if boxes and pixel is not None:
+            rows, cols = pixel.shape[0], pixel.shape[1]
+            covered = {slot for box in boxes for slot in box_slots(box, rows, cols)}
+            sequence.object_slots = [first + slot for slot in sorted(covered)]
+        return sequence
 
     def _finish(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> Sequence:
         ids = torch.cat([p[0] for p in parts])
@@ -289,6 +359,32 @@ class SequenceBuilder:
                 f"the sequence has {ids.shape[0]} slots, longer than the model's context of {self.max_length}"
             )
         return Sequence(ids, labels)
+
+
+def _length(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    return sum(ids.shape[0] for ids, _ in parts)
+
+
+def box_slots(box: Box, rows: int, cols: int, min_cover: float = 0.1) -> list[int]:
+    """Raster indices of the ``rows x cols`` grid cells that ``box`` (image fractions) covers.
+
+    A cell counts when the box covers at least ``min_cover`` of it, and the cell holding the
+    box's centre always counts, so a box smaller than a cell still names one slot.
+    """
+    left, top, right, bottom = box
+    found = set()
+    for row in range(rows):
+        overlap_y = min(bottom, (row + 1) / rows) - max(top, row / rows)
+        if overlap_y <= 0:
+            continue
+        for col in range(cols):
+            overlap_x = min(right, (col + 1) / cols) - max(left, col / cols)
+            if overlap_x > 0 and overlap_x * overlap_y * rows * cols >= min_cover:
+                found.add(row * cols + col)
+    centre_row = min(int((top + bottom) / 2 * rows), rows - 1)
+    centre_col = min(int((left + right) / 2 * cols), cols - 1)
+    found.add(centre_row * cols + centre_col)
+    return sorted(found)
 
 
 def _check_depth(codes: torch.Tensor, depth: int, branch: str) -> None:
@@ -312,7 +408,10 @@ def collate_sequences(sequences: list[Sequence], pad_id: int, left_pad: bool = F
 
     When a sequence has ``segments`` (independent turns) the batch also carries
     ``segment_ids`` ``(B, L)`` (-1 on padding; a plain sequence is one segment 0) and the
-    matching ``position_ids``.
+    matching ``position_ids``. When a sequence has :attr:`Sequence.grounding`, the batch also
+    carries ``grounding_index`` ``(N, 2)`` (batch row, query position) and ``grounding_slots``
+    ``(N, L)`` (True at the slots the N-th answer is about). Sequences with
+    :attr:`Sequence.object_slots` add ``object_slots`` ``(B, L)`` (True there).
     """
     length = max(len(seq) for seq in sequences)
     width = sequences[0].ids.shape[1]
@@ -335,4 +434,19 @@ def collate_sequences(sequences: list[Sequence], pad_id: int, left_pad: bool = F
     batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
     if segmented:
         batch.update(segment_ids=segment_ids, position_ids=positions)
+    targets = [(row, seq, query, slots) for row, seq in enumerate(sequences) for query, slots in seq.grounding]
+    if targets:
+        index = torch.zeros(len(targets), 2, dtype=torch.long)
+        covered = torch.zeros(len(targets), length, dtype=torch.bool)
+        for number, (row, seq, query, slots) in enumerate(targets):
+            shift = length - len(seq) if left_pad else 0
+            index[number] = torch.tensor([row, query + shift])
+            covered[number, torch.tensor(slots, dtype=torch.long) + shift] = True
+        batch.update(grounding_index=index, grounding_slots=covered)
+    if any(seq.object_slots for seq in sequences):
+        objects = torch.zeros(len(sequences), length, dtype=torch.bool)
+        for row, seq in enumerate(sequences):
+            shift = length - len(seq) if left_pad else 0
+            objects[row, torch.tensor(seq.object_slots, dtype=torch.long) + shift] = True
+        batch["object_slots"] = objects
     return batch

@@ -34,7 +34,7 @@ from mllm.vocab import VocabLayout, VocabularyError
 
 BRANCHES = ("semantic", "pixel")
 # The terms of DualTokenMLLMOutput.loss; other entries of ``losses`` are diagnostics (accuracies, CE per depth).
-LOSS_TERMS = ("text", "pixel", "semantic", "contrast", "idle_heads")
+LOSS_TERMS = ("text", "pixel", "semantic", "contrast", "grounding", "idle_heads")
 FUSIONS = ("sum", "sum_mlp", "concat_mlp")
 IMAGE_ATTENTIONS = ("causal", "bidirectional")
 IMAGE_POSITIONS = ("none", "learned", "sincos", "projector", "gated")
@@ -594,6 +594,12 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
         contrast_beta: float = 0.1,
         pixel_depth_weights: Sequence[float] | None = None,
         segment_ids: torch.Tensor | None = None,
+        grounding_index: torch.Tensor | None = None,
+        grounding_slots: torch.Tensor | None = None,
+        grounding_layer: int | None = None,
+        grounding_heads: int = 1,
+        object_slots: torch.Tensor | None = None,
+        object_pixel_weight: float = 1.0,
         **kwargs: Any,
     ) -> DualTokenMLLMOutput:
         """Run the LM over slots; with ``labels`` (same shape as ``input_ids``) return the losses.
@@ -617,6 +623,19 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
         ``segment_ids`` ``(B, L)`` (with their ``position_ids``, from
         :func:`mllm.chat.collate_sequences`): independent turns, each seeing the shared prefix
         and itself only. Training and prefills only (no KV cache).
+
+        ``grounding_index`` ``(N, 2)`` (batch row, query position) and ``grounding_slots``
+        ``(N, L)`` (from :func:`mllm.chat.collate_sequences`, for answers whose data gives the
+        image regions they are about): with ``labels``, adds ``grounding``, the negative log of
+        the attention mass that the first ``grounding_heads`` heads of decoder layer
+        ``grounding_layer`` (default: the middle one) put on those slots from the query
+        position, averaged over answers and heads (logged as ``grounding_mass``). An answer
+        about one object has to single its slots out of the image first; a freshly trained LM
+        pools the image evenly, where the object's position leaves no trace.
+
+        ``object_slots`` ``(B, L)`` (True at generated slots under the caption's objects): their
+        pixel cross-entropy counts ``object_pixel_weight`` times in the (weighted) mean. Those
+        slots are where the caption decides the codes; the background is most of an image.
         """
         self.layout.check_ids(input_ids)
         if segment_ids is not None:
@@ -632,30 +651,129 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         embeds = self.embed_slots(input_ids, image_slot_index)
         decoder = self.llm.get_decoder()
+        grounding = labels is not None and grounding_index is not None and grounding_index.numel() > 0
+        captured: dict[str, Any] = {}
+        hook = self._capture_layer_input(decoder, grounding_layer, captured) if grounding else None
         mask = attention_mask
         if past_key_values is None or not past_key_values.get_seq_length():
             # A prefill (or training) reading images builds its own mask; later cached steps only
             # add text or generated slots, which attend causally as usual.
             mask = self.prefill_attention_mask(input_ids, attention_mask, embeds.dtype, segment_ids)
             mask = attention_mask if mask is None else {"full_attention": mask}
-        outputs = decoder(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            position_ids=position_ids,
-            use_cache=use_cache,
-            **{self._cache_kwarg: past_key_values},
-        )
+        try:
+            outputs = decoder(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                position_ids=position_ids,
+                use_cache=use_cache,
+                **{self._cache_kwarg: past_key_values},
+            )
+        finally:
+            if hook is not None:
+                hook.remove()
         hidden = outputs.last_hidden_state
         cache = getattr(outputs, "past_key_values", None)
         if cache is None:
             cache = getattr(outputs, "cache", None)
         result = DualTokenMLLMOutput(hidden_states=hidden, past_key_values=cache)
         if labels is not None:
-            result.losses = self.compute_losses(hidden, labels, contrast_rows, contrast_beta, pixel_depth_weights)
+            slot_weights = None
+            if object_slots is not None and object_pixel_weight != 1.0:
+                slot_weights = 1.0 + (object_pixel_weight - 1.0) * object_slots.to(hidden.dtype)
+            result.losses = self.compute_losses(
+                hidden, labels, contrast_rows, contrast_beta, pixel_depth_weights, slot_weights
+            )
+            if grounding:
+                allowed = (
+                    attention_mask.bool()
+                    if attention_mask is not None
+                    else torch.ones_like(hidden[..., 0], dtype=torch.bool)
+                )
+                loss, mass = self._grounding_loss(
+                    captured, grounding_index, grounding_slots, allowed, segment_ids, grounding_heads
+                )
+                result.losses.update(grounding=loss, grounding_mass=mass)
             weights = loss_weights or {}
             terms = [weights.get(name, 1.0) * value for name, value in result.losses.items() if name in LOSS_TERMS]
             result.loss = torch.stack(terms).sum() if terms else hidden.sum() * 0.0
         return result
+
+    def _decoder_layer(self, decoder: nn.Module, index: int | None) -> nn.Module:
+        layers = getattr(decoder, "layers", None)
+        if layers is None:
+            raise ValueError(f"the grounding loss needs a decoder with .layers; {type(decoder).__name__} has none")
+        index = len(layers) // 2 if index is None else index
+        if not 0 <= index < len(layers):
+            raise ValueError(f"grounding_layer={index}; the LM has decoder layers 0..{len(layers) - 1}")
+        layer = layers[index]
+        attention = getattr(layer, "self_attn", None)
+        needed = ("q_proj", "k_proj", "head_dim", "scaling")
+        if attention is None or not all(hasattr(attention, name) for name in needed) or hasattr(attention, "q_norm"):
+            raise ValueError(
+                f"the grounding loss reads the attention of a Llama/Qwen2-style layer (self_attn with q_proj, "
+                f"k_proj, rotary position embeddings, no q_norm); {type(layer).__name__} is not one"
+            )
+        return layer
+
+    def _capture_layer_input(self, decoder: nn.Module, index: int | None, captured: dict[str, Any]) -> Any:
+        """Keep the hidden states and rotary embeddings that decoder layer ``index`` receives."""
+        layer = self._decoder_layer(decoder, index)
+        captured["layer"] = layer
+
+        def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if "hidden" not in captured:  # a checkpointed layer runs twice; the first call is the forward
+                captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+                captured["rope"] = kwargs.get("position_embeddings")
+
+        return layer.register_forward_pre_hook(grab, with_kwargs=True)
+
+    def _grounding_loss(
+        self,
+        captured: dict[str, Any],
+        index: torch.Tensor,
+        slots: torch.Tensor,
+        allowed: torch.Tensor,
+        segment_ids: torch.Tensor | None,
+        heads: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``-log`` of the attention mass on the answer's slots (mean over answers and heads), and the mass."""
+        layer, hidden, rope = captured["layer"], captured["hidden"], captured.get("rope")
+        attention = layer.self_attn
+        text = self.config.text_config
+        num_heads, num_kv = (
+            text.num_attention_heads,
+            getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+        )
+        if not 1 <= heads <= num_heads:
+            raise ValueError(f"grounding_heads={heads}; the layer has {num_heads} attention heads")
+        if rope is None:
+            raise ValueError("the grounding loss needs the rotary embeddings that the decoder hands its layers")
+        cos, sin = rope
+        head_dim = attention.head_dim
+        if cos.shape[-1] != head_dim:
+            raise ValueError(f"rotary width {cos.shape[-1]} != head_dim {head_dim}: partial rotary is not supported")
+        usable = (slots & allowed[index[:, 0]]).any(dim=-1)
+        index, slots = index[usable], slots[usable]
+        if not index.shape[0]:
+            zero = hidden.sum() * 0.0
+            return zero, zero.detach()
+        rows, queries = index[:, 0], index[:, 1]
+        normed = layer.input_layernorm(hidden)
+        count, length = index.shape[0], hidden.shape[1]
+        query = attention.q_proj(normed[rows, queries]).view(count, num_heads, head_dim)[:, :heads]
+        key = attention.k_proj(normed[rows]).view(count, length, num_kv, head_dim)
+        key = key[:, :, torch.arange(heads, device=key.device) // (num_heads // num_kv)]  # (N, L, heads, hd)
+        cos, sin = cos.expand(hidden.shape[0], -1, -1), sin.expand(hidden.shape[0], -1, -1)
+        query = query * cos[rows, queries][:, None] + _rotate_half(query) * sin[rows, queries][:, None]
+        key = key * cos[rows][:, :, None] + _rotate_half(key) * sin[rows][:, :, None]
+        scores = torch.einsum("nhd,nlhd->nhl", query, key).float() * attention.scaling
+        seen = allowed[rows] & (torch.arange(length, device=rows.device)[None] <= queries[:, None])
+        if segment_ids is not None:
+            own = segment_ids[rows, queries][:, None]
+            seen &= (segment_ids[rows] == 0) | (segment_ids[rows] == own)
+        log_attention = scores.masked_fill(~seen[:, None], float("-inf")).log_softmax(dim=-1)
+        log_mass = log_attention.masked_fill(~(slots & seen)[:, None], float("-inf")).logsumexp(dim=-1)
+        return -log_mass.mean(), log_mass.exp().mean().detach()
 
     def compute_losses(
         self,
@@ -664,8 +782,12 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
         contrast_rows: torch.Tensor | None = None,
         contrast_beta: float = 0.1,
         pixel_depth_weights: Sequence[float] | None = None,
+        slot_weights: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Next-slot losses: the hidden state at position t predicts the labels of slot t + 1."""
+        """Next-slot losses: the hidden state at position t predicts the labels of slot t + 1.
+
+        ``slot_weights`` ``(B, L)``: the weight of each slot's pixel cross-entropy (default 1).
+        """
         if labels.dim() == 2:
             labels = labels.unsqueeze(-1)
         labels = labels.masked_fill(labels < 0, IGNORE)
@@ -696,9 +818,13 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
             rows = is_pixel_all.nonzero()[:, 0]  # the batch row of each slot
             kept = ~mismatched[rows]
             if bool(kept.any()):
-                per_depth = nll[kept].mean(dim=0)
+                if slot_weights is None:
+                    per_depth = nll[kept].mean(dim=0)
+                else:
+                    weight = slot_weights[:, 1:][is_pixel_all][kept].float()
+                    per_depth = (nll[kept] * weight[:, None]).sum(dim=0) / weight.sum()
                 if pixel_depth_weights is None:
-                    losses["pixel"] = nll[kept].mean()
+                    losses["pixel"] = per_depth.mean()
                 else:
                     losses["pixel"] = _depth_weighted_mean(per_depth, pixel_depth_weights)
                 losses["pixel_acc"] = (logits[kept].argmax(-1) == codes[kept]).float().mean().detach()
@@ -740,6 +866,12 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
             codes = torch.zeros(1, head.depth, dtype=torch.long, device=context.device)
             terms.append(head(probe, codes).float().sum() * 0.0)
         return torch.stack(terms).sum() if terms else None
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """The rotary-embedding pairing of Llama / Qwen2: (x1, x2) -> (-x2, x1) over the two halves."""
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
 
 
 def _depth_weighted_mean(per_depth: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:

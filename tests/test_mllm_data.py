@@ -98,6 +98,29 @@ def test_llava_writer_round_trips_through_the_reader(world: ShapesWorld, shapes_
     assert shuffled, "turn order is never shuffled"
 
 
+def test_llava_answers_carry_the_boxes_of_the_objects_they_are_about(world: ShapesWorld, shapes_dir: Path) -> None:
+    seen_kinds = set()
+    for index, record in enumerate(read_conversations(shapes_dir / "llava.json")):
+        objects = world.sample("val", index).objects
+        boxes = {tuple(round(v, 4) for v in np.clip(obj.box(), 0, 1)): obj for obj in objects}
+        for question, answer, kind in zip(record.turns[0::2], record.turns[1::2], record.meta["kinds"], strict=True):
+            named = [boxes[box] for box in answer.boxes]  # every box is one of the scene's objects
+            text = question.text
+            if kind == "colour":
+                assert len(named) == 1 and named[0].colour == answer.text and named[0].shape in text
+            elif kind == "shape":
+                assert len(named) == 1 and named[0].shape == answer.text and named[0].colour in text
+            elif kind == "exists":
+                assert (answer.text == "yes") == bool(named)
+                assert all(f"{obj.colour} {obj.shape}" in text for obj in named)
+            elif kind == "count" and text.endswith("how many objects are there?"):
+                assert len(named) == len(objects)
+            elif kind == "position":
+                assert len(named) in (1, 2) and all(f"{obj.colour} {obj.shape}" in text for obj in named)
+            seen_kinds.add(kind)
+    assert seen_kinds == {"colour", "shape", "exists", "count", "position"}
+
+
 def load_png(path: Path) -> np.ndarray:
     from PIL import Image
 
@@ -114,6 +137,10 @@ def test_t2i_writer_round_trips_and_shares_the_pngs(world: ShapesWorld, shapes_d
         f"{i:06d}.png" for i in range(NUM_IMAGES)
     ]
     assert pairs[0].meta["objects"] == conversations_by_key[pairs[0].image_key].meta["objects"]
+    for index, pair in enumerate(pairs):  # where the caption's objects are, for object_pixel_weight
+        objects = world.sample("val", index).objects
+        assert pair.boxes == tuple(tuple(round(v, 4) for v in np.clip(obj.box(), 0, 1)) for obj in objects)
+        assert all(f"{obj.colour} {obj.shape}" in pair.caption for obj in objects)
 
 
 def test_writers_are_deterministic(world: ShapesWorld, shapes_dir: Path, tmp_path: Path) -> None:
@@ -169,6 +196,33 @@ A = ("gpt", "two")
         ({"conversations": turns(Q, A, ("human", "<image> again?"), A)}, "exactly one <image> placeholder, found 2"),
         ({"image": "missing.png"}, r"image file not found: .*missing\.png"),
         ({"image": None}, r"1 <image> placeholder\(s\) but the record has no 'image'"),
+        (
+            {
+                "conversations": [
+                    {"from": Q[0], "value": Q[1]},
+                    {"from": "gpt", "value": "two", "boxes": [[0.5, 0, 0.2, 1]]},
+                ]
+            },
+            r"turn 1: box 0 is \[0.5, 0, 0.2, 1\]; expected \[left, top, right, bottom\] in image fractions",
+        ),
+        (
+            {
+                "conversations": [
+                    {"from": Q[0], "value": Q[1]},
+                    {"from": "gpt", "value": "two", "boxes": [0, 0, 1, 1]},
+                ]
+            },
+            r"turn 1: box 0 is 0; expected \[left, top, right, bottom\]",
+        ),
+        (
+            {
+                "conversations": [
+                    {"from": "human", "value": Q[1], "boxes": [[0, 0, 1, 1]]},
+                    {"from": A[0], "value": A[1]},
+                ]
+            },
+            "turn 0 has 'boxes' but is a user turn",
+        ),
     ],
 )
 def test_conversation_errors_name_file_record_and_problem(tmp_path: Path, change: dict, problem: str) -> None:
@@ -200,6 +254,10 @@ def test_conversation_jsonl_errors_give_the_line_and_text_only_records_are_allow
         ({"image": "a.png"}, "missing 'caption'"),
         ({"caption": "a red circle"}, "missing 'image'"),
         ({"image": "missing.png", "caption": "a red circle"}, r"image file not found: .*missing\.png"),
+        (
+            {"image": "a.png", "caption": "a red circle", "boxes": [[0.2, 0.2, 0.1, 0.9]]},
+            r"box 0 is \[0.2, 0.2, 0.1, 0.9\]",
+        ),
     ],
 )
 def test_text_image_errors_name_file_record_and_problem(tmp_path: Path, record: dict, problem: str) -> None:

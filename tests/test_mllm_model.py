@@ -194,6 +194,44 @@ def test_pixel_depth_weights_give_the_weighted_mean_of_the_depths(built):
     torch.testing.assert_close(weighted.loss, weighted.losses["text"] + expected)
 
 
+def test_object_pixel_weight_counts_the_slots_under_the_objects_more(built):
+    import torch.nn.functional as F
+
+    _, layout, model, builder = built
+    model = _sdpa_copy(model)
+    with torch.no_grad():  # sharper logits, so that the slots' cross-entropies differ
+        for parameter in model.pixel_head.parameters():
+            parameter.mul_(4.0)
+    codes = _codes(6, PIX, DP)
+    box = (0.0, 0.0, 0.3, 0.4)  # the top-left cell of the 2 x 3 grid
+    seq = builder.generation("a red circle", codes, boxes=(box,))
+    start = seq.object_slots[0]
+    assert seq.object_slots == [start] and torch.equal(seq.ids[start, DS:], layout.pixel_ids(codes[0, 0]))
+    batch = collate_sequences([seq, builder.generation("a blue square", _codes(7, PIX, DP))], pad_id=0)
+    assert batch["object_slots"].sum() == 1 and bool(batch["object_slots"][0, start])
+    with torch.no_grad():
+        out = model(**batch)
+        plain = model(**batch, object_pixel_weight=1.0)
+        weighted = model(**batch, object_pixel_weight=100.0)
+        # the per-slot cross-entropies, recomputed from the pixel head
+        hidden = out.hidden_states
+        nll = []
+        for row, sequence in enumerate((seq,)):
+            slots = [t for t in range(1, len(sequence)) if bool(layout.is_pixel(sequence.labels[t, DS:]).all())]
+            for t in slots:
+                target = sequence.labels[t, DS:] - layout.pixel_offset
+                logits = model.pixel_logits(hidden[row, t - 1][None], target[None])[0]
+                nll.append((F.cross_entropy(logits, target).item(), t == start))
+    torch.testing.assert_close(plain.losses["pixel"], out.losses["pixel"])
+    assert len(nll) == 6
+    # Row 0 alone: the weighted mean of its slots; row 1 adds 6 slots of weight 1.
+    total_plain = out.losses["pixel"].item() * 12
+    row1 = total_plain - sum(value for value, _ in nll)
+    expected = (row1 + sum(value * (100.0 if first else 1.0) for value, first in nll)) / (12 + 99)
+    assert abs(weighted.losses["pixel"].item() - expected) < 1e-5
+    assert abs(weighted.losses["pixel"].item() - out.losses["pixel"].item()) > 1e-3  # so the check can fail
+
+
 def test_caption_contrast_compares_one_image_under_two_captions(built):
     import torch.nn.functional as F
 
@@ -739,3 +777,108 @@ def test_image_decoding_with_positions_cache_equals_without(positioned):
     cached = run()
     assert torch.equal(cached, run(use_cache=False))
     assert torch.equal(cached, run(batch_cfg=False))
+
+
+# ---------------------------------------------------------------------------- grounding
+def test_box_slots_cover_the_cells_under_a_box():
+    from mllm.chat import box_slots
+
+    assert box_slots((0.0, 0.0, 1.0, 1.0), 2, 3) == list(range(6))
+    assert box_slots((0.05, 0.05, 0.15, 0.15), 2, 3) == [0]  # smaller than a cell: the cell of its centre
+    assert box_slots((0.25, 0.6, 0.45, 0.9), 2, 3) == [3, 4]  # straddles two columns of the bottom row
+    assert box_slots((0.3, 0.6, 0.34, 0.9), 2, 3) == [3]  # 1.2 % of the next cell is not "covered"
+
+
+def _attention_of(model, layer: int, batch: dict) -> torch.Tensor:
+    """The (B, heads, L, L) attention weights of decoder ``layer``, read from eager attention."""
+    import copy
+
+    eager = copy.deepcopy(model)
+    eager.llm.config._attn_implementation = "eager"
+    seen = {}
+    attention = eager.llm.get_decoder().layers[layer].self_attn
+
+    def keep(module, args, output):
+        seen.setdefault("weights", output[1])
+
+    handle = attention.register_forward_hook(keep)
+    with torch.no_grad():
+        eager(**{k: v for k, v in batch.items() if not k.startswith("grounding") and k != "labels"})
+    handle.remove()
+    return seen["weights"]
+
+
+def _sdpa_copy(model):
+    """A copy on SDPA (an earlier test's config construction resets the shared LM config's choice)."""
+    import copy
+
+    model = copy.deepcopy(model)
+    model.llm.config._attn_implementation = "sdpa"
+    return model
+
+
+@pytest.mark.parametrize("layer,heads", [(0, 1), (1, 3)])
+def test_grounding_mass_is_the_layers_real_attention_on_the_boxed_slots(built, layer, heads):
+    _, _, model, builder = built
+    model = _sdpa_copy(model)
+    codes = _codes(9, SEM, DS)
+    turns = [turn for q, a in QUESTIONS for turn in (("user", q), ("assistant", a))]
+    boxes = [(), ((0.0, 0.0, 0.3, 0.4),), (), (), (), ((0.4, 0.6, 1.0, 1.0), (0.0, 0.0, 0.2, 0.2))]
+    packed = builder.independent_turns(turns, codes, boxes=boxes)
+    plain = builder.conversation(
+        [("user", "<image>\nwhat colour is it?"), ("assistant", "red")], codes, boxes=[(), boxes[1]]
+    )
+    assert [len(slots) for _, slots in packed.grounding] == [1, 3]  # cell 0; cells 4, 5 and cell 0
+    # The query predicts the answer's first token: the next label is that token.
+    for query, _ in packed.grounding + plain.grounding:
+        assert query >= 0
+    assert int(packed.labels[packed.grounding[0][0] + 1, 0]) == builder.text_ids("red")[0]
+    batch = collate_sequences([plain, packed], pad_id=0)
+    assert batch["grounding_index"].tolist() == [[0, plain.grounding[0][0]]] + [[1, q] for q, _ in packed.grounding]
+    with torch.no_grad():
+        out = model(**batch, grounding_layer=layer, grounding_heads=heads)
+    weights = _attention_of(model, layer, batch)
+    expected = torch.stack(
+        [
+            weights[row, :heads, query][:, batch["grounding_slots"][n]].sum(-1)
+            for n, (row, query) in enumerate(batch["grounding_index"].tolist())
+        ]
+    )
+    torch.testing.assert_close(out.losses["grounding_mass"], expected.mean(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.losses["grounding"], -expected.log().mean(), rtol=1e-4, atol=1e-5)
+
+
+def test_grounding_loss_trains_the_head_to_look_at_the_box(built):
+    _, _, model, builder = built
+    model = _sdpa_copy(model).train()
+    codes = _codes(11, SEM, DS)
+    seq = builder.conversation(
+        [("user", "<image>\nwhat colour is it?"), ("assistant", "red")], codes, boxes=[(), ((0.7, 0.6, 1.0, 1.0),)]
+    )
+    batch = collate_sequences([seq], pad_id=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    masses = []
+    for _ in range(8):
+        out = model(**batch, loss_weights={"text": 0.0, "grounding": 1.0}, grounding_layer=1)
+        masses.append(out.losses["grounding_mass"].item())
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    assert masses[0] < 0.2 and masses[-1] > 0.9, masses  # one cell of the 6, among text positions too
+
+
+def test_grounding_names_bad_settings(built):
+    _, _, model, builder = built
+    codes = _codes(3, SEM, DS)
+    seq = builder.conversation(
+        [("user", "<image>\nwhat colour is it?"), ("assistant", "red")], codes, boxes=[(), ((0.0, 0.0, 0.5, 0.5),)]
+    )
+    batch = collate_sequences([seq], pad_id=0)
+    with pytest.raises(ValueError, match=r"grounding_layer=5; the LM has decoder layers 0\.\.1"):
+        model(**batch, grounding_layer=5)
+    with pytest.raises(ValueError, match="grounding_heads=9; the layer has 4 attention heads"):
+        model(**batch, grounding_heads=9)
+    with pytest.raises(ConversationError, match="boxes has 1 entries for 2 turns"):
+        builder.conversation([("user", "<image>\nq"), ("assistant", "a")], codes, boxes=[()])
+    with pytest.raises(ConversationError, match="no image to point into"):
+        builder.conversation([("user", "q"), ("assistant", "a")], boxes=[(), ((0.0, 0.0, 0.5, 0.5),)])

@@ -265,6 +265,52 @@ def test_vqa_turns_train_either_way_and_a_bad_value_is_named(data, tmp_path, cap
     assert code == 2 and "data.vqa_turns='sideways'; expected one of conversation|independent" in err
 
 
+def test_grounding_and_object_weights_train_a_stage_and_need_boxes(data, tmp_path, capsys):
+    settings = ["stage.loss_weights.grounding=1.0", "stage.grounding_layer=1", "stage.object_pixel_weight=3.0"]
+    metrics = _run("joint", stage_overrides(data, tmp_path / "grounded", steps=4) + settings)
+    assert metrics["steps"] == 4 and 0 < metrics["val_vqa_grounding_mass"] < 1
+    records = _train_records(tmp_path / "grounded")
+    vqa = [r for r in records.values() if "train/text" in r and "train/pixel" not in r]
+    assert vqa and all(0 < r["train/grounding"] < 20 and 0 < r["train/grounding_mass"] < 1 for r in vqa)
+    # data written before boxes existed: the weights name what is missing
+    for name, settings, needs in (
+        (
+            "llava",
+            ["stage.loss_weights.grounding=1.0", "data.mix.t2i=0.0"],
+            "no answer in data.conversations has 'boxes'",
+        ),
+        ("t2i", ["stage.object_pixel_weight=2.0", "data.mix.vqa=0.0"], "no pair in data.text_image has 'boxes'"),
+    ):
+        source = data[f"train_{name}"]
+        text = source.read_text()
+        stripped = tmp_path / source.name
+        if name == "llava":
+            records_in = json.loads(text)
+            for record in records_in:
+                for turn in record["conversations"]:
+                    turn.pop("boxes", None)
+            stripped.write_text(json.dumps(records_in))
+        else:
+            lines = [json.loads(line) for line in text.splitlines()]
+            stripped.write_text("\n".join(json.dumps({k: v for k, v in r.items() if k != "boxes"}) for r in lines))
+        key = "data.conversations" if name == "llava" else "data.text_image"
+        overrides = (
+            stage_overrides(data, tmp_path / f"x{name}")
+            + settings
+            + [f"{key}=[{stripped}]", f"data.image_root={source.parent}"]
+        )
+        code, err = _cli("joint", overrides, capsys)
+        assert code == 2 and needs in err, err
+    code, err = _cli("joint", stage_overrides(data, tmp_path / "y") + ["stage.object_pixel_weight=0"], capsys)
+    assert code == 2 and "stage.object_pixel_weight=0.0; expected a finite number > 0" in err
+    code, err = _cli(
+        "joint",
+        stage_overrides(data, tmp_path / "y") + ["stage.grounding_layer=9", "stage.loss_weights.grounding=1.0"],
+        capsys,
+    )
+    assert code == 2 and "stage.grounding_layer=9; the LM has decoder layers 0..1" in err
+
+
 def test_prompt_longer_than_the_context_is_named(data, tmp_path, capsys):
     code, err = _cli("joint", stage_overrides(data, tmp_path / "x") + ["model.max_length=40"], capsys)
     assert code == 2 and "longer than the model's context of 40" in err
@@ -402,3 +448,18 @@ def test_building_the_tiny_model_leaves_no_temporary_folders(data, tmp_path, mon
     model, tokenizer = train_mllm.build_model(config.model, CodeStore(data["train_codes"]))
     assert tokenizer("is there a red circle?")["input_ids"]
     assert list(tmp_path.glob("dualtoken-sp-*")) == []
+
+
+def test_data_written_without_boxes_is_written_again(tmp_path):
+    from training.data.conversations import write_shapes
+    from training.data.shapes import ShapesWorld, ShapesWorldConfig
+    from training.mllm_pipeline import _data_ready
+
+    written = write_shapes(ShapesWorld(ShapesWorldConfig(seed=1, image_size=32)), "val", tmp_path, 3)
+    assert _data_ready(tmp_path, 3) and not _data_ready(tmp_path, 4)
+    records = json.loads(written["llava"].read_text())
+    for record in records:
+        for turn in record["conversations"]:
+            turn.pop("boxes", None)
+    written["llava"].write_text(json.dumps(records))
+    assert not _data_ready(tmp_path, 3)

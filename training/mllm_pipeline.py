@@ -44,8 +44,14 @@ def _data_ready(folder: Path, count: int) -> bool:
     if not (llava.is_file() and t2i.is_file()):
         return False
     try:
-        return len(json.loads(llava.read_text())) == count and len(t2i.read_text().splitlines()) == count
-    except (OSError, json.JSONDecodeError):
+        records, lines = json.loads(llava.read_text()), t2i.read_text().splitlines()
+        if len(records) != count or len(lines) != count:
+            return False
+        # Data written before answers and pairs carried their objects' boxes is written again.
+        if not count:
+            return True
+        return any("boxes" in turn for turn in records[0]["conversations"]) and "boxes" in json.loads(lines[0])
+    except (OSError, json.JSONDecodeError, KeyError, IndexError, TypeError):
         return False
 
 

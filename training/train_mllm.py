@@ -60,7 +60,7 @@ SIDECAR = "dualtoken.json"
 DESCRIBE_PROMPT = "describe the image."
 SOURCES = ("vqa", "t2i", "caption")
 VQA_TURNS = ("conversation", "independent")
-LOSS_WEIGHTS = ("text", "pixel", "semantic", "contrast")  # the weightable terms of the model's loss
+LOSS_WEIGHTS = ("text", "pixel", "semantic", "contrast", "grounding")  # the weightable terms of the model's loss
 
 
 def _require(condition: bool, message: str) -> None:
@@ -154,10 +154,23 @@ class StageConfig:
     # cross-entropies (null = plain mean). Deeper depths hold fine residuals that stay near their
     # unigram entropy in short runs; lower weights there leave the LM's gradient to depth 1.
     pixel_depth_weights: list[float] | None = None
+    # loss_weights.grounding > 0: answers whose data gives boxes (the Shapes writer gives the
+    # objects each answer is about) train the first `grounding_heads` attention heads of decoder
+    # layer `grounding_layer` (null = the middle layer) to look at those image slots from the
+    # position that predicts the answer (see model.forward).
+    grounding_layer: int | None = None
+    grounding_heads: int = 1
+    # Text-to-image pairs with boxes (the Shapes writer gives its objects'): the pixel
+    # cross-entropy of the slots under the caption's objects counts this many times (1 = plain).
+    object_pixel_weight: float = 1.0
 
     @property
     def contrast(self) -> bool:
         return self.loss_weights.get("contrast", 0.0) > 0
+
+    @property
+    def grounding(self) -> bool:
+        return self.loss_weights.get("grounding", 0.0) > 0
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.uncond_prob < 1.0, f"stage.uncond_prob={self.uncond_prob}; expected in [0, 1)")
@@ -171,6 +184,18 @@ class StageConfig:
                 f"stage.loss_weights.{name}={weight!r}; expected a finite number >= 0 (0 switches the term off)",
             )
         _require(self.contrast_beta > 0, f"stage.contrast_beta={self.contrast_beta}; expected > 0")
+        _require(
+            self.grounding_layer is None or (isinstance(self.grounding_layer, int) and self.grounding_layer >= 0),
+            f"stage.grounding_layer={self.grounding_layer!r}; expected a decoder layer index >= 0 or null (the middle one)",
+        )
+        _require(
+            _is_weight(self.object_pixel_weight) and self.object_pixel_weight > 0,
+            f"stage.object_pixel_weight={self.object_pixel_weight!r}; expected a finite number > 0 (1 = plain mean)",
+        )
+        _require(
+            isinstance(self.grounding_heads, int) and self.grounding_heads >= 1,
+            f"stage.grounding_heads={self.grounding_heads!r}; expected an integer >= 1",
+        )
         weights = self.pixel_depth_weights
         if weights is not None:
             _require(
@@ -393,8 +418,12 @@ class MixedSequences(Dataset):
         seed: int,
         contrast: bool = False,
         vqa_turns: str = "conversation",
+        grounding: bool = False,
+        object_boxes: bool = False,
     ) -> None:
         self.builder = builder
+        self.grounding = grounding
+        self.object_boxes = object_boxes
         self.independent_turns = vqa_turns == "independent"
         self.store = store
         self.sources = {"vqa": conversations, "t2i": pairs, "caption": pairs}
@@ -402,6 +431,16 @@ class MixedSequences(Dataset):
         for name, weight in weights.items():
             if weight > 0 and not self.sources[name]:
                 raise ConfigError(f"data.mix gives {name!r} weight {weight} but no {name} records were read")
+        if grounding and weights["vqa"] > 0 and not any(turn.boxes for r in conversations for turn in r.turns):
+            raise ConfigError(
+                "stage.loss_weights.grounding > 0 but no answer in data.conversations has 'boxes' (the regions it "
+                "is about); write the data again (the Shapes writer adds them) or set the weight to 0"
+            )
+        if object_boxes and weights["t2i"] > 0 and not any(pair.boxes for pair in pairs):
+            raise ConfigError(
+                "stage.object_pixel_weight != 1 but no pair in data.text_image has 'boxes' (where the caption's "
+                "objects are); write the data again (the Shapes writer adds them) or set it to 1"
+            )
         self.names = [name for name in SOURCES if weights[name] > 0]
         self.weights = np.array([weights[name] for name in self.names]) / sum(weights[name] for name in self.names)
         self.sizes = [len(self.sources[name]) for name in self.names]
@@ -418,13 +457,16 @@ class MixedSequences(Dataset):
         name = self.names[source]
         record = self.sources[name][item]
         if name == "vqa":
-            return conversation_sequence(self.builder, self.store, record, independent=self.independent_turns)
+            return conversation_sequence(
+                self.builder, self.store, record, independent=self.independent_turns, grounding=self.grounding
+            )
         pixel, semantic = self.store.get(normalise_key(record.image_key))
         if name == "t2i":
             rng = np.random.default_rng([self.seed, draw])
             if rng.random() < self.uncond_prob:
                 return self.builder.generation("", pixel, semantic)
-            matched = self.builder.generation(record.caption, pixel, semantic)
+            boxes = record.boxes if self.object_boxes else ()
+            matched = self.builder.generation(record.caption, pixel, semantic, boxes=boxes)
             if not self.contrast:
                 return matched
             return matched, self.builder.generation(self._other_caption(record.caption, rng), pixel, semantic)
@@ -484,14 +526,21 @@ class MixtureSampler(torch.utils.data.Sampler):
 
 
 def conversation_sequence(
-    builder: SequenceBuilder, store: CodeStore, record: Any, train: bool = True, independent: bool = False
+    builder: SequenceBuilder,
+    store: CodeStore,
+    record: Any,
+    train: bool = True,
+    independent: bool = False,
+    grounding: bool = False,
 ) -> Sequence:
+    """The training sequence of a conversation record; ``grounding`` keeps its answers' boxes."""
     turns = [(turn.role, turn.text) for turn in record.turns]
     if record.image_key is None:
         return builder.conversation(turns, train=train)
+    boxes = [turn.boxes for turn in record.turns] if grounding else None
     pixel, semantic = store.get(normalise_key(record.image_key))
     build = builder.independent_turns if independent else builder.conversation
-    return build(turns, semantic=semantic, pixel=pixel, train=train)
+    return build(turns, semantic=semantic, pixel=pixel, train=train, boxes=boxes)
 
 
 def _check_images_tokenised(store: CodeStore, records: list[Any], codes_dir: str | None) -> None:
@@ -587,6 +636,7 @@ class MLLMStageTrainer:
             self.model, self.tokenizer = build_model(config.model, self.store)
             self.tokenizer_path = self.store.meta.tokenizer_path
         self._check_layout()
+        self._check_grounding()
         if config.model.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         if config.lora.enabled:
@@ -631,8 +681,20 @@ class MLLMStageTrainer:
             loop.seed,
             contrast=stage.contrast,
             vqa_turns=config.data.vqa_turns,
+            grounding=stage.grounding,
+            object_boxes=stage.object_pixel_weight != 1.0,
         )
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def _check_grounding(self) -> None:
+        stage, text = self.config.stage, self.model.config.text_config
+        layers, heads = text.num_hidden_layers, text.num_attention_heads
+        if stage.grounding_layer is not None and stage.grounding_layer >= layers:
+            raise ConfigError(
+                f"stage.grounding_layer={stage.grounding_layer}; the LM has decoder layers 0..{layers - 1}"
+            )
+        if stage.grounding_heads > heads:
+            raise ConfigError(f"stage.grounding_heads={stage.grounding_heads}; the LM has {heads} attention heads")
 
     def _check_layout(self) -> None:
         meta, model_config = self.store.meta, self.model.config
@@ -674,6 +736,9 @@ class MLLMStageTrainer:
                 loss_weights=stage.loss_weights,
                 contrast_beta=stage.contrast_beta,
                 pixel_depth_weights=stage.pixel_depth_weights,
+                grounding_layer=stage.grounding_layer,
+                grounding_heads=stage.grounding_heads,
+                object_pixel_weight=stage.object_pixel_weight,
             )
         self.engine.backward(out.loss)
         grad_norm = self.engine.step()
@@ -700,6 +765,25 @@ class MLLMStageTrainer:
                 items.append((matched, self.builder.generation(other.caption, *codes)) if len(pairs) > 1 else matched)
             out = model(**self._to_device(self._collate(items)))
             metrics.update({f"val_t2i_{k}": v.item() for k, v in out.losses.items() if k != "contrast"})
+        grounded = [r for r in self.val_conversations[:256] if r.image_key and any(t.boxes for t in r.turns)][:64]
+        if grounded:
+            # How much the grounding heads look at the objects each answer is about (whether or
+            # not this stage trains them to): the mean attention mass on those slots.
+            items = [
+                conversation_sequence(
+                    self.builder, self.val_store, record, independent=self.dataset.independent_turns, grounding=True
+                )
+                for record in grounded
+            ]
+            stage = self.config.stage
+            out = model(
+                **self._to_device(self._collate(items)),
+                grounding_layer=stage.grounding_layer,
+                grounding_heads=stage.grounding_heads,
+            )
+            metrics.update(
+                {f"val_vqa_{k}": out.losses[k].item() for k in ("text", "grounding_mass") if k in out.losses}
+            )
         if self.val_conversations and self.config.eval.vqa_samples > 0:
             metrics.update(
                 vqa_accuracy(

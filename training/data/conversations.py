@@ -9,9 +9,12 @@ Formats read here (DESIGN.md §3: understanding data and generation data):
   ``"assistant"``; turns must alternate, start with the user and end with an answer.
   A record with an image holds exactly one ``<image>`` placeholder, in a user turn; it is
   kept in the turn text so the chat template decides where the image tokens go.
-  Records without ``"image"`` are text-only.
+  Records without ``"image"`` are text-only. An answer turn may carry ``"boxes": [[left, top,
+  right, bottom], ...]`` (image fractions): the regions it is about, which the grounding loss
+  (``stage.loss_weights.grounding``) uses; the Shapes writer gives the objects each answer names.
 - **Text-to-image pairs**: JSON lines (or a JSON list) of ``{"image": "relative/path.png",
-  "caption": str}``.
+  "caption": str}``, optionally with ``"boxes"`` (where the caption's objects are, as above),
+  which ``stage.object_pixel_weight`` uses.
 
 Relative image paths are resolved against ``image_root`` (default: the annotation file's
 folder); the path exactly as written is kept as ``image_key``, the key of the image's codes in
@@ -41,6 +44,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from mllm.chat import Box
 from training.data.readers import MetadataError
 from training.data.shapes import SPLITS, ShapesSample, ShapesWorld, ShapesWorldConfig
 
@@ -51,7 +55,7 @@ LLAVA_FILE_NAME = "llava.json"
 T2I_FILE_NAME = "t2i.jsonl"
 ROLES: dict[str, str] = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 _CONVERSATION_KEYS = ("id", "image", "conversations")
-_PAIR_KEYS = ("image", "caption")
+_PAIR_KEYS = ("image", "caption")  # required; "boxes" is optional
 # rng stream of the per-image turn shuffle; distinct from the world's own streams ([seed, split] and
 # [seed, split + 100]) because it has three entries.
 _SHUFFLE_STREAM = 7
@@ -59,8 +63,12 @@ _SHUFFLE_STREAM = 7
 
 @dataclass(frozen=True)
 class Turn:
+    """One turn. ``boxes`` (answers only): the image regions the answer is about, each
+    ``(left, top, right, bottom)`` in image fractions; empty when the data gives none."""
+
     role: str  # "user" or "assistant"
     text: str
+    boxes: tuple[Box, ...] = ()
 
 
 @dataclass
@@ -76,12 +84,14 @@ class Conversation:
 
 @dataclass
 class TextImagePair:
-    """One text-to-image example. ``image``: resolved path; ``image_key``: the path as written."""
+    """One text-to-image example. ``image``: resolved path; ``image_key``: the path as written;
+    ``boxes``: where the caption's objects are (image fractions), when the data says."""
 
     image: Path
     caption: str
     image_key: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    boxes: tuple[Box, ...] = ()
 
 
 # --------------------------------------------------------------------------------------
@@ -145,7 +155,10 @@ def _parse_turns(raw_turns: Any, where: str) -> list[Turn]:
             )
         if not isinstance(raw["value"], str):
             raise MetadataError(f"{where}: turn {position} 'value' must be a string, got {type(raw['value']).__name__}")
-        turns.append(Turn(role=role, text=raw["value"]))
+        boxes = _parse_boxes(raw.get("boxes"), f"{where}: turn {position}") if "boxes" in raw else ()
+        if boxes and role != "assistant":
+            raise MetadataError(f"{where}: turn {position} has 'boxes' but is a user turn; boxes belong to answers")
+        turns.append(Turn(role=role, text=raw["value"], boxes=boxes))
     if not any(turn.role == "assistant" for turn in turns):
         raise MetadataError(f"{where}: the conversation has no answer (no assistant turn)")
     for position, turn in enumerate(turns):
@@ -160,6 +173,25 @@ def _parse_turns(raw_turns: Any, where: str) -> list[Turn]:
         if turn.role == "assistant" and not turn.text.strip():
             raise MetadataError(f"{where}: turn {position} is an empty answer")
     return turns
+
+
+def _parse_boxes(raw: Any, where: str) -> tuple[Box, ...]:
+    """``[[left, top, right, bottom], ...]`` in image fractions (0 <= left < right <= 1, same for y)."""
+    if not isinstance(raw, list):
+        raise MetadataError(f"{where}: 'boxes' must be a list of [left, top, right, bottom] lists, got {raw!r:.80}")
+    boxes = []
+    for number, box in enumerate(raw):
+        ok = isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
+        if ok:
+            left, top, right, bottom = (float(v) for v in box)
+            ok = 0.0 <= left < right <= 1.0 and 0.0 <= top < bottom <= 1.0
+        if not ok:
+            raise MetadataError(
+                f"{where}: box {number} is {box!r:.80}; expected [left, top, right, bottom] in image fractions "
+                "with 0 <= left < right <= 1 and 0 <= top < bottom <= 1"
+            )
+        boxes.append((left, top, right, bottom))
+    return tuple(boxes)
 
 
 def _check_placeholders(turns: list[Turn], has_image: bool, where: str) -> None:
@@ -230,8 +262,9 @@ def read_text_image_pairs(
         image, key = _resolve_image(record, location, root, check_files)
         if image is None or key is None:
             raise MetadataError(f"{location}: 'image' is null; a text-to-image pair needs an image")
-        meta = {name: value for name, value in record.items() if name not in _PAIR_KEYS}
-        pairs.append(TextImagePair(image=image, caption=caption, image_key=key, meta=meta))
+        boxes = _parse_boxes(record["boxes"], location) if "boxes" in record else ()
+        meta = {name: value for name, value in record.items() if name not in (*_PAIR_KEYS, "boxes")}
+        pairs.append(TextImagePair(image=image, caption=caption, image_key=key, meta=meta, boxes=boxes))
     return pairs
 
 
@@ -247,6 +280,11 @@ def _objects_record(sample: ShapesSample) -> list[dict[str, Any]]:
     ]
 
 
+def _rounded_box(box: tuple[float, float, float, float]) -> list[float]:
+    """A box in image fractions, clipped to the image and rounded to 4 decimals for the JSON."""
+    return [round(min(max(value, 0.0), 1.0), 4) for value in box]
+
+
 def shapes_conversation_record(world: ShapesWorld, split: str, index: int, sample: ShapesSample, image: str) -> dict:
     """The LLaVA record of one Shapes sample: all its QA pairs as turns, in a per-image shuffled order.
 
@@ -257,9 +295,13 @@ def shapes_conversation_record(world: ShapesWorld, split: str, index: int, sampl
     order = rng.permutation(len(sample.qa)).tolist()
     turns = []
     for position, qa_index in enumerate(order):
-        question = sample.qa[qa_index].question
+        pair = sample.qa[qa_index]
+        question = pair.question
         turns.append({"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{question}" if position == 0 else question})
-        turns.append({"from": "gpt", "value": sample.qa[qa_index].answer})
+        answer: dict[str, Any] = {"from": "gpt", "value": pair.answer}
+        if pair.referents:
+            answer["boxes"] = [_rounded_box(sample.objects[index].box()) for index in pair.referents]
+        turns.append(answer)
     return {
         "id": f"shapes-{split}-{index:06d}",
         "image": image,
@@ -271,7 +313,12 @@ def shapes_conversation_record(world: ShapesWorld, split: str, index: int, sampl
 
 def shapes_t2i_record(sample: ShapesSample, image: str) -> dict:
     """The text-to-image record of one Shapes sample (``objects`` lets generation be checked)."""
-    return {"image": image, "caption": sample.caption, "objects": _objects_record(sample)}
+    return {
+        "image": image,
+        "caption": sample.caption,
+        "boxes": [_rounded_box(obj.box()) for obj in sample.objects],
+        "objects": _objects_record(sample),
+    }
 
 
 def _write_atomic(path: Path, lines: Iterator[str], opening: str = "", closing: str = "") -> None:

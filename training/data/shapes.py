@@ -153,9 +153,14 @@ class ShapeObject:
 
 @dataclass
 class QAPair:
+    """One question about a scene. ``referents``: indices (into the scene's objects) of the
+    objects the answer is about: the named object, both objects of a relation, every counted
+    object; empty when the answer is about nothing drawn ("is there a blue circle?" "no")."""
+
     question: str
     answer: str
     kind: str  # one of QUESTION_KINDS
+    referents: tuple[int, ...] = ()
 
 
 @dataclass
@@ -593,36 +598,38 @@ def _make_qa(rng: np.random.Generator, objects: list[ShapeObject], nameable: lis
 
     colour_questions = []
     shape_questions = []
-    for obj in objects:
+    for index, obj in enumerate(objects):
         same_shape = [other for other in objects if other is not obj and other.shape == obj.shape]
         phrase = _referent(obj, same_shape, obj.shape)
         if phrase is not None:
-            colour_questions.append(QAPair(f"what colour is {phrase}?", obj.colour, "colour"))
+            colour_questions.append(QAPair(f"what colour is {phrase}?", obj.colour, "colour", (index,)))
         same_colour = [other for other in objects if other is not obj and other.colour == obj.colour]
         phrase = _referent(obj, same_colour, f"{obj.colour} object")
         if phrase is not None:
-            shape_questions.append(QAPair(f"what shape is {phrase}?", obj.shape, "shape"))
+            shape_questions.append(QAPair(f"what shape is {phrase}?", obj.shape, "shape", (index,)))
     if colour_questions:
         qa.append(_pick(rng, colour_questions))
     if shape_questions:
         qa.append(_pick(rng, shape_questions))
 
-    qa.append(QAPair("how many objects are there?", NUMBER_WORDS[len(objects)], "count"))
+    everything = tuple(range(len(objects)))
+    qa.append(QAPair("how many objects are there?", NUMBER_WORDS[len(objects)], "count", everything))
     if rng.random() < 0.5:
         shape = _pick(rng, SHAPES)
-        count = sum(obj.shape == shape for obj in objects)
-        qa.append(QAPair(f"how many {shape}s are there?", NUMBER_WORDS[count], "count"))
+        counted = tuple(i for i in everything if objects[i].shape == shape)
+        qa.append(QAPair(f"how many {shape}s are there?", NUMBER_WORDS[len(counted)], "count", counted))
     else:
         colour = _pick(rng, list(COLOURS))
-        count = sum(obj.colour == colour for obj in objects)
-        qa.append(QAPair(f"how many {colour} objects are there?", NUMBER_WORDS[count], "count"))
+        counted = tuple(i for i in everything if objects[i].colour == colour)
+        qa.append(QAPair(f"how many {colour} objects are there?", NUMBER_WORDS[len(counted)], "count", counted))
 
     # One "yes" and one "no" per image, in random order, so the answer prior is exactly 50/50.
-    present = _pick(rng, objects)
+    present_index = int(rng.integers(len(objects)))  # the draw of _pick(rng, objects)
+    present = objects[present_index]
     present_names = {(obj.colour, obj.shape) for obj in objects}
     absent = _pick(rng, [c for c in nameable if c not in present_names])
     exists = [
-        QAPair(f"is there a {present.colour} {present.shape}?", "yes", "exists"),
+        QAPair(f"is there a {present.colour} {present.shape}?", "yes", "exists", (present_index,)),
         QAPair(f"is there a {absent[0]} {absent[1]}?", "no", "exists"),
     ]
     if rng.random() < 0.5:
@@ -630,22 +637,23 @@ def _make_qa(rng: np.random.Generator, objects: list[ShapeObject], nameable: lis
     qa.extend(exists)
 
     if len(objects) >= 2:
-        pairs = list(itertools.permutations(objects, 2))
-        first, second = pairs[int(rng.integers(len(pairs)))]
+        pairs = list(itertools.permutations(range(len(objects)), 2))
+        first_index, second_index = pairs[int(rng.integers(len(pairs)))]
+        first, second = objects[first_index], objects[second_index]
         relation = _pick(rng, relations(first, second))
         answer = "yes" if rng.random() < 0.5 else "no"
         asked = relation if answer == "yes" else _OPPOSITE[relation]
         question = f"is {_the_phrase(first)} {_RELATION_PHRASES[asked]} {_the_phrase(second)}?"
-        qa.append(QAPair(question, answer, "position"))
+        qa.append(QAPair(question, answer, "position", (first_index, second_index)))
     absolute = []
-    for obj in objects:
+    for index, obj in enumerate(objects):
         x, y = obj.center
         if abs(x - 0.5) >= SIDE_MARGIN:
             side = "left" if x < 0.5 else "right"
-            absolute.append(QAPair(f"which side is {_the_phrase(obj)} on?", side, "position"))
+            absolute.append(QAPair(f"which side is {_the_phrase(obj)} on?", side, "position", (index,)))
         if abs(y - 0.5) >= SIDE_MARGIN:
             half = "top" if y < 0.5 else "bottom"
-            absolute.append(QAPair(f"is {_the_phrase(obj)} at the top or the bottom?", half, "position"))
+            absolute.append(QAPair(f"is {_the_phrase(obj)} at the top or the bottom?", half, "position", (index,)))
     if absolute:
         qa.append(_pick(rng, absolute))
     return qa
