@@ -309,10 +309,7 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
             self.image_rows = nn.Embedding(config.grid_size[0], hidden)
             self.image_cols = nn.Embedding(config.grid_size[1], hidden)
         elif config.image_position_embedding == "gated":
-            # Reads the slot's code vectors (the projector's input) and scales the sine-cosine
-            # table channel by channel (initialised at std 1 in _init_weights).
-            content = 2 * hidden if config.input_fusion == "concat_mlp" else hidden
-            self.image_position_gate = nn.Linear(content, hidden)
+            self.image_position_gate = self.new_position_gate()
         head_hidden = config.depth_head_hidden or hidden
         self.pixel_head = None
         if config.depth_head_layers > 0:
@@ -556,6 +553,14 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
             on = (slot_index >= 0).unsqueeze(-1).to(fused.dtype)
             fused = fused + rows * self.image_position_gate(content) * on
         return fused
+
+    def new_position_gate(self) -> nn.Linear:
+        """The ``gated`` mode's gate: reads the slot's code vectors (the projector's input, so
+        twice the width with concat fusion) and scales the sine-cosine table channel by channel
+        (initialised at std 1 in ``_init_weights``)."""
+        hidden = self.llm.config.hidden_size
+        content = 2 * hidden if self.config.input_fusion == "concat_mlp" else hidden
+        return nn.Linear(content, hidden)
 
     # ------------------------------------------------------------------ outputs
     def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:

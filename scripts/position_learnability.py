@@ -6,7 +6,7 @@ left / right by the square's centre column), "is the red circle at the top or th
 (by its centre row), or "what colour is the circle?" (answer by which of two codes the
 square holds: the control, which needs no position). The model (any trained stage folder, e.g.
 an align model) is trained on these alone with AdamW, every parameter, and then answers 256
-fresh samples by the larger of the two answers' logits.
+fresh samples by the more likely of the two answers (log-likelihood of all their tokens).
 
 ``--position`` overrides the model's ``image_position_embedding`` for the run (``gated`` gets
 a freshly initialised gate when the model has none). Measured on the tiny default's align
@@ -92,9 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             )
         config.image_position_embedding = args.position
         if args.position == "gated" and model.image_position_gate is None:  # a fresh gate, as a new model has
-            hidden = config.text_config.hidden_size
-            width = 2 * hidden if config.input_fusion == "concat_mlp" else hidden
-            model.image_position_gate = torch.nn.Linear(width, hidden)
+            model.image_position_gate = model.new_position_gate()
             model._init_weights(model.image_position_gate)
             if args.gate_std is not None:
                 torch.nn.init.normal_(model.image_position_gate.weight, std=args.gate_std)
@@ -104,9 +102,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         parser.error(f"--block {args.block} does not fit the {config.grid_size} grid")
     builder = SequenceBuilder.for_model(tokenizer, config)
     text, answers = QUESTIONS[args.question]
-    answer_ids = [builder.text_ids(word) for word in answers]
-    if answer_ids[0][:-1] != answer_ids[1][:-1]:
-        raise SystemExit(f"the answers {answers} differ before their last token; pick other words")
     rng = np.random.default_rng(args.seed)
     pad = tokenizer.pad_token_id or 0
 
@@ -133,15 +128,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     with torch.no_grad():
         for _ in range(256):
             semantic, pixel, answer = make_sample(rng, config, args.question, args.block, args.textures)
-            batch = collate_sequences([sequence(semantic, pixel)], pad)
-            prefix = answer_ids[0][:-1]
-            if prefix:  # the answers share leading tokens: feed them, then compare the last one
-                extra = builder._text_rows(prefix, False)[0][None]
-                batch["input_ids"] = torch.cat([batch["input_ids"], extra], dim=1)
-                batch["attention_mask"] = torch.ones(batch["input_ids"].shape[:2], dtype=torch.long)
+            # The answer with the higher log-likelihood (of all its tokens) is the model's choice.
+            both = [sequence(semantic, pixel, option) for option in (0, 1)]
+            batch = collate_sequences(both, pad)
             hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).hidden_states
-            logits = model.text_logits(hidden[0, -1])
-            hits.append(int(logits[answer_ids[1][-1]] > logits[answer_ids[0][-1]]) == answer)
+            scores = []
+            for row, seq in enumerate(both):
+                targets = seq.labels[1:, 0]
+                kept = targets >= 0
+                log_probs = model.text_logits(hidden[row, : len(seq) - 1][kept]).log_softmax(dim=-1)
+                scores.append(float(log_probs.gather(1, targets[kept, None]).sum()))
+            hits.append(int(scores[1] > scores[0]) == answer)
     accuracy = float(np.mean(hits))
     print(f"held-out accuracy on 256 fresh samples: {100 * accuracy:.1f} %")
     return {"accuracy": accuracy}

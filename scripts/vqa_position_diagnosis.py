@@ -83,6 +83,8 @@ def attention_on_objects(model_dir: str, pipe: Pipeline, world: ShapesWorld, sce
         mask[y0 : y0 + coverage.shape[0], x0 : x0 + coverage.shape[1]] = coverage > 0.5
         cell = (size // grid[0], size // grid[1])
         on_object = torch.from_numpy(mask.reshape(grid[0], cell[0], grid[1], cell[1]).mean(axis=(1, 3)).flatten() > 0.3)
+        if not bool(on_object.any()):  # an object that fills no cell to 30 % (coarse grids) is skipped
+            continue
         batch = prompt_batch(pipe, sample.image, f"which side is the {obj.colour} {obj.shape} on?")
         slots = model.image_slot_index(batch["input_ids"])[0] >= 0
         with torch.no_grad():
@@ -95,6 +97,8 @@ def attention_on_objects(model_dir: str, pipe: Pipeline, world: ShapesWorld, sce
             image = attention[0, :, -1][:, slots]
             per_layer.append((image[:, on_object].sum(-1) / image.sum(-1)).numpy() / float(on_object.float().mean()))
         ratios.append(np.stack(per_layer))
+    if not ratios:
+        raise SystemExit(f"none of the first {scenes} one-object test scenes has an object filling a grid cell")
     return np.stack(ratios).mean(axis=0)
 
 
@@ -166,7 +170,7 @@ def mirror_sensitivity(pipe: Pipeline, world: ShapesWorld, scenes: int) -> dict[
     return {"code grid mirrored": float(np.median(mirrored)), "another scene": float(np.median(replaced))}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", help="a trained model folder (a stage's model/)")
     parser.add_argument("--scenes", type=int, default=150, help="test scenes for each measurement")
@@ -175,18 +179,23 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     pipe = Pipeline.from_pretrained(args.model)
-    world = ShapesWorld(ShapesWorldConfig())
+    world = ShapesWorld(ShapesWorldConfig(image_size=pipe.dualtoken.backbone.image_size))
+    found: dict[str, object] = {"accuracy": position_accuracy(pipe, world, args.scenes)}
     print("absolute position questions, accuracy:")
-    for key, value in position_accuracy(pipe, world, args.scenes).items():
+    for key, value in found["accuracy"].items():
         print(f"  {key:28s} {value:.3f}")
+    found["attention"] = attention_on_objects(args.model, pipe, world, args.scenes // 2)
     print("attention on the object's slots / their share of the image (rows: layers, columns: heads):")
-    print(np.array2string(attention_on_objects(args.model, pipe, world, args.scenes // 2), precision=2))
+    print(np.array2string(found["attention"], precision=2))
+    found["probes"] = side_probes(pipe, world, args.probe_scenes)
     print("left/right linear probe, held-out accuracy after the input embedding and each layer:")
-    for key, values in side_probes(pipe, world, args.probe_scenes).items():
+    for key, values in found["probes"].items():
         print(f"  {key:24s} " + " ".join(f"{value:.3f}" for value in values))
+    found["mirror"] = mirror_sensitivity(pipe, world, args.scenes // 3)
     print("median change of the answer state / its norm, one-object test scenes:")
-    for key, value in mirror_sensitivity(pipe, world, args.scenes // 3).items():
+    for key, value in found["mirror"].items():
         print(f"  {key:24s} {value:.4f}")
+    return found
 
 
 if __name__ == "__main__":
