@@ -64,3 +64,14 @@ def test_position_diagnosis_runs_on_a_trained_model(chain):
     for name in ("answer position", "object-centre slot"):  # after the input and after each layer
         assert len(found["probes"][name]) == layers + 1 and all(0 <= v <= 1 for v in found["probes"][name])
     assert set(found["mirror"]) == {"code grid mirrored", "another scene"}
+
+
+def test_grounding_report_measures_every_layer(chain, data):
+    report = _load("grounding_report").main(
+        [str(chain["understand"]), "--conversations", str(data["val_llava"]), "--codes", str(data["val_codes"])]
+        + ["--questions", "8"]
+    )
+    layers = 2  # the fixture's LM
+    masses = [report[f"mass_layer{layer}_{name}"] for layer in range(layers) for name in ("head0", "mean_of_heads")]
+    assert all(0 < mass < 1 for mass in masses) and report["val_answer_loss"] > 0
+    assert 0 <= report["vqa_all"] <= 1
