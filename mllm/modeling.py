@@ -765,12 +765,12 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
         rows, queries = index[:, 0], index[:, 1]
         normed = layer.input_layernorm(hidden)
         count, length = index.shape[0], hidden.shape[1]
-        query = attention.q_proj(normed[rows, queries]).view(count, num_heads, head_dim)[:, :heads]
-        key = attention.k_proj(normed[rows]).view(count, length, num_kv, head_dim)
-        key = key[:, :, torch.arange(heads, device=key.device) // (num_heads // num_kv)]  # (N, L, heads, hd)
         cos, sin = cos.expand(hidden.shape[0], -1, -1), sin.expand(hidden.shape[0], -1, -1)
+        query = attention.q_proj(normed[rows, queries]).view(count, num_heads, head_dim)[:, :heads]
         query = query * cos[rows, queries][:, None] + _rotate_half(query) * sin[rows, queries][:, None]
-        key = key * cos[rows][:, :, None] + _rotate_half(key) * sin[rows][:, :, None]
+        keys = attention.k_proj(normed).view(hidden.shape[0], length, num_kv, head_dim)  # once per batch row
+        keys = keys * cos[:, :, None] + _rotate_half(keys) * sin[:, :, None]
+        key = keys[rows][:, :, torch.arange(heads, device=keys.device) // (num_heads // num_kv)]  # (N, L, heads, hd)
         scores = torch.einsum("nhd,nlhd->nhl", query, key).float() * attention.scaling
         seen = allowed[rows] & (torch.arange(length, device=rows.device)[None] <= queries[:, None])
         if segment_ids is not None:
