@@ -307,12 +307,8 @@ class SequenceBuilder:
             return []
         reference = semantic if semantic is not None else pixel
         assert reference is not None  # _check_boxes: boxes need an image
-        rows, cols = reference.shape[0], reference.shape[1]
-        found = []
-        for query, regions in queries:
-            covered = sorted({slot for region in regions for slot in box_slots(region, rows, cols)})
-            found.append((query, [image_at + slot for slot in covered]))
-        return found
+        grid = reference.shape[:2]
+        return [(query, [image_at + slot for slot in _covered(regions, *grid)]) for query, regions in queries]
 
     def generation(
         self,
@@ -346,9 +342,7 @@ class SequenceBuilder:
             parts.append(self._text_rows([self.layout.gen_end_id] + self.text_ids(self.template.end), train))
         sequence = self._finish(parts)
         if boxes and pixel is not None:
-            rows, cols = pixel.shape[0], pixel.shape[1]
-            covered = {slot for box in boxes for slot in box_slots(box, rows, cols)}
-            sequence.object_slots = [first + slot for slot in sorted(covered)]
+            sequence.object_slots = [first + slot for slot in _covered(boxes, *pixel.shape[:2])]
         return sequence
 
     def _finish(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> Sequence:
@@ -363,6 +357,11 @@ class SequenceBuilder:
 
 def _length(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
     return sum(ids.shape[0] for ids, _ in parts)
+
+
+def _covered(boxes: tuple[Box, ...], rows: int, cols: int) -> list[int]:
+    """Sorted raster indices of the grid cells that any of ``boxes`` covers (:func:`box_slots`)."""
+    return sorted({slot for box in boxes for slot in box_slots(box, rows, cols)})
 
 
 def box_slots(box: Box, rows: int, cols: int, min_cover: float = 0.1) -> list[int]:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mllm.chat import SequenceBuilder, collate_sequences  # noqa: E402
 from training.data.code_shards import CodeStore  # noqa: E402
 from training.data.conversations import read_conversations  # noqa: E402
-from training.train_mllm import conversation_sequence, load_model_folder, vqa_accuracy  # noqa: E402
+from training.train_mllm import grounded_sequences, load_model_folder, vqa_accuracy  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -41,12 +41,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     builder = SequenceBuilder.for_model(tokenizer, model.config)
     store = CodeStore(args.codes)
     records = read_conversations(args.conversations)
-    grounded = [r for r in records if r.image_key and any(turn.boxes for turn in r.turns)][:64]
+    grounded = grounded_sequences(builder, store, records)
     if not grounded:
         raise SystemExit(f"{args.conversations}: no answer has 'boxes'; write the data again with this version")
-    batch = collate_sequences(
-        [conversation_sequence(builder, store, r, grounding=True) for r in grounded], tokenizer.pad_token_id or 0
-    )
+    batch = collate_sequences(grounded, tokenizer.pad_token_id or 0)
     text = model.config.text_config
     report: dict[str, float] = {}
     with torch.no_grad():

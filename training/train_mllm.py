@@ -543,6 +543,14 @@ def conversation_sequence(
     return build(turns, semantic=semantic, pixel=pixel, train=train, boxes=boxes)
 
 
+def grounded_sequences(
+    builder: SequenceBuilder, store: CodeStore, records: list[Any], independent: bool = False, limit: int = 64
+) -> list[Sequence]:
+    """Sequences, with their grounding targets, of the first ``limit`` image records whose answers have boxes."""
+    grounded = [r for r in records if r.image_key and any(turn.boxes for turn in r.turns)][:limit]
+    return [conversation_sequence(builder, store, r, independent=independent, grounding=True) for r in grounded]
+
+
 def _check_images_tokenised(store: CodeStore, records: list[Any], codes_dir: str | None) -> None:
     """Fail before training when a record's image has no codes (not tokenised, or a typo)."""
     missing = [r.image_key for r in records if r.image_key is not None and normalise_key(r.image_key) not in store]
@@ -765,16 +773,12 @@ class MLLMStageTrainer:
                 items.append((matched, self.builder.generation(other.caption, *codes)) if len(pairs) > 1 else matched)
             out = model(**self._to_device(self._collate(items)))
             metrics.update({f"val_t2i_{k}": v.item() for k, v in out.losses.items() if k != "contrast"})
-        grounded = [r for r in self.val_conversations[:256] if r.image_key and any(t.boxes for t in r.turns)][:64]
-        if grounded:
+        items = grounded_sequences(
+            self.builder, self.val_store, self.val_conversations[:256], self.dataset.independent_turns
+        )
+        if items:
             # How much the grounding heads look at the objects each answer is about (whether or
             # not this stage trains them to): the mean attention mass on those slots.
-            items = [
-                conversation_sequence(
-                    self.builder, self.val_store, record, independent=self.dataset.independent_turns, grounding=True
-                )
-                for record in grounded
-            ]
             stage = self.config.stage
             out = model(
                 **self._to_device(self._collate(items)),
