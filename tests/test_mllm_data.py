@@ -156,6 +156,17 @@ def test_conversation_cli_writes_both_formats(tmp_path: Path) -> None:
     assert len(read_text_image_pairs(written["t2i"])) == 3
 
 
+def test_conversation_cli_passes_the_generation_world_options(tmp_path: Path) -> None:
+    argv = ["--split", "val", "--limit", "6", "--out", str(tmp_path), "--image-size", "32"]
+    written = conversations.main([*argv, "--max-objects", "1", "--backgrounds", "plain", "--snap-cells", "4"])
+    pairs = read_text_image_pairs(written["t2i"])
+    assert len(pairs) == 6
+    for pair in pairs:
+        assert not any(word in pair.caption for word in ("gradient", "striped", "checkered", "blotchy")), pair.caption
+        (box,) = pair.boxes  # one object each
+        assert all(abs(corner * 4 - round(corner * 4)) < 0.01 for corner in box[:2]), box
+
+
 # --------------------------------------------------------------------------------------
 # validation
 # --------------------------------------------------------------------------------------

@@ -354,11 +354,43 @@ def test_torch_dataset_items(world: ShapesWorld) -> None:
         ({"num_train": -1}, "num_train"),
         ({"holdout_combinations": ("pink circle",)}, "holdout_combinations"),
         ({"holdout_combinations": ("red circle", "red circle")}, "holdout_combinations"),
+        ({"backgrounds": ("plain", "marble")}, "backgrounds"),
+        ({"backgrounds": ()}, "backgrounds"),
+        ({"snap_cells": -1}, "snap_cells"),
+        ({"snap_cells": 65}, "snap_cells"),
     ],
 )
 def test_config_validation_names_the_field(overrides: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=field):
         ShapesWorldConfig(**overrides)
+
+
+def test_generation_world_options_restrict_backgrounds_and_snap_objects_to_the_grid(world: ShapesWorld) -> None:
+    """``backgrounds`` and ``snap_cells`` (a world for text-to-image data): every scene draws from
+    the named kinds, and every object's bounding square starts on the lattice, inside the image
+    and apart from the others; the defaults leave the world as it was."""
+    assert ShapesWorldConfig().backgrounds == BACKGROUNDS and ShapesWorldConfig().snap_cells == 0
+    assert (
+        world.sample("train", 5).caption
+        == ShapesWorld(ShapesWorldConfig(seed=3, num_train=400)).sample("train", 5).caption
+    )
+    config = ShapesWorldConfig(seed=3, num_train=400, max_objects=2, backgrounds=("plain", "stripes"), snap_cells=8)
+    snapped = ShapesWorld(config)
+    kinds, corners = set(), set()
+    for sample in _samples(snapped, "train", 150):
+        kinds.add(sample.background)
+        assert 1 <= len(sample.objects) <= 2
+        for obj in sample.objects:
+            left, top, right, bottom = _box(obj)
+            assert 0 <= left and 0 <= top and right <= 1 and bottom <= 1
+            for corner in (left, top):
+                assert abs(corner * 8 - round(corner * 8)) < 1e-6, (corner, obj)
+                corners.add(round(corner * 8))
+        for i, first in enumerate(sample.objects):
+            for second in sample.objects[i + 1 :]:
+                assert any(_holds(first, relation, second) for relation in OPPOSITE), "objects overlap"
+    assert kinds == {"plain", "stripes"}
+    assert len(corners) >= 5  # objects still go everywhere on the lattice
 
 
 def test_bad_split_or_index_is_rejected(world: ShapesWorld) -> None:

@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from mllm.chat import Box
 from training.data.readers import MetadataError
-from training.data.shapes import SPLITS, ShapesSample, ShapesWorld, ShapesWorldConfig
+from training.data.shapes import BACKGROUNDS, SPLITS, ShapesSample, ShapesWorld, ShapesWorldConfig
 
 logger = logging.getLogger(__name__)
 
@@ -418,9 +418,27 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--out", required=True, help="output folder (one split per folder)")
     parser.add_argument("--seed", type=int, default=ShapesWorldConfig.seed, help="Shapes-world seed")
     parser.add_argument("--image-size", type=int, default=ShapesWorldConfig.image_size)
+    parser.add_argument(
+        "--max-objects", type=int, default=ShapesWorldConfig.max_objects, help="objects per scene, 1..N"
+    )
+    parser.add_argument(
+        "--backgrounds", nargs="+", default=list(BACKGROUNDS), choices=BACKGROUNDS, help="background kinds to draw from"
+    )
+    parser.add_argument(
+        "--snap-cells",
+        type=int,
+        default=0,
+        help="start every object's bounding square on a lattice of N cells per side (0 = anywhere)",
+    )
     args = parser.parse_args(argv)
     setup_logging()
-    config = ShapesWorldConfig(seed=args.seed, image_size=args.image_size)
+    config = ShapesWorldConfig(
+        seed=args.seed,
+        image_size=args.image_size,
+        max_objects=args.max_objects,
+        backgrounds=tuple(args.backgrounds),
+        snap_cells=args.snap_cells,
+    )
     written = write_shapes(ShapesWorld(config), args.split, args.out, args.limit, progress=True)
     for name, path in written.items():
         logger.info("wrote %s: %s", name, path)

@@ -100,9 +100,22 @@ class ShapesWorldConfig:
     max_objects: int = 3
     noise_std: float = 0.02  # [0, 1] pixel units; bounds the PSNR a perfect reconstruction of the clean image reaches
     holdout_combinations: tuple[str, ...] = ("purple triangle", "cyan circle", "yellow square")
+    # The background kinds scenes are drawn from (all of BACKGROUNDS by default).
+    backgrounds: tuple[str, ...] = BACKGROUNDS
+    # > 0: every object's bounding square starts on a lattice of this many cells per side (the
+    # tokenizer's grid, say 8), so an object's code pattern does not depend on a sub-cell offset.
+    snap_cells: int = 0
 
     def __post_init__(self) -> None:
         self.holdout_combinations = tuple(self.holdout_combinations)
+        self.backgrounds = tuple(self.backgrounds)
+        unknown = [kind for kind in self.backgrounds if kind not in BACKGROUNDS]
+        if unknown or not self.backgrounds:
+            raise ConfigError(
+                f"shapes.backgrounds={list(self.backgrounds)}; expected a non-empty subset of {list(BACKGROUNDS)}"
+            )
+        if not 0 <= self.snap_cells <= self.image_size:
+            raise ConfigError(f"shapes.snap_cells={self.snap_cells}; expected 0 (off) .. image_size={self.image_size}")
         if self.image_size < 16:
             raise ConfigError(f"shapes.image_size={self.image_size}; expected >= 16 so small shapes stay visible")
         for name in ("num_train", "num_val", "num_test", "num_compositional"):
@@ -313,7 +326,7 @@ class ShapesWorld:
     def _generate(self, rng: np.random.Generator, split: str, num_objects: int) -> ShapesSample:
         compositional = split == "compositional"
         objects = self._place_objects(rng, num_objects, compositional)
-        background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+        background = self.config.backgrounds[int(rng.integers(len(self.config.backgrounds)))]
         # Questions about absent objects ("is there a ...?") never name a held-out combination
         # outside the compositional split, so the training text never mentions one either.
         nameable = self._all_combinations if compositional else self._seen_combinations
@@ -347,6 +360,8 @@ class ShapesWorld:
             placed = None
             for candidate in (low + (high - low) * draws[6:]).reshape(-1, 2).tolist():
                 centre = (candidate[0], candidate[1])
+                if self.config.snap_cells:
+                    centre = _snapped(centre, scale, self.config.snap_cells, low, high)
                 # Keep the first object out of the dead-centre zone so it always has an
                 # unambiguous "which side / which half" question.
                 if position == 0 and max(abs(centre[0] - 0.5), abs(centre[1] - 0.5)) < SIDE_MARGIN:
@@ -506,6 +521,20 @@ def _hf_rows(world: ShapesWorld, split: str, limit: int | None) -> Iterator[dict
             "caption": sample.caption,
             **_sample_record(sample, index),
         }
+
+
+def _snapped(centre: tuple[float, float], scale: float, cells: int, low: float, high: float) -> tuple[float, float]:
+    """``centre`` moved so the bounding square's top-left corner sits on the ``cells`` lattice,
+    one cell inward where that would leave ``[low, high]``."""
+    snapped = []
+    for value in centre:
+        corner = round((value - scale / 2) * cells) / cells
+        if corner + scale / 2 < low:
+            corner += 1 / cells
+        elif corner + scale / 2 > high:
+            corner -= 1 / cells
+        snapped.append(corner + scale / 2)
+    return snapped[0], snapped[1]
 
 
 def _separated(centre: tuple[float, float], scale: float, other: ShapeObject, margin: float) -> bool:
