@@ -67,9 +67,6 @@ class Sequence:
     ``grounding``: ``(query, slots)`` pairs, one per answer that came with boxes: ``query`` is
     the position whose output predicts the answer's first token, ``slots`` the positions of the
     image slots that the boxes cover (the target of the grounding loss).
-
-    ``question_slots``: positions of user-turn text that is labelled (conversations built with
-    ``label_questions``), kept apart so that the model weighs it as its own loss term.
     """
 
     ids: torch.Tensor
@@ -77,7 +74,6 @@ class Sequence:
     segments: torch.Tensor | None = None
     grounding: list[tuple[int, list[int]]] = field(default_factory=list)
     object_slots: list[int] = field(default_factory=list)
-    question_slots: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -170,16 +166,13 @@ class SequenceBuilder:
         train: bool = True,
         add_generation_prompt: bool = False,
         boxes: list[tuple[Box, ...]] | None = None,
-        label_questions: bool = False,
     ) -> Sequence:
         """``turns``: ``[(role, text)]`` with roles ``user`` / ``assistant``; the image replaces ``<image>``.
 
         With ``train`` the assistant turns are labelled; ``add_generation_prompt`` appends the
         assistant prefix (inference: the model continues with the answer). ``boxes`` (one
         entry per turn, image fractions) fill :attr:`Sequence.grounding` for the answers that
-        have them. ``label_questions`` (with ``train``) also labels the user turns' text after
-        an image (:attr:`Sequence.question_slots`): a question about an image mostly names what
-        the image shows, so predicting it is more reading practice for the same pass.
+        have them.
         """
         if not turns:
             raise ConversationError("a conversation needs at least one turn")
@@ -191,7 +184,6 @@ class SequenceBuilder:
         placed = False
         image_at = -1  # the position of the first image slot
         queries: list[tuple[int, tuple[Box, ...]]] = []
-        questions: list[int] = []
         if self.template.system:
             parts.append(self._text_rows(self.text_ids(self.template.system), False))
         for turn_index, (role, text) in enumerate(turns):
@@ -210,11 +202,7 @@ class SequenceBuilder:
                         placed = True
                     piece = piece.strip()
                     if piece:
-                        labelled = train and label_questions and placed
-                        rows = self._text_rows(self.text_ids(piece), labelled)
-                        if labelled:
-                            questions.extend(range(_length(parts), _length(parts) + len(rows[0])))
-                        parts.append(rows)
+                        parts.append(self._text_rows(self.text_ids(piece), False))
                 parts.append(self._text_rows(self.text_ids(self.template.end), False))
             elif role == "assistant":
                 parts.append(self._text_rows(self.text_ids(self.template.assistant), False))
@@ -234,7 +222,6 @@ class SequenceBuilder:
             parts.append(self._text_rows(self.text_ids(self.template.assistant), False))
         sequence = self._finish(parts)
         sequence.grounding = self._grounding(queries, image_at, semantic, pixel)
-        sequence.question_slots = questions
         return sequence
 
     def independent_turns(
@@ -423,8 +410,7 @@ def collate_sequences(sequences: list[Sequence], pad_id: int, left_pad: bool = F
     matching ``position_ids``. When a sequence has :attr:`Sequence.grounding`, the batch also
     carries ``grounding_index`` ``(N, 2)`` (batch row, query position) and ``grounding_slots``
     ``(N, L)`` (True at the slots the N-th answer is about). Sequences with
-    :attr:`Sequence.object_slots` add ``object_slots`` ``(B, L)`` (True there), and those with
-    :attr:`Sequence.question_slots` add ``question_slots`` ``(B, L)`` likewise.
+    :attr:`Sequence.object_slots` add ``object_slots`` ``(B, L)`` (True there).
     """
     length = max(len(seq) for seq in sequences)
     width = sequences[0].ids.shape[1]
@@ -456,11 +442,10 @@ def collate_sequences(sequences: list[Sequence], pad_id: int, left_pad: bool = F
             index[number] = torch.tensor([row, query + shift])
             covered[number, torch.tensor(slots, dtype=torch.long) + shift] = True
         batch.update(grounding_index=index, grounding_slots=covered)
-    for name in ("object_slots", "question_slots"):
-        if any(getattr(seq, name) for seq in sequences):
-            marked = torch.zeros(len(sequences), length, dtype=torch.bool)
-            for row, seq in enumerate(sequences):
-                shift = length - len(seq) if left_pad else 0
-                marked[row, torch.tensor(getattr(seq, name), dtype=torch.long) + shift] = True
-            batch[name] = marked
+    if any(seq.object_slots for seq in sequences):
+        objects = torch.zeros(len(sequences), length, dtype=torch.bool)
+        for row, seq in enumerate(sequences):
+            shift = length - len(seq) if left_pad else 0
+            objects[row, torch.tensor(seq.object_slots, dtype=torch.long) + shift] = True
+        batch["object_slots"] = objects
     return batch

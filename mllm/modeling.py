@@ -34,7 +34,7 @@ from mllm.vocab import VocabLayout, VocabularyError
 
 BRANCHES = ("semantic", "pixel")
 # The terms of DualTokenMLLMOutput.loss; other entries of ``losses`` are diagnostics (accuracies, CE per depth).
-LOSS_TERMS = ("text", "question", "pixel", "semantic", "contrast", "grounding", "idle_heads")
+LOSS_TERMS = ("text", "pixel", "semantic", "contrast", "grounding", "idle_heads")
 FUSIONS = ("sum", "sum_mlp", "concat_mlp")
 IMAGE_ATTENTIONS = ("causal", "bidirectional")
 IMAGE_POSITIONS = ("none", "learned", "sincos", "projector", "gated")
@@ -605,7 +605,6 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
         grounding_heads: int = 1,
         object_slots: torch.Tensor | None = None,
         object_pixel_weight: float = 1.0,
-        question_slots: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> DualTokenMLLMOutput:
         """Run the LM over slots; with ``labels`` (same shape as ``input_ids``) return the losses.
@@ -642,9 +641,6 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
         ``object_slots`` ``(B, L)`` (True at generated slots under the caption's objects): their
         pixel cross-entropy counts ``object_pixel_weight`` times in the (weighted) mean. Those
         slots are where the caption decides the codes; the background is most of an image.
-
-        ``question_slots`` ``(B, L)`` (True at labelled user-turn text): their cross-entropy is
-        the ``question`` term instead of part of ``text``, so that the answers keep their weight.
         """
         self.layout.check_ids(input_ids)
         if segment_ids is not None:
@@ -690,7 +686,7 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
             if object_slots is not None and object_pixel_weight != 1.0:
                 slot_weights = 1.0 + (object_pixel_weight - 1.0) * object_slots.to(hidden.dtype)
             result.losses = self.compute_losses(
-                hidden, labels, contrast_rows, contrast_beta, pixel_depth_weights, slot_weights, question_slots
+                hidden, labels, contrast_rows, contrast_beta, pixel_depth_weights, slot_weights
             )
             if grounding:
                 allowed = (
@@ -792,12 +788,10 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
         contrast_beta: float = 0.1,
         pixel_depth_weights: Sequence[float] | None = None,
         slot_weights: torch.Tensor | None = None,
-        question_slots: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Next-slot losses: the hidden state at position t predicts the labels of slot t + 1.
 
         ``slot_weights`` ``(B, L)``: the weight of each slot's pixel cross-entropy (default 1).
-        ``question_slots`` ``(B, L)``: text targets that form the ``question`` term, not ``text``.
         """
         if labels.dim() == 2:
             labels = labels.unsqueeze(-1)
@@ -815,16 +809,11 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
 
         first = target[..., 0]
         is_text = (first >= 0) & ~layout.is_semantic(first) & ~layout.is_pixel(first)
-        is_question = torch.zeros_like(is_text)
-        if question_slots is not None:
-            is_question = is_text & question_slots[:, 1:].to(is_text.device)
-            is_text = is_text & ~is_question
-        for name, where in (("text", is_text), ("question", is_question)):
-            if bool(where.any()):
-                logits = self.text_logits(context[where]).float()
-                truth = first[where]
-                losses[name] = F.cross_entropy(logits, truth)
-                losses[f"{name}_acc"] = (logits.argmax(-1) == truth).float().mean().detach()
+        if bool(is_text.any()):
+            logits = self.text_logits(context[is_text]).float()
+            truth = first[is_text]
+            losses["text"] = F.cross_entropy(logits, truth)
+            losses["text_acc"] = (logits.argmax(-1) == truth).float().mean().detach()
 
         is_pixel = is_pixel_all & ~mismatched[:, None]
         if bool(is_pixel_all.any()):

@@ -882,38 +882,3 @@ def test_grounding_names_bad_settings(built):
         builder.conversation([("user", "<image>\nq"), ("assistant", "a")], codes, boxes=[()])
     with pytest.raises(ConversationError, match="no image to point into"):
         builder.conversation([("user", "q"), ("assistant", "a")], boxes=[(), ((0.0, 0.0, 0.5, 0.5),)])
-
-
-# ---------------------------------------------------------------------------- question loss
-def test_label_questions_marks_the_question_text_and_splits_the_text_loss(built):
-    _, _, model, builder = built
-    codes = _codes(4, SEM, DS)
-    turns = [
-        ("user", "<image>\nwhat colour is it?"),
-        ("assistant", "red"),
-        ("user", "and the shape?"),
-        ("assistant", "a"),
-    ]
-    plain = builder.conversation(turns, codes)
-    asked = builder.conversation(turns, codes, label_questions=True)
-    assert torch.equal(plain.ids, asked.ids) and not plain.question_slots
-    expected = len(builder.text_ids("what colour is it?")) + len(builder.text_ids("and the shape?"))
-    assert len(asked.question_slots) == expected
-    # exactly the question tokens gain labels, and they are the tokens themselves
-    gained = ((asked.labels[:, 0] >= 0) & (plain.labels[:, 0] < 0)).nonzero()[:, 0].tolist()
-    assert gained == asked.question_slots
-    assert torch.equal(asked.labels[gained, 0], asked.ids[gained, 0])
-    with torch.no_grad():
-        base = model(**collate_sequences([plain], pad_id=0)).losses
-        split = model(**collate_sequences([asked], pad_id=0)).losses
-    torch.testing.assert_close(split["text"], base["text"])  # the answers keep their own mean
-    assert "question" in split and "question" not in base
-    # the question term is the CE of the question tokens, read off the plain text logits
-    with torch.no_grad():
-        batch = collate_sequences([asked], pad_id=0)
-        hidden = model(**{k: v for k, v in batch.items() if k not in ("labels", "question_slots")}).hidden_states
-        positions = torch.tensor(asked.question_slots)
-        logits = model.text_logits(hidden[0, positions - 1]).float()
-        manual = torch.nn.functional.cross_entropy(logits, asked.ids[positions, 0])
-    torch.testing.assert_close(split["question"], manual, rtol=1e-4, atol=1e-5)
-    assert not builder.conversation(turns, codes, train=False, label_questions=True).question_slots

@@ -267,20 +267,11 @@ def test_vqa_turns_train_either_way_and_a_bad_value_is_named(data, tmp_path, cap
 
 def test_grounding_and_object_weights_train_a_stage_and_need_boxes(data, tmp_path, capsys):
     settings = ["stage.loss_weights.grounding=1.0", "stage.grounding_layer=1", "stage.object_pixel_weight=3.0"]
-    settings.append("stage.loss_weights.question=0.5")  # the question term rides along
     metrics = _run("joint", stage_overrides(data, tmp_path / "grounded", steps=4) + settings)
     assert metrics["steps"] == 4 and 0 < metrics["val_vqa_grounding_mass"] < 1
     records = _train_records(tmp_path / "grounded")
     vqa = [r for r in records.values() if "train/text" in r and "train/pixel" not in r]
     assert vqa and all(0 < r["train/grounding"] < 20 and 0 < r["train/grounding_mass"] < 1 for r in vqa)
-    assert all(0 < r["train/question"] < 20 for r in vqa)
-    assert not any("train/question" in r for r in records.values() if "train/pixel" in r)
-    code, err = _cli(
-        "joint",
-        stage_overrides(data, tmp_path / "q") + ["stage.loss_weights.question=1.0", "data.vqa_turns=independent"],
-        capsys,
-    )
-    assert code == 2 and "stage.loss_weights.question > 0 needs data.vqa_turns=conversation" in err, err
     # data written before boxes existed: the weights name what is missing
     for name, settings, needs in (
         (

@@ -60,14 +60,7 @@ SIDECAR = "dualtoken.json"
 DESCRIBE_PROMPT = "describe the image."
 SOURCES = ("vqa", "t2i", "caption")
 VQA_TURNS = ("conversation", "independent")
-LOSS_WEIGHTS = (
-    "text",
-    "question",
-    "pixel",
-    "semantic",
-    "contrast",
-    "grounding",
-)  # the weightable terms of the model's loss
+LOSS_WEIGHTS = ("text", "pixel", "semantic", "contrast", "grounding")  # the weightable terms of the model's loss
 
 
 def _require(condition: bool, message: str) -> None:
@@ -178,10 +171,6 @@ class StageConfig:
     @property
     def grounding(self) -> bool:
         return self.loss_weights.get("grounding", 0.0) > 0
-
-    @property
-    def question_loss(self) -> bool:
-        return self.loss_weights.get("question", 0.0) > 0
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.uncond_prob < 1.0, f"stage.uncond_prob={self.uncond_prob}; expected in [0, 1)")
@@ -431,11 +420,9 @@ class MixedSequences(Dataset):
         vqa_turns: str = "conversation",
         grounding: bool = False,
         object_boxes: bool = False,
-        label_questions: bool = False,
     ) -> None:
         self.builder = builder
         self.grounding = grounding
-        self.label_questions = label_questions
         self.object_boxes = object_boxes
         self.independent_turns = vqa_turns == "independent"
         self.store = store
@@ -471,12 +458,7 @@ class MixedSequences(Dataset):
         record = self.sources[name][item]
         if name == "vqa":
             return conversation_sequence(
-                self.builder,
-                self.store,
-                record,
-                independent=self.independent_turns,
-                grounding=self.grounding,
-                label_questions=self.label_questions,
+                self.builder, self.store, record, independent=self.independent_turns, grounding=self.grounding
             )
         pixel, semantic = self.store.get(normalise_key(record.image_key))
         if name == "t2i":
@@ -550,20 +532,15 @@ def conversation_sequence(
     train: bool = True,
     independent: bool = False,
     grounding: bool = False,
-    label_questions: bool = False,
 ) -> Sequence:
-    """The training sequence of a conversation record; ``grounding`` keeps its answers' boxes,
-    ``label_questions`` labels its questions (see :meth:`SequenceBuilder.conversation`)."""
+    """The training sequence of a conversation record; ``grounding`` keeps its answers' boxes."""
     turns = [(turn.role, turn.text) for turn in record.turns]
     if record.image_key is None:
         return builder.conversation(turns, train=train)
     boxes = [turn.boxes for turn in record.turns] if grounding else None
     pixel, semantic = store.get(normalise_key(record.image_key))
-    if independent:
-        return builder.independent_turns(turns, semantic=semantic, pixel=pixel, train=train, boxes=boxes)
-    return builder.conversation(
-        turns, semantic=semantic, pixel=pixel, train=train, boxes=boxes, label_questions=label_questions
-    )
+    build = builder.independent_turns if independent else builder.conversation
+    return build(turns, semantic=semantic, pixel=pixel, train=train, boxes=boxes)
 
 
 def grounded_sequences(
@@ -714,18 +691,11 @@ class MLLMStageTrainer:
             vqa_turns=config.data.vqa_turns,
             grounding=stage.grounding,
             object_boxes=stage.object_pixel_weight != 1.0,
-            label_questions=stage.question_loss,
         )
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def _check_grounding(self) -> None:
         stage, text = self.config.stage, self.model.config.text_config
-        if stage.question_loss and self.config.data.vqa_turns != "conversation":
-            # Independent turns see the image and their own question only; a question there has
-            # no earlier answer to learn from, and labelling it is not implemented.
-            raise ConfigError(
-                f"stage.loss_weights.question > 0 needs data.vqa_turns=conversation, not {self.config.data.vqa_turns!r}"
-            )
         layers, heads = text.num_hidden_layers, text.num_attention_heads
         if stage.grounding_layer is not None and stage.grounding_layer >= layers:
             raise ConfigError(
