@@ -91,7 +91,8 @@ def tiny_code_layout() -> SimpleNamespace:
 @functools.cache
 def build_tiny_model(device_name: str = "cpu") -> tuple[DualTokenMLLMForCausalLM, SequenceBuilder]:
     """The tiny.yaml model as the first stage builds it (random weights), in eval mode, and its builder."""
-    stage = load_config(MLLMStageConfig, TINY_MLLM)
+    # Random code rows: the codebook start needs a trained tokenizer, and speed does not depend on it.
+    stage = load_config(MLLMStageConfig, TINY_MLLM, ["model.code_embedding_init=random"])
     torch.manual_seed(0)
     model, tokenizer = build_model(stage.model, SimpleNamespace(meta=tiny_code_layout()))
     model = model.to(device_name).eval()
