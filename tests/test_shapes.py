@@ -370,10 +370,13 @@ def test_generation_world_options_restrict_backgrounds_and_snap_objects_to_the_g
     the named kinds, and every object's bounding square starts on the lattice, inside the image
     and apart from the others; the defaults leave the world as it was."""
     assert ShapesWorldConfig().backgrounds == BACKGROUNDS and ShapesWorldConfig().snap_cells == 0
-    assert (
-        world.sample("train", 5).caption
-        == ShapesWorld(ShapesWorldConfig(seed=3, num_train=400)).sample("train", 5).caption
-    )
+    # Every recorded number rests on the default world: these scenes hash as they did before the
+    # options existed (commit 08a8899). Update the hash only for an intended change of the world.
+    digest = hashlib.sha256()
+    for index in range(0, 400, 37):
+        sample = world.sample("train", index)
+        digest.update(sample.image.tobytes() + sample.caption.encode())
+    assert digest.hexdigest() == "a278fb9a999443e39b2a54aa26752935203079db1d0e0d756d5f20566df974cd"
     config = ShapesWorldConfig(seed=3, num_train=400, max_objects=2, backgrounds=("plain", "stripes"), snap_cells=8)
     snapped = ShapesWorld(config)
     kinds, corners = set(), set()

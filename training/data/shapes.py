@@ -525,7 +525,8 @@ def _hf_rows(world: ShapesWorld, split: str, limit: int | None) -> Iterator[dict
 
 def _snapped(centre: tuple[float, float], scale: float, cells: int, low: float, high: float) -> tuple[float, float]:
     """``centre`` moved so the bounding square's top-left corner sits on the ``cells`` lattice,
-    one cell inward where that would leave ``[low, high]``."""
+    one cell inward where that would leave ``[low, high]`` (and clamped there on a lattice too
+    coarse for the object)."""
     snapped = []
     for value in centre:
         corner = round((value - scale / 2) * cells) / cells
@@ -533,7 +534,7 @@ def _snapped(centre: tuple[float, float], scale: float, cells: int, low: float, 
             corner += 1 / cells
         elif corner + scale / 2 > high:
             corner -= 1 / cells
-        snapped.append(corner + scale / 2)
+        snapped.append(min(max(corner + scale / 2, low), high))
     return snapped[0], snapped[1]
 
 
