@@ -35,64 +35,111 @@ STAGES = ("align", "understand", "generate", "joint")
 EVAL_DIRNAME = "mllm_eval"
 BY_FORM_FILE = "vqa_by_form.json"  # VQA accuracy per question form (eval.shapes_tasks.vqa_by_form)
 STAGE_CONFIG = "configs/stages/tiny/{stage}.yaml"
+T2I_WORLDS = ("scenes", "grid")  # where the text-to-image pairs come from (see grid_world_config)
+GRID_T2I_FILE = "t2i_grid.jsonl"
 
 
-def _data_ready(folder: Path, count: int) -> bool:
+def _data_ready(folder: Path, count: int, t2i_name: str | None = None) -> bool:
+    """Whether ``folder`` holds ``count`` conversations and pairs with boxes (or, given ``t2i_name``, those pairs)."""
     from training.data.conversations import LLAVA_FILE_NAME, T2I_FILE_NAME
 
-    llava, t2i = folder / LLAVA_FILE_NAME, folder / T2I_FILE_NAME
-    if not (llava.is_file() and t2i.is_file()):
+    llava, t2i = folder / LLAVA_FILE_NAME, folder / (t2i_name or T2I_FILE_NAME)
+    if not t2i.is_file() or (t2i_name is None and not llava.is_file()):
         return False
     try:
-        records, lines = json.loads(llava.read_text()), t2i.read_text().splitlines()
+        lines = t2i.read_text().splitlines()
+        records = json.loads(llava.read_text()) if t2i_name is None else [None] * count
         if len(records) != count or len(lines) != count:
             return False
         # Data written before answers and pairs carried their objects' boxes is written again.
         if not count:
             return True
-        return any("boxes" in turn for turn in records[0]["conversations"]) and "boxes" in json.loads(lines[0])
+        with_boxes = t2i_name is not None or any("boxes" in turn for turn in records[0]["conversations"])
+        return with_boxes and "boxes" in json.loads(lines[0])
     except (OSError, json.JSONDecodeError, KeyError, IndexError, TypeError):
         return False
 
 
-def prepare_data(tokenizer_dir: Path, data_dir: Path, counts: dict[str, int], seed: int = 0) -> dict[str, Path]:
-    """Shapes splits + their code shards under ``data_dir/<split>`` (reused when complete)."""
+def grid_world_config(seed: int, image_size: int, grid_size: int) -> Any:
+    """The narrower world of the ``grid`` text-to-image pairs: at most two objects on a plain
+    background, each object's bounding square on the tokenizer's code grid.
+
+    On it the prompt starts to steer the drawing: 2,000 text-to-image steps reached 8.6 %
+    checker-correct images (CFG 3) where the default scenes stayed at 0 % (README).
+    """
+    from training.data.shapes import ShapesWorldConfig
+
+    return ShapesWorldConfig(
+        seed=seed, image_size=image_size, max_objects=2, backgrounds=("plain",), snap_cells=grid_size
+    )
+
+
+def prepare_data(
+    tokenizer_dir: Path, data_dir: Path, counts: dict[str, int], seed: int = 0, t2i_world: str = "scenes"
+) -> dict[str, Path]:
+    """Shapes splits + their code shards under ``data_dir/<split>`` (reused when complete).
+
+    With ``t2i_world="grid"`` each split also gets as many text-to-image pairs from
+    :func:`grid_world_config` (``t2i_grid.jsonl``, images under ``images/<split>_grid``), coded
+    into the same code store, so that one store serves both the conversations and those pairs.
+    """
     from tokenizer.model import DualTokenizer
     from training.data.code_shards import CodeShardsError, CodeStore, collect_image_paths, tokenize_to_shards
     from training.data.conversations import LLAVA_FILE_NAME, T2I_FILE_NAME, write_shapes
     from training.data.shapes import ShapesWorld, ShapesWorldConfig
 
+    if t2i_world not in T2I_WORLDS:
+        raise ValueError(f"t2i_world={t2i_world!r}; expected one of {list(T2I_WORLDS)}")
     dualtoken = DualTokenizer.from_pretrained(tokenizer_dir)
-    world = ShapesWorld(ShapesWorldConfig(seed=seed, image_size=dualtoken.backbone.image_size))
+    image_size = dualtoken.backbone.image_size
+    world = ShapesWorld(ShapesWorldConfig(seed=seed, image_size=image_size))
+    grid = ShapesWorld(grid_world_config(seed, image_size, dualtoken.backbone.grid_size))
     for split, count in counts.items():
         folder = data_dir / split
         if _data_ready(folder, count):
             logger.info("data: reusing %s", folder)
         else:
             write_shapes(world, split, folder, count, progress=True)
+        pair_files = [folder / T2I_FILE_NAME]
+        if t2i_world == "grid":
+            pair_files.append(folder / GRID_T2I_FILE)
+            if _data_ready(folder, count, GRID_T2I_FILE):
+                logger.info("data: reusing %s", pair_files[-1])
+            else:
+                write_shapes(
+                    grid, split, folder, count, Path("images") / f"{split}_grid", ("t2i",), True, GRID_T2I_FILE
+                )
         codes = folder / "codes"
+        keys, root = collect_image_paths([folder / LLAVA_FILE_NAME], pair_files)
         try:
-            CodeStore(codes)
+            store = CodeStore(codes)
+            missing = sum(key not in store for key in keys)
+            if missing:
+                raise CodeShardsError(f"{missing} of {len(keys)} images have no codes")
             logger.info("codes: reusing %s", codes)
-        except (FileNotFoundError, CodeShardsError):
-            keys, root = collect_image_paths([folder / LLAVA_FILE_NAME], [folder / T2I_FILE_NAME])
+        except (FileNotFoundError, CodeShardsError) as reason:
+            if codes.exists():
+                logger.info("codes: writing %s again (%s)", codes, reason)
             tokenize_to_shards(dualtoken, keys, root, codes, tokenizer_path=str(tokenizer_dir), overwrite=True)
     return {split: data_dir / split for split in counts}
 
 
-def data_overrides(data: dict[str, Path]) -> list[str]:
+def data_overrides(data: dict[str, Path], t2i_world: str = "scenes") -> list[str]:
     train, val = data["train"], data["val"]
+    pairs = GRID_T2I_FILE if t2i_world == "grid" else "t2i.jsonl"
     return [
         f"data.codes={train / 'codes'}",
         f"data.val_codes={val / 'codes'}",
         f"data.conversations=[{train / 'llava.json'}]",
-        f"data.text_image=[{train / 't2i.jsonl'}]",
+        f"data.text_image=[{train / pairs}]",
         f"data.val_conversations=[{val / 'llava.json'}]",
-        f"data.val_text_image=[{val / 't2i.jsonl'}]",
+        f"data.val_text_image=[{val / pairs}]",
     ]
 
 
-def run_stages(run_dir: Path, data: dict[str, Path], overrides: dict[str, list[str]]) -> tuple[Path, dict]:
+def run_stages(
+    run_dir: Path, data: dict[str, Path], overrides: dict[str, list[str]], t2i_world: str = "scenes"
+) -> tuple[Path, dict]:
     """The four stages in order; returns the last model folder and per-stage metrics."""
     previous: Path | None = None
     metrics: dict[str, Any] = {}
@@ -101,7 +148,7 @@ def run_stages(run_dir: Path, data: dict[str, Path], overrides: dict[str, list[s
         model_dir = out / train_mllm.MODEL_DIRNAME
         argv = ["--config", STAGE_CONFIG.format(stage=stage)]
         sets = [f"stage.init={previous if previous else 'null'}", f"loop.output_dir={out}"]
-        sets += data_overrides(data) + overrides.get("all", []) + overrides.get(stage, [])
+        sets += data_overrides(data, t2i_world) + overrides.get("all", []) + overrides.get(stage, [])
         for value in sets:
             argv += ["--set", value]
         # A stage folder started with other settings is neither reused nor resumed (clear error).
@@ -119,7 +166,15 @@ def run_stages(run_dir: Path, data: dict[str, Path], overrides: dict[str, list[s
     return previous, metrics
 
 
-def evaluate(model_dir: Path, out_dir: Path, vqa_scenes: int, t2i_prompts: int, cfg: float, seed: int) -> dict:
+def evaluate(
+    model_dir: Path,
+    out_dir: Path,
+    vqa_scenes: int,
+    t2i_prompts: int,
+    cfg: float,
+    seed: int,
+    temperature: float = 1.0,
+) -> dict:
     from eval.report import save_labelled_grid
     from eval.shapes_tasks import shapes_t2i, shapes_vqa
     from mllm.pipeline import Pipeline
@@ -131,7 +186,7 @@ def evaluate(model_dir: Path, out_dir: Path, vqa_scenes: int, t2i_prompts: int, 
     vqa = shapes_vqa(pipe, world, "test", vqa_scenes)
     vqa_seconds = time.time() - started
     started = time.time()
-    t2i = shapes_t2i(pipe, world, "test", t2i_prompts, t2i_prompts, cfg=cfg, seed=seed)
+    t2i = shapes_t2i(pipe, world, "test", t2i_prompts, t2i_prompts, cfg=cfg, temperature=temperature, seed=seed)
     t2i_seconds = time.time() - started
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = [
@@ -146,6 +201,7 @@ def evaluate(model_dir: Path, out_dir: Path, vqa_scenes: int, t2i_prompts: int, 
     write_text_atomic(out_dir / BY_FORM_FILE, json.dumps(vqa["by_form"], indent=2))
     metrics = {**vqa["metrics"], **t2i["metrics"], "vqa_seconds": vqa_seconds, "t2i_seconds": t2i_seconds}
     metrics["t2i_prompts"] = float(len(t2i["items"]))
+    metrics["t2i_cfg"], metrics["t2i_temperature"] = float(cfg), float(temperature)
     metrics["vqa_questions"] = float(len(vqa["items"]))
     return metrics
 
@@ -177,6 +233,8 @@ def write_report(run_dir: Path, metrics: dict, stage_metrics: dict, timings: dic
             for row in rows
         ]
     lines += ["", "## Text-to-image, judged by the independent checker", ""]
+    if "t2i_cfg" in metrics:
+        lines += [f"CFG {metrics['t2i_cfg']:g}, temperature {metrics['t2i_temperature']:g}.", ""]
     lines += ["| prompts | fully correct (colour + shape + count) |", "|---|---|"]
     for name, label in (("single", "one object"), ("two", "two objects"), ("all", "all")):
         if f"t2i_{name}" in metrics:
@@ -217,7 +275,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--val-images", type=int, default=512)
     parser.add_argument("--vqa-scenes", type=int, default=200, help="test scenes (all their questions)")
     parser.add_argument("--t2i-prompts", type=int, default=64, help="one-object and two-object prompts each")
-    parser.add_argument("--cfg", type=float, default=3.0)
+    parser.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance of the text-to-image score")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the same")
+    parser.add_argument(
+        "--t2i-world",
+        choices=T2I_WORLDS,
+        default="scenes",
+        help="text-to-image training pairs: the world's own scenes, or 'grid': at most two objects on a plain "
+        "background, placed on the code grid (written beside them, one code store)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override for every stage"
@@ -229,17 +295,20 @@ def main(argv: list[str] | None = None) -> dict:
     run_dir = Path(args.run_dir)
     timings: dict[str, float] = {}
     started = time.time()
-    data = prepare_data(Path(args.tokenizer), run_dir / "data", {"train": args.train_images, "val": args.val_images})
+    counts = {"train": args.train_images, "val": args.val_images}
+    data = prepare_data(Path(args.tokenizer), run_dir / "data", counts, t2i_world=args.t2i_world)
     timings["data_and_codes"] = time.time() - started
     started = time.time()
     overrides = {"all": args.overrides, **{stage: getattr(args, f"set_{stage}") for stage in STAGES}}
-    model_dir, stage_metrics = run_stages(run_dir, data, overrides)
+    model_dir, stage_metrics = run_stages(run_dir, data, overrides, args.t2i_world)
     timings["llm_stages"] = time.time() - started
     for stage in STAGES:
         timings[f"stage_{stage}_train"] = stage_metrics[stage].get("train_seconds", 0.0)
     started = time.time()
     torch.manual_seed(args.seed)
-    metrics = evaluate(model_dir, run_dir / EVAL_DIRNAME, args.vqa_scenes, args.t2i_prompts, args.cfg, args.seed)
+    metrics = evaluate(
+        model_dir, run_dir / EVAL_DIRNAME, args.vqa_scenes, args.t2i_prompts, args.cfg, args.seed, args.temperature
+    )
     timings["evaluation"] = time.time() - started
     print(write_report(run_dir, metrics, stage_metrics, timings))
     return metrics

@@ -340,13 +340,15 @@ def write_shapes(
     image_dir: str | os.PathLike | None = None,
     formats: Sequence[str] = ("llava", "t2i"),
     progress: bool = False,
+    t2i_name: str = T2I_FILE_NAME,
 ) -> dict[str, Path]:
     """Render the first ``limit`` samples of ``split`` once: PNGs plus the annotation files of ``formats``.
 
     PNGs go to ``image_dir`` (relative to ``out_dir``; default ``images/<split>``) as
     ``<index:06d>.png``; annotation files (``llava.json``, ``t2i.jsonl``, one split per
     ``out_dir``: they are overwritten) refer to them relative to ``out_dir``, so both formats
-    share the same files and keys. Returns ``{format: annotation file}``.
+    share the same files and keys. ``t2i_name`` renames the pairs file, so that pairs from another
+    world can sit beside the default ones in one folder. Returns ``{format: annotation file}``.
     """
     unknown = sorted(set(formats) - {"llava", "t2i"})
     if unknown or not formats:
@@ -373,7 +375,7 @@ def write_shapes(
         body = iter([",\n".join(conversations)])
         _write_atomic(written["llava"], body, "[\n", "\n]\n")
     if "t2i" in formats:
-        written["t2i"] = out_dir / T2I_FILE_NAME
+        written["t2i"] = out_dir / t2i_name
         _write_atomic(written["t2i"], iter(pairs))
     return written
 
