@@ -396,6 +396,25 @@ def test_generation_world_options_restrict_backgrounds_and_snap_objects_to_the_g
     assert len(corners) >= 5  # objects still go everywhere on the lattice
 
 
+def test_snapping_keeps_the_object_inside_on_any_lattice() -> None:
+    """On a fine lattice the bounding square's corner lands on it (one cell inward at an edge); on
+    a lattice too coarse for the object no lattice point fits, and the centre is clamped inside."""
+    from training.data.shapes import _snapped
+
+    scale, low, high = 0.25, 0.125 + 0.02, 1.0 - 0.125 - 0.02
+    x, y = _snapped((0.40, 0.70), scale, 8, low, high)
+    assert (x - scale / 2) * 8 == pytest.approx(2.0) and (y - scale / 2) * 8 == pytest.approx(5.0)
+    x, _ = _snapped((low, high), scale, 8, low, high)  # corner 0.02 rounds to 0: one cell inward
+    assert x - scale / 2 == pytest.approx(1 / 8) and low <= x <= high
+    for cells in (1, 2, 3):
+        for value in np.linspace(low, high, 9):
+            x, y = _snapped((float(value), float(value)), scale, cells, low, high)
+            assert low - 1e-9 <= x <= high + 1e-9 and low - 1e-9 <= y <= high + 1e-9, (cells, value, x)
+    # A 1-cell lattice has corners 0 and 1 only: 0 sits in the margin, one cell inward overshoots
+    # the image, and the clamp puts the centre at the far edge of the allowed range.
+    assert _snapped((0.5, 0.5), scale, 1, low, high) == pytest.approx((high, high))
+
+
 def test_bad_split_or_index_is_rejected(world: ShapesWorld) -> None:
     with pytest.raises(ValueError, match="split"):
         world.sample("training", 0)
