@@ -2,7 +2,8 @@
 
     dualtoken tiny-mllm --tokenizer runs/tiny/stage1/tokenizer --run-dir runs/tiny
 
-1. writes the Shapes world's train / val splits as LLaVA conversations + text-image pairs;
+1. writes the Shapes world's train / val splits as LLaVA conversations + text-image pairs
+   (``--t2i-world grid`` adds pairs from a narrower world and trains on those instead);
 2. tokenises their images once into code shards (the LLM never runs the ViT);
 3. runs the stages of ``configs/stages/tiny/`` (align, understand, generate, joint), each
    from the previous stage's model;
@@ -22,12 +23,15 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from training import train_mllm
 from training.common import run_or_reuse, setup_logging, write_text_atomic
+
+if TYPE_CHECKING:
+    from training.data.shapes import ShapesWorldConfig
 
 logger = logging.getLogger(__name__)
 
@@ -39,28 +43,30 @@ T2I_WORLDS = ("scenes", "grid")  # where the text-to-image pairs come from (see 
 GRID_T2I_FILE = "t2i_grid.jsonl"
 
 
-def _data_ready(folder: Path, count: int, t2i_name: str | None = None) -> bool:
-    """Whether ``folder`` holds ``count`` conversations and pairs with boxes (or, given ``t2i_name``, those pairs)."""
+def _pairs_ready(path: Path, count: int) -> bool:
+    """Whether ``path`` holds ``count`` text-to-image pairs that carry their objects' boxes."""
+    try:
+        lines = path.read_text().splitlines()
+        return len(lines) == count and (not count or "boxes" in json.loads(lines[0]))
+    except (OSError, json.JSONDecodeError, TypeError):
+        return False
+
+
+def _data_ready(folder: Path, count: int) -> bool:
     from training.data.conversations import LLAVA_FILE_NAME, T2I_FILE_NAME
 
-    llava, t2i = folder / LLAVA_FILE_NAME, folder / (t2i_name or T2I_FILE_NAME)
-    if not t2i.is_file() or (t2i_name is None and not llava.is_file()):
+    llava = folder / LLAVA_FILE_NAME
+    if not (llava.is_file() and _pairs_ready(folder / T2I_FILE_NAME, count)):
         return False
     try:
-        lines = t2i.read_text().splitlines()
-        records = json.loads(llava.read_text()) if t2i_name is None else [None] * count
-        if len(records) != count or len(lines) != count:
-            return False
+        records = json.loads(llava.read_text())
         # Data written before answers and pairs carried their objects' boxes is written again.
-        if not count:
-            return True
-        with_boxes = t2i_name is not None or any("boxes" in turn for turn in records[0]["conversations"])
-        return with_boxes and "boxes" in json.loads(lines[0])
+        return len(records) == count and (not count or any("boxes" in turn for turn in records[0]["conversations"]))
     except (OSError, json.JSONDecodeError, KeyError, IndexError, TypeError):
         return False
 
 
-def grid_world_config(seed: int, image_size: int, grid_size: int) -> Any:
+def grid_world_config(seed: int, image_size: int, grid_size: int) -> ShapesWorldConfig:
     """The narrower world of the ``grid`` text-to-image pairs: at most two objects on a plain
     background, each object's bounding square on the tokenizer's code grid.
 
@@ -93,7 +99,9 @@ def prepare_data(
     dualtoken = DualTokenizer.from_pretrained(tokenizer_dir)
     image_size = dualtoken.backbone.image_size
     world = ShapesWorld(ShapesWorldConfig(seed=seed, image_size=image_size))
-    grid = ShapesWorld(grid_world_config(seed, image_size, dualtoken.backbone.grid_size))
+    grid = (
+        ShapesWorld(grid_world_config(seed, image_size, dualtoken.backbone.grid_size)) if t2i_world == "grid" else None
+    )
     for split, count in counts.items():
         folder = data_dir / split
         if _data_ready(folder, count):
@@ -103,7 +111,7 @@ def prepare_data(
         pair_files = [folder / T2I_FILE_NAME]
         if t2i_world == "grid":
             pair_files.append(folder / GRID_T2I_FILE)
-            if _data_ready(folder, count, GRID_T2I_FILE):
+            if _pairs_ready(pair_files[-1], count):
                 logger.info("data: reusing %s", pair_files[-1])
             else:
                 write_shapes(
