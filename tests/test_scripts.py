@@ -75,3 +75,35 @@ def test_grounding_report_measures_every_layer(chain, data):
     masses = [report[f"mass_layer{layer}_{name}"] for layer in range(layers) for name in ("head0", "mean_of_heads")]
     assert all(0 < mass < 1 for mass in masses) and report["val_answer_loss"] > 0
     assert 0 <= report["vqa_all"] <= 1
+
+
+class _Copying:
+    """A stand-in tokenizer whose decoder returns the image it was given (or a blank one)."""
+
+    def __init__(self, blank: bool = False) -> None:
+        self.blank = blank
+
+    def encode(self, images: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(pixel_codes=images)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(codes) if self.blank else codes
+
+
+def test_checker_ceiling_passes_true_drawings_and_fails_blank_ones(data, capsys):
+    from training.data.shapes import ShapesWorld, ShapesWorldConfig
+    from training.mllm_pipeline import grid_world_config
+
+    ceiling = _load("checker_ceiling")
+    for config in (ShapesWorldConfig(image_size=32), grid_world_config(0, 32, 4)):
+        exact = ceiling.ceiling(_Copying(), ShapesWorld(config), 24)
+        # Even draws are single-object scenes; odd ones hold 1-3 objects (three are skipped).
+        assert exact["1_objects_scenes"] >= 12 and exact["2_objects_scenes"] >= 1
+        assert exact["1_objects_scenes"] + exact["2_objects_scenes"] <= 24
+        assert exact["1_objects"] >= 0.9 and exact["all"] >= 0.85  # the checker knows the world's own images
+        assert ceiling.ceiling(_Copying(blank=True), ShapesWorld(config), 24)["all"] == 0.0
+    found = ceiling.main([str(data["tokenizer"]), "--scenes", "4"])
+    assert set(found) == {"default", "grid"} and all(0.0 <= found[w]["all"] <= 1.0 for w in found)
+    assert "grid     one object" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        ceiling.main([str(data["tokenizer"]), "--scenes", "1"])

@@ -1,0 +1,77 @@
+"""How often does the independent checker pass a tokenizer's own reconstructions? By scene size.
+
+The ceiling of text-to-image on a tokenizer: a generated image passes the checker at most as often
+as the decoder draws a real scene of the same kind recognisably. Encodes and decodes one- and
+two-object validation scenes (alternately; a three-object draw is skipped) of the default Shapes
+world and of the narrower world of ``dualtoken tiny-mllm --t2i-world grid`` (at most two
+objects, plain backgrounds, objects on the code grid), and prints the share that passes.
+
+    python scripts/checker_ceiling.py runs/tiny/stage1/tokenizer --scenes 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eval.checker import ObjectSpec, judge, to_uint8_image  # noqa: E402
+from tokenizer.model import DualTokenizer  # noqa: E402
+from training.data.shapes import ShapesWorld, ShapesWorldConfig, uint8_image_to_tensor  # noqa: E402
+from training.mllm_pipeline import grid_world_config  # noqa: E402
+
+WORLDS = ("default", "grid")
+
+
+def ceiling(tokenizer: DualTokenizer, world: ShapesWorld, scenes: int, split: str = "val") -> dict[str, float]:
+    """Checker pass rate on reconstructions of ``scenes`` draws: per object count and over all."""
+    passed: dict[int, list[bool]] = {1: [], 2: []}
+    for index in tqdm(range(scenes), desc="reconstructions", unit="scene"):
+        sample = world.sample(split, index) if index % 2 else world.sample_single(split, index)
+        if len(sample.objects) not in passed:
+            continue
+        with torch.no_grad():
+            codes = tokenizer.encode(uint8_image_to_tensor(sample.image)[None]).pixel_codes
+            drawn = tokenizer.decode(codes).clamp(-1, 1)[0]
+        verdict = judge(to_uint8_image(drawn, (-1, 1)), [ObjectSpec(o.colour, o.shape) for o in sample.objects])
+        passed[len(sample.objects)].append(bool(verdict.correct))
+    everything = passed[1] + passed[2]
+    result = {f"{count}_objects": sum(v) / max(len(v), 1) for count, v in passed.items()}
+    result |= {f"{count}_objects_scenes": float(len(v)) for count, v in passed.items()}
+    result["all"] = sum(everything) / max(len(everything), 1)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("tokenizer", help="a DualToken tokenizer folder")
+    parser.add_argument("--scenes", type=int, default=256, help="validation draws per world")
+    parser.add_argument("--worlds", nargs="+", choices=WORLDS, default=list(WORLDS))
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.scenes < 2:
+        parser.error(f"--scenes={args.scenes}; expected at least 2 (one-object and two-object draws alternate)")
+    torch.set_num_threads(args.threads)
+    tokenizer = DualTokenizer.from_pretrained(args.tokenizer).eval()
+    size, grid = tokenizer.backbone.image_size, tokenizer.backbone.grid_size
+    configs = {"default": ShapesWorldConfig(image_size=size), "grid": grid_world_config(0, size, grid)}
+    results = {}
+    for name in args.worlds:
+        results[name] = found = ceiling(tokenizer, ShapesWorld(configs[name]), args.scenes)
+        print(
+            f"{name:8s} one object {100 * found['1_objects']:5.1f} % of {found['1_objects_scenes']:.0f}, "
+            f"two objects {100 * found['2_objects']:5.1f} % of {found['2_objects_scenes']:.0f}, "
+            f"all {100 * found['all']:5.1f} %"
+        )
+    print(json.dumps(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
