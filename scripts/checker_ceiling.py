@@ -21,9 +21,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.checker import ObjectSpec, judge, to_uint8_image  # noqa: E402
 from tokenizer.model import DualTokenizer  # noqa: E402
 from training.data.shapes import ShapesWorld, ShapesWorldConfig, uint8_image_to_tensor  # noqa: E402
+from training.evaluation import checker_verdicts  # noqa: E402
 from training.mllm_pipeline import grid_world_config  # noqa: E402
 
 WORLDS = ("default", "grid")
@@ -38,9 +38,9 @@ def ceiling(tokenizer: DualTokenizer, world: ShapesWorld, scenes: int, split: st
             continue
         with torch.no_grad():
             codes = tokenizer.encode(uint8_image_to_tensor(sample.image)[None]).pixel_codes
-            drawn = tokenizer.decode(codes).clamp(-1, 1)[0]
-        verdict = judge(to_uint8_image(drawn, (-1, 1)), [ObjectSpec(o.colour, o.shape) for o in sample.objects])
-        passed[len(sample.objects)].append(bool(verdict.correct))
+            drawn = tokenizer.decode(codes)
+        verdict = checker_verdicts(drawn, [[(o.colour, o.shape) for o in sample.objects]])[0]
+        passed[len(sample.objects)].append(bool(verdict))
     everything = passed[1] + passed[2]
     result = {f"{count}_objects": sum(v) / max(len(v), 1) for count, v in passed.items()}
     result |= {f"{count}_objects_scenes": float(len(v)) for count, v in passed.items()}

@@ -114,8 +114,9 @@ def prepare_data(
             if _pairs_ready(pair_files[-1], count):
                 logger.info("data: reusing %s", pair_files[-1])
             else:
+                image_dir = Path("images") / f"{split}_grid"
                 write_shapes(
-                    grid, split, folder, count, Path("images") / f"{split}_grid", ("t2i",), True, GRID_T2I_FILE
+                    grid, split, folder, count, image_dir, formats=("t2i",), progress=True, t2i_name=GRID_T2I_FILE
                 )
         codes = folder / "codes"
         keys, root = collect_image_paths([folder / LLAVA_FILE_NAME], pair_files)
