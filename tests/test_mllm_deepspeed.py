@@ -343,12 +343,13 @@ def test_zero3_with_vqa_steps_matches_single_process(mixed_runs: tuple[Run, Run]
 
 # VQA steps only, with the grounding loss as the *only* term (text weight 0): every gradient then
 # comes from the attention mass that `_grounding_loss` recomputes from the middle decoder layer's
-# q_proj / k_proj (layer 1 of the micro LM) *after* the forward, when ZeRO-3 has already released those partitioned weights. The
-# held-out mass after 4 steps is the check (64 validation conversations, `final/`): measured
-# 0.061291 for the plain run and the ZeRO-3 run alike (|diff| 6e-8), against 0.058812 for the same
-# 4 steps at lr 1e-9 (the weights as built). A ZeRO-3 run that lost the gradient would stay there.
-# The training logs differ by design, as a VQA batch's text does: each rank's loss is a mean over
-# its own answers (step 1: 0.47 % on the grounding term, 3.5e-5 on grad_norm).
+# q_proj / k_proj (layer 1 of the micro LM) *after* the forward, when ZeRO-3 has already released
+# those partitioned weights. The held-out mass after 4 steps is the check (64 validation
+# conversations, `final/`): measured 0.061291 for the plain run and the ZeRO-3 run alike (|diff|
+# 6e-8), against 0.058812 for the same 4 steps at lr 1e-9 (the weights as built). A ZeRO-3 run
+# that lost the gradient would stay there. The training logs differ by design, as a VQA batch's
+# text does: each rank's loss is a mean over its own answers (step 1: 0.47 % on the grounding
+# term, 3.5e-5 on grad_norm).
 GROUNDING_ONLY = [
     "data.mix.vqa=1.0",
     "data.mix.t2i=0.0",
