@@ -161,6 +161,26 @@ def test_grid_round_trip(kind: str) -> None:
         backbone.grid_to_tokens(grid[:, :, :3], like=hidden)
 
 
+@pytest.mark.parametrize("kind", ["siglip", "timm"])
+def test_patch_features_are_the_patch_projection_alone(kind: str) -> None:
+    """``patch_features`` (``taps.pixel_layer: 0``): one token per patch, no prefix, no position
+    embedding, so moving the image by whole patches moves the features with it."""
+    torch.manual_seed(0)
+    backbone = build_backbone(tiny_config(kind=kind, timm_model_name="deit_tiny_patch16_224")).eval()
+    x = images()
+    with torch.no_grad():
+        features = backbone.patch_features(x)
+        rolled = backbone.patch_features(torch.roll(x, shifts=(8, 16), dims=(2, 3)))  # 1 row, 2 columns of patches
+        embedded = backbone.embed(x)[:, backbone.num_prefix_tokens :]
+    assert features.shape == (2, 16, 32)
+    grid, grid_rolled = features.view(2, 4, 4, 32), rolled.view(2, 4, 4, 32)
+    torch.testing.assert_close(grid_rolled, torch.roll(grid, shifts=(1, 2), dims=(1, 2)))
+    # embed() adds the position embedding on top: the same tokens, moved by it
+    assert float((embedded - features).abs().max()) > 1e-3
+    with pytest.raises(ValueError, match=r"images must have shape"):
+        backbone.patch_features(x[:, :2])
+
+
 # ----------------------------------------------------------------------------- timm
 
 # deit: a CLS token, token pooling, ImageNet mean/std. reg4_gap: 4 register tokens without

@@ -69,7 +69,7 @@ def test_layer_out_of_range_names_the_field_and_the_depth() -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("tokenizer.taps.pixel_layer=0", "pixel_layer=0"),
+        ("tokenizer.taps.pixel_layer=-1", "pixel_layer=-1"),
         ("tokenizer.pixel_quantizer.codebook_size=0", "codebook_size=0"),
         ("tokenizer.backbone.patch_size=100", "tokenizer.backbone.image_size=64 is smaller"),
         ("loop.precision=fp8", "precision"),

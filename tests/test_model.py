@@ -53,6 +53,28 @@ def test_forward_and_public_api_shapes() -> None:
     assert decoded.shape == (4, 3, 32, 32) and decoded.min() >= -1 and decoded.max() <= 1
 
 
+@pytest.mark.parametrize("pixel_layer", [0, 1])
+def test_pixel_codes_from_the_patch_embedding_move_with_the_content(pixel_layer: int) -> None:
+    """``taps.pixel_layer: 0`` taps the patch embedding before the position embedding: an image
+    moved by whole patches gets the same pixel codes, moved. From block 1 on (the paper's kind of
+    tap) a patch's codes depend on where it is and on the other patches, so they change."""
+    torch.manual_seed(0)
+    model = DualTokenizer(tiny_config(taps=TapsConfig(pixel_layer=pixel_layer, semantic_layer=3)))
+    model(images(8))  # k-means initialisation of both codebooks
+    model.eval()
+    x = images(4, seed=1)
+    codes = model.encode(x).pixel_codes  # (B, 4, 4, depth)
+    moved = model.encode(torch.roll(x, shifts=(8, 16), dims=(2, 3))).pixel_codes
+    same = bool(torch.equal(moved, torch.roll(codes, shifts=(1, 2), dims=(1, 2))))
+    assert same is (pixel_layer == 0)
+    # the training forward runs and reaches the patch projection through the pixel branch
+    model.train()
+    output = model(x)
+    output.reconstruction.square().mean().backward()
+    weight = model.backbone._tower.embeddings.patch_embedding.weight
+    assert weight.grad is not None and float(weight.grad.abs().sum()) > 0
+
+
 def test_encode_decode_matches_the_training_forward_in_eval_mode() -> None:
     torch.manual_seed(0)
     model = DualTokenizer(tiny_config())

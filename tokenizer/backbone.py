@@ -108,6 +108,10 @@ class VisionBackbone(nn.Module):
         """images: (B, 3, H, W) in [-1, 1] -> the pixel normalisation the model was trained with."""
         raise NotImplementedError
 
+    def _patch_embed_normalised(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values: (B, 3, H, W) normalised -> (B, N, C): the patch projection alone."""
+        raise NotImplementedError
+
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (B, P + N, C) output of the last block -> pooled (B, D): final norm + pooling head."""
         raise NotImplementedError
@@ -133,6 +137,16 @@ class VisionBackbone(nn.Module):
         """images: (B, 3, H, W) in [-1, 1] -> (B, P + N, C), the input of block 1 (layer 0)."""
         self._check_images(images)
         return self._embed_normalised(self.normalize_images(images))
+
+    def patch_features(self, images: torch.Tensor) -> torch.Tensor:
+        """images: (B, 3, H, W) in [-1, 1] -> (B, N, C): each patch's linear projection, before any
+        position embedding, prefix token or attention (layer 0 of ``taps.pixel_layer``).
+
+        A patch's features depend on its own pixels only, so the same content gives the same
+        features wherever it sits in the image.
+        """
+        self._check_images(images)
+        return self._patch_embed_normalised(self.normalize_images(images))
 
     def run_blocks(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Apply blocks ``start + 1 .. end`` (1-based), i.e. the 0-based ``blocks[start:end]``.
@@ -344,6 +358,12 @@ class SiglipBackbone(VisionBackbone):
     def _embed_normalised(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self._tower.embeddings(pixel_values)
 
+    def _patch_embed_normalised(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        patches = self._tower.embeddings.patch_embedding(
+            pixel_values.to(self._tower.embeddings.patch_embedding.weight.dtype)
+        )
+        return patches.flatten(2).transpose(1, 2)
+
     def _blocks(self) -> Sequence[nn.Module]:
         return self._tower.encoder.layers
 
@@ -467,6 +487,10 @@ class TimmBackbone(VisionBackbone):
         # patch_drop is skipped on purpose: dropping tokens would break the g x g grid that the
         # pixel decoder and the taps rely on (it is the identity in eval mode anyway).
         return model.norm_pre(hidden)
+
+    def _patch_embed_normalised(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        patches = self.model.patch_embed(pixel_values)
+        return patches.flatten(1, 2) if patches.ndim == 4 else patches  # NHWC when the model keeps the grid
 
     def _blocks(self) -> Sequence[nn.Module]:
         return self.model.blocks

@@ -78,13 +78,20 @@ class TapsConfig:
     features (``pixel_aux_layer``; ``None`` switches it off).
     """
 
+    # 0: the patch embedding itself, before the position embedding and any block (not the
+    # paper's design): each patch's pixel codes then depend on its own pixels only, so equal
+    # content gets equal codes wherever it sits. On the tiny default this measured 26.34 dB
+    # test PSNR against 25.21 dB from layer 1, at the same cost (README).
     pixel_layer: int = 2
     semantic_layer: int = 5
     pixel_aux_layer: int | None = None
     pixel_aux_weight: float = 0.6
 
     def __post_init__(self) -> None:
-        _require(self.pixel_layer >= 1, f"taps.pixel_layer={self.pixel_layer}; layers are counted from 1")
+        _require(
+            self.pixel_layer >= 0,
+            f"taps.pixel_layer={self.pixel_layer}; expected a block 1..L, or 0 for the patch embedding itself",
+        )
         _require(
             self.semantic_layer >= self.pixel_layer,
             f"taps.semantic_layer={self.semantic_layer} must be >= taps.pixel_layer={self.pixel_layer}",

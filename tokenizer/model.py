@@ -1,6 +1,7 @@
 """The DualToken tokenizer: one ViT, two taps, two residual-VQ vocabularies.
 
-Pixel branch (generation): tap ``taps.pixel_layer`` -> down projection -> residual VQ ->
+Pixel branch (generation): tap ``taps.pixel_layer`` (0: the patch embedding before the
+position embedding) -> down projection -> residual VQ ->
 up projection -> conv decoder -> image. Semantic branch (understanding): tap
 ``taps.semantic_layer`` -> down projection -> residual VQ -> up projection -> the
 remaining ViT blocks and the pooling head, so the pooled embedding still matches the
@@ -132,6 +133,8 @@ class DualTokenizer(nn.Module):
         taps = self.config.taps
         hidden = self.backbone.embed(images)
         aux = None
+        if taps.pixel_layer == 0:  # position-free: the patch projection alone
+            return self.backbone.patch_features(images), self.backbone.run_blocks(hidden, 0, taps.semantic_layer)
         if taps.pixel_aux_layer is not None:
             hidden = self.backbone.run_blocks(hidden, 0, taps.pixel_aux_layer)
             aux = self._patch_tokens(hidden)
