@@ -89,6 +89,11 @@ def test_semantic_before_pixel_is_rejected() -> None:
         TapsConfig(pixel_layer=4, semantic_layer=2)
 
 
+def test_aux_tap_with_the_patch_embedding_tap_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="with taps.pixel_layer=0 .* set taps.pixel_aux_layer to null"):
+        TapsConfig(pixel_layer=0, semantic_layer=2, pixel_aux_layer=1)
+
+
 def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
     from training.train_tokenizer import Stage1Config
 

@@ -167,6 +167,13 @@ def _joint(
     return Run(output_dir, log)
 
 
+def _zero3_overrides(root: Path) -> list[str]:
+    """``--set`` overrides for ZeRO-3 with every parameter partitioned (``ZERO3_JSON``, written under ``root``)."""
+    config = root / "zero3.json"
+    config.write_text(json.dumps(ZERO3_JSON))
+    return ["deepspeed.enabled=true", "deepspeed.zero_stage=3", f"deepspeed.config_path={config}"]
+
+
 def _assert_close(name: str, expected: float, actual: float, rtol: float) -> None:
     assert math.isfinite(actual), f"{name} is {actual}"
     assert abs(actual - expected) <= rtol * abs(expected), (
@@ -199,9 +206,7 @@ def plain_run(tmp_path_factory: pytest.TempPathFactory, data: dict[str, Path]) -
 @pytest.fixture(scope="module")
 def zero3_run(tmp_path_factory: pytest.TempPathFactory, data: dict[str, Path]) -> Run:
     root = tmp_path_factory.mktemp("zero3")
-    config = root / "zero3.json"
-    config.write_text(json.dumps(ZERO3_JSON))
-    deepspeed = ["deepspeed.enabled=true", "deepspeed.zero_stage=3", f"deepspeed.config_path={config}"]
+    deepspeed = _zero3_overrides(root)
     return _joint(root / "run", data, 2, PER_RANK_BATCH, STEPS, deepspeed)
 
 
@@ -324,9 +329,7 @@ MIXED_RTOL = 5e-3
 @pytest.fixture(scope="module")
 def mixed_runs(tmp_path_factory: pytest.TempPathFactory, data: dict[str, Path]) -> tuple[Run, Run]:
     root = tmp_path_factory.mktemp("mixed")
-    config = root / "zero3.json"
-    config.write_text(json.dumps(ZERO3_JSON))
-    deepspeed = ["deepspeed.enabled=true", "deepspeed.zero_stage=3", f"deepspeed.config_path={config}"]
+    deepspeed = _zero3_overrides(root)
     plain = _joint(root / "plain", data, 1, 2 * PER_RANK_BATCH, STEPS, [], mix=True)
     zero3 = _joint(root / "zero3", data, 2, PER_RANK_BATCH, STEPS, deepspeed, mix=True)
     return plain, zero3
@@ -364,9 +367,7 @@ HELD_OUT_MASS_RTOL = 1e-4
 def grounding_runs(tmp_path_factory: pytest.TempPathFactory, data: dict[str, Path]) -> tuple[Run, Run, Run]:
     """Plain, frozen (lr 1e-9) and ZeRO-3 runs of 4 grounding-only steps."""
     root = tmp_path_factory.mktemp("grounding")
-    config = root / "zero3.json"
-    config.write_text(json.dumps(ZERO3_JSON))
-    deepspeed = ["deepspeed.enabled=true", "deepspeed.zero_stage=3", f"deepspeed.config_path={config}"]
+    deepspeed = _zero3_overrides(root)
     plain = _joint(root / "plain", data, 1, 2 * PER_RANK_BATCH, STEPS, GROUNDING_ONLY, mix=True)
     frozen = _joint(root / "frozen", data, 1, 2 * PER_RANK_BATCH, STEPS, [*GROUNDING_ONLY, "optim.lr=1e-9"], mix=True)
     zero3 = _joint(root / "zero3", data, 2, PER_RANK_BATCH, STEPS, deepspeed + GROUNDING_ONLY, mix=True)

@@ -98,6 +98,11 @@ class TapsConfig:
         )
         if self.pixel_aux_layer is not None:
             _require(
+                self.pixel_layer >= 1,
+                f"taps.pixel_aux_layer={self.pixel_aux_layer} needs a pixel tap after a block; with "
+                "taps.pixel_layer=0 (the patch embedding) set taps.pixel_aux_layer to null",
+            )
+            _require(
                 1 <= self.pixel_aux_layer <= self.pixel_layer,
                 f"taps.pixel_aux_layer={self.pixel_aux_layer} must lie in [1, taps.pixel_layer={self.pixel_layer}]",
             )
