@@ -181,6 +181,32 @@ def test_patch_features_are_the_patch_projection_alone(kind: str) -> None:
         backbone.patch_features(x[:, :2])
 
 
+@pytest.mark.parametrize(
+    ("kind", "timm_name"),
+    [
+        ("siglip", "deit_tiny_patch16_224"),
+        ("timm", "deit_tiny_patch16_224"),
+        ("timm", "vit_medium_patch16_reg4_gap_256"),
+    ],
+)
+def test_embed_with_patch_features_runs_the_patch_projection_once(kind: str, timm_name: str) -> None:
+    """The pair ``taps.pixel_layer: 0`` needs equals ``embed`` and ``patch_features`` called
+    apart, from a single pass through the patch projection."""
+    torch.manual_seed(0)
+    backbone = build_backbone(tiny_config(kind=kind, timm_model_name=timm_name)).eval()
+    projection = next(m for m in backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    calls = []
+    projection.register_forward_hook(lambda *_: calls.append(1))
+    x = images()
+    with torch.no_grad():
+        hidden, patches = backbone.embed_with_patch_features(x)
+        assert len(calls) == 1
+        torch.testing.assert_close(hidden, backbone.embed(x), rtol=0, atol=1e-6)
+        torch.testing.assert_close(patches, backbone.patch_features(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"images must have shape"):
+        backbone.embed_with_patch_features(x[:, :2])
+
+
 # ----------------------------------------------------------------------------- timm
 
 # deit: a CLS token, token pooling, ImageNet mean/std. reg4_gap: 4 register tokens without

@@ -148,6 +148,11 @@ class VisionBackbone(nn.Module):
         self._check_images(images)
         return self._patch_embed_normalised(self.normalize_images(images))
 
+    def embed_with_patch_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(embed(images), patch_features(images))``; backbones that can share the patch
+        projection between the two run it once (``taps.pixel_layer: 0`` needs both)."""
+        return self.embed(images), self.patch_features(images)
+
     def run_blocks(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Apply blocks ``start + 1 .. end`` (1-based), i.e. the 0-based ``blocks[start:end]``.
 
@@ -364,6 +369,12 @@ class SiglipBackbone(VisionBackbone):
         )
         return patches.flatten(2).transpose(1, 2)
 
+    def embed_with_patch_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # SiglipVisionEmbeddings without interpolation: patch projection + learned positions.
+        patches = self.patch_features(images)
+        embeddings = self._tower.embeddings
+        return patches + embeddings.position_embedding(embeddings.position_ids), patches
+
     def _blocks(self) -> Sequence[nn.Module]:
         return self._tower.encoder.layers
 
@@ -481,16 +492,26 @@ class TimmBackbone(VisionBackbone):
         return (unit - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
 
     def _embed_normalised(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self._embed_patches(self.model.patch_embed(pixel_values))
+
+    def _embed_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """The output of ``patch_embed`` -> (B, P + N, C): prefix tokens, positions, pre-norm."""
         model = self.model
-        hidden = model.patch_embed(pixel_values)
-        hidden = model._pos_embed(hidden)
         # patch_drop is skipped on purpose: dropping tokens would break the g x g grid that the
         # pixel decoder and the taps rely on (it is the identity in eval mode anyway).
-        return model.norm_pre(hidden)
+        return model.norm_pre(model._pos_embed(patches))
+
+    @staticmethod
+    def _flat_patches(patches: torch.Tensor) -> torch.Tensor:
+        return patches.flatten(1, 2) if patches.ndim == 4 else patches  # NHWC when the model keeps the grid
 
     def _patch_embed_normalised(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        patches = self.model.patch_embed(pixel_values)
-        return patches.flatten(1, 2) if patches.ndim == 4 else patches  # NHWC when the model keeps the grid
+        return self._flat_patches(self.model.patch_embed(pixel_values))
+
+    def embed_with_patch_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_images(images)
+        patches = self.model.patch_embed(self.normalize_images(images))
+        return self._embed_patches(patches), self._flat_patches(patches)
 
     def _blocks(self) -> Sequence[nn.Module]:
         return self.model.blocks

@@ -131,10 +131,11 @@ class DualTokenizer(nn.Module):
     def _run_trunk(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (pixel features (B, N, C) incl. the aux tap, semantic-tap hidden (B, P+N, C))."""
         taps = self.config.taps
+        if taps.pixel_layer == 0:  # position-free: the patch projection alone
+            hidden, patches = self.backbone.embed_with_patch_features(images)
+            return patches, self.backbone.run_blocks(hidden, 0, taps.semantic_layer)
         hidden = self.backbone.embed(images)
         aux = None
-        if taps.pixel_layer == 0:  # position-free: the patch projection alone
-            return self.backbone.patch_features(images), self.backbone.run_blocks(hidden, 0, taps.semantic_layer)
         if taps.pixel_aux_layer is not None:
             hidden = self.backbone.run_blocks(hidden, 0, taps.pixel_aux_layer)
             aux = self._patch_tokens(hidden)
