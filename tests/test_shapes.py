@@ -358,6 +358,10 @@ def test_torch_dataset_items(world: ShapesWorld) -> None:
         ({"backgrounds": ()}, "backgrounds"),
         ({"snap_cells": -1}, "snap_cells"),
         ({"snap_cells": 65}, "snap_cells"),
+        ({"size_jitter": 0.5}, "size_jitter"),
+        ({"colour_jitter": -1}, "colour_jitter"),
+        ({"plain_rgb": (128, 128)}, "plain_rgb"),
+        ({"plain_rgb": (128, 128, 300)}, "plain_rgb"),
     ],
 )
 def test_config_validation_names_the_field(overrides: dict, field: str) -> None:
@@ -394,6 +398,39 @@ def test_generation_world_options_restrict_backgrounds_and_snap_objects_to_the_g
                 assert any(_holds(first, relation, second) for relation in OPPOSITE), "objects overlap"
     assert kinds == {"plain", "stripes"}
     assert len(corners) >= 5  # objects still go everywhere on the lattice
+
+
+def test_canonical_world_draws_each_named_object_the_same_everywhere() -> None:
+    """No jitter, no noise and a fixed plain colour: the pixels under an object's bounding square
+    depend only on its colour, shape and size, not on the scene it is in or where on the lattice
+    it sits; the background is exactly ``plain_rgb``. With the default jitter they differ."""
+
+    def patches(config: ShapesWorldConfig) -> dict[tuple[str, str, str], list[np.ndarray]]:
+        found: dict[tuple[str, str, str], list[np.ndarray]] = {}
+        for index in range(120):
+            sample = ShapesWorld(config).sample_single("train", index)
+            obj = sample.objects[0]
+            left, top, right, bottom = (round(v * 64) for v in _box(obj))
+            found.setdefault((obj.colour, obj.shape, obj.size), []).append(sample.image[top:bottom, left:right])
+        return found
+
+    base = dict(seed=5, num_train=200, max_objects=2, backgrounds=("plain",), snap_cells=8)
+    canonical = ShapesWorldConfig(**base, size_jitter=0.0, colour_jitter=0, noise_std=0.0, plain_rgb=(128, 120, 110))
+    repeated = 0
+    for key, group in patches(canonical).items():
+        for other in group[1:]:
+            assert other.shape == group[0].shape and np.array_equal(other, group[0]), key
+            repeated += 1
+    assert repeated >= 50
+    sample = ShapesWorld(canonical).sample("train", 0)
+    assert (sample.image[0, 0] == (128, 120, 110)).all() and (sample.image[-1, -1] == (128, 120, 110)).all()
+    obj = sample.objects[0]
+    centre = sample.image[round(obj.center[1] * 64), round(obj.center[0] * 64)]
+    assert tuple(int(c) for c in centre) == COLOURS[obj.colour]
+    jittered = patches(ShapesWorldConfig(**base))
+    assert any(
+        a.shape != b.shape or not np.array_equal(a, b) for group in jittered.values() for a in group for b in group[1:2]
+    )
 
 
 def test_snapping_keeps_the_object_inside_on_any_lattice() -> None:

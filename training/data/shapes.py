@@ -105,10 +105,29 @@ class ShapesWorldConfig:
     # > 0: every object's bounding square starts on a lattice of this many cells per side (the
     # tokenizer's grid, say 8), so an object's code pattern does not depend on a sub-cell offset.
     snap_cells: int = 0
+    # Object side: +-size_jitter (a fraction) around its size's nominal side; object colour:
+    # +-colour_jitter levels per channel around its named colour.
+    size_jitter: float = SIZE_JITTER
+    colour_jitter: int = COLOUR_JITTER
+    # None: each plain background gets a random muted colour; [r, g, b]: every plain background
+    # is exactly that colour. With no jitter and no noise, a scene's pixels are then a function of
+    # its objects' names, sizes and places alone (a canonical world for text-to-image pairs).
+    plain_rgb: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
         self.holdout_combinations = tuple(self.holdout_combinations)
         self.backgrounds = tuple(self.backgrounds)
+        if self.plain_rgb is not None:
+            rgb = tuple(self.plain_rgb)
+            if len(rgb) != 3 or not all(isinstance(c, int) and 0 <= c <= 255 for c in rgb):
+                raise ConfigError(f"shapes.plain_rgb={list(rgb)}; expected null or three integers in 0..255")
+            self.plain_rgb = rgb
+        if not 0.0 <= self.size_jitter < 0.5:
+            raise ConfigError(f"shapes.size_jitter={self.size_jitter}; expected in [0, 0.5) (a fraction of the side)")
+        if not 0 <= self.colour_jitter <= 20:
+            raise ConfigError(
+                f"shapes.colour_jitter={self.colour_jitter}; expected 0..20 (colours are 40 degrees of hue apart)"
+            )
         unknown = [kind for kind in self.backgrounds if kind not in BACKGROUNDS]
         if unknown or not self.backgrounds:
             raise ConfigError(
@@ -355,7 +374,7 @@ class ShapesWorld:
             draws = rng.random(6 + 2 * _PLACEMENT_TRIES)
             colour, shape = choices[int(draws[0] * len(choices))]
             size = SIZES[int(draws[1] * len(SIZES))]
-            scale = SIZE_FRACTIONS[size] * (1.0 + SIZE_JITTER * (2.0 * draws[2] - 1.0))
+            scale = SIZE_FRACTIONS[size] * (1.0 + self.config.size_jitter * (2.0 * draws[2] - 1.0))
             low, high = scale / 2 + margin, 1.0 - scale / 2 - margin
             placed = None
             for candidate in (low + (high - low) * draws[6:]).reshape(-1, 2).tolist():
@@ -374,7 +393,8 @@ class ShapesWorld:
                     placed = (low, low)
                 else:
                     break  # the canvas is full: keep fewer objects
-            jitter = (draws[3:6] * (2 * COLOUR_JITTER + 1)).astype(int) - COLOUR_JITTER
+            spread = self.config.colour_jitter
+            jitter = (draws[3:6] * (2 * spread + 1)).astype(int) - spread
             rgb = tuple(min(max(channel + int(j), 0), 255) for channel, j in zip(COLOURS[colour], jitter, strict=True))
             objects.append(
                 ShapeObject(colour=colour, shape=shape, size=size, center=placed, scale=float(scale), rgb=rgb)
@@ -412,6 +432,8 @@ class ShapesWorld:
         base = _muted_colour(lightness, 18 * tint_a, 2 * np.pi * hue_a)
         other = _muted_colour(min(max(lightness + offset, 60.0), 200.0), 18 * tint_b, 2 * np.pi * hue_b)
         if kind == "plain":
+            if self.config.plain_rgb is not None:
+                base = np.asarray(self.config.plain_rgb, dtype=np.float32)
             return np.broadcast_to(base, (size, size, 3)).copy()
         x, y = self._grid_x, self._grid_y
         angle, phase = 2 * np.pi * angle, 2 * np.pi * phase
