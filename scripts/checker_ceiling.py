@@ -3,8 +3,9 @@
 The ceiling of text-to-image on a tokenizer: a generated image passes the checker at most as often
 as the decoder draws a real scene of the same kind recognisably. Encodes and decodes one- and
 two-object validation scenes (alternately; a three-object draw is skipped) of the default Shapes
-world and of the narrower world of ``dualtoken tiny-mllm --t2i-world grid`` (at most two
-objects, plain backgrounds, objects on the code grid), and prints the share that passes.
+world and of the narrower worlds of ``dualtoken tiny-mllm --t2i-world grid`` (at most two
+objects, plain backgrounds, objects on the code grid) and ``--t2i-world canonical`` (the same
+without jitter or noise, on one grey), and prints the share that passes.
 
     python scripts/checker_ceiling.py runs/tiny/stage1/tokenizer --scenes 256
 """
@@ -24,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tokenizer.model import DualTokenizer  # noqa: E402
 from training.data.shapes import ShapesWorld, ShapesWorldConfig, uint8_image_to_tensor  # noqa: E402
 from training.evaluation import checker_verdicts  # noqa: E402
-from training.mllm_pipeline import grid_world_config  # noqa: E402
+from training.mllm_pipeline import t2i_world_config  # noqa: E402
 
-WORLDS = ("default", "grid")
+WORLDS = ("default", "grid", "canonical")
 
 
 def ceiling(tokenizer: DualTokenizer, world: ShapesWorld, scenes: int, split: str = "val") -> dict[str, float]:
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     torch.set_num_threads(args.threads)
     tokenizer = DualTokenizer.from_pretrained(args.tokenizer).eval()
     size, grid = tokenizer.backbone.image_size, tokenizer.backbone.grid_size
-    configs = {"default": ShapesWorldConfig(image_size=size), "grid": grid_world_config(0, size, grid)}
+    configs = {name: t2i_world_config(name, 0, size, grid) for name in WORLDS[1:]}
+    configs["default"] = ShapesWorldConfig(image_size=size)
     results = {}
     for name in args.worlds:
         results[name] = found = ceiling(tokenizer, ShapesWorld(configs[name]), args.scenes)

@@ -469,30 +469,41 @@ def test_data_written_without_boxes_is_written_again(tmp_path):
 def test_grid_text_to_image_pairs_share_the_code_store(data, tmp_path, caplog):
     import logging
 
+    import numpy as np
+    from PIL import Image
+
     from training.data.code_shards import CodeStore
     from training.data.conversations import read_text_image_pairs
-    from training.mllm_pipeline import GRID_T2I_FILE, data_overrides, prepare_data
+    from training.mllm_pipeline import CANONICAL_GREY, data_overrides, prepare_data
 
     counts = {"train": 5, "val": 3}
     plain = prepare_data(data["tokenizer"], tmp_path, counts)
-    assert len(CodeStore(plain["train"] / "codes")) == 5 and not (plain["train"] / GRID_T2I_FILE).exists()
+    assert len(CodeStore(plain["train"] / "codes")) == 5 and not (plain["train"] / "t2i_grid.jsonl").exists()
     caplog.clear()
     with caplog.at_level(logging.INFO):
         grid = prepare_data(data["tokenizer"], tmp_path, counts, t2i_world="grid")
     # The conversations are kept; the store lacked the new pairs' images, so it is written again.
     assert "data: reusing" in caplog.text and "codes: writing" in caplog.text and "have no codes" in caplog.text
     for split, count in counts.items():
-        pairs = read_text_image_pairs(grid[split] / GRID_T2I_FILE)
+        pairs = read_text_image_pairs(grid[split] / "t2i_grid.jsonl")
         store = CodeStore(grid[split] / "codes")
         assert len(pairs) == count and len(store) == 2 * count
         assert all(pair.image_key.startswith(f"images/{split}_grid/") and pair.image_key in store for pair in pairs)
-    lines = (grid["train"] / GRID_T2I_FILE).read_text().splitlines()
+    lines = (grid["train"] / "t2i_grid.jsonl").read_text().splitlines()
     assert all(1 <= len(json.loads(line)["objects"]) <= 2 for line in lines)  # the grid world's scenes
-    assert f"data.text_image=[{grid['train'] / GRID_T2I_FILE}]" in data_overrides(grid, "grid")
+    assert f"data.text_image=[{grid['train'] / 't2i_grid.jsonl'}]" in data_overrides(grid, "grid")
     assert f"data.val_text_image=[{grid['val'] / 't2i.jsonl'}]" in data_overrides(grid)
     caplog.clear()
     with caplog.at_level(logging.INFO):
         prepare_data(data["tokenizer"], tmp_path, counts, t2i_world="grid")
     assert "codes: writing" not in caplog.text and caplog.text.count("codes: reusing") == 2
-    with pytest.raises(ValueError, match=r"t2i_world='tiles'; expected one of \['scenes', 'grid'\]"):
+    # The canonical world's pairs join the same store; their backgrounds are exactly one grey.
+    canonical = prepare_data(data["tokenizer"], tmp_path, counts, t2i_world="canonical")
+    pairs = read_text_image_pairs(canonical["train"] / "t2i_canonical.jsonl")
+    assert len(pairs) == 5 and len(CodeStore(canonical["train"] / "codes")) == 10  # scenes + canonical pairs
+    assert all(pair.image_key.startswith("images/train_canonical/") for pair in pairs)
+    corners = [np.asarray(Image.open(canonical["train"] / pair.image_key))[[0, -1]][:, [0, -1]] for pair in pairs]
+    assert all((corner == CANONICAL_GREY).all() for corner in corners)
+    assert f"data.text_image=[{canonical['train'] / 't2i_canonical.jsonl'}]" in data_overrides(canonical, "canonical")
+    with pytest.raises(ValueError, match=r"t2i_world='tiles'; expected one of \['scenes', 'grid', 'canonical'\]"):
         prepare_data(data["tokenizer"], tmp_path, counts, t2i_world="tiles")

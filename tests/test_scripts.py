@@ -92,10 +92,11 @@ class _Copying:
 
 def test_checker_ceiling_passes_true_drawings_and_fails_blank_ones(data, capsys):
     from training.data.shapes import ShapesWorld, ShapesWorldConfig
-    from training.mllm_pipeline import grid_world_config
+    from training.mllm_pipeline import t2i_world_config
 
     ceiling = _load("checker_ceiling")
-    for config in (ShapesWorldConfig(image_size=32), grid_world_config(0, 32, 4)):
+    worlds = [t2i_world_config(name, 0, 32, 8) for name in ("grid", "canonical")]  # 4-pixel cells: room for two
+    for config in (ShapesWorldConfig(image_size=32), *worlds):
         exact = ceiling.ceiling(_Copying(), ShapesWorld(config), 24)
         # Even draws are single-object scenes; odd ones hold 1-3 objects (three are skipped).
         assert exact["1_objects_scenes"] >= 12 and exact["2_objects_scenes"] >= 1
@@ -103,7 +104,7 @@ def test_checker_ceiling_passes_true_drawings_and_fails_blank_ones(data, capsys)
         assert exact["1_objects"] >= 0.9 and exact["all"] >= 0.85  # the checker knows the world's own images
         assert ceiling.ceiling(_Copying(blank=True), ShapesWorld(config), 24)["all"] == 0.0
     found = ceiling.main([str(data["tokenizer"]), "--scenes", "4"])
-    assert set(found) == {"default", "grid"} and all(0.0 <= found[w]["all"] <= 1.0 for w in found)
+    assert set(found) == {"default", "grid", "canonical"} and all(0.0 <= found[w]["all"] <= 1.0 for w in found)
     assert "grid     one object" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         ceiling.main([str(data["tokenizer"]), "--scenes", "1"])
