@@ -143,6 +143,7 @@ class ShapesGenEval(_FIDFeatures, Task):
             top_k=int(options.get("top_k", 0)),
             top_p=float(options.get("top_p", 1.0)),
             temperature=float(options.get("temperature", 1.0)),
+            decode_depths=options.get("decode_depths"),
         )
         folder = self.context.out_dir / "images" / self.name
         folder.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,9 @@ def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--decode-depths", type=int, default=None, help="draw only the first RVQ depths of the codes (default: all)"
+    )
 
 
 def generate_main(argv: list[str] | None = None) -> list[Path]:
@@ -61,6 +64,7 @@ def generate_main(argv: list[str] | None = None) -> list[Path]:
         top_p=args.top_p,
         temperature=args.temperature,
         seed=args.seed,
+        decode_depths=args.decode_depths,
     )
     paths = _save_images(images, Path(args.output))
     for path in paths:
@@ -97,6 +101,7 @@ def chat_loop(pipe: Pipeline, lines: TextIO, out: TextIO, args: argparse.Namespa
                     top_p=args.top_p,
                     temperature=args.temperature,
                     seed=args.seed + drawn,
+                    decode_depths=args.decode_depths,
                 )
                 drawn += 1
                 path = _save_images(images, Path(args.out_dir) / f"imagine_{drawn:03d}.png")[0]

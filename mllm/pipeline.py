@@ -220,20 +220,28 @@ class Pipeline:
         )
 
     @torch.no_grad()
-    def decode(self, pixel_codes: torch.Tensor) -> list[np.ndarray]:
-        """Pixel codes -> ``(H, W, 3)`` uint8 images.
+    def decode(self, pixel_codes: torch.Tensor, depths: int | None = None) -> list[np.ndarray]:
+        """Pixel codes -> ``(H, W, 3)`` uint8 images; ``depths``: only the first RVQ levels (None = all).
 
         One image at a time: convolutions pick different kernels for different batch sizes, and
         an image must not depend (even in its last bits) on the rest of its batch.
         """
         codes = pixel_codes.to(self.device)
-        images = torch.cat([self.dualtoken.decode(codes[row : row + 1]) for row in range(codes.shape[0])])
+        try:
+            images = torch.cat([self.dualtoken.decode(codes[row : row + 1], depths) for row in range(codes.shape[0])])
+        except ValueError as error:
+            raise PipelineError(str(error)) from None
         images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return list(images)
 
-    def generate(self, prompts: str | SequenceABC[str], **options: Any) -> list[np.ndarray]:
-        """Images for ``prompts`` (``n`` per prompt, prompt-major); options as :meth:`generate_codes`."""
-        return self.decode(self.generate_codes(prompts, **options))
+    def generate(
+        self, prompts: str | SequenceABC[str], decode_depths: int | None = None, **options: Any
+    ) -> list[np.ndarray]:
+        """Images for ``prompts`` (``n`` per prompt, prompt-major); options as :meth:`generate_codes`.
+
+        ``decode_depths``: draw only the first RVQ depths of the sampled codes (None = all).
+        """
+        return self.decode(self.generate_codes(prompts, **options), decode_depths)
 
 
 def _check_prompt(text: str, what: str) -> None:

@@ -340,6 +340,11 @@ def test_pipeline_answers_and_draws_reproducibly(chain):
     assert (mixed[1] == third).all()
     answers = pipe.answer_batch([sample.image] * 3, ["what colour is the circle?", "how many objects?", "is it red?"])
     assert answers[1] == pipe.answer(sample.image, "how many objects?")
+    coarse = pipe.generate("a large red circle", cfg=3.0, top_k=8, seed=4, decode_depths=1)[0]
+    assert (coarse == pipe.decode(pipe.generate_codes("a large red circle", cfg=3.0, top_k=8, seed=4), 1)[0]).all()
+    assert (coarse != third).any()  # the same codes, drawn from their first depth only
+    with pytest.raises(PipelineError, match=r"depths=9; expected None \(all\) or an integer in \[1, "):
+        pipe.generate("a large red circle", decode_depths=9)
     with pytest.raises(PipelineError, match="empty prompt"):
         pipe.generate("   ")
     with pytest.raises(PipelineError, match="100,000 characters"):
@@ -366,6 +371,9 @@ def test_generate_and_chat_commands(chain, tmp_path, capsys):
     import argparse
     import io
 
+    import numpy as np
+    from PIL import Image
+
     from mllm.commands import chat_loop
     from mllm.pipeline import Pipeline
     from training.data.shapes import ShapesWorld, ShapesWorldConfig
@@ -373,13 +381,22 @@ def test_generate_and_chat_commands(chain, tmp_path, capsys):
     out = tmp_path / "red.png"
     assert cli_main(["generate", "a red circle", "-o", str(out), "--model", str(chain["joint"]), "--n", "2"]) == 0
     assert (tmp_path / "red_0.png").is_file() and (tmp_path / "red_1.png").is_file()
+    coarse = tmp_path / "coarse.png"
+    assert (
+        cli_main(
+            ["generate", "a red circle", "-o", str(coarse), "--model", str(chain["joint"]), "--decode-depths", "1"]
+        )
+        == 0
+    )
+    assert (
+        coarse.is_file()
+        and not (np.asarray(Image.open(coarse)) == np.asarray(Image.open(tmp_path / "red_0.png"))).all()
+    )
     assert not list(tmp_path.glob(".*partial"))
     assert cli_main(["generate", "  ", "-o", str(out), "--model", str(chain["joint"])]) == 2
     assert "empty prompt" in capsys.readouterr().err
     assert cli_main(["generate", "a", "-o", str(out), "--model", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
-
-    from PIL import Image
 
     picture = tmp_path / "scene.png"
     Image.fromarray(ShapesWorld(ShapesWorldConfig(image_size=32)).sample("test", 1).image).save(picture)
@@ -390,7 +407,9 @@ def test_generate_and_chat_commands(chain, tmp_path, capsys):
         "/imagine a blue square\n/quit\n"
     )
     transcript = io.StringIO()
-    args = argparse.Namespace(cfg=2.0, top_k=0, top_p=1.0, temperature=1.0, seed=0, out_dir=str(tmp_path / "chat"))
+    args = argparse.Namespace(
+        cfg=2.0, top_k=0, top_p=1.0, temperature=1.0, seed=0, decode_depths=None, out_dir=str(tmp_path / "chat")
+    )
     pipe = Pipeline.from_pretrained(chain["joint"])
     chat_loop(pipe, script, transcript, args)
     lines = transcript.getvalue().splitlines()

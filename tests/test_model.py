@@ -89,6 +89,25 @@ def test_encode_decode_matches_the_training_forward_in_eval_mode() -> None:
     torch.testing.assert_close(model.semantic_features(codes.semantic_codes).pooled, output.semantic_pooled)
 
 
+def test_decode_can_stop_after_the_first_depths() -> None:
+    """``decode(codes, depths=k)`` draws the sum of the first k RVQ levels: all of them by
+    default, and the later levels' codes do not matter below them."""
+    torch.manual_seed(0)
+    model = DualTokenizer(tiny_config())
+    model(images())
+    model.eval()
+    codes = model.encode(images(seed=1)).pixel_codes
+    depth = codes.shape[-1]
+    assert torch.equal(model.decode(codes, depths=depth), model.decode(codes))
+    changed = codes.clone()
+    changed[..., 1:] = (changed[..., 1:] + 1) % model.config.pixel_quantizer.codebook_size
+    assert torch.equal(model.decode(changed, depths=1), model.decode(codes, depths=1))
+    assert not torch.equal(model.decode(codes, depths=1), model.decode(codes))
+    for bad in (0, depth + 1, True, 1.5):
+        with pytest.raises(ValueError, match=rf"depths={bad!r}; expected None \(all\) or an integer in \[1, {depth}\]"):
+            model.decode(codes, depths=bad)
+
+
 def test_gradients_reach_backbone_from_both_branches() -> None:
     torch.manual_seed(0)
     model = DualTokenizer(tiny_config())

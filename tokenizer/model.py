@@ -216,11 +216,21 @@ class DualTokenizer(nn.Module):
         return quantizer.config.depth
 
     @torch.no_grad()
-    def decode(self, pixel_codes: torch.Tensor) -> torch.Tensor:
-        """pixel_codes: (B, h, w, D) -> images (B, 3, H, W) in [-1, 1]."""
+    def decode(self, pixel_codes: torch.Tensor, depths: int | None = None) -> torch.Tensor:
+        """pixel_codes: (B, h, w, D) -> images (B, 3, H, W) in [-1, 1].
+
+        ``depths``: decode only the first ``depths`` RVQ levels (coarse to fine; None = all D).
+        A model's later depths can be the ones it predicts worst, and dropping them trades detail
+        for fewer sampled mistakes.
+        """
         quantizer = self.pixel_quantizer or self.semantic_quantizer
-        flat = self._check_codes(pixel_codes, "pixel_codes", quantizer.config.depth)
-        return self._decode_latents(quantizer.lookup(flat)).clamp(-1, 1)
+        depth = quantizer.config.depth
+        flat = self._check_codes(pixel_codes, "pixel_codes", depth)
+        if depths is None:
+            depths = depth
+        if isinstance(depths, bool) or not isinstance(depths, int) or not 1 <= depths <= depth:
+            raise ValueError(f"depths={depths!r}; expected None (all) or an integer in [1, {depth}]")
+        return self._decode_latents(quantizer.lookup_partial(flat, depths)).clamp(-1, 1)
 
     def semantic_features(self, semantic_codes: torch.Tensor) -> SemanticFeatures:
         """semantic_codes: (B, h, w, D) -> post-quantisation tap features and pooled embedding."""

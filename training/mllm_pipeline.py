@@ -219,6 +219,7 @@ def evaluate(
     cfg: float,
     seed: int,
     temperature: float = 1.0,
+    decode_depths: int | None = None,
 ) -> dict:
     from eval.report import save_labelled_grid
     from eval.shapes_tasks import shapes_t2i, shapes_vqa
@@ -231,7 +232,17 @@ def evaluate(
     vqa = shapes_vqa(pipe, world, "test", vqa_scenes)
     vqa_seconds = time.time() - started
     started = time.time()
-    t2i = shapes_t2i(pipe, world, "test", t2i_prompts, t2i_prompts, cfg=cfg, temperature=temperature, seed=seed)
+    t2i = shapes_t2i(
+        pipe,
+        world,
+        "test",
+        t2i_prompts,
+        t2i_prompts,
+        cfg=cfg,
+        temperature=temperature,
+        seed=seed,
+        decode_depths=decode_depths,
+    )
     t2i_seconds = time.time() - started
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = [
@@ -323,6 +334,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance of the text-to-image score")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the same")
     parser.add_argument(
+        "--decode-depths", type=int, default=None, help="draw only the first RVQ depths of the codes (default: all)"
+    )
+    parser.add_argument(
         "--t2i-world",
         choices=T2I_WORLDS,
         default="scenes",
@@ -353,7 +367,14 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     torch.manual_seed(args.seed)
     metrics = evaluate(
-        model_dir, run_dir / EVAL_DIRNAME, args.vqa_scenes, args.t2i_prompts, args.cfg, args.seed, args.temperature
+        model_dir,
+        run_dir / EVAL_DIRNAME,
+        args.vqa_scenes,
+        args.t2i_prompts,
+        args.cfg,
+        args.seed,
+        args.temperature,
+        args.decode_depths,
     )
     timings["evaluation"] = time.time() - started
     print(write_report(run_dir, metrics, stage_metrics, timings))
