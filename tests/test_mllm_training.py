@@ -418,8 +418,9 @@ def test_generate_and_chat_commands(chain, tmp_path, capsys):
     assert (tmp_path / "chat" / "imagine_001.png").is_file()
 
 
-def test_llm_pipeline_end_to_end_and_reuse(data, tmp_path, caplog):
+def test_llm_pipeline_end_to_end_and_reuse(data, tmp_path, caplog, capsys):
     import logging
+    import re
 
     from mllm_fixtures import stage_overrides
 
@@ -456,6 +457,14 @@ def test_llm_pipeline_end_to_end_and_reuse(data, tmp_path, caplog):
 
     with pytest.raises(ConfigError, match=r"LLM stage joint in .* other settings .*only now: \['loop.max_steps=3'\]"):
         mllm_pipeline.main([*argv, "--set-joint", "loop.max_steps=3"])
+    # Drawing only depth 1 re-scores the finished stages; an impossible depth stops before any work.
+    coarse = mllm_pipeline.main([*argv, "--decode-depths", "1"])
+    assert coarse["t2i_decode_depths"] == 1.0 and coarse["vqa_mean"] == pytest.approx(metrics["vqa_mean"])
+    assert "first 1 RVQ depth(s) drawn" in (tmp_path / "run" / "mllm_report.md").read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        mllm_pipeline.main([*argv, "--decode-depths", "9"])
+    assert re.search(r"--decode-depths=9; expected 1\.\.\d+ \(the tokenizer's pixel depth\)", capsys.readouterr().err)
 
 
 def test_building_the_tiny_model_leaves_no_temporary_folders(data, tmp_path, monkeypatch):
