@@ -467,6 +467,18 @@ def test_llm_pipeline_end_to_end_and_reuse(data, tmp_path, caplog, capsys):
     assert re.search(r"--decode-depths=9; expected 1\.\.\d+ \(the tokenizer's pixel depth\)", capsys.readouterr().err)
 
 
+def test_canonical_decoder_config_trains_on_the_canonical_world():
+    """configs/tokenizer/tiny_decoder_canonical.yaml spells the canonical world out in YAML; it
+    must stay the world that ``--t2i-world canonical`` writes its pairs from."""
+    from training.config import load_config
+    from training.mllm_pipeline import canonical_world_config
+    from training.train_tokenizer import Stage1Config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "tokenizer" / "tiny_decoder_canonical.yaml"
+    config = load_config(Stage1Config, str(path), [])
+    assert config.data.shapes == canonical_world_config(0, 64, 8)
+
+
 def test_building_the_tiny_model_leaves_no_temporary_folders(data, tmp_path, monkeypatch):
     import tempfile
 

@@ -158,6 +158,16 @@ def test_save_load_round_trip_gives_identical_codes(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]
 
 
+def test_read_config_reads_a_saved_tokenizer_without_building_it(tmp_path: Path) -> None:
+    config = tiny_config()
+    directory = DualTokenizer(config).save_pretrained(tmp_path / "tok")
+    read = DualTokenizer.read_config(directory)
+    assert read == DualTokenizer.from_pretrained(directory).config
+    assert read.pixel_depth == DualTokenizer(config).pixel_depth == config.pixel_quantizer.depth
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        DualTokenizer.read_config(tmp_path)
+
+
 def test_from_pretrained_names_missing_files(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
         DualTokenizer.from_pretrained(tmp_path)

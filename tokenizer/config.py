@@ -206,6 +206,11 @@ class DualTokenizerConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     shared_codebook: bool = False
 
+    @property
+    def pixel_depth(self) -> int:
+        """RVQ depth of the codes the decoder reads (the semantic quantizer's with a shared codebook)."""
+        return (self.semantic_quantizer if self.shared_codebook else self.pixel_quantizer).depth
+
     def __post_init__(self) -> None:
         if self.backbone.pretrained_path is None and self.backbone.kind == "siglip":
             self.taps.check_against(self.backbone.num_layers)

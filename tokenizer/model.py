@@ -212,8 +212,7 @@ class DualTokenizer(nn.Module):
 
     @property
     def pixel_depth(self) -> int:
-        quantizer = self.pixel_quantizer or self.semantic_quantizer
-        return quantizer.config.depth
+        return self.config.pixel_depth
 
     @torch.no_grad()
     def decode(self, pixel_codes: torch.Tensor, depths: int | None = None) -> torch.Tensor:
@@ -277,15 +276,11 @@ class DualTokenizer(nn.Module):
             shutil.rmtree(staging, ignore_errors=True)
         return directory
 
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, map_location: str = "cpu") -> DualTokenizer:
-        """Load a tokenizer written by :meth:`save_pretrained`; errors name the missing or bad file."""
-        from safetensors.torch import load_file
-        from transformers import SiglipTextConfig, SiglipVisionConfig, SiglipVisionModel
-
-        directory = Path(directory)
-        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        for path in (config_path, weights_path):
+    @staticmethod
+    def _saved_payload(directory: Path) -> tuple[dict, DualTokenizerConfig]:
+        """``config.json``'s payload and its typed config; errors name the missing or bad file."""
+        config_path = directory / CONFIG_NAME
+        for path in (config_path, directory / WEIGHTS_NAME):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing: {directory} is not a saved DualTokenizer")
         try:
@@ -294,7 +289,22 @@ class DualTokenizer(nn.Module):
             raise ConfigError(f"{config_path} is not valid JSON: {error}") from None
         if "tokenizer" not in payload:
             raise ConfigError(f"{config_path} has no 'tokenizer' section: not a DualTokenizer config")
-        config = config_from_dict(DualTokenizerConfig, payload["tokenizer"], "tokenizer")
+        return payload, config_from_dict(DualTokenizerConfig, payload["tokenizer"], "tokenizer")
+
+    @classmethod
+    def read_config(cls, directory: str | os.PathLike) -> DualTokenizerConfig:
+        """The config of a tokenizer written by :meth:`save_pretrained`, without building it."""
+        return cls._saved_payload(Path(directory))[1]
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str = "cpu") -> DualTokenizer:
+        """Load a tokenizer written by :meth:`save_pretrained`; errors name the missing or bad file."""
+        from safetensors.torch import load_file
+        from transformers import SiglipTextConfig, SiglipVisionConfig, SiglipVisionModel
+
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        payload, config = cls._saved_payload(directory)
         backbone = None
         if "backbone_hf_config" in payload:
             # Rebuild the exact architecture that was saved; the weights follow below.

@@ -19,6 +19,7 @@ from its last checkpoint.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import time
@@ -98,8 +99,6 @@ def canonical_world_config(seed: int, image_size: int, grid_size: int) -> Shapes
     depth-1 CE 0.58 against 1.55 and pass the checker on 25.8 % of validation prompts against
     7.0 % (README).
     """
-    import dataclasses
-
     grey = (CANONICAL_GREY,) * 3
     return dataclasses.replace(
         grid_world_config(seed, image_size, grid_size), size_jitter=0.0, colour_jitter=0, noise_std=0.0, plain_rgb=grey
@@ -360,7 +359,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.decode_depths is not None:  # checked now, not after the stages have trained
         from tokenizer.model import DualTokenizer
 
-        depth = DualTokenizer.from_pretrained(args.tokenizer).pixel_depth
+        depth = DualTokenizer.read_config(args.tokenizer).pixel_depth
         if not 1 <= args.decode_depths <= depth:
             parser.error(f"--decode-depths={args.decode_depths}; expected 1..{depth} (the tokenizer's pixel depth)")
     setup_logging()
