@@ -21,6 +21,7 @@ from training.data.shapes import (
     QUESTION_KINDS,
     SHAPES,
     SIDE_MARGIN,
+    SLOT_CENTRES,
     ShapeObject,
     ShapesImageDataset,
     ShapesWorld,
@@ -362,6 +363,8 @@ def test_torch_dataset_items(world: ShapesWorld) -> None:
         ({"colour_jitter": -1}, "colour_jitter"),
         ({"plain_rgb": (128, 128)}, "plain_rgb"),
         ({"plain_rgb": (128, 128, 300)}, "plain_rgb"),
+        ({"layout": "grid"}, "layout"),
+        ({"layout": "slots", "max_objects": 4}, "max_objects"),
     ],
 )
 def test_config_validation_names_the_field(overrides: dict, field: str) -> None:
@@ -431,6 +434,45 @@ def test_canonical_world_draws_each_named_object_the_same_everywhere() -> None:
     assert any(
         a.shape != b.shape or not np.array_equal(a, b) for group in jittered.values() for a in group for b in group[1:2]
     )
+
+
+def test_slots_layout_fixes_every_place_by_count_and_order() -> None:
+    """``layout="slots"``: the i-th of n objects sits at ``SLOT_CENTRES[n][i]``, the objects'
+    names and sizes are those of the random layout's scene of the same index, every caption's
+    relation is true of the drawn scene, and in the canonical drawing a caption's objects fix the
+    image: two scenes naming the same objects in the same order are pixel-identical."""
+    base = dict(seed=2, num_train=300, max_objects=3, backgrounds=("plain",), size_jitter=0.0, colour_jitter=0)
+    slots = ShapesWorld(ShapesWorldConfig(**base, noise_std=0.0, plain_rgb=(128, 128, 128), layout="slots"))
+    free = ShapesWorld(ShapesWorldConfig(**base, noise_std=0.0, plain_rgb=(128, 128, 128)))
+    by_objects: dict[tuple, np.ndarray] = {}
+    identical = counts = checked = 0
+    for index in range(300):
+        sample, other = slots.sample("train", index), free.sample("train", index)
+        n = len(sample.objects)
+        assert [obj.center for obj in sample.objects] == list(SLOT_CENTRES[n])
+        if len(other.objects) == n:  # the random layout may drop an object that does not fit
+            assert [(o.colour, o.shape, o.size) for o in sample.objects] == [
+                (o.colour, o.shape, o.size) for o in other.objects
+            ]
+            counts += 1
+        for i, first in enumerate(sample.objects):
+            for second in sample.objects[i + 1 :]:
+                assert any(_holds(first, relation, second) for relation in OPPOSITE), "slots overlap"
+        for first in sample.objects:
+            for second in sample.objects:
+                for word, relation in RELATION_WORDS.items():
+                    statement = f"the {first.name} is {word} the {second.name}"
+                    inline = f"{first.size} {first.name} {word} a {second.size} {second.name}"
+                    if statement in sample.caption or inline in sample.caption:
+                        assert _holds(first, relation, second), (sample.caption, relation)
+                        checked += 1
+        key = tuple((o.colour, o.shape, o.size) for o in sample.objects)
+        if key in by_objects:
+            assert np.array_equal(by_objects[key], sample.image), key
+            identical += 1
+        by_objects[key] = sample.image
+    assert identical >= 10 and counts >= 250 and checked >= 150
+    assert {len(slots.sample("train", i).objects) for i in range(60)} == {1, 2, 3}
 
 
 def test_snapping_keeps_the_object_inside_on_any_lattice() -> None:

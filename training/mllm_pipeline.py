@@ -3,7 +3,8 @@
     dualtoken tiny-mllm --tokenizer runs/tiny/stage1/tokenizer --run-dir runs/tiny
 
 1. writes the Shapes world's train / val splits as LLaVA conversations + text-image pairs
-   (``--t2i-world grid`` or ``canonical`` adds pairs from a narrower world and trains on those instead);
+   (``--t2i-world grid``, ``canonical`` or ``slots`` adds pairs from a narrower world and trains on those
+   instead);
 2. tokenises their images once into code shards (the LLM never runs the ViT);
 3. runs the stages of ``configs/stages/tiny/`` (align, understand, generate, joint), each
    from the previous stage's model;
@@ -40,7 +41,7 @@ STAGES = ("align", "understand", "generate", "joint")
 EVAL_DIRNAME = "mllm_eval"
 BY_FORM_FILE = "vqa_by_form.json"  # VQA accuracy per question form (eval.shapes_tasks.vqa_by_form)
 STAGE_CONFIG = "configs/stages/tiny/{stage}.yaml"
-T2I_WORLDS = ("scenes", "grid", "canonical")  # where the text-to-image pairs come from (see t2i_world_config)
+T2I_WORLDS = ("scenes", "grid", "canonical", "slots")  # where the text-to-image pairs come from (see t2i_world_config)
 CANONICAL_GREY = 128  # the canonical world's plain background, (128, 128, 128)
 
 
@@ -105,13 +106,19 @@ def canonical_world_config(seed: int, image_size: int, grid_size: int) -> Shapes
     )
 
 
+def slots_world_config(seed: int, image_size: int, grid_size: int) -> ShapesWorldConfig:
+    """The canonical world with every object at a fixed slot: one object in the centre, two side
+    by side (the first named on the left), so a caption fixes the whole image."""
+    return dataclasses.replace(canonical_world_config(seed, image_size, grid_size), layout="slots")
+
+
 def t2i_world_config(t2i_world: str, seed: int, image_size: int, grid_size: int) -> ShapesWorldConfig | None:
     """The world of ``--t2i-world``'s pairs; None for the default world's own scenes."""
     if t2i_world not in T2I_WORLDS:
         raise ValueError(f"t2i_world={t2i_world!r}; expected one of {list(T2I_WORLDS)}")
     if t2i_world == "scenes":
         return None
-    build = grid_world_config if t2i_world == "grid" else canonical_world_config
+    build = {"grid": grid_world_config, "canonical": canonical_world_config, "slots": slots_world_config}[t2i_world]
     return build(seed, image_size, grid_size)
 
 
@@ -346,7 +353,8 @@ def main(argv: list[str] | None = None) -> dict:
         choices=T2I_WORLDS,
         default="scenes",
         help="text-to-image training pairs: the world's own scenes, or 'grid': at most two objects on a plain "
-        "background, placed on the code grid, or 'canonical': the grid world without jitter or noise, on one grey "
+        "background, placed on the code grid, or 'canonical': the grid world without jitter or noise, on one grey, "
+        "or 'slots': the canonical world with each object at a fixed slot (centre; left and right) "
         "(written beside them, one code store)",
     )
     parser.add_argument("--seed", type=int, default=0)

@@ -62,6 +62,15 @@ COLOUR_JITTER = 10
 # An object is "on the left" when its centre x < 0.5 - SIDE_MARGIN (likewise right/top/bottom);
 # closer to the middle the answer would be a judgement call, so no such question is asked.
 SIDE_MARGIN = 0.1
+# Where objects go in a world with ``layout="slots"``, by the number of objects (in caption
+# order). The centres sit on the 8x8 code lattice, so an object's sub-cell offset (and so its
+# code pattern) is the same in every slot; no two bounding squares of the large size overlap.
+SLOT_CENTRES: dict[int, tuple[tuple[float, float], ...]] = {
+    1: ((0.5, 0.5),),
+    2: ((0.25, 0.5), (0.75, 0.5)),
+    3: ((0.25, 0.25), (0.75, 0.25), (0.5, 0.75)),
+}
+LAYOUTS: tuple[str, ...] = ("random", "slots")
 NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six")
 CLASS_NAMES: tuple[str, ...] = tuple(f"{colour} {shape}" for colour in COLOURS for shape in SHAPES)
 
@@ -113,6 +122,10 @@ class ShapesWorldConfig:
     # is exactly that colour. With no jitter and no noise, a scene's pixels are then a function of
     # its objects' names, sizes and places alone (a canonical world for text-to-image pairs).
     plain_rgb: tuple[int, int, int] | None = None
+    # "random": objects anywhere, rejection-sampled apart; "slots": the i-th of n objects (in
+    # caption order) always sits at SLOT_CENTRES[n][i], so a caption fixes the whole layout (a
+    # world for text-to-image pairs that a small model learns to draw in few steps).
+    layout: str = "random"
 
     def __post_init__(self) -> None:
         self.holdout_combinations = tuple(self.holdout_combinations)
@@ -132,6 +145,13 @@ class ShapesWorldConfig:
         if unknown or not self.backgrounds:
             raise ConfigError(
                 f"shapes.backgrounds={list(self.backgrounds)}; expected a non-empty subset of {list(BACKGROUNDS)}"
+            )
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"shapes.layout={self.layout!r}; expected one of {list(LAYOUTS)}")
+        if self.layout == "slots" and self.max_objects > max(SLOT_CENTRES):
+            raise ConfigError(
+                f"shapes.max_objects={self.max_objects} with shapes.layout='slots'; expected <= {max(SLOT_CENTRES)} "
+                "(the slots are defined for that many objects)"
             )
         if not 0 <= self.snap_cells <= self.image_size:
             raise ConfigError(f"shapes.snap_cells={self.snap_cells}; expected 0 (off) .. image_size={self.image_size}")
@@ -377,7 +397,12 @@ class ShapesWorld:
             scale = SIZE_FRACTIONS[size] * (1.0 + self.config.size_jitter * (2.0 * draws[2] - 1.0))
             low, high = scale / 2 + margin, 1.0 - scale / 2 - margin
             placed = None
-            for candidate in (low + (high - low) * draws[6:]).reshape(-1, 2).tolist():
+            # Slots: the same draws are made (so the objects' names and sizes match the random
+            # layout's scene of that index); only the place is fixed.
+            candidates = (low + (high - low) * draws[6:]).reshape(-1, 2).tolist()
+            if self.config.layout == "slots":
+                placed, candidates = SLOT_CENTRES[num_objects][position], []
+            for candidate in candidates:
                 centre = (candidate[0], candidate[1])
                 if self.config.snap_cells:
                     centre = _snapped(centre, scale, self.config.snap_cells, low, high)
