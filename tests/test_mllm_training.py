@@ -159,6 +159,43 @@ def test_caption_contrast_pairs_each_captioned_image_with_another_caption(data, 
     assert "val_t2i_contrast_margin" in metrics and "val_t2i_contrast" not in metrics
 
 
+def test_image_input_noise_changes_the_generated_slots_inputs_not_their_targets(data, tmp_path):
+    """``stage.image_input_noise``: that fraction of a text-to-image item's generated slots read
+    random pixel codes; labels, text and the other slots stay as they were; the same item gets
+    the same noise every time (exact resume), and its contrast partner the same noise too."""
+    overrides = stage_overrides(data, tmp_path / "noise", steps=2) + [
+        "stage.image_input_noise=0.5",
+        "stage.loss_weights.contrast=1.0",
+        "data.mix={vqa: 0.0, t2i: 1.0}",
+    ]
+    config = train_mllm.load_config(train_mllm.MLLMStageConfig, _config("joint"), overrides)
+    trainer = train_mllm.MLLMStageTrainer(config, train_mllm.distributed.init_distributed(False))
+    dataset, layout = trainer.dataset, trainer.model.layout
+    split = trainer.model.config.semantic_depth
+    keys = train_mllm.MixtureSampler(dataset, 8, 0, 0, 1, 0, 1).batch_for_step(0)
+    noisy = [dataset[key] for key in keys]
+    dataset.image_input_noise = 0.0
+    plain = [dataset[key] for key in keys]
+    dataset.image_input_noise = 0.5
+    changed = total = 0
+    for item, reference, key in zip(noisy, plain, keys, strict=True):
+        first, clean = (item[0], reference[0]) if isinstance(item, tuple) else (item, reference)
+        assert torch.equal(first.labels, clean.labels)
+        generated = layout.is_pixel(clean.labels[:, split])
+        assert torch.equal(first.ids[~generated], clean.ids[~generated])  # text and boundaries untouched
+        differs = (first.ids[generated] != clean.ids[generated]).any(-1)
+        assert layout.is_pixel(first.ids[generated][:, split:]).all()
+        changed, total = changed + int(differs.sum()), total + int(generated.sum())
+        again = dataset[key]
+        assert torch.equal((again[0] if isinstance(again, tuple) else again).ids, first.ids)
+        if isinstance(item, tuple):  # the same image under another caption reads the same noise
+            other_generated = layout.is_pixel(item[1].labels[:, split])
+            assert torch.equal(item[1].ids[other_generated], first.ids[generated])
+    assert 0.3 < changed / total < 0.7, (changed, total)
+    trainer.fit()
+    assert all("train/pixel" in record for record in _train_records(tmp_path / "noise").values())
+
+
 # ---------------------------------------------------------------------------- bad input
 def _cli(stage: str, overrides: list[str], capsys) -> tuple[int, str]:
     argv = ["train-mllm", "--config", _config(stage)]
@@ -228,6 +265,7 @@ def test_trainable_glob_matching_nothing_is_named(data, tmp_path, capsys):
             "model.image_position_embedding='grid'; expected false|learned|sincos|projector|gated",
         ),
         ("model.image_position_scale=0", "model.image_position_scale=0.0; expected a number > 0"),
+        ("stage.image_input_noise=1.0", "stage.image_input_noise=1.0; expected a fraction in [0, 1)"),
         (
             "model.image_position_embedding=projector model.input_fusion=sum",
             "model.image_position_embedding=projector needs a visual projector",
@@ -514,6 +552,7 @@ def test_grid_text_to_image_pairs_share_the_code_store(data, tmp_path, caplog):
 
     from training.data.code_shards import CodeStore
     from training.data.conversations import read_text_image_pairs
+    from training.data.shapes import SLOT_CENTRES
     from training.mllm_pipeline import CANONICAL_GREY, data_overrides, prepare_data
 
     counts = {"train": 5, "val": 3}
@@ -545,5 +584,14 @@ def test_grid_text_to_image_pairs_share_the_code_store(data, tmp_path, caplog):
     corners = [np.asarray(Image.open(canonical["train"] / pair.image_key))[[0, -1]][:, [0, -1]] for pair in pairs]
     assert all((corner == CANONICAL_GREY).all() for corner in corners)
     assert f"data.text_image=[{canonical['train'] / 't2i_canonical.jsonl'}]" in data_overrides(canonical, "canonical")
-    with pytest.raises(ValueError, match=r"t2i_world='tiles'; expected one of \['scenes', 'grid', 'canonical'\]"):
+    # The slots world's pairs: every object at its slot, by count and caption order.
+    slots = prepare_data(data["tokenizer"], tmp_path, counts, t2i_world="slots")
+    lines = (slots["train"] / "t2i_slots.jsonl").read_text().splitlines()
+    assert len(lines) == 5 and all(json.loads(line)["image"].startswith("images/train_slots/") for line in lines)
+    for line in lines:
+        objects = json.loads(line)["objects"]
+        assert [tuple(obj["center"]) for obj in objects] == list(SLOT_CENTRES[len(objects)])
+    with pytest.raises(
+        ValueError, match=r"t2i_world='tiles'; expected one of \['scenes', 'grid', 'canonical', 'slots'\]"
+    ):
         prepare_data(data["tokenizer"], tmp_path, counts, t2i_world="tiles")

@@ -163,6 +163,10 @@ class StageConfig:
     # Text-to-image pairs with boxes (the Shapes writer gives its objects'): the pixel
     # cross-entropy of the slots under the caption's objects counts this many times (1 = plain).
     object_pixel_weight: float = 1.0
+    # Text-to-image items: this fraction of the generated slots get random pixel codes as their
+    # input (their targets stay true), so the next slot cannot just be copied from its neighbours
+    # and has to come from the caption as well (0 = off).
+    image_input_noise: float = 0.0
 
     @property
     def contrast(self) -> bool:
@@ -191,6 +195,10 @@ class StageConfig:
         _require(
             _is_weight(self.object_pixel_weight) and self.object_pixel_weight > 0,
             f"stage.object_pixel_weight={self.object_pixel_weight!r}; expected a finite number > 0 (1 = plain mean)",
+        )
+        _require(
+            0.0 <= self.image_input_noise < 1.0,
+            f"stage.image_input_noise={self.image_input_noise!r}; expected a fraction in [0, 1) (0 = off)",
         )
         _require(
             isinstance(self.grounding_heads, int) and self.grounding_heads >= 1,
@@ -400,6 +408,9 @@ def merge_lora(model: DualTokenMLLMForCausalLM) -> None:
 
 
 # ---------------------------------------------------------------------------------- data
+_INPUT_NOISE_STREAM = 7  # rng stream of image_input_noise, apart from the caption-dropping draws
+
+
 class MixedSequences(Dataset):
     """Training sequences from a weighted mix of VQA, text-to-image and caption sources.
 
@@ -420,8 +431,10 @@ class MixedSequences(Dataset):
         vqa_turns: str = "conversation",
         grounding: bool = False,
         object_boxes: bool = False,
+        image_input_noise: float = 0.0,
     ) -> None:
         self.builder = builder
+        self.image_input_noise = image_input_noise
         self.grounding = grounding
         self.object_boxes = object_boxes
         self.independent_turns = vqa_turns == "independent"
@@ -464,14 +477,29 @@ class MixedSequences(Dataset):
         if name == "t2i":
             rng = np.random.default_rng([self.seed, draw])
             if rng.random() < self.uncond_prob:
-                return self.builder.generation("", pixel, semantic)
+                return self._noisy(self.builder.generation("", pixel, semantic), draw)
             boxes = record.boxes if self.object_boxes else ()
-            matched = self.builder.generation(record.caption, pixel, semantic, boxes=boxes)
+            matched = self._noisy(self.builder.generation(record.caption, pixel, semantic, boxes=boxes), draw)
             if not self.contrast:
                 return matched
-            return matched, self.builder.generation(self._other_caption(record.caption, rng), pixel, semantic)
+            # The same image under another caption: the same slots get the same noise.
+            other = self.builder.generation(self._other_caption(record.caption, rng), pixel, semantic)
+            return matched, self._noisy(other, draw)
         turns = [("user", f"<image>\n{DESCRIBE_PROMPT}"), ("assistant", record.caption)]
         return self.builder.conversation(turns, semantic=semantic, pixel=pixel)
+
+    def _noisy(self, sequence: Sequence, draw: int) -> Sequence:
+        """``sequence`` with ``image_input_noise`` of its generated slots reading random pixel codes."""
+        if self.image_input_noise <= 0:
+            return sequence
+        layout, split = self.builder.layout, self.builder.semantic_depth
+        generated = layout.is_pixel(sequence.labels[:, split]).nonzero()[:, 0]
+        rng = np.random.default_rng([self.seed, draw, _INPUT_NOISE_STREAM])
+        chosen = generated[torch.from_numpy(rng.random(len(generated)) < self.image_input_noise)]
+        codes = rng.integers(0, layout.pixel_size, size=(len(chosen), self.builder.pixel_depth))
+        sequence.ids = sequence.ids.clone()
+        sequence.ids[chosen, split:] = layout.pixel_ids(torch.from_numpy(codes))
+        return sequence
 
     def _other_caption(self, caption: str, rng: np.random.Generator) -> str:
         """A different record's caption (a few draws; the last one stands if all match)."""
@@ -691,6 +719,7 @@ class MLLMStageTrainer:
             vqa_turns=config.data.vqa_turns,
             grounding=stage.grounding,
             object_boxes=stage.object_pixel_weight != 1.0,
+            image_input_noise=stage.image_input_noise,
         )
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
