@@ -164,8 +164,9 @@ class StageConfig:
     # cross-entropy of the slots under the caption's objects counts this many times (1 = plain).
     object_pixel_weight: float = 1.0
     # Text-to-image items: this fraction of the generated slots get random pixel codes as their
-    # input (their targets stay true), so the next slot cannot just be copied from its neighbours
-    # and has to come from the caption as well (0 = off).
+    # input (their targets stay true; semantic codes, when written, are left alone), so the next
+    # slot cannot just be copied from its neighbours and has to come from the caption as well
+    # (0 = off). Held-out losses are computed on clean inputs.
     image_input_noise: float = 0.0
 
     @property
@@ -197,7 +198,7 @@ class StageConfig:
             f"stage.object_pixel_weight={self.object_pixel_weight!r}; expected a finite number > 0 (1 = plain mean)",
         )
         _require(
-            0.0 <= self.image_input_noise < 1.0,
+            _is_weight(self.image_input_noise) and self.image_input_noise < 1.0,
             f"stage.image_input_noise={self.image_input_noise!r}; expected a fraction in [0, 1) (0 = off)",
         )
         _require(
