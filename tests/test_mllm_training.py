@@ -122,15 +122,18 @@ def test_gradient_checkpointing_gives_the_same_step(data, tmp_path):
         assert b[step]["train/loss"] == pytest.approx(a[step]["train/loss"], rel=1e-5)
 
 
-def test_caption_contrast_pairs_each_captioned_image_with_another_caption(data, tmp_path):
-    overrides = stage_overrides(data, tmp_path / "contrast", steps=2) + [
-        "stage.loss_weights.contrast=1.0",
-        "stage.uncond_prob=0.5",
-        "data.mix={vqa: 0.0, t2i: 1.0}",
-    ]
+def _pairs_trainer(data, output_dir: Path, settings: list[str]):
+    """A 2-step joint trainer on text-to-image pairs only, and the keys of its first batch of 8."""
+    overrides = stage_overrides(data, output_dir, steps=2) + settings + ["data.mix={vqa: 0.0, t2i: 1.0}"]
     config = train_mllm.load_config(train_mllm.MLLMStageConfig, _config("joint"), overrides)
     trainer = train_mllm.MLLMStageTrainer(config, train_mllm.distributed.init_distributed(False))
-    keys = train_mllm.MixtureSampler(trainer.dataset, 8, 0, 0, 1, 0, 1).batch_for_step(0)
+    return trainer, train_mllm.MixtureSampler(trainer.dataset, 8, 0, 0, 1, 0, 1).batch_for_step(0)
+
+
+def test_caption_contrast_pairs_each_captioned_image_with_another_caption(data, tmp_path):
+    trainer, keys = _pairs_trainer(
+        data, tmp_path / "contrast", ["stage.loss_weights.contrast=1.0", "stage.uncond_prob=0.5"]
+    )
     items = [trainer.dataset[key] for key in keys]
     paired = [row for row, item in enumerate(items) if isinstance(item, tuple)]
     assert 0 < len(paired) < len(items)  # captioned items are paired; dropped captions are not
@@ -163,16 +166,11 @@ def test_image_input_noise_changes_the_generated_slots_inputs_not_their_targets(
     """``stage.image_input_noise``: that fraction of a text-to-image item's generated slots read
     random pixel codes; labels, text and the other slots stay as they were; the same item gets
     the same noise every time (exact resume), and its contrast partner the same noise too."""
-    overrides = stage_overrides(data, tmp_path / "noise", steps=2) + [
-        "stage.image_input_noise=0.5",
-        "stage.loss_weights.contrast=1.0",
-        "data.mix={vqa: 0.0, t2i: 1.0}",
-    ]
-    config = train_mllm.load_config(train_mllm.MLLMStageConfig, _config("joint"), overrides)
-    trainer = train_mllm.MLLMStageTrainer(config, train_mllm.distributed.init_distributed(False))
+    trainer, keys = _pairs_trainer(
+        data, tmp_path / "noise", ["stage.image_input_noise=0.5", "stage.loss_weights.contrast=1.0"]
+    )
     dataset, layout = trainer.dataset, trainer.model.layout
     split = trainer.model.config.semantic_depth
-    keys = train_mllm.MixtureSampler(dataset, 8, 0, 0, 1, 0, 1).batch_for_step(0)
     noisy = [dataset[key] for key in keys]
     dataset.image_input_noise = 0.0
     plain = [dataset[key] for key in keys]
