@@ -8,6 +8,9 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 export DS_ACCELERATOR ?= cpu
 BIN := $(VENV)/bin
+# A dropped connection to the registry (seen in CI: a CUDA wheel cut off at 42 of 46 MB) is retried
+# inside pip, then the whole install is tried again; what already installed is not fetched twice.
+PIP = $(BIN)/pip install --quiet --retries 10 --resume-retries 10
 
 .PHONY: setup demo test test-all bench lint clean-runs
 
@@ -15,9 +18,9 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --retries 10 --upgrade pip || $(BIN)/pip install --quiet --retries 10 --upgrade pip
+	$(PIP) $(TORCH_SPEC) || $(PIP) $(TORCH_SPEC) || $(PIP) $(TORCH_SPEC)
+	$(PIP) -e ".[dev]" || $(PIP) -e ".[dev]" || $(PIP) -e ".[dev]"
 	touch $@
 
 demo: setup
