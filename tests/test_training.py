@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from safetensors.torch import load_file
 from tokenizer.config import ConfigError
 from tokenizer.model import DualTokenizer
 from training import cli, distributed, pipeline, train_teacher, train_tokenizer
+from training.config import CheckpointWriteError
 from training.data import ShapesImageDataset, ShapesWorld, ShapesWorldConfig
 from training.evaluation import tokenizer_metrics
 
@@ -314,8 +316,20 @@ def test_corrupt_checkpoint_is_reported(teacher_dir: Path, tmp_path: Path, capsy
     assert len(errors) == 1 and "corrupt checkpoint" in errors[0] and "step_0000002" in errors[0]
 
 
-def test_checkpoint_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A crash in the middle of the step-4 save leaves ``latest`` on step 2, which resumes."""
+@pytest.mark.parametrize(
+    "failure",
+    [
+        OSError(28, "No space left on device (simulated)"),
+        # what torch's zip writer raises when the disk fills in the middle of torch.save
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 15853888 vs 15853840 (simulated)"),
+    ],
+    ids=["enospc", "torch-zip-writer"],
+)
+def test_checkpoint_save_is_atomic(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, failure: Exception
+) -> None:
+    """A failed step-4 save (a full disk) says so plainly, leaves ``latest`` on step 2 and no
+    partial folder behind, and the same command resumes from step 2."""
     output_dir = tmp_path / "stage0"
     checkpoints = output_dir / "checkpoints"
     argv = teacher_argv(output_dir, "loop.max_steps=4", "loop.save_every=2")
@@ -324,16 +338,29 @@ def test_checkpoint_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     def crash_on_second_save() -> dict:
         saves.append(1)
         if len(saves) == 2:  # the engine's state is already in the staging folder by now
-            raise OSError("disk full (simulated)")
+            raise failure
         return real_rng_state()
 
     monkeypatch.setattr(distributed, "_rng_state", crash_on_second_save)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(CheckpointWriteError, match="simulated") as raised:
         train_teacher.main(argv)
+    message = str(raised.value)
+    assert f"could not write checkpoint {checkpoints / 'step_0000004'}" in message
+    assert f"the last complete checkpoint, {checkpoints / 'step_0000002'}, is untouched" in message
+    assert "MiB free there now" in message
+    assert raised.value.__cause__ is failure
     assert distributed.latest_checkpoint(checkpoints) == checkpoints / "step_0000002"
     assert not (checkpoints / "step_0000004").exists()
-    assert (checkpoints / ".step_0000004.staging").is_dir()  # invisible: nothing points at it
+    assert not (checkpoints / ".step_0000004.staging").exists()  # the partial folder is removed: it only took space
     assert not (output_dir / train_teacher.TEACHER_DIRNAME).exists()
+
+    # Through the command line: one line naming the checkpoint, no traceback (status 2).
+    saves.clear()
+    shutil.rmtree(output_dir)
+    capsys.readouterr()
+    assert cli.main(["train-teacher", *argv]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dualtoken")]
+    assert len(errors) == 1 and "could not write checkpoint" in errors[0] and "step_0000004" in errors[0]
 
     monkeypatch.setattr(distributed, "_rng_state", real_rng_state)
     train_teacher.main(argv)

@@ -22,6 +22,7 @@ import sys
 from collections.abc import Callable
 
 from tokenizer.config import ConfigError
+from training.config import CheckpointWriteError
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train-teacher": ("training.train_teacher", "stage 0: train a small SigLIP teacher from scratch"),
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         # `main` always returns it, as its signature says, instead of raising.
         code = exit_request.code
         return code if isinstance(code, int) else (0 if code is None else 2)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, FileNotFoundError, ValueError, CheckpointWriteError) as error:
         logging.getLogger("dualtoken").debug("fatal", exc_info=True)
         print(f"dualtoken {command}: error: {error}", file=sys.stderr)
         return 2

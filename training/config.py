@@ -17,6 +17,11 @@ import yaml
 
 from tokenizer.config import ConfigError, config_from_dict
 
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, say); the previous one, if any, is intact."""
+
+
 T = TypeVar("T")
 
 

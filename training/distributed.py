@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from training.config import DeepSpeedConfig
+from training.config import CheckpointWriteError, DeepSpeedConfig
 
 logger = logging.getLogger(__name__)
 
@@ -352,13 +352,19 @@ def save_checkpoint(root: Path, step: int, engines: dict[str, TrainEngine], trai
     rank = dist.get_rank() if dist.is_initialized() else 0
     name = f"step_{step:07d}"
     staging = root / f".{name}.staging"
-    if rank == 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    barrier()
-    for engine_name, engine in engines.items():
-        engine.save(staging / engine_name)
-    torch.save(_rng_state(), staging / f"rng_rank{rank}.pt")
+    try:
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        barrier()
+        for engine_name, engine in engines.items():
+            engine.save(staging / engine_name)
+        torch.save(_rng_state(), staging / f"rng_rank{rank}.pt")
+    except (OSError, RuntimeError) as error:
+        # A full disk shows up as ENOSPC from Python, or as torch's zip writer failing deep
+        # inside ("unexpected pos ..."): either way, say which checkpoint, why, and what is safe.
+        shutil.rmtree(staging, ignore_errors=True)  # the partial folder only takes space
+        raise CheckpointWriteError(_write_failure(root, name, error)) from error
     barrier()
     final = root / name
     if rank == 0:
@@ -370,6 +376,23 @@ def save_checkpoint(root: Path, step: int, engines: dict[str, TrainEngine], trai
         os.replace(pointer, root / LATEST_FILE)
     barrier()
     return final
+
+
+def _write_failure(root: Path, name: str, error: BaseException) -> str:
+    try:
+        free = f"{shutil.disk_usage(root).free / 2**20:.0f} MiB free there now"
+    except OSError:
+        free = "free space unknown"
+    try:
+        previous = latest_checkpoint(root)
+    except FileNotFoundError:
+        previous = None
+    keep = (
+        f"the last complete checkpoint, {previous}, is untouched: free space and run the same command to resume from it"
+        if previous is not None
+        else "no earlier checkpoint exists, so a rerun starts from step 0"
+    )
+    return f"could not write checkpoint {root / name} ({type(error).__name__}: {error}; {free}); {keep}"
 
 
 def latest_checkpoint(root: Path) -> Path | None:
