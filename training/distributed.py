@@ -347,7 +347,9 @@ def save_checkpoint(root: Path, step: int, engines: dict[str, TrainEngine], trai
     Every rank must call this (DeepSpeed saves collectively). Only after all ranks finished
     writing does rank 0 rename the folder and replace ``latest`` (both atomic renames). Under
     ZeRO every rank writes its own optimizer shard into the same folder, so on several nodes
-    ``root`` must be on a filesystem they share.
+    ``root`` must be on a filesystem they share. A write that fails (a full disk) removes the
+    staging folder and raises :class:`CheckpointWriteError`; ``latest`` still names the
+    previous checkpoint.
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     name = f"step_{step:07d}"
