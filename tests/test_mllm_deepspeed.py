@@ -67,6 +67,9 @@ STEPS = 4
 PER_RANK_BATCH = 2
 # Text-to-image batches only (see the module docstring).
 T2I_ONLY = "data.mix.vqa=0"
+# The tiny stages train under CPU bf16 autocast, whose rounding differs with the per-rank batch;
+# the tolerances below are fp32's, so these runs are fp32 (bf16 has its own test).
+FP32 = "loop.precision=fp32"
 # deepspeed.config_path replaces top-level keys, so the whole zero_optimization section is here.
 ZERO3_JSON = {
     "zero_optimization": {
@@ -151,7 +154,7 @@ def _joint(
 ) -> Run:
     """One launch of the joint stage through ``scripts/train_mllm.sh`` (text-to-image only unless ``mix``)."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    overrides = [*stage_overrides(data, output_dir, None, steps), f"loop.batch_size={batch_size}"]
+    overrides = [*stage_overrides(data, output_dir, None, steps), f"loop.batch_size={batch_size}", FP32]
     overrides += [] if mix else [T2I_ONLY]
     command = ["bash", str(REPO / "scripts" / "train_mllm.sh"), "--config", str(JOINT_CONFIG)]
     for override in overrides + deepspeed:

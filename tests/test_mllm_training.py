@@ -122,6 +122,23 @@ def test_gradient_checkpointing_gives_the_same_step(data, tmp_path):
         assert b[step]["train/loss"] == pytest.approx(a[step]["train/loss"], rel=1e-5)
 
 
+def test_bf16_autocast_on_the_cpu_follows_fp32_and_keeps_fp32_weights(data, tmp_path):
+    # The tiny recipe trains under CPU bf16 autocast: matmuls in bf16, master weights, optimizer
+    # state and the saved model in fp32. Its losses must track the fp32 run's, not just be finite.
+    plain, mixed = tmp_path / "fp32", tmp_path / "bf16"
+    _run("joint", stage_overrides(data, plain, steps=3) + ["loop.precision=fp32"])
+    _run("joint", stage_overrides(data, mixed, steps=3) + ["loop.precision=bf16"])
+    a, b = _train_records(plain), _train_records(mixed)
+    for step in (1, 2, 3):
+        assert b[step].keys() == a[step].keys()
+        for key in ("train/loss", "train/text", "train/pixel"):
+            if key in a[step]:
+                assert b[step][key] == pytest.approx(a[step][key], rel=0.02), (step, key)
+    assert b[1]["train/loss"] != a[1]["train/loss"]  # the autocast really ran in bf16
+    model, _, _ = train_mllm.load_model_folder(mixed / "model")
+    assert {param.dtype for param in model.parameters()} == {torch.float32}
+
+
 def _pairs_trainer(data, output_dir: Path, settings: list[str]):
     """A 2-step joint trainer on text-to-image pairs only, and the keys of its first batch of 8."""
     overrides = stage_overrides(data, output_dir, steps=2) + settings + ["data.mix={vqa: 0.0, t2i: 1.0}"]
