@@ -38,6 +38,7 @@ LOSS_TERMS = ("text", "pixel", "semantic", "contrast", "grounding", "idle_heads"
 FUSIONS = ("sum", "sum_mlp", "concat_mlp")
 IMAGE_ATTENTIONS = ("causal", "bidirectional")
 IMAGE_POSITIONS = ("none", "learned", "sincos", "projector", "gated")
+IMAGE_ROPES = ("1d", "2d")
 IGNORE = -100
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ class DualTokenMLLMConfig(PretrainedConfig):
         image_position_embedding: bool | str = False,
         image_position_scale: float = 1.0,
         image_attention: str = "causal",
+        image_rope: str = "1d",
         chat_template: dict | None = None,
         **kwargs: Any,
     ) -> None:
@@ -140,6 +142,7 @@ class DualTokenMLLMConfig(PretrainedConfig):
         self.image_position_embedding = _position_mode(image_position_embedding)
         self.image_position_scale = float(image_position_scale)
         self.image_attention = image_attention
+        self.image_rope = image_rope
         self.chat_template = dict(chat_template or {})
         super().__init__(**kwargs)
         self.validate()
@@ -164,6 +167,8 @@ class DualTokenMLLMConfig(PretrainedConfig):
             )
         if self.image_attention not in IMAGE_ATTENTIONS:
             raise ValueError(f"image_attention={self.image_attention!r}; expected one of {IMAGE_ATTENTIONS}")
+        if self.image_rope not in IMAGE_ROPES:
+            raise ValueError(f"image_rope={self.image_rope!r}; expected one of {IMAGE_ROPES}")
         if self.semantic_depth < 1 or self.pixel_depth < 1:
             raise ValueError(f"depths must be >= 1 (semantic {self.semantic_depth}, pixel {self.pixel_depth})")
         if self.depth_head_layers == 0 and self.pixel_depth > 1:
@@ -188,6 +193,50 @@ class DualTokenMLLMConfig(PretrainedConfig):
         if isinstance(self.text_config, PretrainedConfig):
             output["text_config"] = self.text_config.to_dict()
         return output
+
+
+class GridRotaryEmbedding(nn.Module):
+    """The LM's rotary embedding with 2-D positions for the slots of the images it reads.
+
+    Rotary frequency k follows the token's 1-D position when k % 3 == 0, its row when k % 3 == 1
+    and its column when k % 3 == 2 (the frequencies interleaved, so that rows and columns each
+    get fast and slow ones). A slot at (row, col) of an image whose first slot has 1-D position
+    p has row position p + row and column position p + col; every other token has all three
+    equal to its 1-D position, so text-only sequences, and images being generated, rotate
+    exactly as with the wrapped embedding. Multimodal rotary positions (M-RoPE, Qwen2-VL) do
+    the same with contiguous frequency sections. Under 1-D positions, raster order puts the
+    slots of one column 8 positions apart and those of one row next to each other, so no
+    rotary frequency picks out a column; with the column band a query can prefer one side of
+    the image. Measured (README): the controlled test of ``scripts/position_learnability.py``
+    learns "which side" with it (100 % against 46.5 %) but not "top or bottom", and the tiny
+    recipe's position questions stay at chance, so it is off by default.
+
+    :meth:`DualTokenMLLMForCausalLM.forward` sets :attr:`slot_index` (``(B, L)``, each read
+    slot's index in its image in raster order, -1 elsewhere) for the duration of one call.
+    """
+
+    def __init__(self, rotary: nn.Module, columns: int) -> None:
+        super().__init__()
+        self.rotary = rotary
+        self.columns = columns
+        self.slot_index: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        slot = self.slot_index
+        positions = position_ids.expand(x.shape[0], -1) if position_ids.shape[0] == 1 else position_ids
+        if slot is None or slot.shape != positions.shape or not bool((slot >= 0).any()):
+            return self.rotary(x, position_ids)
+        inv_freq = self.rotary.inv_freq.to(device=x.device, dtype=torch.float)
+        flat = positions.float()
+        on = slot >= 0
+        start = flat - slot.float()
+        rows = torch.where(on, start + torch.div(slot, self.columns, rounding_mode="floor").float(), flat)
+        cols = torch.where(on, start + (slot % self.columns).float(), flat)
+        band = torch.arange(inv_freq.numel(), device=x.device) % 3
+        freqs = torch.stack((flat, rows, cols), dim=-1)[..., band] * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        scale = getattr(self.rotary, "attention_scaling", 1.0)
+        return (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
 
 
 class DepthHead(nn.Module):
@@ -292,6 +341,8 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
             )
         config.text_config = self.llm.config
         self._cache_kwarg = _cache_kwarg(self.llm.get_decoder())
+        self._grid_rotary: GridRotaryEmbedding | None = None
+        self.set_image_rope(config.image_rope)
         rows = self.llm.get_input_embeddings().weight.shape[0]
         if rows < config.layout.used_size:
             raise VocabularyError(
@@ -382,6 +433,43 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
             # test (scripts/position_learnability.py) stayed at chance for 240 steps, at 1.0 it
             # answered "which side" perfectly after 140.
             nn.init.normal_(module.weight, std=1.0)
+
+    def set_image_rope(self, mode: str) -> None:
+        """Switch the rotary positions of read image slots between ``1d`` (the LM's own) and ``2d``
+        (:class:`GridRotaryEmbedding`); no weights change, so a trained model can be tried either way."""
+        if mode not in IMAGE_ROPES:
+            raise ValueError(f"image_rope={mode!r}; expected one of {IMAGE_ROPES}")
+        decoder = self.llm.get_decoder()
+        if mode == "2d":
+            self._grid_rotary = self._install_grid_rotary(decoder)
+        elif self._grid_rotary is not None:
+            decoder.rotary_emb = self._grid_rotary.rotary
+            self._grid_rotary = None
+        self.config.image_rope = mode
+
+    def _install_grid_rotary(self, decoder: nn.Module) -> GridRotaryEmbedding:
+        rotary = getattr(decoder, "rotary_emb", None)
+        if rotary is None or not hasattr(rotary, "inv_freq"):
+            raise ValueError(
+                f"image_rope='2d' needs a decoder with a rotary embedding (rotary_emb.inv_freq, as Llama / Qwen2 "
+                f"have); {type(decoder).__name__} has none: use image_rope='1d'"
+            )
+        if getattr(rotary, "rope_type", "default") != "default":
+            raise ValueError(
+                f"image_rope='2d' rotates with the LM's base frequencies; this LM uses rope_type="
+                f"{rotary.rope_type!r}, whose frequencies change with the sequence: use image_rope='1d'"
+            )
+        if isinstance(rotary, GridRotaryEmbedding):
+            return rotary
+        decoder.rotary_emb = GridRotaryEmbedding(rotary, self.config.grid_size[1])
+        return decoder.rotary_emb
+
+    def read_slot_index(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``(B, L, C)`` ids -> ``(B, L)``: each slot of an image the model reads, its index in the
+        image (raster order); -1 elsewhere (text, boundaries, images being generated)."""
+        read = self.read_image_blocks(input_ids) >= 0
+        index = self.image_slot_index(input_ids)
+        return torch.where(read, index, torch.full_like(index, -1))
 
     def _own_modules(self) -> list[nn.Module]:
         own = (
@@ -665,6 +753,8 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
             # add text or generated slots, which attend causally as usual.
             mask = self.prefill_attention_mask(input_ids, attention_mask, embeds.dtype, segment_ids)
             mask = attention_mask if mask is None else {"full_attention": mask}
+        if self._grid_rotary is not None and input_ids.dim() == 3:
+            self._grid_rotary.slot_index = self.read_slot_index(input_ids)
         try:
             outputs = decoder(
                 inputs_embeds=embeds,
@@ -676,6 +766,8 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
         finally:
             if hook is not None:
                 hook.remove()
+            if self._grid_rotary is not None:
+                self._grid_rotary.slot_index = None
         hidden = outputs.last_hidden_state
         cache = getattr(outputs, "past_key_values", None)
         if cache is None:

@@ -15,6 +15,9 @@ with ``none`` and ``sincos`` (46.5 % held out, loss flat at half of ln 2) and is
 perfectly with ``projector`` and ``gated`` (100 %, loss below 0.005 by step 160). The colour
 control is learned by step 80 without positions (``--question colour``, 100 %); ``gated``
 still learns the side on a background of 8 random codes (``--textures 8``, by step 260).
+``--rope 2d`` gives the read slots 2-D rotary positions (``model.image_rope``) instead of
+adding anything to their embeddings: with no position mode it learns the side too (100 %, from
+step 160; session 20, ``runs/s19/new/mllm/align/model``).
 
     python scripts/position_learnability.py runs/tiny/mllm/align/model --position projector
 """
@@ -71,6 +74,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("model", help="a trained stage's model folder")
     parser.add_argument("--question", choices=sorted(QUESTIONS), default="side")
     parser.add_argument("--position", choices=["none", "sincos", "projector", "gated"], default=None)
+    parser.add_argument("--rope", choices=["1d", "2d"], default=None, help="override image_rope")
     parser.add_argument("--scale", type=float, default=None, help="override image_position_scale")
     parser.add_argument("--gate-std", type=float, default=None, help="re-draw a fresh gate at this std")
     parser.add_argument("--textures", type=int, default=1, help="background codes per image (1 = uniform)")
@@ -98,6 +102,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 torch.nn.init.normal_(model.image_position_gate.weight, std=args.gate_std)
     if args.scale is not None:
         config.image_position_scale = args.scale
+    if args.rope is not None:
+        model.set_image_rope(args.rope)
     if not 1 <= args.block <= min(config.grid_size):
         parser.error(f"--block {args.block} does not fit the {config.grid_size} grid")
     builder = SequenceBuilder.for_model(tokenizer, config)

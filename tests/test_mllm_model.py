@@ -540,10 +540,115 @@ def test_independent_turns_refuse_attention_that_takes_no_mask(built):
 def test_image_attention_is_checked_and_saved(built, tmp_path):
     _, _, model, _ = built
     with pytest.raises(ValueError, match="image_attention='sideways'"):
-        DualTokenMLLMConfig(text_config=model.config.text_config, image_attention="sideways")
+        DualTokenMLLMConfig(image_attention="sideways")  # (a shared text_config would lose its attention setting)
     config = DualTokenMLLMConfig.from_dict({**model.config.to_dict(), "image_attention": "bidirectional"})
     config.save_pretrained(tmp_path)
     assert DualTokenMLLMConfig.from_pretrained(tmp_path).image_attention == "bidirectional"
+
+
+# ---------------------------------------------------------------------------- 2-D rotary positions
+@pytest.fixture(scope="module")
+def both_ropes(built):
+    """The ``built`` model and a copy with the same weights whose read image slots rotate in 2-D."""
+    import copy
+
+    _, _, model, builder = built
+    grid = copy.deepcopy(model)
+    grid.set_image_rope("2d")
+    return builder, model, grid
+
+
+def test_grid_rotary_rotates_read_slots_by_row_and_column(both_ropes):
+    from mllm.modeling import GridRotaryEmbedding
+
+    builder, _, grid = both_ropes
+    sequence = _question(builder, 5)
+    ids = sequence.ids[None]
+    rotary = grid.llm.get_decoder().rotary_emb
+    assert isinstance(rotary, GridRotaryEmbedding)
+    slot = grid.read_slot_index(ids)
+    slots = GRID[0] * GRID[1]
+    start = int((slot[0] == 0).nonzero()[0])
+    assert slot[0, start : start + slots].tolist() == list(range(slots))
+    assert int((slot >= 0).sum()) == slots
+    positions = torch.arange(ids.shape[1])[None]
+    x = torch.zeros(1, ids.shape[1], 4)
+    rotary.slot_index = slot
+    try:
+        cos, sin = rotary(x, positions)
+    finally:
+        rotary.slot_index = None
+    inv_freq = rotary.rotary.inv_freq
+    half = inv_freq.numel()
+    for index in range(slots):
+        row, col = divmod(index, GRID[1])
+        p = start + index
+        expected = [(p, start + row, start + col)[k % 3] * float(inv_freq[k]) for k in range(half)]
+        torch.testing.assert_close(cos[0, p, :half], torch.tensor(expected).cos())
+        torch.testing.assert_close(sin[0, p, half:], torch.tensor(expected).sin())
+    plain_cos, plain_sin = rotary.rotary(x, positions)
+    off = slot[0] < 0  # text and boundary tokens rotate as the LM's own embedding does
+    torch.testing.assert_close(cos[0, off], plain_cos[0, off])
+    torch.testing.assert_close(sin[0, off], plain_sin[0, off])
+
+
+def test_grid_rotary_changes_reading_only(both_ropes):
+    builder, plain, grid = both_ropes
+    text = builder.conversation([("user", "how many?"), ("assistant", "two")])
+    generated = builder.generation("a red circle", _codes(6, PIX, DP))
+    read = _question(builder, 5)
+    with torch.no_grad():
+        for sequence in (text, generated):  # nothing read: the same as the LM's 1-D positions
+            torch.testing.assert_close(
+                plain(input_ids=sequence.ids[None]).hidden_states, grid(input_ids=sequence.ids[None]).hidden_states
+            )
+        one, two = (model(input_ids=read.ids[None]).hidden_states[0] for model in (plain, grid))
+    first = int((grid.read_slot_index(read.ids[None])[0] == 0).nonzero()[0])
+    # up to the image's first slot (row 0, column 0: all three positions agree) nothing changes
+    torch.testing.assert_close(one[: first + 1], two[: first + 1])
+    assert not torch.allclose(one[first + 1 :], two[first + 1 :])
+    assert grid.llm.get_decoder().rotary_emb.slot_index is None  # set for one call only
+
+
+def test_grid_rotary_decodes_the_same_with_and_without_cache(both_ropes):
+    builder, plain, grid = both_ropes
+    prompts = [
+        builder.conversation(
+            [("user", "<image> what colour is it?")], _codes(5, SEM, DS), train=False, add_generation_prompt=True
+        ),
+        builder.conversation([("user", "how many?")], train=False, add_generation_prompt=True),
+    ]
+    cached = generate_text(grid, prompts, max_new_tokens=8, use_cache=True)
+    assert cached == generate_text(grid, prompts, max_new_tokens=8, use_cache=False)
+    assert generate_text(grid, prompts[:1], max_new_tokens=8)[0] == cached[0]  # padding changes nothing
+    assert generate_text(plain, prompts[1:], max_new_tokens=8)[0] == cached[1]  # text only: as 1-D
+
+
+def test_image_rope_is_checked_saved_and_switchable(both_ropes, tmp_path):
+    builder, plain, grid = both_ropes
+    with pytest.raises(ValueError, match="image_rope='3d'"):
+        DualTokenMLLMConfig(image_rope="3d")
+    grid.save_pretrained(tmp_path)
+    loaded = DualTokenMLLMForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.image_rope == "2d"
+    read = _question(builder, 5).ids[None]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=read).hidden_states, grid(input_ids=read).hidden_states)
+        loaded.set_image_rope("1d")  # back to the LM's own rotary embedding, same weights
+        assert type(loaded.llm.get_decoder().rotary_emb).__name__ == "Qwen2RotaryEmbedding"
+        torch.testing.assert_close(loaded(input_ids=read).hidden_states, plain(input_ids=read).hidden_states)
+
+
+def test_image_rope_2d_needs_a_rotary_lm(text_tokenizer):
+    import copy
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = copy.deepcopy(text_tokenizer)
+    llm = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64))
+    layout = extend_tokenizer(tokenizer, SEM, PIX)
+    with pytest.raises(ValueError, match="image_rope='2d' needs a decoder with a rotary embedding.*GPT2Model"):
+        DualTokenMLLMForCausalLM.from_llm(llm, layout, grid_size=GRID, image_rope="2d")
 
 
 # ---------------------------------------------------------------------------- paper scale

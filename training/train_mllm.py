@@ -34,7 +34,13 @@ from tqdm import tqdm
 
 from mllm.chat import QWEN_TEMPLATE, ChatTemplate, ConversationError, Sequence, SequenceBuilder, collate_sequences
 from mllm.generation import generate_text
-from mllm.modeling import IMAGE_POSITIONS, DualTokenMLLMForCausalLM, init_code_embeddings, pick_attn_implementation
+from mllm.modeling import (
+    IMAGE_POSITIONS,
+    IMAGE_ROPES,
+    DualTokenMLLMForCausalLM,
+    init_code_embeddings,
+    pick_attn_implementation,
+)
 from mllm.vocab import TINY_CHAT_TOKENS, extend_tokenizer, shapes_corpus, train_sentencepiece
 from tokenizer.config import ConfigError
 from training import distributed
@@ -95,6 +101,10 @@ class ModelConfig:
     # causal | bidirectional: with bidirectional, every slot of an image the model reads attends to
     # its whole image (a prefix-LM block); generated images and text stay causal. Needs SDPA or eager.
     image_attention: str = "causal"
+    # 1d | 2d: with 2d, the slots of a read image rotate by their row and column in two of every
+    # three rotary frequencies (mllm.modeling.GridRotaryEmbedding; M-RoPE-like); text and generated
+    # images keep the LM's own 1-D rotary positions. Needs a rotary LM (Llama / Qwen2 families).
+    image_rope: str = "1d"
     # random | codebook: start the visual code rows (and the depth heads' code embeddings) as a
     # fixed linear map of the DualToken tokenizer's code vectors (mllm.modeling.init_code_embeddings).
     code_embedding_init: str = "random"
@@ -114,6 +124,9 @@ class ModelConfig:
         _require(
             self.image_attention in ("causal", "bidirectional"),
             f"model.image_attention={self.image_attention!r}; expected causal|bidirectional",
+        )
+        _require(
+            self.image_rope in IMAGE_ROPES, f"model.image_rope={self.image_rope!r}; expected " + "|".join(IMAGE_ROPES)
         )
         _require(
             self.image_position_embedding in (False, True, *IMAGE_POSITIONS),
@@ -316,6 +329,7 @@ def build_model(model_config: ModelConfig, store: CodeStore) -> tuple[DualTokenM
         image_position_embedding=model_config.image_position_embedding,
         image_position_scale=model_config.image_position_scale,
         image_attention=model_config.image_attention,
+        image_rope=model_config.image_rope,
         chat_template=template.to_dict(),
         attn_implementation=attn,
     )
