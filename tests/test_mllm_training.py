@@ -234,6 +234,20 @@ def test_image_without_codes_is_named(data, tmp_path, capsys):
     assert code == 2 and "have no codes" in err and "does_not_exist.png" in err
 
 
+def test_two_folders_with_the_same_image_paths_are_refused(data, tmp_path, capsys):
+    # A second data file in another folder whose relative image paths are the same strings: the
+    # code store is keyed by the path as written, so its images would silently read the first
+    # file's codes.
+    other = tmp_path / "other_world"
+    other.mkdir()
+    copy = other / "llava.json"
+    copy.write_text(Path(data["train_llava"]).read_text())
+    files = f"data.conversations=[{data['train_llava']},{copy}]"
+    code, err = _cli("joint", stage_overrides(data, tmp_path / "x") + [files], capsys)
+    first = json.loads(copy.read_text())[0]["image"]
+    assert code == 2 and f"image path {first!r} names two files" in err and str(other / first) in err
+
+
 def test_conversation_without_answer_is_named(data, tmp_path, capsys):
     records = json.loads(Path(data["train_llava"]).read_text())
     records[3]["conversations"] = records[3]["conversations"][:1]

@@ -21,6 +21,7 @@ import fnmatch
 import json
 import logging
 import math
+import os
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -595,7 +596,22 @@ def grounded_sequences(
 
 
 def _check_images_tokenised(store: CodeStore, records: list[Any], codes_dir: str | None) -> None:
-    """Fail before training when a record's image has no codes (not tokenised, or a typo)."""
+    """Fail before training when a record's image has no codes (not tokenised, or a typo), or
+    when one store key would stand for two image files."""
+    files: dict[str, Path] = {}
+    for record in records:
+        if record.image_key is None:
+            continue
+        key, image = normalise_key(record.image_key), Path(os.path.normpath(record.image))
+        first = files.setdefault(key, image)
+        if first != image:
+            # Data files in different folders, each with paths relative to its own folder: the
+            # code store is keyed by the path as written, so both would read one image's codes.
+            raise ConfigError(
+                f"image path {record.image_key!r} names two files, {first} and {image}: data files in different "
+                f"folders give the same relative path, and {codes_dir} keys codes by that path; give the images "
+                "distinct paths, or set data.image_root and tokenise every file with that --image-root"
+            )
     missing = [r.image_key for r in records if r.image_key is not None and normalise_key(r.image_key) not in store]
     if missing:
         raise ConfigError(
