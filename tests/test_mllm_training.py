@@ -235,6 +235,8 @@ def test_image_without_codes_is_named(data, tmp_path, capsys):
 
 
 def test_two_folders_with_the_same_image_paths_are_refused(data, tmp_path, capsys):
+    from training.data.conversations import read_conversations
+
     # A second data file in another folder whose relative image paths are the same strings: the
     # code store is keyed by the path as written, so its images would silently read the first
     # file's codes.
@@ -246,6 +248,16 @@ def test_two_folders_with_the_same_image_paths_are_refused(data, tmp_path, capsy
     code, err = _cli("joint", stage_overrides(data, tmp_path / "x") + [files], capsys)
     first = json.loads(copy.read_text())[0]["image"]
     assert code == 2 and f"image path {first!r} names two files" in err and str(other / first) in err
+    # The same files reached through a link are one image each: accepted.
+    linked = tmp_path / "linked_world"
+    linked.mkdir()
+    source = Path(data["train_llava"]).parent
+    for entry in source.iterdir():
+        if entry.is_dir():
+            (linked / entry.name).symlink_to(entry, target_is_directory=True)
+    (linked / "llava.json").write_text(Path(data["train_llava"]).read_text())
+    records = [r for path in (data["train_llava"], linked / "llava.json") for r in read_conversations(path)]
+    train_mllm._check_images_tokenised(CodeStore(data["train_codes"]), records, "codes")
 
 
 def test_conversation_without_answer_is_named(data, tmp_path, capsys):

@@ -602,7 +602,7 @@ def _check_images_tokenised(store: CodeStore, records: list[Any], codes_dir: str
     for record in records:
         if record.image_key is None:
             continue
-        key, image = normalise_key(record.image_key), Path(os.path.normpath(record.image))
+        key, image = normalise_key(record.image_key), Path(os.path.realpath(record.image))
         first = files.setdefault(key, image)
         if first != image:
             # Data files in different folders, each with paths relative to its own folder: the
