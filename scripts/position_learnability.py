@@ -16,8 +16,9 @@ perfectly with ``projector`` and ``gated`` (100 %, loss below 0.005 by step 160)
 control is learned by step 80 without positions (``--question colour``, 100 %); ``gated``
 still learns the side on a background of 8 random codes (``--textures 8``, by step 260).
 ``--rope 2d`` gives the read slots 2-D rotary positions (``model.image_rope``) instead of
-adding anything to their embeddings: with no position mode it learns the side too (100 %, from
-step 160; session 20, ``runs/s19/new/mllm/align/model``).
+adding anything to their embeddings: with no position mode it learns the side too (100 %, by
+step 180), but not "top or bottom" (``--question half``: 44.9 % after 600 steps; session 20,
+``runs/s19/new/mllm/align/model``).
 
     python scripts/position_learnability.py runs/tiny/mllm/align/model --position projector
 """

@@ -602,9 +602,11 @@ def _check_images_tokenised(store: CodeStore, records: list[Any], codes_dir: str
     for record in records:
         if record.image_key is None:
             continue
-        key, image = normalise_key(record.image_key), Path(os.path.realpath(record.image))
+        key, image = normalise_key(record.image_key), Path(os.path.normpath(record.image))
         first = files.setdefault(key, image)
-        if first != image:
+        # Paths are compared as strings first: only two spellings of one key touch the disk (a
+        # link to the same folder is one image, not two).
+        if first != image and os.path.realpath(first) != os.path.realpath(image):
             # Data files in different folders, each with paths relative to its own folder: the
             # code store is keyed by the path as written, so both would read one image's codes.
             raise ConfigError(
