@@ -453,18 +453,25 @@ def test_bidirectional_image_attention_sees_the_whole_read_image_only(both_atten
         )
 
 
-def test_bidirectional_image_attention_decodes_the_same_with_and_without_cache(both_attentions):
-    builder, _, prefix = both_attentions
+def _check_cached_decoding(builder, model, text_model) -> None:
+    """``model`` answers an image question and a text-only one the same with and without the KV
+    cache, each row as when alone (left padding changes nothing); ``text_model`` answers the
+    text-only one as ``model`` does."""
     prompts = [
         builder.conversation(
             [("user", "<image> what colour is it?")], _codes(5, SEM, DS), train=False, add_generation_prompt=True
         ),
         builder.conversation([("user", "how many?")], train=False, add_generation_prompt=True),
     ]
-    cached = generate_text(prefix, prompts, max_new_tokens=8, use_cache=True)
-    assert cached == generate_text(prefix, prompts, max_new_tokens=8, use_cache=False)
-    assert generate_text(prefix, prompts[:1], max_new_tokens=8)[0] == cached[0]  # padding changes nothing
-    assert generate_text(prefix, prompts[1:], max_new_tokens=8)[0] == cached[1]
+    cached = generate_text(model, prompts, max_new_tokens=8, use_cache=True)
+    assert cached == generate_text(model, prompts, max_new_tokens=8, use_cache=False)
+    assert generate_text(model, prompts[:1], max_new_tokens=8)[0] == cached[0]  # padding changes nothing
+    assert generate_text(text_model, prompts[1:], max_new_tokens=8)[0] == cached[1]
+
+
+def test_bidirectional_image_attention_decodes_the_same_with_and_without_cache(both_attentions):
+    builder, _, prefix = both_attentions
+    _check_cached_decoding(builder, prefix, prefix)
 
 
 QUESTIONS = [("what colour is it?", "red"), ("how many objects are there?", "two"), ("is there a red circle?", "yes")]
@@ -612,16 +619,7 @@ def test_grid_rotary_changes_reading_only(both_ropes):
 
 def test_grid_rotary_decodes_the_same_with_and_without_cache(both_ropes):
     builder, plain, grid = both_ropes
-    prompts = [
-        builder.conversation(
-            [("user", "<image> what colour is it?")], _codes(5, SEM, DS), train=False, add_generation_prompt=True
-        ),
-        builder.conversation([("user", "how many?")], train=False, add_generation_prompt=True),
-    ]
-    cached = generate_text(grid, prompts, max_new_tokens=8, use_cache=True)
-    assert cached == generate_text(grid, prompts, max_new_tokens=8, use_cache=False)
-    assert generate_text(grid, prompts[:1], max_new_tokens=8)[0] == cached[0]  # padding changes nothing
-    assert generate_text(plain, prompts[1:], max_new_tokens=8)[0] == cached[1]  # text only: as 1-D
+    _check_cached_decoding(builder, grid, plain)  # text only: as with 1-D positions
 
 
 def test_image_rope_is_checked_saved_and_switchable(both_ropes, tmp_path):

@@ -599,10 +599,13 @@ def _check_images_tokenised(store: CodeStore, records: list[Any], codes_dir: str
     """Fail before training when a record's image has no codes (not tokenised, or a typo), or
     when one store key would stand for two image files."""
     files: dict[str, Path] = {}
+    missing: list[str] = []
     for record in records:
         if record.image_key is None:
             continue
         key, image = normalise_key(record.image_key), Path(os.path.normpath(record.image))
+        if key not in store:
+            missing.append(record.image_key)
         first = files.setdefault(key, image)
         # Paths are compared as strings first: only two spellings of one key touch the disk (a
         # link to the same folder is one image, not two).
@@ -614,7 +617,6 @@ def _check_images_tokenised(store: CodeStore, records: list[Any], codes_dir: str
                 f"folders give the same relative path, and {codes_dir} keys codes by that path; give the images "
                 "distinct paths, or set data.image_root and tokenise every file with that --image-root"
             )
-    missing = [r.image_key for r in records if r.image_key is not None and normalise_key(r.image_key) not in store]
     if missing:
         raise ConfigError(
             f"{len(missing)} image(s) named by the data files have no codes in {codes_dir} (first: {missing[0]!r}); "
