@@ -647,6 +647,19 @@ def test_image_rope_2d_needs_a_rotary_lm(text_tokenizer):
     layout = extend_tokenizer(tokenizer, SEM, PIX)
     with pytest.raises(ValueError, match="image_rope='2d' needs a decoder with a rotary embedding.*GPT2Model"):
         DualTokenMLLMForCausalLM.from_llm(llm, layout, grid_size=GRID, image_rope="2d")
+    scaled = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+        )
+    )
+    with pytest.raises(ValueError, match="this LM uses rope_type='linear'"):
+        DualTokenMLLMForCausalLM.from_llm(scaled, layout, grid_size=GRID, image_rope="2d")
 
 
 # ---------------------------------------------------------------------------- paper scale
