@@ -156,6 +156,26 @@ def test_conversation_cli_writes_both_formats(tmp_path: Path) -> None:
     assert len(read_text_image_pairs(written["t2i"])) == 3
 
 
+def test_conversation_cli_writes_the_pairs_the_tiny_stages_draw_from(tmp_path: Path) -> None:
+    """``make-data --t2i-world slots`` writes the same pairs as ``tiny-mllm``'s data step, beside the split."""
+    from training.data.shapes import SLOT_CENTRES
+    from training.mllm_pipeline import slots_world_config
+
+    argv = ["--split", "val", "--limit", "4", "--out", str(tmp_path / "cli"), "--image-size", "32"]
+    written = conversations.main([*argv, "--t2i-world", "slots", "--grid-size", "8"])
+    assert set(written) == {"llava", "t2i", "t2i_slots"} and written["t2i_slots"].name == "t2i_slots.jsonl"
+    pairs = read_text_image_pairs(written["t2i_slots"])
+    assert len(pairs) == 4 and all(pair.image_key.startswith("images/val_slots/") for pair in pairs)
+    for line in written["t2i_slots"].read_text().splitlines():
+        objects = json.loads(line)["objects"]
+        assert [tuple(obj["center"]) for obj in objects] == list(SLOT_CENTRES[len(objects)])
+    world = ShapesWorld(slots_world_config(0, 32, 8))
+    reference = conversations.write_shapes(world, "val", tmp_path / "ref", 4, "images/val_slots", formats=("t2i",))
+    assert written["t2i_slots"].read_bytes() == reference["t2i"].read_bytes()
+    for pair in pairs:
+        assert (tmp_path / "cli" / pair.image_key).read_bytes() == (tmp_path / "ref" / pair.image_key).read_bytes()
+
+
 def test_conversation_cli_passes_the_generation_world_options(tmp_path: Path) -> None:
     argv = ["--split", "val", "--limit", "6", "--out", str(tmp_path), "--image-size", "32"]
     written = conversations.main([*argv, "--max-objects", "1", "--backgrounds", "plain", "--snap-cells", "4"])

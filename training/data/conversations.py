@@ -432,6 +432,16 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
         default=0,
         help="start every object's bounding square on a lattice of N cells per side (0 = anywhere)",
     )
+    parser.add_argument(
+        "--t2i-world",
+        default="scenes",
+        choices=("scenes", "grid", "canonical", "slots"),
+        help="also write text-to-image pairs from a narrower world (t2i_<world>.jsonl, images under "
+        "images/<split>_<world>), as `dualtoken tiny-mllm --t2i-world` does; the tiny stages train on 'slots'",
+    )
+    parser.add_argument(
+        "--grid-size", type=int, default=8, help="code grid of the tokenizer the pairs are for (the tiny one's: 8)"
+    )
     args = parser.parse_args(argv)
     setup_logging()
     config = ShapesWorldConfig(
@@ -442,6 +452,16 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
         snap_cells=args.snap_cells,
     )
     written = write_shapes(ShapesWorld(config), args.split, args.out, args.limit, progress=True)
+    if args.t2i_world != "scenes":
+        from training.mllm_pipeline import t2i_pairs_file, t2i_world_config
+
+        pairs_world = ShapesWorld(t2i_world_config(args.t2i_world, args.seed, args.image_size, args.grid_size))
+        image_dir = Path("images") / f"{args.split}_{args.t2i_world}"
+        name = t2i_pairs_file(args.t2i_world)
+        pairs = write_shapes(
+            pairs_world, args.split, args.out, args.limit, image_dir, formats=("t2i",), progress=True, t2i_name=name
+        )
+        written[f"t2i_{args.t2i_world}"] = pairs["t2i"]
     for name, path in written.items():
         logger.info("wrote %s: %s", name, path)
     return written
