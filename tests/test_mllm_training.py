@@ -510,11 +510,11 @@ def test_llm_pipeline_end_to_end_and_reuse(data, tmp_path, caplog, capsys):
     prefixes = ("model.", "loop.batch", "eval.", "stage.pixel_depth_weights")
     micro = [o for o in stage_overrides(data, tmp_path / "unused") if o.startswith(prefixes)]
     argv = ["--tokenizer", str(data["tokenizer"]), "--run-dir", str(tmp_path / "run"), "--train-images", "16"]
-    argv += ["--val-images", "8", "--vqa-scenes", "2", "--t2i-prompts", "2", "--temperature", "0.5"]
+    argv += ["--val-images", "8", "--vqa-scenes", "2", "--t2i-prompts", "2", "--temperature", "0.7"]
     argv += [item for value in [*micro, "loop.max_steps=2"] for item in ("--set", value)]
     metrics = mllm_pipeline.main(argv)
     report = (tmp_path / "run" / "mllm_report.md").read_text()
-    assert metrics["t2i_temperature"] == 0.5 and "CFG 3, temperature 0.5." in report
+    assert metrics["t2i_temperature"] == 0.7 and "CFG 1, temperature 0.7." in report
     assert "majority baseline" in report and f"{100 * metrics['vqa_mean']:.1f} %" in report
     assert (tmp_path / "run" / "mllm_eval" / "t2i_samples.png").is_file()
     # Every scene gets one "yes" and one "no" existence question: 2 scenes, 4 such questions, the

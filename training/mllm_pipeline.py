@@ -2,9 +2,10 @@
 
     dualtoken tiny-mllm --tokenizer runs/tiny/stage1/tokenizer --run-dir runs/tiny
 
-1. writes the Shapes world's train / val splits as LLaVA conversations + text-image pairs
-   (``--t2i-world grid``, ``canonical`` or ``slots`` adds pairs from a narrower world and trains on those
-   instead);
+1. writes the Shapes world's train / val splits as LLaVA conversations + text-image pairs, and
+   text-image pairs from a narrower world that the stages train on instead (``--t2i-world``:
+   ``slots`` by default, every object at a fixed place; ``grid`` or ``canonical``; ``scenes``
+   trains on the world's own pairs and writes no others);
 2. tokenises their images once into code shards (the LLM never runs the ViT);
 3. runs the stages of ``configs/stages/tiny/`` (align, understand, generate, joint), each
    from the previous stage's model;
@@ -343,18 +344,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--val-images", type=int, default=512)
     parser.add_argument("--vqa-scenes", type=int, default=200, help="test scenes (all their questions)")
     parser.add_argument("--t2i-prompts", type=int, default=64, help="one-object and two-object prompts each")
-    parser.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance of the text-to-image score")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the same")
+    # The default model trains on slots pairs with noisy image inputs; guidance then adds blobs
+    # where no slot ever holds an object, and it draws best unguided at a low temperature (README).
+    parser.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance of the text-to-image score")
+    parser.add_argument("--temperature", type=float, default=0.5, help="sampling temperature of the same")
     parser.add_argument(
         "--decode-depths", type=int, default=None, help="draw only the first RVQ depths of the codes (default: all)"
     )
     parser.add_argument(
         "--t2i-world",
         choices=T2I_WORLDS,
-        default="scenes",
-        help="text-to-image training pairs: the world's own scenes, or 'grid': at most two objects on a plain "
-        "background, placed on the code grid, or 'canonical': the grid world without jitter or noise, on one grey, "
-        "or 'slots': the canonical world with each object at a fixed slot (centre; left and right) "
+        default="slots",
+        help="text-to-image training pairs: 'slots' (default): the canonical world with each object at a fixed "
+        "slot (centre; left and right); 'scenes': the world's own scenes; 'grid': at most two objects on a plain "
+        "background, placed on the code grid; 'canonical': the grid world without jitter or noise, on one grey "
         "(written beside them, one code store)",
     )
     parser.add_argument("--seed", type=int, default=0)

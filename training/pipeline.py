@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     combined += (
         "\n## Use it\n\n"
         f"    dualtoken chat --model {model_dir}\n"
-        f'    dualtoken generate "a large red circle" -o red.png --model {model_dir} --cfg 3 --seed 0\n'
+        f'    dualtoken generate "a large red circle" -o red.png --model {model_dir} --cfg 1 --temperature 0.5 --seed 0\n'
         f"    dualtoken eval --model {model_dir} --tasks shapes_vqa geneval geneval_compositional "
         f"--out {run_dir / 'eval'}\n"
     )
