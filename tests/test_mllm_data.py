@@ -158,8 +158,7 @@ def test_conversation_cli_writes_both_formats(tmp_path: Path) -> None:
 
 def test_conversation_cli_writes_the_pairs_the_tiny_stages_draw_from(tmp_path: Path) -> None:
     """``make-data --t2i-world slots`` writes the same pairs as ``tiny-mllm``'s data step, beside the split."""
-    from training.data.shapes import SLOT_CENTRES
-    from training.mllm_pipeline import slots_world_config
+    from training.data.shapes import SLOT_CENTRES, slots_world_config
 
     argv = ["--split", "val", "--limit", "4", "--out", str(tmp_path / "cli"), "--image-size", "32"]
     written = conversations.main([*argv, "--t2i-world", "slots", "--grid-size", "8"])

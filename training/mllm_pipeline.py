@@ -21,20 +21,25 @@ from its last checkpoint.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from training import train_mllm
 from training.common import run_or_reuse, setup_logging, write_text_atomic
-
-if TYPE_CHECKING:
-    from training.data.shapes import ShapesWorldConfig
+from training.data.conversations import t2i_pairs_file
+from training.data.shapes import (  # noqa: F401  (re-exported: the pipeline's names for the drawing worlds)
+    CANONICAL_GREY,
+    T2I_WORLDS,
+    canonical_world_config,
+    grid_world_config,
+    slots_world_config,
+    t2i_world_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +47,6 @@ STAGES = ("align", "understand", "generate", "joint")
 EVAL_DIRNAME = "mllm_eval"
 BY_FORM_FILE = "vqa_by_form.json"  # VQA accuracy per question form (eval.shapes_tasks.vqa_by_form)
 STAGE_CONFIG = "configs/stages/tiny/{stage}.yaml"
-T2I_WORLDS = ("scenes", "grid", "canonical", "slots")  # where the text-to-image pairs come from (see t2i_world_config)
-CANONICAL_GREY = 128  # the canonical world's plain background, (128, 128, 128)
-
-
-def t2i_pairs_file(t2i_world: str) -> str:
-    """Name of the pairs file of ``t2i_world`` beside a split's conversations (``t2i_grid.jsonl``, ...)."""
-    from training.data.conversations import T2I_FILE_NAME
-
-    return T2I_FILE_NAME if t2i_world == "scenes" else f"t2i_{t2i_world}.jsonl"
 
 
 def _pairs_ready(path: Path, count: int) -> bool:
@@ -74,53 +70,6 @@ def _data_ready(folder: Path, count: int) -> bool:
         return len(records) == count and (not count or any("boxes" in turn for turn in records[0]["conversations"]))
     except (OSError, json.JSONDecodeError, KeyError, IndexError, TypeError):
         return False
-
-
-def grid_world_config(seed: int, image_size: int, grid_size: int) -> ShapesWorldConfig:
-    """The narrower world of the ``grid`` text-to-image pairs: at most two objects on a plain
-    background, each object's bounding square on the tokenizer's code grid.
-
-    On it the prompt starts to steer the drawing: 2,000 text-to-image steps reached 8.6 %
-    checker-correct images (CFG 3) where the default scenes stayed at 0 % (README).
-    """
-    from training.data.shapes import ShapesWorldConfig
-
-    return ShapesWorldConfig(
-        seed=seed, image_size=image_size, max_objects=2, backgrounds=("plain",), snap_cells=grid_size
-    )
-
-
-def canonical_world_config(seed: int, image_size: int, grid_size: int) -> ShapesWorldConfig:
-    """The grid world drawn the same way every time: no size or colour jitter, no pixel noise and
-    one grey for every background, so a scene's pixels (and codes) follow from its objects' names,
-    sizes and cells alone.
-
-    On 1,500 one-object scenes the stage-1 tokenizer's depth-1 code of an object cell, given the
-    object's colour, shape, size and the cell's place in it and in the image, has 0.20 nats of
-    entropy against 0.96 on the grid world; 1,000 text-to-image steps from a fresh LM reach
-    depth-1 CE 0.58 against 1.55 and pass the checker on 25.8 % of validation prompts against
-    7.0 % (README).
-    """
-    grey = (CANONICAL_GREY,) * 3
-    return dataclasses.replace(
-        grid_world_config(seed, image_size, grid_size), size_jitter=0.0, colour_jitter=0, noise_std=0.0, plain_rgb=grey
-    )
-
-
-def slots_world_config(seed: int, image_size: int, grid_size: int) -> ShapesWorldConfig:
-    """The canonical world with every object at a fixed slot: one object in the centre, two side
-    by side (the first named on the left), so a caption fixes the whole image."""
-    return dataclasses.replace(canonical_world_config(seed, image_size, grid_size), layout="slots")
-
-
-def t2i_world_config(t2i_world: str, seed: int, image_size: int, grid_size: int) -> ShapesWorldConfig | None:
-    """The world of ``--t2i-world``'s pairs; None for the default world's own scenes."""
-    if t2i_world not in T2I_WORLDS:
-        raise ValueError(f"t2i_world={t2i_world!r}; expected one of {list(T2I_WORLDS)}")
-    if t2i_world == "scenes":
-        return None
-    build = {"grid": grid_world_config, "canonical": canonical_world_config, "slots": slots_world_config}[t2i_world]
-    return build(seed, image_size, grid_size)
 
 
 def prepare_data(

@@ -46,7 +46,15 @@ from tqdm import tqdm
 
 from mllm.chat import Box
 from training.data.readers import MetadataError
-from training.data.shapes import BACKGROUNDS, SPLITS, ShapesSample, ShapesWorld, ShapesWorldConfig
+from training.data.shapes import (
+    BACKGROUNDS,
+    SPLITS,
+    T2I_WORLDS,
+    ShapesSample,
+    ShapesWorld,
+    ShapesWorldConfig,
+    t2i_world_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -406,6 +414,11 @@ def write_shapes_t2i(
     return write_shapes(world, split, out_dir, limit, image_dir, formats=("t2i",))["t2i"]
 
 
+def t2i_pairs_file(t2i_world: str) -> str:
+    """Name of the pairs file of ``t2i_world`` beside a split's conversations (``t2i_grid.jsonl``, ...)."""
+    return T2I_FILE_NAME if t2i_world == "scenes" else f"t2i_{t2i_world}.jsonl"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Path]:
     """``python -m training.data.conversations --split train --limit 20000 --out data/shapes``."""
     from training.common import setup_logging
@@ -435,7 +448,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser.add_argument(
         "--t2i-world",
         default="scenes",
-        choices=("scenes", "grid", "canonical", "slots"),
+        choices=T2I_WORLDS,
         help="also write text-to-image pairs from a narrower world (t2i_<world>.jsonl, images under "
         "images/<split>_<world>), as `dualtoken tiny-mllm --t2i-world` does; the tiny stages train on 'slots'",
     )
@@ -453,8 +466,6 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     )
     written = write_shapes(ShapesWorld(config), args.split, args.out, args.limit, progress=True)
     if args.t2i_world != "scenes":
-        from training.mllm_pipeline import t2i_pairs_file, t2i_world_config
-
         pairs_world = ShapesWorld(t2i_world_config(args.t2i_world, args.seed, args.image_size, args.grid_size))
         image_dir = Path("images") / f"{args.split}_{args.t2i_world}"
         name = t2i_pairs_file(args.t2i_world)
