@@ -175,6 +175,15 @@ def test_conversation_cli_writes_the_pairs_the_tiny_stages_draw_from(tmp_path: P
         assert (tmp_path / "cli" / pair.image_key).read_bytes() == (tmp_path / "ref" / pair.image_key).read_bytes()
 
 
+def test_conversation_cli_names_a_bad_grid_size(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--split", "val", "--limit", "2", "--out", str(tmp_path), "--image-size", "32", "--t2i-world", "slots"]
+    for bad in ("0", "33"):
+        with pytest.raises(SystemExit):
+            conversations.main([*argv, "--grid-size", bad])
+        assert f"--grid-size={bad}; expected 1..32 (the --image-size)" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything is written
+
+
 def test_conversation_cli_passes_the_generation_world_options(tmp_path: Path) -> None:
     argv = ["--split", "val", "--limit", "6", "--out", str(tmp_path), "--image-size", "32"]
     written = conversations.main([*argv, "--max-objects", "1", "--backgrounds", "plain", "--snap-cells", "4"])

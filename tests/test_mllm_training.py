@@ -525,6 +525,11 @@ def test_llm_pipeline_end_to_end_and_reuse(data, tmp_path, caplog, capsys):
     assert f"| is there a X? | 4 | {100 * exists['accuracy']:.1f} % |" in report
     summary = json.loads((tmp_path / "run" / "mllm_metrics.json").read_text())
     assert set(summary["stages"]) == {"align", "understand", "generate", "joint"}
+    # By default the drawing stages read the slots world's pairs, written beside each split.
+    for split in ("train", "val"):
+        assert len((tmp_path / "run" / "data" / split / "t2i_slots.jsonl").read_text().splitlines()) > 0
+    joint_argv = json.loads((tmp_path / "run" / "mllm" / "joint" / "pipeline_settings.json").read_text())["argv"]
+    assert "data.text_image=[{run_dir}/data/train/t2i_slots.jsonl]" in joint_argv
     caplog.clear()
     with caplog.at_level(logging.INFO):
         again = mllm_pipeline.main(argv)

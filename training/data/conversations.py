@@ -456,6 +456,8 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
         "--grid-size", type=int, default=8, help="code grid of the tokenizer the pairs are for (the tiny one's: 8)"
     )
     args = parser.parse_args(argv)
+    if args.t2i_world != "scenes" and not 1 <= args.grid_size <= args.image_size:
+        parser.error(f"--grid-size={args.grid_size}; expected 1..{args.image_size} (the --image-size)")
     setup_logging()
     config = ShapesWorldConfig(
         seed=args.seed,
