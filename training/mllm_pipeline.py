@@ -84,7 +84,7 @@ def prepare_data(
     """
     from tokenizer.model import DualTokenizer
     from training.data.code_shards import CodeShardsError, CodeStore, collect_image_paths, tokenize_to_shards
-    from training.data.conversations import LLAVA_FILE_NAME, T2I_FILE_NAME, write_shapes
+    from training.data.conversations import LLAVA_FILE_NAME, T2I_FILE_NAME, write_shapes, write_world_pairs
     from training.data.shapes import ShapesWorld, ShapesWorldConfig
 
     if t2i_world not in T2I_WORLDS:
@@ -107,10 +107,7 @@ def prepare_data(
             if _pairs_ready(pair_files[-1], count):
                 logger.info("data: reusing %s", pair_files[-1])
             else:
-                image_dir = Path("images") / f"{split}_{t2i_world}"
-                write_shapes(
-                    pairs_world, split, folder, count, image_dir, formats=("t2i",), progress=True, t2i_name=name
-                )
+                write_world_pairs(pairs_world, t2i_world, split, folder, count)
         codes = folder / "codes"
         keys, root = collect_image_paths([folder / LLAVA_FILE_NAME], pair_files)
         try:

@@ -419,6 +419,16 @@ def t2i_pairs_file(t2i_world: str) -> str:
     return T2I_FILE_NAME if t2i_world == "scenes" else f"t2i_{t2i_world}.jsonl"
 
 
+def write_world_pairs(
+    world: ShapesWorld, t2i_world: str, split: str, out_dir: str | os.PathLike, limit: int | None = None
+) -> Path:
+    """Write ``split``'s pairs from the drawing world ``t2i_world`` beside the split's own files:
+    ``t2i_<world>.jsonl``, images under ``images/<split>_<world>``; returns the pairs file."""
+    image_dir = Path("images") / f"{split}_{t2i_world}"
+    name = t2i_pairs_file(t2i_world)
+    return write_shapes(world, split, out_dir, limit, image_dir, formats=("t2i",), progress=True, t2i_name=name)["t2i"]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Path]:
     """``python -m training.data.conversations --split train --limit 20000 --out data/shapes``."""
     from training.common import setup_logging
@@ -469,12 +479,9 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     written = write_shapes(ShapesWorld(config), args.split, args.out, args.limit, progress=True)
     if args.t2i_world != "scenes":
         pairs_world = ShapesWorld(t2i_world_config(args.t2i_world, args.seed, args.image_size, args.grid_size))
-        image_dir = Path("images") / f"{args.split}_{args.t2i_world}"
-        name = t2i_pairs_file(args.t2i_world)
-        pairs = write_shapes(
-            pairs_world, args.split, args.out, args.limit, image_dir, formats=("t2i",), progress=True, t2i_name=name
+        written[f"t2i_{args.t2i_world}"] = write_world_pairs(
+            pairs_world, args.t2i_world, args.split, args.out, args.limit
         )
-        written[f"t2i_{args.t2i_world}"] = pairs["t2i"]
     for name, path in written.items():
         logger.info("wrote %s: %s", name, path)
     return written
