@@ -39,6 +39,7 @@ FUSIONS = ("sum", "sum_mlp", "concat_mlp")
 IMAGE_ATTENTIONS = ("causal", "bidirectional")
 IMAGE_POSITIONS = ("none", "learned", "sincos", "projector", "gated")
 IMAGE_ROPES = ("1d", "2d")
+GENERATED_POSITIONS = ("none", "sincos")
 IGNORE = -100
 
 logger = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ class DualTokenMLLMConfig(PretrainedConfig):
         image_position_scale: float = 1.0,
         image_attention: str = "causal",
         image_rope: str = "1d",
+        generated_position_embedding: str = "none",
         chat_template: dict | None = None,
         **kwargs: Any,
     ) -> None:
@@ -143,6 +145,7 @@ class DualTokenMLLMConfig(PretrainedConfig):
         self.image_position_scale = float(image_position_scale)
         self.image_attention = image_attention
         self.image_rope = image_rope
+        self.generated_position_embedding = generated_position_embedding
         self.chat_template = dict(chat_template or {})
         super().__init__(**kwargs)
         self.validate()
@@ -169,6 +172,11 @@ class DualTokenMLLMConfig(PretrainedConfig):
             raise ValueError(f"image_attention={self.image_attention!r}; expected one of {IMAGE_ATTENTIONS}")
         if self.image_rope not in IMAGE_ROPES:
             raise ValueError(f"image_rope={self.image_rope!r}; expected one of {IMAGE_ROPES}")
+        if self.generated_position_embedding not in GENERATED_POSITIONS:
+            raise ValueError(
+                f"generated_position_embedding={self.generated_position_embedding!r}; "
+                f"expected one of {GENERATED_POSITIONS}"
+            )
         if self.semantic_depth < 1 or self.pixel_depth < 1:
             raise ValueError(f"depths must be >= 1 (semantic {self.semantic_depth}, pixel {self.pixel_depth})")
         if self.depth_head_layers == 0 and self.pixel_depth > 1:
@@ -596,14 +604,40 @@ class DualTokenMLLMForCausalLM(PreTrainedModel):
                 f"input_ids has shape {tuple(input_ids.shape)}; expected (B, L) or (B, L, {self.config.slot_width}) "
                 f"(semantic depth {self.config.semantic_depth} + pixel depth {self.config.pixel_depth})"
             )
-        index = None
-        if self.config.image_position_embedding != "none":
-            index = self.image_slot_index(input_ids) if image_slot_index is None else image_slot_index
+        index = drawn = slots = None
+        generated = self.config.generated_position_embedding != "none"
+        if self.config.image_position_embedding != "none" or generated:
+            index = slots = self.image_slot_index(input_ids) if image_slot_index is None else image_slot_index
+            if generated:  # drawn slots get their own positions below; read ones keep image_position_embedding's
+                drawn = (slots >= 0) & (self.read_image_blocks(input_ids) < 0)
+                index = slots.masked_fill(drawn, -1)
         valid = (input_ids >= 0).unsqueeze(-1)
         embeds = self._fuse_slot_vectors(input_ids, embed(input_ids.clamp_min(0)) * valid, index)
         if index is not None:
             embeds = self.embed_image_positions(embeds, index)
+        if drawn is not None:
+            embeds = self.embed_generated_positions(embeds, drawn, slots)
         return embeds
+
+    def embed_generated_positions(
+        self, embeds: torch.Tensor, drawn: torch.Tensor, slot_index: torch.Tensor
+    ) -> torch.Tensor:
+        """Add the sine-cosine row and column features to the slots of images being drawn
+        (``drawn``, ``(B, L)`` bool; ``slot_index``: their indices in their image).
+
+        A slot the model writes is fed back as the input that predicts the next one, so its own
+        place in the grid is what the LM needs to know which part of the caption to draw next.
+        Under 1-D rotary positions alone it has to count slots since ``<image_gen_start>``
+        modulo the grid width. Read images (between ``<image>`` and ``</image>``) are placed by
+        ``image_position_embedding`` only (none by default: there a position added to every
+        slot averages out of the answer's read-out, :meth:`_fuse_slot_vectors`). A sampler
+        feeding one slot at a time passes its ``slot_index``; such a slot has no ``<image>``
+        before it in the chunk, so it counts as drawn, which it is.
+        """
+        if not bool(drawn.any()):
+            return embeds
+        rows = self._sincos_rows(slot_index.clamp_min(0), embeds.shape[-1]).to(embeds.dtype)
+        return embeds + rows * drawn.unsqueeze(-1).to(embeds.dtype)
 
     def _fuse_slot_vectors(
         self, input_ids: torch.Tensor, vectors: torch.Tensor, slot_index: torch.Tensor | None = None

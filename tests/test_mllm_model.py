@@ -895,6 +895,85 @@ def test_image_decoding_with_positions_cache_equals_without(positioned):
     assert torch.equal(cached, run(batch_cfg=False))
 
 
+# ---------------------------------------------------------------------------- positions of drawn slots
+def test_generated_positions_place_the_slots_of_drawn_images_only(text_tokenizer, tmp_path):
+    """``generated_position_embedding=sincos`` adds the sine-cosine table to the slots of an image
+    the model draws, row k on slot k, and leaves text and read images exactly as they were."""
+    torch.manual_seed(6)
+    tokenizer, layout, model = _concat_reader(text_tokenizer, generated_position_embedding="sincos")
+    model.eval()
+    builder = SequenceBuilder.for_model(tokenizer, model.config)
+    read = builder.conversation(
+        [("user", "<image> what?"), ("assistant", "red")], _codes(1, SEM, DS), _codes(2, PIX, DP)
+    )
+    drawn = builder.generation("a red circle", _codes(3, PIX, DP))
+    ids = torch.cat([read.ids, drawn.ids])[None]
+    is_image = (layout.is_semantic(ids) | layout.is_pixel(ids)).any(-1)[0]
+    is_drawn = is_image.clone()
+    is_drawn[: len(read.ids)] = False
+    with torch.no_grad():
+        placed = model.embed_slots(ids)[0]
+        model.config.generated_position_embedding = "none"
+        plain = model.embed_slots(ids)[0]
+        model.config.generated_position_embedding = "sincos"
+    torch.testing.assert_close(placed[~is_drawn], plain[~is_drawn])  # text and the read image
+    table = sincos_grid_table(GRID, placed.shape[-1], model.config.image_position_scale)
+    torch.testing.assert_close(placed[is_drawn] - plain[is_drawn], table, atol=1e-5, rtol=0)
+    # One slot fed on its own (a sampler with a KV cache) gets its row from the index it passes.
+    slot = drawn.ids[is_drawn[len(read.ids) :].nonzero()[5]][None]
+    with torch.no_grad():
+        alone = model.embed_slots(slot, torch.tensor([[5]]))[0, 0]
+    torch.testing.assert_close(alone, placed[is_drawn][5])
+    model.save_pretrained(tmp_path / "m")
+    loaded = DualTokenMLLMForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert loaded.config.generated_position_embedding == "sincos"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.embed_slots(ids)[0], placed)
+    # Parameter-free, checked, and not stacked on a read-image position.
+    _, _, none = _concat_reader(text_tokenizer)
+    assert none.config.generated_position_embedding == "none"
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in none.parameters())
+    with pytest.raises(ValueError, match="generated_position_embedding='learned'; expected one of"):
+        DualTokenMLLMConfig(generated_position_embedding="learned")
+
+    # Beside a read-image position (gated): that one stays on the read slots, the drawn ones get the table.
+    torch.manual_seed(8)
+    _, _, both = _concat_reader(text_tokenizer, image_position_embedding="gated", generated_position_embedding="sincos")
+    both.eval()
+    with torch.no_grad():
+        placed = both.embed_slots(ids)[0]
+        both.config.generated_position_embedding = "none"
+        gated_only = both.embed_slots(ids)[0]
+        both.config.image_position_embedding = "none"
+        bare = both.embed_slots(ids)[0]
+    torch.testing.assert_close(placed[~is_drawn], gated_only[~is_drawn])
+    assert not torch.allclose(gated_only[is_image & ~is_drawn], bare[is_image & ~is_drawn])
+    torch.testing.assert_close(placed[is_drawn] - bare[is_drawn], table, atol=1e-5, rtol=0)
+
+
+def test_image_decoding_with_generated_positions_cache_equals_without(text_tokenizer):
+    torch.manual_seed(7)
+    tokenizer, _, model = _concat_reader(text_tokenizer, generated_position_embedding="sincos")
+    model.eval()
+    builder = SequenceBuilder.for_model(tokenizer, model.config)
+    prompts = [builder.generation("a red circle", train=False), builder.generation("two squares", train=False)]
+    uncond = builder.generation("", train=False)
+    settings = SamplingConfig(temperature=1.0, top_k=20)
+
+    def run(**kwargs):
+        return generate_image_codes(
+            model, prompts, uncond, 2.0, settings, generator=torch.Generator().manual_seed(5), **kwargs
+        )
+
+    cached = run()
+    assert torch.equal(cached, run(use_cache=False))
+    model.config.generated_position_embedding = "none"
+    try:  # the positions change what is drawn (the check above is not vacuous)
+        assert not torch.equal(cached, run())
+    finally:
+        model.config.generated_position_embedding = "sincos"
+
+
 # ---------------------------------------------------------------------------- grounding
 def test_box_slots_cover_the_cells_under_a_box():
     from mllm.chat import box_slots

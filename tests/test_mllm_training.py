@@ -307,6 +307,10 @@ def test_trainable_glob_matching_nothing_is_named(data, tmp_path, capsys):
         ),
         ("model.image_position_scale=0", "model.image_position_scale=0.0; expected a number > 0"),
         ("model.image_rope=3d", "model.image_rope='3d'; expected 1d|2d"),
+        (
+            "model.generated_position_embedding=learned",
+            "model.generated_position_embedding='learned'; expected none|sincos",
+        ),
         ("stage.image_input_noise=1.0", "stage.image_input_noise=1.0; expected a fraction in [0, 1)"),
         ("stage.image_input_noise=some", "stage.image_input_noise: expected a number, got 'some'"),
         (

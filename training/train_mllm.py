@@ -36,6 +36,7 @@ from tqdm import tqdm
 from mllm.chat import QWEN_TEMPLATE, ChatTemplate, ConversationError, Sequence, SequenceBuilder, collate_sequences
 from mllm.generation import generate_text
 from mllm.modeling import (
+    GENERATED_POSITIONS,
     IMAGE_POSITIONS,
     IMAGE_ROPES,
     DualTokenMLLMForCausalLM,
@@ -106,6 +107,11 @@ class ModelConfig:
     # three rotary frequencies (mllm.modeling.GridRotaryEmbedding; M-RoPE-like); text and generated
     # images keep the LM's own 1-D rotary positions. Needs a rotary LM (Llama / Qwen2 families).
     image_rope: str = "1d"
+    # none | sincos: with sincos, the slots of an image the model draws get fixed 2-D sine-cosine row
+    # and column features (norm image_position_scale) added to their input, so that the slot that
+    # predicts the next one knows where in the grid it is; images the model reads are left alone.
+    # Parameter-free. With it, image_position_embedding places the slots of read images only.
+    generated_position_embedding: str = "none"
     # random | codebook: start the visual code rows (and the depth heads' code embeddings) as a
     # fixed linear map of the DualToken tokenizer's code vectors (mllm.modeling.init_code_embeddings).
     code_embedding_init: str = "random"
@@ -133,6 +139,11 @@ class ModelConfig:
             self.image_position_embedding in (False, True, *IMAGE_POSITIONS),
             f"model.image_position_embedding={self.image_position_embedding!r}; expected "
             + "|".join(["false", *IMAGE_POSITIONS[1:]]),
+        )
+        _require(
+            self.generated_position_embedding in GENERATED_POSITIONS,
+            f"model.generated_position_embedding={self.generated_position_embedding!r}; expected "
+            + "|".join(GENERATED_POSITIONS),
         )
         _require(
             _is_weight(self.image_position_scale) and self.image_position_scale > 0,
@@ -331,6 +342,7 @@ def build_model(model_config: ModelConfig, store: CodeStore) -> tuple[DualTokenM
         image_position_scale=model_config.image_position_scale,
         image_attention=model_config.image_attention,
         image_rope=model_config.image_rope,
+        generated_position_embedding=model_config.generated_position_embedding,
         chat_template=template.to_dict(),
         attn_implementation=attn,
     )
