@@ -879,20 +879,21 @@ def test_image_positions_change_image_slots_only_and_survive_save_load(positione
         torch.testing.assert_close(loaded.embed_slots(ids)[0], placed)
 
 
-def test_image_decoding_with_positions_cache_equals_without(positioned):
-    _, _, model, builder = positioned
+def _draw_two(model, builder, **kwargs) -> torch.Tensor:
+    """Codes for two fixed prompts at CFG 2, top-k 20, one seed: the same call every time."""
     prompts = [builder.generation("a red circle", train=False), builder.generation("two squares", train=False)]
     uncond = builder.generation("", train=False)
     settings = SamplingConfig(temperature=1.0, top_k=20)
+    return generate_image_codes(
+        model, prompts, uncond, 2.0, settings, generator=torch.Generator().manual_seed(5), **kwargs
+    )
 
-    def run(**kwargs):
-        return generate_image_codes(
-            model, prompts, uncond, 2.0, settings, generator=torch.Generator().manual_seed(5), **kwargs
-        )
 
-    cached = run()
-    assert torch.equal(cached, run(use_cache=False))
-    assert torch.equal(cached, run(batch_cfg=False))
+def test_image_decoding_with_positions_cache_equals_without(positioned):
+    _, _, model, builder = positioned
+    cached = _draw_two(model, builder)
+    assert torch.equal(cached, _draw_two(model, builder, use_cache=False))
+    assert torch.equal(cached, _draw_two(model, builder, batch_cfg=False))
 
 
 # ---------------------------------------------------------------------------- positions of drawn slots
@@ -956,20 +957,11 @@ def test_image_decoding_with_generated_positions_cache_equals_without(text_token
     tokenizer, _, model = _concat_reader(text_tokenizer, generated_position_embedding="sincos")
     model.eval()
     builder = SequenceBuilder.for_model(tokenizer, model.config)
-    prompts = [builder.generation("a red circle", train=False), builder.generation("two squares", train=False)]
-    uncond = builder.generation("", train=False)
-    settings = SamplingConfig(temperature=1.0, top_k=20)
-
-    def run(**kwargs):
-        return generate_image_codes(
-            model, prompts, uncond, 2.0, settings, generator=torch.Generator().manual_seed(5), **kwargs
-        )
-
-    cached = run()
-    assert torch.equal(cached, run(use_cache=False))
+    cached = _draw_two(model, builder)
+    assert torch.equal(cached, _draw_two(model, builder, use_cache=False))
     model.config.generated_position_embedding = "none"
     try:  # the positions change what is drawn (the check above is not vacuous)
-        assert not torch.equal(cached, run())
+        assert not torch.equal(cached, _draw_two(model, builder))
     finally:
         model.config.generated_position_embedding = "sincos"
 
