@@ -68,11 +68,13 @@ def test_frozen_parameters_do_not_move(chain, data, tmp_path):
     assert not torch.equal(after.pixel_head.in_proj.weight, frozen["pixel_head.in_proj.weight"])
 
 
-def test_resume_continues_exactly(data, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_continues_exactly(data, tmp_path, optimizer):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    _run("joint", stage_overrides(data, straight, steps=4))
-    _run("joint", stage_overrides(data, resumed, steps=2))
-    _run("joint", stage_overrides(data, resumed, steps=4))  # same output_dir: continues from step 2
+    chosen = [f"optim.name={optimizer}"]
+    _run("joint", stage_overrides(data, straight, steps=4) + chosen)
+    _run("joint", stage_overrides(data, resumed, steps=2) + chosen)
+    _run("joint", stage_overrides(data, resumed, steps=4) + chosen)  # same output_dir: continues from step 2
     a, b = _train_records(straight), _train_records(resumed)
     for step in (3, 4):
         for key in ("train/loss", "train/lr", "train/grad_norm"):
@@ -311,6 +313,7 @@ def test_trainable_glob_matching_nothing_is_named(data, tmp_path, capsys):
             "model.generated_position_embedding=learned",
             "model.generated_position_embedding='learned'; expected none|sincos",
         ),
+        ("optim.name=sgd", "optim.name='sgd'; expected one of adamw|muon"),
         ("stage.image_input_noise=1.0", "stage.image_input_noise=1.0; expected a fraction in [0, 1)"),
         ("stage.image_input_noise=some", "stage.image_input_noise: expected a number, got 'some'"),
         (

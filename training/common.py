@@ -15,10 +15,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tokenizer.config import ConfigError
 from training.config import OptimConfig
+from training.optimizers import MuonAdamW, hidden_matrices
 
 logger = logging.getLogger("dualtoken")
 
@@ -78,8 +80,27 @@ class MetricsWriter:
             self._jsonl.close()
 
 
-def build_optimizer(params: Any, config: OptimConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
+def build_optimizer(params: Any, config: OptimConfig, module: nn.Module | None = None) -> torch.optim.Optimizer:
+    """AdamW over ``params``; with ``optim.name: muon``, Muon for those of them that are
+    hidden matrices of ``module`` (:func:`training.optimizers.hidden_matrices`) and AdamW for
+    the rest."""
+    params = list(params)
+    if config.name == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
+    if module is None:
+        raise ConfigError(f"optim.name={config.name!r} is not supported here; use adamw")
+    matrices = {id(p) for p in hidden_matrices(module)}
+    groups = [
+        {"params": [p for p in params if id(p) in matrices], "use_muon": True},
+        {"params": [p for p in params if id(p) not in matrices], "use_muon": False},
+    ]
+    return MuonAdamW(
+        [g for g in groups if g["params"]],
+        lr=config.lr,
+        betas=tuple(config.betas),
+        weight_decay=config.weight_decay,
+        momentum=config.muon_momentum,
+    )
 
 
 def warmup_cosine(

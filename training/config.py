@@ -102,19 +102,27 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+OPTIMIZERS = ("adamw", "muon")
+
+
 @dataclass
 class OptimConfig:
-    """AdamW with linear warm-up then cosine decay to ``min_lr_ratio`` x lr."""
+    """AdamW (or Muon for the hidden matrices, ``name: muon``) with linear warm-up then cosine
+    decay to ``min_lr_ratio`` x lr."""
 
+    name: str = "adamw"
     lr: float = 1e-3
     betas: tuple[float, ...] = (0.9, 0.999)
     weight_decay: float = 1e-4
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
+    muon_momentum: float = 0.95  # name: muon only
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        _require(self.name in OPTIMIZERS, f"optim.name={self.name!r}; expected one of {'|'.join(OPTIMIZERS)}")
+        _require(0 <= self.muon_momentum < 1, f"optim.muon_momentum={self.muon_momentum}; expected in [0, 1)")
         _require(self.lr > 0, f"optim.lr={self.lr}; expected > 0")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"optim.betas={self.betas}")
         _require(self.warmup_steps >= 0, "optim.warmup_steps must be >= 0")

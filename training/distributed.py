@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tokenizer.config import ConfigError
 from training.config import CheckpointWriteError, DeepSpeedConfig
 
 logger = logging.getLogger(__name__)
@@ -174,6 +175,11 @@ class TrainEngine:
     ) -> None:
         self.grad_clip = grad_clip
         self.uses_deepspeed = bool(deepspeed_config and deepspeed_config.enabled)
+        if self.uses_deepspeed and getattr(optimizer, "needs_whole_matrices", False):
+            raise ConfigError(
+                "optim.name='muon' orthogonalises whole weight matrices, which DeepSpeed ZeRO "
+                "partitions; use optim.name=adamw with deepspeed.enabled=true"
+            )
         if self.uses_deepspeed:
             ds_json = deepspeed_json(deepspeed_config, batch_size, grad_clip, precision, world_size)
             engine, optimizer, _, scheduler = _deepspeed().initialize(

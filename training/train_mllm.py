@@ -736,7 +736,7 @@ class MLLMStageTrainer:
         self.builder = SequenceBuilder.for_model(self.tokenizer, self.model.config, max_length)
         self.model.to(dist_state.device)
         loop, optim = config.loop, config.optim
-        optimizer = build_optimizer([p for p in self.model.parameters() if p.requires_grad], optim)
+        optimizer = build_optimizer([p for p in self.model.parameters() if p.requires_grad], optim, self.model)
         self.engine = distributed.TrainEngine(
             self.model,
             optimizer,

@@ -281,9 +281,9 @@ class Stage1Trainer:
             part.eval()
 
     def _engine(self, module: nn.Module, optim: OptimConfig) -> distributed.TrainEngine:
-        """AdamW + warm-up/cosine over the trainable parameters of ``module``, in an engine."""
+        """AdamW (or Muon + AdamW) + warm-up/cosine over the trainable parameters of ``module``, in an engine."""
         loop = self.config.loop
-        optimizer = build_optimizer([p for p in module.parameters() if p.requires_grad], optim)
+        optimizer = build_optimizer([p for p in module.parameters() if p.requires_grad], optim, module)
         return distributed.TrainEngine(
             module,
             optimizer,
