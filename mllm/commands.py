@@ -1,6 +1,6 @@
 """``dualtoken chat`` and ``dualtoken generate``: the Pipeline from a terminal.
 
-    dualtoken generate "a large red circle above a small blue square" -o out.png --cfg 3 --n 4 --seed 0
+    dualtoken generate "a large red circle above a small blue square" -o out.png --n 4 --seed 0
     dualtoken chat --model runs/tiny/mllm/joint/model
 
 In chat, ``/image PATH`` attaches an image (the conversation restarts around it), a plain
@@ -36,10 +36,12 @@ def _save_images(images: list[np.ndarray], output: Path) -> list[Path]:
 
 
 def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
-    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--temperature", type=float, default=1.0)
+    # Left out, each comes from the model folder's sampling.json (written by tiny-mllm with the
+    # settings it scored the model with), else cfg 3, temperature 1, no top-k / top-p.
+    parser.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = off)")
+    parser.add_argument("--top-k", type=int, default=None, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--decode-depths", type=int, default=None, help="draw only the first RVQ depths of the codes (default: all)"

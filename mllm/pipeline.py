@@ -7,7 +7,9 @@
 Both the chat command and the evaluation harness use this class, so what they measure is
 what a user gets. Images go through the DualToken tokenizer (semantic codes in, pixel codes
 out); the model folder's ``dualtoken.json`` names the tokenizer (override with
-``tokenizer_path``).
+``tokenizer_path``). A model folder may also hold ``sampling.json``, the image-sampling
+settings it draws best with (``tiny-mllm`` writes the ones it scored the model with); options
+left out of :meth:`Pipeline.generate` come from it, else from :data:`DEFAULT_SAMPLING`.
 """
 
 from __future__ import annotations
@@ -26,12 +28,46 @@ from mllm.modeling import DualTokenMLLMForCausalLM, pick_attn_implementation
 from mllm.vocab import extend_tokenizer
 
 SIDECAR = "dualtoken.json"
+SAMPLING_FILE = "sampling.json"
+# Image sampling when neither the call nor the model folder says otherwise.
+DEFAULT_SAMPLING = {"cfg": 3.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
 MAX_PROMPT_CHARS = 2000
 ImageLike = Any  # a path, a PIL image, an (H, W, 3) uint8 array, or a (3, H, W) tensor in [-1, 1]
 
 
 class PipelineError(ValueError):
     """Input the pipeline cannot take (empty or oversized prompt, not an image, bad option)."""
+
+
+def read_sampling(model_dir: Path) -> dict[str, float]:
+    """:data:`DEFAULT_SAMPLING` updated from the folder's ``sampling.json`` (if there is one)."""
+    sampling = dict(DEFAULT_SAMPLING)
+    path = Path(model_dir) / SAMPLING_FILE
+    if not path.is_file():
+        return sampling
+    try:
+        stored = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise PipelineError(f"{path}: not JSON ({error})") from None
+    if not isinstance(stored, dict):
+        raise PipelineError(f"{path}: expected an object with some of {sorted(DEFAULT_SAMPLING)}")
+    for key, value in stored.items():
+        if key not in DEFAULT_SAMPLING:
+            raise PipelineError(f"{path}: unknown setting {key!r}; expected some of {sorted(DEFAULT_SAMPLING)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PipelineError(f"{path}: {key}={value!r}; expected a number")
+        sampling[key] = type(DEFAULT_SAMPLING[key])(value)
+    return sampling
+
+
+def write_sampling(model_dir: Path, **settings: float) -> None:
+    """Record the image-sampling settings a model draws best with in its folder."""
+    from training.common import write_text_atomic
+
+    unknown = set(settings) - set(DEFAULT_SAMPLING)
+    if unknown:
+        raise PipelineError(f"unknown sampling settings {sorted(unknown)}; expected some of {sorted(DEFAULT_SAMPLING)}")
+    write_text_atomic(Path(model_dir) / SAMPLING_FILE, json.dumps(settings, indent=2) + "\n")
 
 
 def resolve_tokenizer_path(model_dir: Path, recorded: str | None) -> Path:
@@ -53,9 +89,15 @@ class Pipeline:
     """A unified model, its text tokenizer and the DualToken tokenizer, ready for chat and drawing."""
 
     def __init__(
-        self, model: DualTokenMLLMForCausalLM, text_tokenizer: Any, dualtoken: Any, max_length: int | None = None
+        self,
+        model: DualTokenMLLMForCausalLM,
+        text_tokenizer: Any,
+        dualtoken: Any,
+        max_length: int | None = None,
+        sampling: dict[str, float] | None = None,
     ):
         self.model = model.eval()
+        self.sampling = {**DEFAULT_SAMPLING, **(sampling or {})}  # image-sampling defaults
         self.text_tokenizer = text_tokenizer
         self.dualtoken = dualtoken.eval()
         self.builder = SequenceBuilder.for_model(text_tokenizer, model.config, max_length)
@@ -87,7 +129,7 @@ class Pipeline:
             Path(tokenizer_path) if tokenizer_path else resolve_tokenizer_path(directory, sidecar.get("tokenizer_path"))
         )
         dualtoken = DualTokenizer.from_pretrained(path).to(device)
-        return cls(model, text_tokenizer, dualtoken)
+        return cls(model, text_tokenizer, dualtoken, sampling=read_sampling(directory))
 
     @property
     def device(self) -> torch.device:
@@ -187,10 +229,10 @@ class Pipeline:
         self,
         prompts: str | SequenceABC[str],
         n: int = 1,
-        cfg: float = 3.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        temperature: float = 1.0,
+        cfg: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        temperature: float | None = None,
         seed: int = 0,
         use_cache: bool = True,
         seeds: SequenceABC[int] | None = None,
@@ -199,8 +241,13 @@ class Pipeline:
 
         Image k is drawn with its own generator seeded ``seed + k`` (or ``seeds[k]``), so an
         image does not depend on what else is in the batch: ``generate(p, n=4, seed=0)[2]``
-        equals ``generate(p, seed=2)[0]``.
+        equals ``generate(p, seed=2)[0]``. ``cfg`` / ``top_k`` / ``top_p`` / ``temperature``
+        left at None come from :attr:`sampling` (the model folder's ``sampling.json``).
         """
+        cfg = self.sampling["cfg"] if cfg is None else cfg
+        top_k = int(self.sampling["top_k"]) if top_k is None else top_k
+        top_p = self.sampling["top_p"] if top_p is None else top_p
+        temperature = self.sampling["temperature"] if temperature is None else temperature
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if n < 1:
             raise PipelineError(f"n={n}; expected >= 1")

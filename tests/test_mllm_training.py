@@ -442,9 +442,16 @@ def test_pipeline_answers_and_draws_reproducibly(chain):
 
 
 def test_llm_pipeline_scores_and_pictures(chain, tmp_path):
+    import shutil
+
+    from mllm.pipeline import Pipeline
     from training import mllm_pipeline
 
-    metrics = mllm_pipeline.evaluate(chain["joint"], tmp_path, vqa_scenes=3, t2i_prompts=2, cfg=2.0, seed=0)
+    model = tmp_path / "model"  # a copy: scoring records its sampling settings in the folder
+    shutil.copytree(chain["joint"], model)
+    metrics = mllm_pipeline.evaluate(model, tmp_path, vqa_scenes=3, t2i_prompts=2, cfg=2.0, seed=0, temperature=0.7)
+    assert json.loads((model / "sampling.json").read_text()) == {"cfg": 2.0, "temperature": 0.7}
+    assert Pipeline.from_pretrained(model).sampling == {"cfg": 2.0, "temperature": 0.7, "top_k": 0, "top_p": 1.0}
     assert 0.0 <= metrics["vqa_mean"] <= 1.0 and 0.0 <= metrics["t2i_all"] <= 1.0
     assert metrics["t2i_prompts"] == 4 and metrics["vqa_questions"] >= 3 * 5
     assert (tmp_path / "t2i_samples.png").is_file() and (tmp_path / "vqa_samples.png").is_file()
@@ -453,6 +460,45 @@ def test_llm_pipeline_scores_and_pictures(chain, tmp_path):
     by_form = json.loads((tmp_path / mllm_pipeline.BY_FORM_FILE).read_text())
     assert sum(row["questions"] for row in by_form) == metrics["vqa_questions"]
     assert {row["form"] for row in by_form} >= {"how many objects are there?", "is there a X?"}
+
+
+def test_sampling_defaults_come_from_the_model_folder(chain, tmp_path, capsys):
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from mllm.pipeline import DEFAULT_SAMPLING, Pipeline, PipelineError, write_sampling
+
+    model = tmp_path / "model"
+    shutil.copytree(chain["joint"], model)
+    assert Pipeline.from_pretrained(model).sampling == DEFAULT_SAMPLING  # no sampling.json: cfg 3, temperature 1
+    write_sampling(model, cfg=1.0, temperature=0.5)
+    pipe = Pipeline.from_pretrained(model)
+    stored = pipe.generate_codes("a red circle", seed=5)
+    assert torch.equal(stored, pipe.generate_codes("a red circle", seed=5, cfg=1.0, temperature=0.5))
+    assert not torch.equal(stored, pipe.generate_codes("a red circle", seed=5, cfg=3.0, temperature=1.0))
+    # The command line follows the folder unless told otherwise.
+    paths = {name: tmp_path / f"{name}.png" for name in ("folder", "explicit", "other")}
+    flags = {"folder": [], "explicit": ["--cfg", "1", "--temperature", "0.5"], "other": ["--cfg", "3", "--temperature", "1"]}
+    for name, path in paths.items():
+        argv = ["generate", "a red circle", "-o", str(path), "--model", str(model), "--seed", "5"]
+        assert cli_main(argv + flags[name]) == 0
+    pixels = {name: np.asarray(Image.open(path)) for name, path in paths.items()}
+    assert (pixels["folder"] == pixels["explicit"]).all() and not (pixels["folder"] == pixels["other"]).all()
+    # A broken file is named, with the setting at fault.
+    for text, message in (
+        ('{"cfg": "high"}', "cfg='high'; expected a number"),
+        ('{"guidance": 2}', "unknown setting 'guidance'"),
+        ("[1, 2]", "expected an object"),
+        ("{cfg: 1}", "not JSON"),
+    ):
+        (model / "sampling.json").write_text(text)
+        with pytest.raises(PipelineError, match="sampling.json") as caught:
+            Pipeline.from_pretrained(model)
+        assert message in str(caught.value)
+    assert cli_main(["generate", "a red circle", "-o", str(tmp_path / "x.png"), "--model", str(model)]) == 2
+    assert "sampling.json: not JSON" in capsys.readouterr().err
 
 
 def test_generate_and_chat_commands(chain, tmp_path, capsys):

@@ -177,9 +177,12 @@ def evaluate(
 ) -> dict:
     from eval.report import save_labelled_grid
     from eval.shapes_tasks import shapes_t2i, shapes_vqa
-    from mllm.pipeline import Pipeline
+    from mllm.pipeline import Pipeline, write_sampling
     from training.data.shapes import ShapesWorld, ShapesWorldConfig
 
+    # The model draws with the settings it is scored with: `dualtoken generate` / `chat` and
+    # Pipeline.generate read them from the folder when not told otherwise.
+    write_sampling(model_dir, cfg=float(cfg), temperature=float(temperature))
     pipe = Pipeline.from_pretrained(model_dir)
     world = ShapesWorld(ShapesWorldConfig(image_size=pipe.dualtoken.backbone.image_size))
     started = time.time()
