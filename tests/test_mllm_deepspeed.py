@@ -155,6 +155,7 @@ def _joint(
     """One launch of the joint stage through ``scripts/train_mllm.sh`` (text-to-image only unless ``mix``)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     overrides = [*stage_overrides(data, output_dir, None, steps), f"loop.batch_size={batch_size}", FP32]
+    overrides += ["optim.name=adamw"]  # ZeRO partitions the matrices Muon (the tiny default) needs whole
     overrides += [] if mix else [T2I_ONLY]
     command = ["bash", str(REPO / "scripts" / "train_mllm.sh"), "--config", str(JOINT_CONFIG)]
     for override in overrides + deepspeed:
