@@ -63,6 +63,26 @@ def test_hidden_matrices_take_linear_and_attention_weights_not_embeddings_or_tie
     assert names == {"body.0.weight", "body.2.weight", "attn.in_proj_weight", "attn.out_proj.weight"}
 
 
+def test_hidden_matrices_leave_an_untied_lm_head_to_adamw():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+    )
+    model = Qwen2ForCausalLM(config)
+    found = {id(p) for p in hidden_matrices(model)}
+    names = {name for name, p in model.named_parameters() if id(p) in found}
+    assert "lm_head.weight" not in names and "model.embed_tokens.weight" not in names
+    assert {"model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"} <= names
+    assert len(names) == 7  # q, k, v, o, gate, up, down
+
+
 def test_adamw_groups_step_exactly_like_torch_adamw():
     torch.manual_seed(0)
     a, b = nn.Linear(5, 3), nn.Linear(5, 3)

@@ -44,8 +44,13 @@ def orthogonalize(
 
 def hidden_matrices(module: nn.Module) -> list[nn.Parameter]:
     """The weight matrices Muon should own: every ``nn.Linear`` weight and attention input
-    projection, except a weight shared with an embedding (a tied LM head)."""
+    projection, except embeddings and output heads (a tied LM head shares the embedding's
+    weight; an untied one is what a Hugging Face model's ``get_output_embeddings`` returns)."""
     embedded = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
+    for sub in module.modules():
+        head = sub.get_output_embeddings() if hasattr(sub, "get_output_embeddings") else None
+        if isinstance(head, nn.Module) and isinstance(getattr(head, "weight", None), torch.Tensor):
+            embedded.add(id(head.weight))
     found: dict[int, nn.Parameter] = {}
     for sub in module.modules():
         if isinstance(sub, nn.Linear):
