@@ -29,6 +29,7 @@ import torch
 from eval.checker import ObjectSpec, detect_objects, judge
 from eval.harness import Task, register
 from eval.shapes_tasks import majority_answers, score_vqa, vqa_by_form, vqa_items
+from mllm.pipeline import DEFAULT_SAMPLING
 from tokenizer.config import ConfigError
 from training.common import write_text_atomic
 from training.data.shapes import relations
@@ -139,10 +140,10 @@ class ShapesGenEval(_FIDFeatures, Task):
         images = self.context.pipeline.generate(
             [item["prompt"] for item in batch],
             seeds=[item["seed"] for item in batch],
-            cfg=float(options.get("cfg", 3.0)),
-            top_k=int(options.get("top_k", 0)),
-            top_p=float(options.get("top_p", 1.0)),
-            temperature=float(options.get("temperature", 1.0)),
+            cfg=float(options.get("cfg", DEFAULT_SAMPLING["cfg"])),
+            top_k=int(options.get("top_k", DEFAULT_SAMPLING["top_k"])),
+            top_p=float(options.get("top_p", DEFAULT_SAMPLING["top_p"])),
+            temperature=float(options.get("temperature", DEFAULT_SAMPLING["temperature"])),
             decode_depths=options.get("decode_depths"),
         )
         folder = self.context.out_dir / "images" / self.name
