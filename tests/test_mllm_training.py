@@ -480,7 +480,11 @@ def test_sampling_defaults_come_from_the_model_folder(chain, tmp_path, capsys):
     assert not torch.equal(stored, pipe.generate_codes("a red circle", seed=5, cfg=3.0, temperature=1.0))
     # The command line follows the folder unless told otherwise.
     paths = {name: tmp_path / f"{name}.png" for name in ("folder", "explicit", "other")}
-    flags = {"folder": [], "explicit": ["--cfg", "1", "--temperature", "0.5"], "other": ["--cfg", "3", "--temperature", "1"]}
+    flags = {
+        "folder": [],
+        "explicit": ["--cfg", "1", "--temperature", "0.5"],
+        "other": ["--cfg", "3", "--temperature", "1"],
+    }
     for name, path in paths.items():
         argv = ["generate", "a red circle", "-o", str(path), "--model", str(model), "--seed", "5"]
         assert cli_main(argv + flags[name]) == 0
