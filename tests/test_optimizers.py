@@ -122,6 +122,9 @@ def test_build_optimizer_splits_the_model_and_learns():
     assert isinstance(opt, MuonAdamW)
     muon, adamw = opt.param_groups
     assert muon["use_muon"] and len(muon["params"]) == 4 and not adamw["use_muon"]
+    assert muon["ns_steps"] == 5
+    three = build_optimizer(model.parameters(), OptimConfig(name="muon", muon_ns_steps=3), model)
+    assert three.param_groups[0]["ns_steps"] == 3
     ids = torch.randint(0, 11, (8, 6))
     losses = []
     for _ in range(60):
@@ -174,5 +177,7 @@ def test_bad_optimizer_settings_are_named():
         OptimConfig(name="sgd")
     with pytest.raises(ConfigError, match=r"optim.muon_momentum=1.0; expected in \[0, 1\)"):
         OptimConfig(name="muon", muon_momentum=1.0)
+    with pytest.raises(ConfigError, match=r"optim.muon_ns_steps=0; expected >= 1"):
+        OptimConfig(name="muon", muon_ns_steps=0)
     with pytest.raises(ConfigError, match="optim.name='muon' is not supported here"):
         build_optimizer([nn.Parameter(torch.zeros(2, 2))], OptimConfig(name="muon"))

@@ -100,6 +100,7 @@ def build_optimizer(params: Any, config: OptimConfig, module: nn.Module | None =
         betas=tuple(config.betas),
         weight_decay=config.weight_decay,
         momentum=config.muon_momentum,
+        ns_steps=config.muon_ns_steps,
     )
 
 

@@ -118,11 +118,13 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     muon_momentum: float = 0.95  # name: muon only
+    muon_ns_steps: int = 5  # name: muon only: Newton-Schulz iterations per step
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
         _require(self.name in OPTIMIZERS, f"optim.name={self.name!r}; expected one of {'|'.join(OPTIMIZERS)}")
         _require(0 <= self.muon_momentum < 1, f"optim.muon_momentum={self.muon_momentum}; expected in [0, 1)")
+        _require(self.muon_ns_steps >= 1, f"optim.muon_ns_steps={self.muon_ns_steps}; expected >= 1")
         _require(self.lr > 0, f"optim.lr={self.lr}; expected > 0")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"optim.betas={self.betas}")
         _require(self.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
