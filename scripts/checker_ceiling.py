@@ -27,7 +27,7 @@ from training.data.shapes import ShapesWorld, ShapesWorldConfig, uint8_image_to_
 from training.evaluation import checker_verdicts  # noqa: E402
 from training.mllm_pipeline import t2i_world_config  # noqa: E402
 
-WORLDS = ("default", "grid", "canonical")
+WORLDS = ("default", "grid", "canonical", "slots")
 
 
 def ceiling(tokenizer: DualTokenizer, world: ShapesWorld, scenes: int, split: str = "val") -> dict[str, float]:
