@@ -377,31 +377,39 @@ def test_checkpoint_save_is_atomic(
 # ------------------------------------------------------------------------------ pipeline
 def test_pipeline_reuses_finished_stages(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     run_dir = tmp_path / "run"
-    argv = ["--run-dir", str(run_dir), "--tokenizer-only", "--decoder"]
-    argv += [item for value in [*LOOP_SETS, *TEACHER_SETS] for item in ("--set-teacher", value)]
-    argv += [item for value in [*LOOP_SETS, *TOKENIZER_SETS] for item in ("--set-tokenizer", value)]
+    plain = ["--run-dir", str(run_dir), "--tokenizer-only"]
+    plain += [item for value in [*LOOP_SETS, *TEACHER_SETS] for item in ("--set-teacher", value)]
+    plain += [item for value in [*LOOP_SETS, *TOKENIZER_SETS] for item in ("--set-tokenizer", value)]
     # Stage 1b takes stage 1's architecture and data overrides itself; only its loop is set here.
-    argv += [item for value in LOOP_SETS for item in ("--set-decoder", value)]
+    argv = [*plain, "--decoder", *[item for value in LOOP_SETS for item in ("--set-decoder", value)]]
     teacher_weights = run_dir / "stage0" / "teacher" / "model.safetensors"
     tokenizer_weights = run_dir / "stage1" / "tokenizer" / "model.safetensors"
     decoder_weights = run_dir / "stage1_decoder" / "tokenizer" / "model.safetensors"
 
     metrics = pipeline.main(argv)
-    # The pipeline's tokenizer is stage 1b's: stage 1's encoder and codebooks, a fine-tuned decoder.
-    assert metrics == json.loads((decoder_weights.parent / "metrics.json").read_text())
+    # Stage 1's metrics, then stage 1b's under decoder_: its encoder and codebooks are stage 1's,
+    # its decoder fine-tuned on the slots world the LLM half draws (the default --t2i-world).
     stage1_metrics = json.loads((tokenizer_weights.parent / "metrics.json").read_text())
+    decoder_metrics = json.loads((decoder_weights.parent / "metrics.json").read_text())
+    assert metrics == {**stage1_metrics, **{f"decoder_{key}": value for key, value in decoder_metrics.items()}}
+    assert json.loads((run_dir / "stage1_decoder" / "pipeline_settings.json").read_text())["argv"][1] == (
+        "configs/tokenizer/tiny_decoder_slots.yaml"
+    )
     stage1_state, decoder_state = load_file(tokenizer_weights), load_file(decoder_weights)
     assert decoder_state.keys() == stage1_state.keys()
     for name in decoder_state:
         same = torch.equal(decoder_state[name], stage1_state[name])
         assert same != name.startswith(("decoder.", "pixel_up.")), name
     report = (run_dir / "report.md").read_text()
-    assert "reconstruction PSNR" in report and f"{metrics['test_psnr']:.2f}" in report
-    assert f"before decoder fine-tuning: PSNR (dB) / SSIM | {stage1_metrics['test_psnr']:.2f}" in report
+    assert f"reconstruction PSNR (dB), held-out test images | {stage1_metrics['test_psnr']:.2f} |" in report
+    assert (
+        f"decoder fine-tuned on the slots world the LLM draws: PSNR (dB) / SSIM (test) | "
+        f"{decoder_metrics['test_psnr']:.2f} / {decoder_metrics['test_ssim']:.3f}"
+    ) in report
     assert "stage 1b (decoder fine-tuning) wall time" in report
     summary = json.loads((run_dir / "metrics.json").read_text())
-    assert summary["tokenizer"] == pytest.approx(metrics) and "teacher_zero_shot_val" in summary["teacher"]
-    assert summary["tokenizer_before_decoder_finetuning"] == pytest.approx(stage1_metrics)
+    assert summary["tokenizer"] == pytest.approx(stage1_metrics) and "teacher_zero_shot_val" in summary["teacher"]
+    assert summary["decoder"] == pytest.approx({"t2i_world": "slots", **decoder_metrics})
     mtimes = {path: path.stat().st_mtime_ns for path in (teacher_weights, tokenizer_weights, decoder_weights)}
     trained_weights = load_file(tokenizer_weights)
 
@@ -431,6 +439,15 @@ def test_pipeline_reuses_finished_stages(tmp_path: Path, caplog: pytest.LogCaptu
         assert pipeline.main(relative) == pytest.approx(metrics)
     assert "stage 0: reusing" in caplog.text and "stage 1b: reusing" in caplog.text
     assert {path: path.stat().st_mtime_ns for path in mtimes} == mtimes
+
+    # --no-decoder: stage 1's tokenizer alone (stages 0 and 1 reused), no stage-1b rows.
+    assert pipeline.main([*plain, "--no-decoder"]) == pytest.approx(stage1_metrics)
+    assert "stage 1b" not in (run_dir / "report.md").read_text()
+    assert "decoder" not in json.loads((run_dir / "metrics.json").read_text())
+    assert {path: path.stat().st_mtime_ns for path in mtimes} == mtimes
+    # Stage-1b options for a skipped stage 1b, or the drawing world set past stage 1b: refused up front.
+    assert cli.main(["tiny-pipeline", *plain, "--no-decoder", "--set-decoder", "loop.max_steps=3"]) == 2
+    assert cli.main(["tiny-pipeline", *plain, "--llm-option=--t2i-world=grid"]) == 2
 
     tokenizer_weights.unlink()
     caplog.clear()
@@ -501,6 +518,7 @@ def test_pipeline_runs_the_whole_system(tmp_path: Path) -> None:
         "stage.pixel_depth_weights=[1.0,0.1]",  # the tiny stages weigh 4 pixel depths; DEPTH = 2 here
     ]
     argv += [item for value in micro for item in ("--set-llm", value)]
+    argv += [item for value in LOOP_SETS for item in ("--set-decoder", value)]
     argv += ["--llm-option=--train-images=12", "--llm-option=--val-images=4"]
     argv += ["--llm-option=--vqa-scenes=1", "--llm-option=--t2i-prompts=1"]
     metrics = pipeline.main(argv)
@@ -508,12 +526,11 @@ def test_pipeline_runs_the_whole_system(tmp_path: Path) -> None:
     report = (run_dir / "report.md").read_text()
     assert "reconstruction PSNR" in report and "majority baseline" in report and "dualtoken chat --model" in report
     assert (run_dir / "mllm" / "joint" / "model" / "model.safetensors").is_file()
-    # Stage 1b is opt-in (--decoder): by default the LLM half is given stage 1's tokenizer.
+    # Stage 1b runs by default, on the world the LLM half draws: the model draws through its decoder.
     sidecar = json.loads((run_dir / "mllm" / "joint" / "model" / "dualtoken.json").read_text())
-    assert Path(sidecar["tokenizer_path"]) == run_dir / "stage1" / "tokenizer"
-    assert not (run_dir / "stage1_decoder").exists() and "stage 1b" not in report
-    # --set-decoder without --decoder would configure a stage that never runs: refused up front.
-    assert cli.main(["tiny-pipeline", "--run-dir", str(run_dir), "--set-decoder", "loop.max_steps=3"]) == 2
+    assert Path(sidecar["tokenizer_path"]) == run_dir / "stage1_decoder" / "tokenizer"
+    assert "decoder fine-tuned on the slots world" in report and "decoder_test_psnr" in metrics
+    assert (run_dir / "data" / "train" / "t2i_slots.jsonl").is_file()
 
 
 def test_evaluation_leaves_the_training_rng_alone() -> None:

@@ -1,14 +1,18 @@
 """The embedded default end to end: teacher -> tokenizer -> LLM stages -> scores -> report.
 
     dualtoken tiny-pipeline [--run-dir runs/tiny] [--set-teacher k=v ...] [--set-tokenizer k=v ...]
-                            [--decoder] [--set-decoder k=v ...] [--set-llm k=v ...] [--tokenizer-only]
+                            [--t2i-world slots] [--no-decoder] [--set-decoder k=v ...] [--set-llm k=v ...]
+                            [--tokenizer-only]
 
-Stage 0 (SigLIP teacher) and stage 1 (DualToken) are followed by the LLM half
+Stage 0 (SigLIP teacher) and stage 1 (DualToken) are followed by stage 1b and the LLM half
 (training/mllm_pipeline.py: Shapes data, code shards, the four LLM stages, VQA and
 checker-judged text-to-image scores); ``report.md`` gathers every number and picture.
-``--decoder`` adds stage 1b after stage 1: the pixel decoder alone fine-tuned on the frozen
-codes, which draws small shapes more sharply (the codes, and so the LLM half's inputs, do not
-change). It is off by default to keep the tokenizer half within its 15-minute budget.
+Stage 1b fine-tunes the pixel decoder alone, codes frozen, on the world the LLM learns to draw
+(``--t2i-world``, slots by default; its config is ``DECODER_CONFIGS[world]`` unless
+``--decoder-config`` names another): the codes, and so the LLM half's inputs, do not change, but
+the drawings decode sharply (on the slots world the checker passes 92.6 % of its reconstructions
+against 60.9 % through stage 1's decoder). ``--no-decoder`` skips it, and the LLM half then
+draws through stage 1's decoder.
 
 A finished stage is reused when its output is complete (model, weights and metrics all
 present and loadable), so re-running after an interruption continues where it stopped;
@@ -29,12 +33,20 @@ from pathlib import Path
 
 from training import train_teacher, train_tokenizer
 from training.common import run_or_reuse, setup_logging
+from training.data.shapes import T2I_WORLDS
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TEACHER_CONFIG = "configs/tokenizer/tiny_teacher.yaml"
 DEFAULT_TOKENIZER_CONFIG = "configs/tokenizer/tiny.yaml"
-DEFAULT_DECODER_CONFIG = "configs/tokenizer/tiny_decoder.yaml"
+# Stage 1b's config for each world the LLM half can draw (`tiny-mllm --t2i-world`).
+DECODER_CONFIGS = {
+    "scenes": "configs/tokenizer/tiny_decoder.yaml",
+    "grid": "configs/tokenizer/tiny_decoder_grid.yaml",
+    "canonical": "configs/tokenizer/tiny_decoder_canonical.yaml",
+    "slots": "configs/tokenizer/tiny_decoder_slots.yaml",
+}
+DEFAULT_T2I_WORLD = "slots"  # tiny-mllm's default
 DECODER_DIRNAME = "stage1_decoder"
 # Stage 1's overrides that stage 1b shares: it loads that tokenizer (same architecture) on the same data.
 SHARED_WITH_DECODER = ("tokenizer.", "data.", "teacher_path")
@@ -84,19 +96,20 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     )
     timings["stage1_seconds"] = time.time() - started
     metrics = json.loads((tokenizer_dir / "metrics.json").read_text())
-    stage1_metrics = None
+    decoder_metrics = None
     if args.decoder:
-        stage1_metrics = metrics
-        tokenizer_dir, metrics, timings["stage1b_seconds"] = _decoder_stage(
+        tokenizer_dir, decoder_metrics, timings["stage1b_seconds"] = _decoder_stage(
             args, run_dir / DECODER_DIRNAME, tokenizer_dir, teacher_dir, stage1_reused
         )
-    report = write_report(run_dir, teacher_metrics, metrics, timings, stage1_dir, stage1_metrics)
+    report = write_report(run_dir, teacher_metrics, metrics, timings, stage1_dir, decoder_metrics, args.t2i_world)
     print(report)
+    summary = {**metrics, **{f"decoder_{key}": value for key, value in (decoder_metrics or {}).items()}}
     if args.tokenizer_only:
-        return metrics
+        return summary
     from training import mllm_pipeline
 
-    llm_argv = ["--tokenizer", str(tokenizer_dir), "--run-dir", str(run_dir), *_sets(args.set_llm)]
+    llm_argv = ["--tokenizer", str(tokenizer_dir), "--run-dir", str(run_dir), "--t2i-world", args.t2i_world]
+    llm_argv += _sets(args.set_llm)
     llm_argv += [item for value in args.llm_option for item in value.split("=", 1)]
     llm_metrics = mllm_pipeline.main(llm_argv)
     combined = report + "\n" + (run_dir / "mllm_report.md").read_text()
@@ -110,7 +123,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     )
     (run_dir / "report.md").write_text(combined)
     print(f"report: {run_dir / 'report.md'}\nchat with it:  dualtoken chat --model {model_dir}")
-    return {**metrics, **{f"llm_{key}": value for key, value in llm_metrics.items()}}
+    return {**summary, **{f"llm_{key}": value for key, value in llm_metrics.items()}}
 
 
 def _decoder_stage(
@@ -144,12 +157,16 @@ def _sets(values: list[str]) -> list[str]:
 
 
 def write_report(
-    run_dir: Path, teacher: dict, metrics: dict, timings: dict, stage1_dir: Path, stage1: dict | None = None
+    run_dir: Path,
+    teacher: dict,
+    metrics: dict,
+    timings: dict,
+    stage1_dir: Path,
+    decoder: dict | None = None,
+    t2i_world: str = DEFAULT_T2I_WORLD,
 ) -> str:
-    """The tokenizer half's report; ``metrics`` are the final tokenizer's, ``stage1`` stage 1's when 1b ran."""
-    grids = sorted((stage1_dir / "reconstructions").glob("test_step_*.png"))
-    if stage1 is not None:
-        grids = sorted((run_dir / DECODER_DIRNAME / "reconstructions").glob("test_step_*.png")) or grids
+    """The tokenizer half's report: stage 1's metrics (the default world's held-out images), then
+    stage 1b's on the world the LLM draws (``decoder``, when it ran)."""
     rows = [
         ("reconstruction PSNR (dB), held-out test images", f"{metrics['test_psnr']:.2f}"),
         ("reconstruction SSIM, held-out test images", f"{metrics['test_ssim']:.3f}"),
@@ -167,19 +184,19 @@ def write_report(
             f"{100 * metrics['test_semantic_usage']:.1f} % ({100 * metrics['test_semantic_min_depth_usage']:.1f} %)",
         ),
         (
-            "checker on reconstructions (the text-to-image ceiling, test)",
+            "checker on reconstructions (test)",
             f"{100 * metrics.get('test_checker_on_reconstructions', float('nan')):.1f} %",
         ),
     ]
-    if stage1 is not None:
+    if decoder is not None:
         rows += [
             (
-                "stage 1 before decoder fine-tuning: PSNR (dB) / SSIM",
-                f"{stage1['test_psnr']:.2f} / {stage1['test_ssim']:.3f}",
+                f"stage 1b, the decoder fine-tuned on the {t2i_world} world the LLM draws: PSNR (dB) / SSIM (test)",
+                f"{decoder['test_psnr']:.2f} / {decoder['test_ssim']:.3f}",
             ),
             (
-                "stage 1 before decoder fine-tuning: checker on reconstructions",
-                f"{100 * stage1.get('test_checker_on_reconstructions', float('nan')):.1f} %",
+                "stage 1b: checker on reconstructions (the text-to-image ceiling, test)",
+                f"{100 * decoder.get('test_checker_on_reconstructions', float('nan')):.1f} %",
             ),
         ]
     rows += [
@@ -189,25 +206,30 @@ def write_report(
         ),
         (
             "stage 1 wall time (s)",
-            f"{timings['stage1_seconds']:.0f} (training loop {(stage1 or metrics).get('train_seconds', 0):.0f})",
+            f"{timings['stage1_seconds']:.0f} (training loop {metrics.get('train_seconds', 0):.0f})",
         ),
     ]
-    if "stage1b_seconds" in timings:
+    if decoder is not None and "stage1b_seconds" in timings:
         rows.append(
             (
                 "stage 1b (decoder fine-tuning) wall time (s)",
-                f"{timings['stage1b_seconds']:.0f} (training loop {metrics.get('train_seconds', 0):.0f})",
+                f"{timings['stage1b_seconds']:.0f} (training loop {decoder.get('train_seconds', 0):.0f})",
             )
         )
     lines = ["# DualToken tiny run", "", "| metric | value |", "|---|---|"]
     lines += [f"| {name} | {value} |" for name, value in rows]
-    if grids:
-        lines += ["", f"Reconstructions (top: original, bottom: decoded from pixel codes): `{grids[-1]}`"]
+    folders = [("", stage1_dir)]
+    if decoder is not None:
+        folders.append((f", stage 1b on the {t2i_world} world", run_dir / DECODER_DIRNAME))
+    for title, folder in folders:
+        grids = sorted((folder / "reconstructions").glob("test_step_*.png"))
+        if grids:
+            lines += ["", f"Reconstructions{title} (top: original, bottom: decoded from pixel codes): `{grids[-1]}`"]
     text = "\n".join(lines) + "\n"
     (run_dir / "report.md").write_text(text)
     summary = {"teacher": teacher, "tokenizer": metrics, **timings}
-    if stage1 is not None:
-        summary["tokenizer_before_decoder_finetuning"] = stage1
+    if decoder is not None:
+        summary["decoder"] = {"t2i_world": t2i_world, **decoder}
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     return text
 
@@ -222,13 +244,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument(
         "--set-llm", action="append", default=[], metavar="KEY=VALUE", help="override for every LLM stage"
     )
-    parser.add_argument("--decoder-config", default=DEFAULT_DECODER_CONFIG)
-    parser.add_argument("--set-decoder", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--t2i-world",
+        choices=T2I_WORLDS,
+        default=DEFAULT_T2I_WORLD,
+        help="the world the LLM learns to draw (`dualtoken tiny-mllm --t2i-world`) and stage 1b fine-tunes its decoder on",
+    )
     parser.add_argument(
         "--decoder",
-        action="store_true",
-        help="run stage 1b (decoder-only fine-tuning) after stage 1; the LLM half then decodes with its decoder",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="stage 1b (on by default): the pixel decoder alone fine-tuned on the --t2i-world world, codes frozen; "
+        "the LLM half then draws through it (--no-decoder: through stage 1's decoder)",
     )
+    parser.add_argument(
+        "--decoder-config", default=None, help="stage 1b's config (default: DECODER_CONFIGS[--t2i-world])"
+    )
+    parser.add_argument("--set-decoder", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--tokenizer-only", action="store_true", help="stop after the tokenizer (stage 0, 1 and 1b)")
     parser.add_argument(
         "--llm-option",
@@ -238,8 +270,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         help="an option of `dualtoken tiny-mllm`, e.g. --llm-option=--train-images=5000",
     )
     args = parser.parse_args(argv)
-    if args.set_decoder and not args.decoder:
-        parser.error("--set-decoder configures stage 1b, which runs only with --decoder")
+    if not args.decoder and (args.set_decoder or args.decoder_config):
+        parser.error("--set-decoder / --decoder-config configure stage 1b, which --no-decoder skips")
+    if any(value.split("=", 1)[0] == "--t2i-world" for value in args.llm_option):
+        parser.error("--llm-option=--t2i-world: use tiny-pipeline's own --t2i-world, which stage 1b follows too")
+    args.decoder_config = args.decoder_config or DECODER_CONFIGS[args.t2i_world]
     setup_logging()
     return run(args)
 
