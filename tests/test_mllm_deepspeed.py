@@ -156,7 +156,8 @@ def _joint(
     output_dir.mkdir(parents=True, exist_ok=True)
     overrides = [*stage_overrides(data, output_dir, None, steps), f"loop.batch_size={batch_size}", FP32]
     overrides += ["optim.name=adamw"]  # ZeRO partitions the matrices Muon (the tiny default) needs whole
-    overrides += [] if mix else [T2I_ONLY]
+    # The mix is pinned (an even one) so that the step kinds below do not follow the tiny default's weights.
+    overrides += ["data.mix.vqa=1.0", "data.mix.t2i=1.0"] if mix else [T2I_ONLY]
     command = ["bash", str(REPO / "scripts" / "train_mllm.sh"), "--config", str(JOINT_CONFIG)]
     for override in overrides + deepspeed:
         command += ["--set", override]
@@ -318,7 +319,7 @@ def test_zero2_resume_continues_exactly(zero2_resumed: ResumedRun, zero3_run: Ru
 
 # ------------------------------------------------------------------------------ the stage's own mix
 
-# The joint stage's own mix (steps t2i, t2i, vqa, t2i at seed 0): a VQA step leaves the depth
+# The joint stage's mix of both kinds, evenly weighted (steps t2i, t2i, vqa, t2i at seed 0): a VQA step leaves the depth
 # head without a target. The model gives such an idle head an exact zero gradient through its
 # own forward (``DualTokenMLLMForCausalLM._idle_heads_term``), so every engine treats it alike.
 # Without that term, ZeRO-3 re-applied the head's step-2 gradient at step 3 (grad_norm 4.236
