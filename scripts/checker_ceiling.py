@@ -4,8 +4,9 @@ The ceiling of text-to-image on a tokenizer: a generated image passes the checke
 as the decoder draws a real scene of the same kind recognisably. Encodes and decodes one- and
 two-object validation scenes (alternately; a three-object draw is skipped) of the default Shapes
 world and of the narrower worlds of ``dualtoken tiny-mllm --t2i-world grid`` (at most two
-objects, plain backgrounds, objects on the code grid) and ``--t2i-world canonical`` (the same
-without jitter or noise, on one grey), and prints the share that passes.
+objects, plain backgrounds, objects on the code grid), ``--t2i-world canonical`` (the same
+without jitter or noise, on one grey) and ``--t2i-world slots`` (canonical, every object at a
+fixed slot), and prints the share that passes.
 
     python scripts/checker_ceiling.py runs/tiny/stage1/tokenizer --scenes 256
 """
