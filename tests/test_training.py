@@ -497,6 +497,25 @@ def _saved_keys(run_dir: Path) -> list[str]:
         return list(weights.keys())
 
 
+def test_each_drawing_world_has_a_decoder_config_on_that_world() -> None:
+    """Stage 1b's default config for each --t2i-world fine-tunes the decoder on that very world."""
+    from dataclasses import replace
+
+    from training.config import load_config
+    from training.data.shapes import T2I_WORLDS, t2i_world_config
+    from training.train_tokenizer import Stage1Config
+
+    assert set(pipeline.DECODER_CONFIGS) == set(T2I_WORLDS)
+    for world, path in pipeline.DECODER_CONFIGS.items():
+        config = load_config(Stage1Config, Path(__file__).resolve().parents[1] / path)
+        assert config.decoder_only, path
+        shapes = config.data.shapes
+        scenes = ShapesWorldConfig(seed=shapes.seed, image_size=shapes.image_size)  # the world's own
+        expected = t2i_world_config(world, shapes.seed, shapes.image_size, 8) or scenes
+        # The pairs' world, up to the training split's size (num_train is the tokenizer's own).
+        assert replace(shapes, num_train=expected.num_train) == expected, (world, path)
+
+
 def test_pipeline_runs_the_whole_system(tmp_path: Path) -> None:
     """tiny-pipeline without --tokenizer-only: teacher, tokenizer, the LLM half, one report."""
     run_dir = tmp_path / "run"

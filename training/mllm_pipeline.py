@@ -34,6 +34,7 @@ from training.common import run_or_reuse, setup_logging, write_text_atomic
 from training.data.conversations import t2i_pairs_file
 from training.data.shapes import (  # noqa: F401  (re-exported: the pipeline's names for the drawing worlds)
     CANONICAL_GREY,
+    DEFAULT_T2I_WORLD,
     T2I_WORLDS,
     canonical_world_config,
     grid_world_config,
@@ -303,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--t2i-world",
         choices=T2I_WORLDS,
-        default="slots",
+        default=DEFAULT_T2I_WORLD,
         help="text-to-image training pairs: 'slots' (default): the canonical world with each object at a fixed "
         "slot (centre; left and right); 'scenes': the world's own scenes; 'grid': at most two objects on a plain "
         "background, placed on the code grid; 'canonical': the grid world without jitter or noise, on one grey "

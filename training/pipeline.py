@@ -33,7 +33,7 @@ from pathlib import Path
 
 from training import train_teacher, train_tokenizer
 from training.common import run_or_reuse, setup_logging
-from training.data.shapes import T2I_WORLDS
+from training.data.shapes import DEFAULT_T2I_WORLD, T2I_WORLDS
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,6 @@ DECODER_CONFIGS = {
     "canonical": "configs/tokenizer/tiny_decoder_canonical.yaml",
     "slots": "configs/tokenizer/tiny_decoder_slots.yaml",
 }
-DEFAULT_T2I_WORLD = "slots"  # tiny-mllm's default
 DECODER_DIRNAME = "stage1_decoder"
 # Stage 1's overrides that stage 1b shares: it loads that tokenizer (same architecture) on the same data.
 SHARED_WITH_DECODER = ("tokenizer.", "data.", "teacher_path")

@@ -773,6 +773,7 @@ class ShapesImageDataset(Dataset):
 # Narrower worlds that the tiny stages can draw from instead of the default scenes (``tiny-mllm
 # --t2i-world``, ``make-data --t2i-world``); their pairs sit beside a split's conversations.
 T2I_WORLDS = ("scenes", "grid", "canonical", "slots")  # "scenes": the world's own pairs
+DEFAULT_T2I_WORLD = "slots"  # what the tiny model learns to draw (tiny-mllm and tiny-pipeline --t2i-world)
 CANONICAL_GREY = 128  # the canonical world's plain background, (128, 128, 128)
 
 
