@@ -96,6 +96,7 @@ def test_checker_ceiling_passes_true_drawings_and_fails_blank_ones(data, capsys)
 
     ceiling = _load("checker_ceiling")
     worlds = [t2i_world_config(name, 0, 32, 8) for name in ("grid", "canonical")]  # 4-pixel cells: room for two
+    worlds.append(t2i_world_config("slots", 0, 64, 8))  # two objects side by side need the full 64 pixels
     for config in (ShapesWorldConfig(image_size=32), *worlds):
         exact = ceiling.ceiling(_Copying(), ShapesWorld(config), 24)
         # Even draws are single-object scenes; odd ones hold 1-3 objects (three are skipped).
@@ -104,7 +105,7 @@ def test_checker_ceiling_passes_true_drawings_and_fails_blank_ones(data, capsys)
         assert exact["1_objects"] >= 0.9 and exact["all"] >= 0.85  # the checker knows the world's own images
         assert ceiling.ceiling(_Copying(blank=True), ShapesWorld(config), 24)["all"] == 0.0
     found = ceiling.main([str(data["tokenizer"]), "--scenes", "4"])
-    assert set(found) == {"default", "grid", "canonical"} and all(0.0 <= found[w]["all"] <= 1.0 for w in found)
+    assert set(found) == {"default", "grid", "canonical", "slots"} and all(0.0 <= found[w]["all"] <= 1.0 for w in found)
     assert "grid     one object" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         ceiling.main([str(data["tokenizer"]), "--scenes", "1"])
