@@ -2,8 +2,8 @@
 
     dualtoken eval --model runs/tiny/mllm/joint/model --tasks shapes_vqa geneval --out runs/tiny/eval
 
-- Every task is a class registered under a name (:func:`register`); all tasks share one
-  model loader (:class:`EvalContext` loads the :class:`~mllm.pipeline.Pipeline` once).
+- Every task is a class registered under a name (:func:`eval.task.register`); all tasks share one
+  model loader (:class:`EvalContext` loads the :class:`~mllm.inference.Pipeline` once).
 - Settings (seeds, sampling, splits, sizes) come from a versioned YAML in ``configs/eval/``,
   copied into the results, so a score can be rerun exactly.
 - Predictions are appended to ``<out>/predictions/<task>.jsonl`` as they are made (one line
@@ -20,94 +20,21 @@ import argparse
 import json
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from tqdm import tqdm
 
+from eval import tasks as _builtin_tasks  # noqa: F401  (registers the built-in tasks)
+from eval.task import TASKS, EvalContext, Task
 from tokenizer.config import ConfigError
-from training.common import write_text_atomic
+from tokenizer.files import write_text_atomic
 from training.config import read_yaml
 
 logger = logging.getLogger(__name__)
 
 SETTINGS_VERSION = 1
 DEFAULT_SETTINGS = "configs/eval/shapes.yaml"
-TASKS: dict[str, type[Task]] = {}
-
-
-def register(name: str) -> Callable[[type[Task]], type[Task]]:
-    def wrap(cls: type[Task]) -> type[Task]:
-        if name in TASKS:
-            raise ValueError(f"task {name!r} is registered twice")
-        cls.name = name
-        TASKS[name] = cls
-        return cls
-
-    return wrap
-
-
-class EvalContext:
-    """What tasks share: the settings, the output folder and one lazily loaded model."""
-
-    def __init__(self, model_dir: Path | None, settings: dict[str, Any], out_dir: Path, tokenizer: str | None = None):
-        self.model_dir = model_dir
-        self.settings = settings
-        self.out_dir = out_dir
-        self.tokenizer_path = tokenizer
-        self._pipeline = None
-        self._dualtoken = None
-
-    @property
-    def pipeline(self) -> Any:
-        if self._pipeline is None:
-            if self.model_dir is None:
-                raise ConfigError("this task needs a unified model: pass --model DIR")
-            from mllm.pipeline import Pipeline
-
-            self._pipeline = Pipeline.from_pretrained(self.model_dir, self.tokenizer_path)
-        return self._pipeline
-
-    @property
-    def dualtoken(self) -> Any:
-        """The DualToken tokenizer: the model's, or ``--tokenizer`` alone for tokenizer-only tasks."""
-        if self._dualtoken is None:
-            if self.model_dir is None and self.tokenizer_path is not None:
-                from tokenizer.model import DualTokenizer
-
-                self._dualtoken = DualTokenizer.from_pretrained(self.tokenizer_path).eval()
-            else:
-                self._dualtoken = self.pipeline.dualtoken
-        return self._dualtoken
-
-    def world(self) -> Any:
-        from training.data.shapes import ShapesWorld, ShapesWorldConfig
-
-        size = self.dualtoken.backbone.image_size
-        return ShapesWorld(ShapesWorldConfig(seed=int(self.settings.get("world_seed", 0)), image_size=size))
-
-
-class Task:
-    """One benchmark: ``items`` -> ``predict`` (batched, cached) -> ``score``."""
-
-    name: ClassVar[str] = ""
-    needs_model: ClassVar[bool] = True
-
-    def __init__(self, context: EvalContext, options: dict[str, Any]) -> None:
-        self.context = context
-        self.options = options
-
-    def items(self) -> list[dict[str, Any]]:
-        """JSON-serialisable items, each with a unique ``key``."""
-        raise NotImplementedError
-
-    def predict(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """One JSON-serialisable prediction per item (same order)."""
-        raise NotImplementedError
-
-    def score(self, items: list[dict[str, Any]], predictions: list[dict[str, Any]]) -> dict[str, float]:
-        raise NotImplementedError
 
 
 # ---------------------------------------------------------------------------------- cache
@@ -179,8 +106,6 @@ def evaluate(
     batch_size: int | None = None,
     tokenizer: str | None = None,
 ) -> dict[str, dict[str, float]]:
-    import eval.tasks  # noqa: F401  (registers the built-in tasks)
-
     unknown = [name for name in tasks if name not in TASKS]
     if unknown:
         raise ConfigError(f"unknown task {unknown[0]!r}; known tasks: {', '.join(sorted(TASKS))}")

@@ -1,7 +1,7 @@
-"""The built-in evaluation tasks (registered with :func:`eval.harness.register`).
+"""The built-in evaluation tasks (registered with :func:`eval.task.register`).
 
 Shapes-world tasks render their scenes from the world's seed; images the model draws are
-judged by :mod:`eval.checker`, which never sees the model.
+judged by :mod:`training.data.shapes.checker`, which never sees the model.
 
 - ``shapes_vqa``: every question of the first ``scenes`` test scenes, by question type, next
   to the majority baseline of each type; ``shapes_vqa_by_form.json`` beside the results gives
@@ -26,13 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from eval.checker import ObjectSpec, detect_objects, judge
-from eval.harness import Task, register
 from eval.shapes_tasks import majority_answers, score_vqa, vqa_by_form, vqa_items
-from mllm.pipeline import DEFAULT_SAMPLING
+from eval.task import Task, register
+from mllm.inference import DEFAULT_SAMPLING
 from tokenizer.config import ConfigError
-from training.common import write_text_atomic
+from tokenizer.files import write_text_atomic
 from training.data.shapes import relations
+from training.data.shapes.checker import ObjectSpec, detect_objects, judge
 
 
 def _tensor(image: np.ndarray) -> torch.Tensor:
@@ -354,7 +354,7 @@ class ZeroShot(Task):
             return Path(self.context.tokenizer_path)
         import json
 
-        from mllm.pipeline import resolve_tokenizer_path
+        from mllm.inference import resolve_tokenizer_path
 
         sidecar = json.loads((self.context.model_dir / "dualtoken.json").read_text())
         return resolve_tokenizer_path(self.context.model_dir, sidecar.get("tokenizer_path"))
@@ -417,7 +417,7 @@ class _LocalBenchmark(Task):
         return [{"key": str(sample.question_id)} for sample in samples]
 
     def predict(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        from training.data.readers import load_image
+        from tokenizer.images import load_image
 
         pipe = self.context.pipeline
         size = pipe.dualtoken.backbone.image_size

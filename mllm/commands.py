@@ -17,8 +17,8 @@ from typing import TextIO
 
 import numpy as np
 
-from mllm.pipeline import Pipeline, PipelineError
-from training.common import atomic_output
+from mllm.inference import Pipeline, PipelineError
+from tokenizer.files import atomic_output
 
 
 def _save_images(images: list[np.ndarray], output: Path) -> list[Path]:

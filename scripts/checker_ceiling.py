@@ -23,10 +23,11 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tokenizer.images import uint8_image_to_tensor  # noqa: E402
 from tokenizer.model import DualTokenizer  # noqa: E402
-from training.data.shapes import ShapesWorld, ShapesWorldConfig, uint8_image_to_tensor  # noqa: E402
+from training.data.shapes import ShapesWorld, ShapesWorldConfig  # noqa: E402
 from training.evaluation import checker_verdicts  # noqa: E402
-from training.mllm_pipeline import t2i_world_config  # noqa: E402
+from training.tiny_mllm import t2i_world_config  # noqa: E402
 
 WORLDS = ("default", "grid", "canonical", "slots")
 

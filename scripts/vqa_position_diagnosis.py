@@ -31,8 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mllm.chat import collate_sequences  # noqa: E402
+from mllm.inference import Pipeline  # noqa: E402
 from mllm.modeling import DualTokenMLLMForCausalLM  # noqa: E402
-from mllm.pipeline import Pipeline  # noqa: E402
 from training.data.shapes import ShapesWorld, ShapesWorldConfig, object_coverage  # noqa: E402
 
 

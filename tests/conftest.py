@@ -7,7 +7,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import pytest  # noqa: E402
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def data(tmp_path_factory):
     """Tiny DualToken tokenizer + Shapes train/val data + code shards (tests/mllm_fixtures.py)."""
     import torch
@@ -17,7 +17,7 @@ def data(tmp_path_factory):
     return make_mllm_data(tmp_path_factory.mktemp("mllm_data"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def chain(data, tmp_path_factory):
     """The four tiny LLM stages, 2 steps each, each from the previous stage's model folder."""
     from mllm_fixtures import REPO, stage_overrides

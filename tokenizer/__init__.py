@@ -24,7 +24,7 @@ from tokenizer.losses import (
 )
 from tokenizer.model import DualTokenizer, DualTokenizerCodes, DualTokenizerOutput, SemanticFeatures
 from tokenizer.quantizer import QuantizerOutput, ResidualVectorQuantizer, code_usage_from_counts, code_usage_stats
-from tokenizer.text import TextTower, build_word_tokenizer
+from tokenizer.text_tower import TextTower, build_word_tokenizer
 
 __all__ = [
     "BackboneConfig",

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +21,10 @@ from torch import nn
 from tokenizer.backbone import SiglipBackbone, VisionBackbone, build_backbone
 from tokenizer.config import ConfigError, DualTokenizerConfig, config_from_dict, config_to_dict
 from tokenizer.decoder import PixelDecoder
+from tokenizer.files import atomic_directory
 from tokenizer.projection import TokenProjection
 from tokenizer.quantizer import ResidualVectorQuantizer
-from tokenizer.text import TextTower
+from tokenizer.text_tower import TextTower
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -254,26 +253,14 @@ class DualTokenizer(nn.Module):
         return payload
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` atomically (a temp dir renamed into place)."""
+        """Write ``config.json`` + ``model.safetensors`` atomically (:func:`tokenizer.files.atomic_directory`)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-        try:
+        with atomic_directory(directory) as staging:
             state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
             save_file(state, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
             (staging / CONFIG_NAME).write_text(json.dumps(self._serialisable_config(), indent=2))
-            if directory.exists():
-                backup = directory.with_name(f".{directory.name}.old")
-                shutil.rmtree(backup, ignore_errors=True)
-                os.replace(directory, backup)
-                os.replace(staging, directory)
-                shutil.rmtree(backup, ignore_errors=True)
-            else:
-                os.replace(staging, directory)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         return directory
 
     @staticmethod

@@ -29,7 +29,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train-tokenizer": ("training.train_tokenizer", "stage 1: train the DualToken tokenizer"),
     "tokenize": ("training.tokenize_images", "encode images into pixel and semantic codes"),
     "reconstruct": ("training.tokenize_images", "encode + decode images and save a comparison grid"),
-    "tiny-pipeline": ("training.pipeline", "the embedded default end to end: stage 0, stage 1, report"),
+    "tiny-pipeline": ("training.tiny_pipeline", "the embedded default end to end: stage 0, stage 1, report"),
     "ablate": ("training.ablation", "dual vs shared codebook vs reconstruction only, side by side"),
     "make-data": ("training.data.conversations", "write the Shapes world as LLaVA conversations + text-image pairs"),
     "tokenize-codes": ("training.data.code_shards", "tokenise a dataset's images once into code shards"),
@@ -37,7 +37,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("mllm.commands", "chat about images (/image PATH, /imagine PROMPT)"),
     "generate": ("mllm.commands", "draw images from a text prompt"),
     "eval": ("eval.harness", "score a model on registered tasks (results JSON + Markdown)"),
-    "tiny-mllm": ("training.mllm_pipeline", "LLM half of the embedded default: data, codes, 4 stages, scores"),
+    "tiny-mllm": ("training.tiny_mllm", "LLM half of the embedded default: data, codes, 4 stages, scores"),
 }
 
 # Entry functions that are not a module's ``main``.

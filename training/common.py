@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -19,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tokenizer.config import ConfigError
+from tokenizer.files import write_text_atomic
 from training.config import OptimConfig
 from training.optimizers import MuonAdamW, hidden_matrices
 
@@ -214,24 +214,6 @@ def autocast(precision: str, device: torch.device):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return torch.autocast(device_type=device.type, enabled=False)
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a hidden sibling of ``path`` to write; on success it is renamed to ``path``, on an
-    error it is removed. Readers see the old file or the new one, never a torn one."""
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        yield partial
-        partial.replace(path)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through :func:`atomic_output`."""
-    with atomic_output(path) as partial:
-        partial.write_text(text)
 
 
 # ---------------------------------------------------------------------- pipeline stage settings

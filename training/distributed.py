@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tokenizer.config import ConfigError
+from tokenizer.files import replace_directory, write_text_atomic
 from training.config import CheckpointWriteError, DeepSpeedConfig
 
 logger = logging.getLogger(__name__)
@@ -377,11 +378,8 @@ def save_checkpoint(root: Path, step: int, engines: dict[str, TrainEngine], trai
     final = root / name
     if rank == 0:
         (staging / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
-        pointer = root / f".{LATEST_FILE}.tmp"
-        pointer.write_text(name)
-        os.replace(pointer, root / LATEST_FILE)
+        replace_directory(staging, final)
+        write_text_atomic(root / LATEST_FILE, name)
     barrier()
     return final
 

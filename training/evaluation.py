@@ -18,7 +18,7 @@ from tqdm import tqdm
 from tokenizer.losses import psnr, ssim
 from tokenizer.model import DualTokenizer
 from tokenizer.quantizer import code_usage_from_counts
-from tokenizer.text import TextTower, tokenize_texts
+from tokenizer.text_tower import TextTower, tokenize_texts
 
 
 def _loader(dataset: Dataset, batch_size: int, limit: int | None) -> DataLoader:
@@ -117,7 +117,7 @@ def tokenizer_metrics(
 
 def checker_verdicts(recons: torch.Tensor, scenes: Sequence[list[tuple[str, str]]]) -> list[int]:
     """1 where the independent checker finds exactly the scene's objects in a reconstruction."""
-    from eval.checker import ObjectSpec, judge, to_uint8_image
+    from training.data.shapes.checker import ObjectSpec, judge, to_uint8_image
 
     return [
         int(judge(to_uint8_image(recon), [ObjectSpec(colour, shape) for colour, shape in objects]).correct)

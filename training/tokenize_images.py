@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
+from tokenizer.images import load_image
 from tokenizer.model import DualTokenizer
-from training.data import load_image
 
 
 def _load(args: argparse.Namespace) -> tuple[DualTokenizer, torch.Tensor]:

@@ -45,6 +45,7 @@ from mllm.modeling import (
 )
 from mllm.vocab import TINY_CHAT_TOKENS, extend_tokenizer, shapes_corpus, train_sentencepiece
 from tokenizer.config import ConfigError
+from tokenizer.files import atomic_directory
 from training import distributed
 from training.common import (
     MetricsWriter,
@@ -971,28 +972,20 @@ def save_model_folder(
     merge: bool = True,
 ) -> Path:
     """Write model + tokenizer + sidecar + metrics through a staging folder, then rename (atomic)."""
-    import shutil
+    if hasattr(model.llm, "peft_config") and merge and state_dict is not None:
+        raise ConfigError("merging LoRA under ZeRO-3 is not supported; set lora.merge_on_save=false")
+    with atomic_directory(directory) as staging:
+        if hasattr(model.llm, "peft_config"):
+            model.llm.save_pretrained(str(staging / "adapter"))
+            if merge:
+                import copy
 
-    staging = directory.with_name(f".{directory.name}.partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    if hasattr(model.llm, "peft_config"):
-        model.llm.save_pretrained(str(staging / "adapter"))
-        if merge:
-            if state_dict is not None:
-                raise ConfigError("merging LoRA under ZeRO-3 is not supported; set lora.merge_on_save=false")
-            import copy
-
-            model = copy.deepcopy(model)
-            merge_lora(model)
-    model.save_pretrained(str(staging), state_dict=state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(str(staging))
-    (staging / SIDECAR).write_text(json.dumps(sidecar, indent=2, default=str))
-    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    if directory.exists():
-        shutil.rmtree(directory)
-    staging.rename(directory)
+                model = copy.deepcopy(model)
+                merge_lora(model)
+        model.save_pretrained(str(staging), state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(str(staging))
+        (staging / SIDECAR).write_text(json.dumps(sidecar, indent=2, default=str))
+        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return directory
 
 

@@ -22,7 +22,8 @@ from tqdm import tqdm
 from transformers import SiglipConfig, SiglipModel, SiglipTextConfig, SiglipVisionConfig
 
 from tokenizer.config import BackboneConfig, ConfigError
-from tokenizer.text import build_word_tokenizer, tokenize_texts
+from tokenizer.files import atomic_directory
+from tokenizer.text_tower import build_word_tokenizer, tokenize_texts
 from training import distributed
 from training.common import (
     MetricsWriter,
@@ -335,16 +336,10 @@ def fit(config: Stage0Config, dist_state: distributed.DistState) -> dict[str, fl
 
 def save_teacher(model: SiglipModel, text_tokenizer, directory: Path, metrics: dict) -> None:
     """Write the teacher through a staging folder so a crash never leaves a half teacher."""
-    import os
-    import shutil
-
-    staging = directory.with_name(f".{directory.name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    text_tokenizer.save_pretrained(staging)
-    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(staging, directory)
+    with atomic_directory(directory) as staging:
+        model.save_pretrained(staging)
+        text_tokenizer.save_pretrained(staging)
+        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -31,7 +31,7 @@ from tokenizer.losses import (
     hinge_discriminator_loss,
 )
 from tokenizer.model import DualTokenizer, DualTokenizerOutput
-from tokenizer.text import TextTower
+from tokenizer.text_tower import TextTower
 from training import distributed
 from training.common import (
     MetricsWriter,

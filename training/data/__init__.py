@@ -4,14 +4,12 @@ from training.data.readers import (
     DATA_KINDS,
     DataConfig,
     ImageFolderDataset,
-    ImageLoadError,
     JsonlImageTextDataset,
     MetadataError,
     ParquetImageTextDataset,
     WebDatasetTarDataset,
     build_image_dataset,
     collate_image_text,
-    load_image,
 )
 from training.data.shapes import (
     BACKGROUNDS,
@@ -30,7 +28,6 @@ from training.data.shapes import (
     class_index,
     object_coverage,
     relations,
-    uint8_image_to_tensor,
 )
 
 __all__ = [
@@ -44,7 +41,6 @@ __all__ = [
     "SPLITS",
     "DataConfig",
     "ImageFolderDataset",
-    "ImageLoadError",
     "JsonlImageTextDataset",
     "MetadataError",
     "ParquetImageTextDataset",
@@ -58,8 +54,6 @@ __all__ = [
     "build_image_dataset",
     "class_index",
     "collate_image_text",
-    "load_image",
     "object_coverage",
     "relations",
-    "uint8_image_to_tensor",
 ]

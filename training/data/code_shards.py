@@ -42,8 +42,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from tokenizer.files import replace_directory, write_text_atomic
+from tokenizer.images import load_image
 from tokenizer.model import DualTokenizer
-from training.data.readers import load_image
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,6 @@ class CodeShardsMeta:
         return meta
 
     def write(self, out_dir: Path) -> None:
-        from training.common import write_text_atomic
 
         write_text_atomic(out_dir / META_NAME, json.dumps(self.to_dict(), indent=2) + "\n")
 
@@ -205,8 +205,7 @@ def _save_shard(out_dir: Path, name: str, keys: list[str], pixel: np.ndarray, se
     with _quiet_datasets():
         dataset.save_to_disk(str(temporary))
     # A folder not listed in meta.json (a crash between this rename and the meta update) is replaced.
-    shutil.rmtree(out_dir / name, ignore_errors=True)
-    os.replace(temporary, out_dir / name)
+    replace_directory(temporary, out_dir / name)
 
 
 def _remove_shards(out_dir: Path) -> None:

@@ -331,7 +331,7 @@ def shapes_t2i_record(sample: ShapesSample, image: str) -> dict:
 
 def _write_atomic(path: Path, lines: Iterator[str], opening: str = "", closing: str = "") -> None:
     """Write ``opening + lines + closing`` to a temporary name, then rename it to ``path``."""
-    from training.common import atomic_output
+    from tokenizer.files import atomic_output
 
     with atomic_output(path) as temporary, open(temporary, "w", encoding="utf-8") as handle:
         handle.write(opening)

@@ -29,7 +29,7 @@ from training.data.shapes import (
     object_coverage,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six"]
 
 

@@ -30,11 +30,11 @@ from statistics import NormalDist
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
 from tokenizer.config import ConfigError
+from tokenizer.images import uint8_image_to_tensor
 
 if TYPE_CHECKING:
     import datasets
@@ -294,15 +294,6 @@ def _count_4x4(mask: np.ndarray) -> np.ndarray:
     height, width = mask.shape[0] // 4, mask.shape[1] // 4
     rows = np.ascontiguousarray(mask).view(np.uint8).reshape(height, 4, width * 4).sum(axis=1, dtype=np.uint8)
     return (rows.view(np.uint32) * np.uint32(0x01010101)) >> np.uint32(24)
-
-
-def uint8_image_to_tensor(image: np.ndarray) -> torch.Tensor:
-    """``image``: (H, W, 3) uint8 -> (3, H, W) float32 in [-1, 1] (the models' input range)."""
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an (H, W, 3) uint8 array, got {image.dtype} {image.shape}")
-    if not (image.flags.writeable and image.flags.c_contiguous):
-        image = np.array(image, order="C")  # np.asarray(PIL image) is read-only; torch warns on those
-    return torch.from_numpy(image).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
 class ShapesWorld:

@@ -670,7 +670,7 @@ def test_qwen2_5_3b_config_builds_on_the_meta_device():
     from training.config import load_config, read_yaml
     from training.train_mllm import MLLMStageConfig
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     config = load_config(MLLMStageConfig, repo / "configs" / "stages" / "qwen2_5_3b" / "joint.yaml")
     assert config.deepspeed.enabled and config.deepspeed.zero_stage == 2 and config.optim.lr == 1e-5
     assert config.optim.name == "adamw"  # ZeRO partitions the matrices Muon needs whole

@@ -23,7 +23,7 @@ from tokenizer.config import (
     TapsConfig,
 )
 from tokenizer.model import DualTokenizer
-from tokenizer.text import build_word_tokenizer
+from tokenizer.text_tower import build_word_tokenizer
 from training import cli, train_teacher
 from training.data import ShapesWorld, ShapesWorldConfig
 from training.train_teacher import TeacherConfig, TextTowerConfig

@@ -9,9 +9,9 @@
 2. tokenises their images once into code shards (the LLM never runs the ViT);
 3. runs the stages of ``configs/stages/tiny/`` (align, understand, generate, joint), each
    from the previous stage's model;
-4. scores the final model on held-out test scenes through :class:`mllm.pipeline.Pipeline`:
+4. scores the final model on held-out test scenes through :class:`mllm.inference.Pipeline`:
    VQA per question type next to the majority baseline, and text-to-image judged by the
-   independent checker (:mod:`eval.checker`); writes ``mllm_report.md``, ``mllm_metrics.json``
+   independent checker (:mod:`training.data.shapes.checker`); writes ``mllm_report.md``, ``mllm_metrics.json``
    and pictures (generated images with the checker's verdict, VQA samples).
 
 Finished steps are reused when their outputs are complete; an unfinished stage resumes
@@ -29,8 +29,9 @@ from typing import Any
 
 import torch
 
+from tokenizer.files import write_text_atomic
 from training import train_mllm
-from training.common import run_or_reuse, setup_logging, write_text_atomic
+from training.common import run_or_reuse, setup_logging
 from training.data.conversations import t2i_pairs_file
 from training.data.shapes import (  # noqa: F401  (re-exported: the pipeline's names for the drawing worlds)
     CANONICAL_GREY,
@@ -178,7 +179,7 @@ def evaluate(
 ) -> dict:
     from eval.report import save_labelled_grid
     from eval.shapes_tasks import shapes_t2i, shapes_vqa
-    from mllm.pipeline import Pipeline, write_sampling
+    from mllm.inference import Pipeline, write_sampling
     from training.data.shapes import ShapesWorld, ShapesWorldConfig
 
     # The model draws with the settings it is scored with: `dualtoken generate` / `chat` and

@@ -406,7 +406,7 @@ def test_prompt_longer_than_the_context_is_named(data, tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- pipeline API
 def test_pipeline_answers_and_draws_reproducibly(chain):
-    from mllm.pipeline import Pipeline, PipelineError
+    from mllm.inference import Pipeline, PipelineError
     from training.data.shapes import ShapesWorld, ShapesWorldConfig
 
     pipe = Pipeline.from_pretrained(chain["joint"])
@@ -444,12 +444,12 @@ def test_pipeline_answers_and_draws_reproducibly(chain):
 def test_llm_pipeline_scores_and_pictures(chain, tmp_path):
     import shutil
 
-    from mllm.pipeline import Pipeline
-    from training import mllm_pipeline
+    from mllm.inference import Pipeline
+    from training import tiny_mllm
 
     model = tmp_path / "model"  # a copy: scoring records its sampling settings in the folder
     shutil.copytree(chain["joint"], model)
-    metrics = mllm_pipeline.evaluate(model, tmp_path, vqa_scenes=3, t2i_prompts=2, cfg=2.0, seed=0, temperature=0.7)
+    metrics = tiny_mllm.evaluate(model, tmp_path, vqa_scenes=3, t2i_prompts=2, cfg=2.0, seed=0, temperature=0.7)
     assert json.loads((model / "sampling.json").read_text()) == {"cfg": 2.0, "temperature": 0.7}
     assert Pipeline.from_pretrained(model).sampling == {"cfg": 2.0, "temperature": 0.7, "top_k": 0, "top_p": 1.0}
     assert 0.0 <= metrics["vqa_mean"] <= 1.0 and 0.0 <= metrics["t2i_all"] <= 1.0
@@ -457,7 +457,7 @@ def test_llm_pipeline_scores_and_pictures(chain, tmp_path):
     assert (tmp_path / "t2i_samples.png").is_file() and (tmp_path / "vqa_samples.png").is_file()
     for kind in ("colour", "shape", "count", "exists"):
         assert 0.0 <= metrics[f"vqa_{kind}_baseline"] <= 1.0
-    by_form = json.loads((tmp_path / mllm_pipeline.BY_FORM_FILE).read_text())
+    by_form = json.loads((tmp_path / tiny_mllm.BY_FORM_FILE).read_text())
     assert sum(row["questions"] for row in by_form) == metrics["vqa_questions"]
     assert {row["form"] for row in by_form} >= {"how many objects are there?", "is there a X?"}
 
@@ -468,7 +468,7 @@ def test_sampling_defaults_come_from_the_model_folder(chain, tmp_path, capsys):
     import numpy as np
     from PIL import Image
 
-    from mllm.pipeline import DEFAULT_SAMPLING, Pipeline, PipelineError, write_sampling
+    from mllm.inference import DEFAULT_SAMPLING, Pipeline, PipelineError, write_sampling
 
     model = tmp_path / "model"
     shutil.copytree(chain["joint"], model)
@@ -513,7 +513,7 @@ def test_generate_and_chat_commands(chain, tmp_path, capsys):
     from PIL import Image
 
     from mllm.commands import chat_loop
-    from mllm.pipeline import Pipeline
+    from mllm.inference import Pipeline
     from training.data.shapes import ShapesWorld, ShapesWorldConfig
 
     out = tmp_path / "red.png"
@@ -562,21 +562,21 @@ def test_llm_pipeline_end_to_end_and_reuse(data, tmp_path, caplog, capsys):
 
     from mllm_fixtures import stage_overrides
 
-    from training import mllm_pipeline
+    from training import tiny_mllm
 
     prefixes = ("model.", "loop.batch", "eval.", "stage.pixel_depth_weights")
     micro = [o for o in stage_overrides(data, tmp_path / "unused") if o.startswith(prefixes)]
     argv = ["--tokenizer", str(data["tokenizer"]), "--run-dir", str(tmp_path / "run"), "--train-images", "16"]
     argv += ["--val-images", "8", "--vqa-scenes", "2", "--t2i-prompts", "2", "--temperature", "0.7"]
     argv += [item for value in [*micro, "loop.max_steps=2"] for item in ("--set", value)]
-    metrics = mllm_pipeline.main(argv)
+    metrics = tiny_mllm.main(argv)
     report = (tmp_path / "run" / "mllm_report.md").read_text()
     assert metrics["t2i_temperature"] == 0.7 and "CFG 1, temperature 0.7." in report
     assert "majority baseline" in report and f"{100 * metrics['vqa_mean']:.1f} %" in report
     assert (tmp_path / "run" / "mllm_eval" / "t2i_samples.png").is_file()
     # Every scene gets one "yes" and one "no" existence question: 2 scenes, 4 such questions, the
     # most asked form, so the table (forms asked as often as min(20, the most asked)) lists it.
-    by_form = json.loads((tmp_path / "run" / "mllm_eval" / mllm_pipeline.BY_FORM_FILE).read_text())
+    by_form = json.loads((tmp_path / "run" / "mllm_eval" / tiny_mllm.BY_FORM_FILE).read_text())
     exists = next(row for row in by_form if row["form"] == "is there a X?")
     assert exists["questions"] == 4 and exists["top_answer_share"] == 0.5
     assert f"| is there a X? | 4 | {100 * exists['accuracy']:.1f} % |" in report
@@ -589,7 +589,7 @@ def test_llm_pipeline_end_to_end_and_reuse(data, tmp_path, caplog, capsys):
     assert "data.text_image=[{run_dir}/data/train/t2i_slots.jsonl]" in joint_argv
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        again = mllm_pipeline.main(argv)
+        again = tiny_mllm.main(argv)
     timeless = {k: v for k, v in metrics.items() if not k.endswith("_seconds")}
     assert {k: v for k, v in again.items() if not k.endswith("_seconds")} == pytest.approx(timeless)
     for stage in ("align", "understand", "generate", "joint"):
@@ -599,14 +599,14 @@ def test_llm_pipeline_end_to_end_and_reuse(data, tmp_path, caplog, capsys):
     from tokenizer.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"LLM stage joint in .* other settings .*only now: \['loop.max_steps=3'\]"):
-        mllm_pipeline.main([*argv, "--set-joint", "loop.max_steps=3"])
+        tiny_mllm.main([*argv, "--set-joint", "loop.max_steps=3"])
     # Drawing only depth 1 re-scores the finished stages; an impossible depth stops before any work.
-    coarse = mllm_pipeline.main([*argv, "--decode-depths", "1"])
+    coarse = tiny_mllm.main([*argv, "--decode-depths", "1"])
     assert coarse["t2i_decode_depths"] == 1.0 and coarse["vqa_mean"] == pytest.approx(metrics["vqa_mean"])
     assert "first 1 RVQ depth(s) drawn" in (tmp_path / "run" / "mllm_report.md").read_text()
     capsys.readouterr()
     with pytest.raises(SystemExit):
-        mllm_pipeline.main([*argv, "--decode-depths", "9"])
+        tiny_mllm.main([*argv, "--decode-depths", "9"])
     assert re.search(r"--decode-depths=9; expected 1\.\.\d+ \(the tokenizer's pixel depth\)", capsys.readouterr().err)
 
 
@@ -614,10 +614,10 @@ def test_canonical_decoder_config_trains_on_the_canonical_world():
     """configs/tokenizer/tiny_decoder_canonical.yaml spells the canonical world out in YAML; it
     must stay the world that ``--t2i-world canonical`` writes its pairs from."""
     from training.config import load_config
-    from training.mllm_pipeline import canonical_world_config
+    from training.tiny_mllm import canonical_world_config
     from training.train_tokenizer import Stage1Config
 
-    path = Path(__file__).resolve().parents[1] / "configs" / "tokenizer" / "tiny_decoder_canonical.yaml"
+    path = Path(__file__).resolve().parents[2] / "configs" / "tokenizer" / "tiny_decoder_canonical.yaml"
     config = load_config(Stage1Config, str(path), [])
     assert config.data.shapes == canonical_world_config(0, 64, 8)
 
@@ -637,7 +637,7 @@ def test_building_the_tiny_model_leaves_no_temporary_folders(data, tmp_path, mon
 def test_data_written_without_boxes_is_written_again(tmp_path):
     from training.data.conversations import write_shapes
     from training.data.shapes import ShapesWorld, ShapesWorldConfig
-    from training.mllm_pipeline import _data_ready
+    from training.tiny_mllm import _data_ready
 
     written = write_shapes(ShapesWorld(ShapesWorldConfig(seed=1, image_size=32)), "val", tmp_path, 3)
     assert _data_ready(tmp_path, 3) and not _data_ready(tmp_path, 4)
@@ -658,7 +658,7 @@ def test_grid_text_to_image_pairs_share_the_code_store(data, tmp_path, caplog):
     from training.data.code_shards import CodeStore
     from training.data.conversations import read_text_image_pairs
     from training.data.shapes import SLOT_CENTRES
-    from training.mllm_pipeline import CANONICAL_GREY, data_overrides, prepare_data
+    from training.tiny_mllm import CANONICAL_GREY, data_overrides, prepare_data
 
     counts = {"train": 5, "val": 3}
     plain = prepare_data(data["tokenizer"], tmp_path, counts)

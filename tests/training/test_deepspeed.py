@@ -36,7 +36,7 @@ import pytest
 if importlib.util.find_spec("deepspeed") is None:
     pytest.skip("deepspeed is not installed (pip install deepspeed)", allow_module_level=True)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STAGE1_CONFIG = REPO / "configs" / "tokenizer" / "tiny.yaml"
 STAGE0_CONFIG = REPO / "configs" / "tokenizer" / "tiny_teacher.yaml"
 # A first launch may compile the shared-memory comm op; later ones take ~30-60 s on 2 busy cores.

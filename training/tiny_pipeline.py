@@ -5,7 +5,7 @@
                             [--tokenizer-only]
 
 Stage 0 (SigLIP teacher) and stage 1 (DualToken) are followed by stage 1b and the LLM half
-(training/mllm_pipeline.py: Shapes data, code shards, the four LLM stages, VQA and
+(training/tiny_mllm.py: Shapes data, code shards, the four LLM stages, VQA and
 checker-judged text-to-image scores); ``report.md`` gathers every number and picture.
 Stage 1b fine-tunes the pixel decoder alone, codes frozen, on the world the LLM learns to draw
 (``--t2i-world``, slots by default; its config is ``DECODER_CONFIGS[world]`` unless
@@ -105,12 +105,12 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     summary = {**metrics, **{f"decoder_{key}": value for key, value in (decoder_metrics or {}).items()}}
     if args.tokenizer_only:
         return summary
-    from training import mllm_pipeline
+    from training import tiny_mllm
 
     llm_argv = ["--tokenizer", str(tokenizer_dir), "--run-dir", str(run_dir), "--t2i-world", args.t2i_world]
     llm_argv += _sets(args.set_llm)
     llm_argv += [item for value in args.llm_option for item in value.split("=", 1)]
-    llm_metrics = mllm_pipeline.main(llm_argv)
+    llm_metrics = tiny_mllm.main(llm_argv)
     combined = report + "\n" + (run_dir / "mllm_report.md").read_text()
     model_dir = run_dir / "mllm" / "joint" / "model"
     combined += (

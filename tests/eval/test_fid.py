@@ -17,7 +17,8 @@ from eval.fid import (
     resize_for_features,
     rfid,
 )
-from training.data.shapes import ShapesWorld, ShapesWorldConfig, uint8_image_to_tensor
+from tokenizer.images import uint8_image_to_tensor
+from training.data.shapes import ShapesWorld, ShapesWorldConfig
 
 NUM_SHAPES_IMAGES = 128
 

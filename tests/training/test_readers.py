@@ -17,17 +17,16 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from tokenizer.config import ConfigError, config_from_dict, config_to_dict
+from tokenizer.images import ImageLoadError, load_image
 from training.data.readers import (
     DataConfig,
     ImageFolderDataset,
-    ImageLoadError,
     JsonlImageTextDataset,
     MetadataError,
     ParquetImageTextDataset,
     WebDatasetTarDataset,
     build_image_dataset,
     collate_image_text,
-    load_image,
 )
 from training.data.shapes import ShapesImageDataset, ShapesWorld, ShapesWorldConfig
 

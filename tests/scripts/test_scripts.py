@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
 def _load(name: str):
@@ -92,7 +92,7 @@ class _Copying:
 
 def test_checker_ceiling_passes_true_drawings_and_fails_blank_ones(data, capsys):
     from training.data.shapes import ShapesWorld, ShapesWorldConfig
-    from training.mllm_pipeline import t2i_world_config
+    from training.tiny_mllm import t2i_world_config
 
     ceiling = _load("checker_ceiling")
     worlds = [t2i_world_config(name, 0, 32, 8) for name in ("grid", "canonical")]  # 4-pixel cells: room for two

@@ -15,7 +15,7 @@ from tokenizer.config import (
 )
 from tokenizer.model import DualTokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny_config(**overrides) -> DualTokenizerConfig:

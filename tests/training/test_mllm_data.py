@@ -17,6 +17,7 @@ from tokenizer.config import (
     QuantizerConfig,
     TapsConfig,
 )
+from tokenizer.images import load_image
 from tokenizer.model import DualTokenizer
 from training.data import code_shards, conversations
 from training.data.code_shards import CodeShardsError, CodeStore, tokenize_to_shards
@@ -28,7 +29,7 @@ from training.data.conversations import (
     write_shapes_llava,
     write_shapes_t2i,
 )
-from training.data.readers import MetadataError, load_image
+from training.data.readers import MetadataError
 from training.data.shapes import ShapesWorld, ShapesWorldConfig
 
 SIZE = 32

@@ -62,7 +62,7 @@ def read_sampling(model_dir: Path) -> dict[str, float]:
 
 def write_sampling(model_dir: Path, **settings: float) -> None:
     """Record the image-sampling settings a model draws best with in its folder."""
-    from training.common import write_text_atomic
+    from tokenizer.files import write_text_atomic
 
     unknown = set(settings) - set(DEFAULT_SAMPLING)
     if unknown:
@@ -137,7 +137,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------ images in
     def _image_tensor(self, image: ImageLike) -> torch.Tensor:
-        from training.data.readers import load_image
+        from tokenizer.images import load_image
 
         size = self.dualtoken.backbone.image_size
         if isinstance(image, (str, Path)):

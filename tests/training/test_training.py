@@ -1,4 +1,4 @@
-"""The training applications end to end on CPU: stage 0, stage 1, exact resume, checkpoints, pipeline.
+"""The training applications end to end on CPU: stage 0, stage 1, exact resume, checkpoints, the tiny pipeline.
 
 Every run uses the real YAML files (configs/tokenizer/tiny_teacher.yaml, tiny.yaml) with
 `--set` overrides that shrink it to seconds: a 3-layer, 32-wide ViT, 2-step runs, batch 8,
@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from tokenizer.config import ConfigError
 from tokenizer.model import DualTokenizer
-from training import cli, distributed, pipeline, train_teacher, train_tokenizer
+from training import cli, distributed, tiny_pipeline, train_teacher, train_tokenizer
 from training.config import CheckpointWriteError
 from training.data import ShapesImageDataset, ShapesWorld, ShapesWorldConfig
 from training.evaluation import tokenizer_metrics
@@ -386,7 +386,7 @@ def test_pipeline_reuses_finished_stages(tmp_path: Path, caplog: pytest.LogCaptu
     tokenizer_weights = run_dir / "stage1" / "tokenizer" / "model.safetensors"
     decoder_weights = run_dir / "stage1_decoder" / "tokenizer" / "model.safetensors"
 
-    metrics = pipeline.main(argv)
+    metrics = tiny_pipeline.main(argv)
     # Stage 1's metrics, then stage 1b's under decoder_: its encoder and codebooks are stage 1's,
     # its decoder fine-tuned on the slots world the LLM half draws (the default --t2i-world).
     stage1_metrics = json.loads((tokenizer_weights.parent / "metrics.json").read_text())
@@ -415,7 +415,7 @@ def test_pipeline_reuses_finished_stages(tmp_path: Path, caplog: pytest.LogCaptu
 
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        assert pipeline.main(argv) == pytest.approx(metrics)
+        assert tiny_pipeline.main(argv) == pytest.approx(metrics)
     assert "stage 0: reusing" in caplog.text and "stage 1: reusing" in caplog.text
     assert "stage 1b: reusing" in caplog.text
     assert {path: path.stat().st_mtime_ns for path in mtimes} == mtimes
@@ -429,19 +429,19 @@ def test_pipeline_reuses_finished_stages(tmp_path: Path, caplog: pytest.LogCaptu
         ("--set-teacher", "loop.seed=7", "stage 0"),
     ]:
         with pytest.raises(ConfigError, match=rf"{stage} in .* other settings .*only now: \['{value}'\]"):
-            pipeline.main([*argv, flag, value])
+            tiny_pipeline.main([*argv, flag, value])
     assert {path: path.stat().st_mtime_ns for path in mtimes} == mtimes
     assert cli.main(["tiny-pipeline", *argv, "--set-decoder", "loop.max_steps=3"]) == 2
     # The same folder named by a relative path (or moved) is the same run: reused, not refused.
     relative = [os.path.relpath(run_dir) if item == str(run_dir) else item for item in argv]
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        assert pipeline.main(relative) == pytest.approx(metrics)
+        assert tiny_pipeline.main(relative) == pytest.approx(metrics)
     assert "stage 0: reusing" in caplog.text and "stage 1b: reusing" in caplog.text
     assert {path: path.stat().st_mtime_ns for path in mtimes} == mtimes
 
     # --no-decoder: stage 1's tokenizer alone (stages 0 and 1 reused), no stage-1b rows.
-    assert pipeline.main([*plain, "--no-decoder"]) == pytest.approx(stage1_metrics)
+    assert tiny_pipeline.main([*plain, "--no-decoder"]) == pytest.approx(stage1_metrics)
     assert "stage 1b" not in (run_dir / "report.md").read_text()
     assert "decoder" not in json.loads((run_dir / "metrics.json").read_text())
     assert {path: path.stat().st_mtime_ns for path in mtimes} == mtimes
@@ -452,7 +452,7 @@ def test_pipeline_reuses_finished_stages(tmp_path: Path, caplog: pytest.LogCaptu
     tokenizer_weights.unlink()
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        pipeline.main(argv)
+        tiny_pipeline.main(argv)
     assert "stage 0: reusing" in caplog.text and "stage 1: reusing" not in caplog.text
     assert "stage 1 done" in caplog.text
     # A decoder tuned on the previous stage-1 tokenizer is stale: removed and trained afresh.
@@ -505,9 +505,9 @@ def test_each_drawing_world_has_a_decoder_config_on_that_world() -> None:
     from training.data.shapes import T2I_WORLDS, t2i_world_config
     from training.train_tokenizer import Stage1Config
 
-    assert set(pipeline.DECODER_CONFIGS) == set(T2I_WORLDS)
-    for world, path in pipeline.DECODER_CONFIGS.items():
-        config = load_config(Stage1Config, Path(__file__).resolve().parents[1] / path)
+    assert set(tiny_pipeline.DECODER_CONFIGS) == set(T2I_WORLDS)
+    for world, path in tiny_pipeline.DECODER_CONFIGS.items():
+        config = load_config(Stage1Config, Path(__file__).resolve().parents[2] / path)
         assert config.decoder_only, path
         shapes = config.data.shapes
         scenes = ShapesWorldConfig(seed=shapes.seed, image_size=shapes.image_size)  # the world's own
@@ -540,7 +540,7 @@ def test_pipeline_runs_the_whole_system(tmp_path: Path) -> None:
     argv += [item for value in LOOP_SETS for item in ("--set-decoder", value)]
     argv += ["--llm-option=--train-images=12", "--llm-option=--val-images=4"]
     argv += ["--llm-option=--vqa-scenes=1", "--llm-option=--t2i-prompts=1"]
-    metrics = pipeline.main(argv)
+    metrics = tiny_pipeline.main(argv)
     assert "test_psnr" in metrics and "llm_vqa_mean" in metrics and "llm_t2i_all" in metrics
     report = (run_dir / "report.md").read_text()
     assert "reconstruction PSNR" in report and "majority baseline" in report and "dualtoken chat --model" in report
@@ -599,7 +599,7 @@ def test_stage_settings_round_trip_and_an_unreadable_file_is_named(tmp_path: Pat
 
 
 def test_atomic_output_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:
-    from training.common import atomic_output, write_text_atomic
+    from tokenizer.files import atomic_output, write_text_atomic
 
     target = tmp_path / "results.json"
     write_text_atomic(target, "old")

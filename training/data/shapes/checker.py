@@ -32,7 +32,7 @@ Pipeline of :func:`detect_objects`:
 :func:`judge` matches expected objects to detections one-to-one (a maximum bipartite
 matching, not greedy by order) and checks an optional spatial relation between centres.
 :func:`parse_caption` turns the world's captions (and prompts written like them) into the
-expected objects and relation. ``python -m eval.checker --validate N`` measures the checker on
+expected objects and relation. ``python -m training.data.shapes.checker --validate N`` measures the checker on
 the world's own images.
 """
 

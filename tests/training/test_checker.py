@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-import eval.checker as checker
-from eval.checker import (
+import training.data.shapes.checker as checker
+from tokenizer.images import uint8_image_to_tensor
+from training.data.shapes import BACKGROUNDS, COLOURS, SHAPES, ShapesWorld, ShapesWorldConfig, relations
+from training.data.shapes.checker import (
     Detection,
     ObjectSpec,
     classify_shape,
@@ -23,15 +25,6 @@ from eval.checker import (
     parse_caption,
     to_uint8_image,
     validate,
-)
-from training.data.shapes import (
-    BACKGROUNDS,
-    COLOURS,
-    SHAPES,
-    ShapesWorld,
-    ShapesWorldConfig,
-    relations,
-    uint8_image_to_tensor,
 )
 
 OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
