@@ -5,7 +5,7 @@ position embedding) -> down projection -> residual VQ ->
 up projection -> conv decoder -> image. Semantic branch (understanding): tap
 ``taps.semantic_layer`` -> down projection -> residual VQ -> up projection -> the
 remaining ViT blocks and the pooling head, so the pooled embedding still matches the
-frozen text tower (DESIGN.md §1, paper §3).
+frozen text tower (docs/architecture.md, "The tokenizer"; paper §3).
 """
 
 from __future__ import annotations

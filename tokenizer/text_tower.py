@@ -1,6 +1,6 @@
 """Text side of the tokenizer: the frozen SigLIP text tower used for zero-shot scoring.
 
-DualToken keeps SigLIP's text tower frozen (DESIGN.md §2), so zero-shot classification
+DualToken keeps SigLIP's text tower frozen (docs/architecture.md, "The tokenizer"), so zero-shot classification
 through the semantic codes compares the re-pooled image embedding with the *original*
 text embeddings. At paper scale the text tower and its tokenizer come from the same
 SigLIP checkpoint; in the tiny default they come from the stage-0 teacher, whose text
@@ -82,7 +82,7 @@ class TextTower(nn.Module):
         return int(self.text_model.config.max_position_embeddings)
 
     def train(self, mode: bool = True) -> TextTower:
-        # Frozen (DESIGN.md §2: text tower frozen): stays in eval mode.
+        # Frozen (the paper fine-tunes the vision tower only): stays in eval mode.
         return super().train(False)
 
     @torch.no_grad()

@@ -1,4 +1,4 @@
-"""LLM stages: train the unified model on pre-tokenised codes (DESIGN.md §3).
+"""LLM stages: train the unified model on pre-tokenised codes (docs/training.md, "LLM stages").
 
 A stage is data (``configs/stages/*.yaml``): which parameters train (globs over parameter
 names), the learning rate, the data mix and the loss weights. The paper's four stages are

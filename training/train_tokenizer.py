@@ -1,4 +1,4 @@
-"""Stage 1: train DualToken (DESIGN.md §2) from a SigLIP teacher.
+"""Stage 1: train DualToken (docs/architecture.md, "The tokenizer") from a SigLIP teacher.
 
 The whole vision tower is fine-tuned; a frozen copy of the teacher's vision tower is the
 distillation target of the semantic branch; the text tower stays frozen. With the GAN on,

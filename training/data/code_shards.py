@@ -1,4 +1,4 @@
-"""Pre-tokenised code shards: images are encoded once, LLM training reads codes (DESIGN.md §5 data flow).
+"""Pre-tokenised code shards: images are encoded once, LLM training reads codes (docs/architecture.md, "Data flow").
 
 On-disk layout of ``out_dir``::
 

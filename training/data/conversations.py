@@ -1,6 +1,6 @@
 """Conversation (LLaVA-format) and text-to-image data for the unified MLLM, and Shapes-world writers.
 
-Formats read here (DESIGN.md §3: understanding data and generation data):
+Formats read here (docs/data.md: understanding data and generation data):
 
 - **Conversations**, the LLaVA layout: a JSON list (or JSON lines) of records
   ``{"id": str, "image"?: "relative/path.png", "conversations": [{"from": "human", "value":

@@ -6,7 +6,7 @@ pairs. Nothing is downloaded: sample ``index`` of ``split`` is rendered from
 ``np.random.default_rng([seed, split_id, index])``, so any sample is random-access and
 identical across runs, processes and machines (numpy's PCG64 stream is stable).
 
-It is the embedded default of DESIGN.md section 4: big enough to exercise every code
+It is the embedded default (docs/data.md, "The Shapes world"): big enough to exercise every code
 path (reconstruction detail in the background textures, zero-shot classes for the
 semantic branch, captions for the SigLIP teacher and the LLM, VQA for the MLLM), small
 enough to train on 2 CPU cores. Three colour-shape combinations are held out of
