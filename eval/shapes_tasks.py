@@ -2,7 +2,7 @@
 
 The scenes are rendered from the world's seed (nothing is read from the training data), the
 model sees them only through :class:`mllm.inference.Pipeline` (as a user would), and the
-generated images are judged by :mod:`training.data.shapes.checker`, which never sees the model.
+generated images are judged by :mod:`training.data.shapes.judge`, which never sees the model.
 
 - ``shapes_vqa``: every question of the first ``limit`` scenes of a split, asked on its own;
   exact-match accuracy per kind, next to the majority baseline of that kind (the most common
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from training.data.shapes import COLOURS, NUMBER_WORDS, QUESTION_KINDS, SHAPES, SIZES, ShapesWorld, relations
-from training.data.shapes.checker import ObjectSpec, judge
+from training.data.shapes.judge import ObjectSpec, judge
 
 
 @dataclass

@@ -106,7 +106,7 @@ class SequenceBuilder:
 
     @classmethod
     def for_model(cls, tokenizer: Any, config: Any, max_length: int | None = None) -> SequenceBuilder:
-        """A builder matching a :class:`~mllm.modeling.DualTokenMLLMConfig`."""
+        """A builder matching a :class:`~mllm.config.DualTokenMLLMConfig`."""
         if max_length is None:
             max_length = getattr(config.text_config, "max_position_embeddings", None)
         return cls(

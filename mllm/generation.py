@@ -22,13 +22,18 @@ from mllm.modeling import DualTokenMLLMForCausalLM
 
 @dataclass
 class SamplingConfig:
-    """Sampling settings; ``temperature=0`` means greedy."""
+    """Sampling settings; ``temperature=0`` means greedy. ``cfg`` is the classifier-free guidance
+    scale for images (1 = no guidance; text ignores it). These defaults are the ones every caller
+    falls back to: the inference API, the commands and the evaluation tasks."""
 
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    cfg: float = 3.0
 
     def __post_init__(self) -> None:
+        if self.cfg < 0:
+            raise ValueError(f"cfg={self.cfg}; expected >= 0 (1 = no guidance)")
         if self.temperature < 0:
             raise ValueError(f"temperature={self.temperature}; expected >= 0 (0 = greedy)")
         if self.top_k < 0:
@@ -158,7 +163,7 @@ def generate_image_codes(
     model: DualTokenMLLMForCausalLM,
     prompts: list[Sequence],
     unconditional: Sequence | None = None,
-    cfg_scale: float = 3.0,
+    cfg_scale: float = SamplingConfig.cfg,
     sampling: SamplingConfig | None = None,
     pad_id: int = 0,
     generator: Generators = None,

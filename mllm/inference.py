@@ -9,11 +9,12 @@ what a user gets. Images go through the DualToken tokenizer (semantic codes in, 
 out); the model folder's ``dualtoken.json`` names the tokenizer (override with
 ``tokenizer_path``). A model folder may also hold ``sampling.json``, the image-sampling
 settings it draws best with (``tiny-mllm`` writes the ones it scored the model with); options
-left out of :meth:`Pipeline.generate` come from it, else from :data:`DEFAULT_SAMPLING`.
+left out of :meth:`Pipeline.generate` come from it, else from :class:`~mllm.generation.SamplingConfig`'s defaults.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence as SequenceABC
 from pathlib import Path
@@ -24,13 +25,10 @@ import torch
 
 from mllm.chat import ConversationError, SequenceBuilder
 from mllm.generation import SamplingConfig, generate_image_codes, generate_text
-from mllm.modeling import DualTokenMLLMForCausalLM, pick_attn_implementation
-from mllm.vocab import extend_tokenizer
+from mllm.model_folder import load_model_folder
+from mllm.modeling import DualTokenMLLMForCausalLM
 
-SIDECAR = "dualtoken.json"
 SAMPLING_FILE = "sampling.json"
-# Image sampling when neither the call nor the model folder says otherwise.
-DEFAULT_SAMPLING = {"cfg": 3.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
 MAX_PROMPT_CHARS = 2000
 ImageLike = Any  # a path, a PIL image, an (H, W, 3) uint8 array, or a (3, H, W) tensor in [-1, 1]
 
@@ -39,34 +37,44 @@ class PipelineError(ValueError):
     """Input the pipeline cannot take (empty or oversized prompt, not an image, bad option)."""
 
 
-def read_sampling(model_dir: Path) -> dict[str, float]:
-    """:data:`DEFAULT_SAMPLING` updated from the folder's ``sampling.json`` (if there is one)."""
-    sampling = dict(DEFAULT_SAMPLING)
+def _sampling_fields() -> dict[str, type]:
+    return {field.name: type(field.default) for field in dataclasses.fields(SamplingConfig)}
+
+
+def read_sampling(model_dir: Path) -> SamplingConfig:
+    """:class:`SamplingConfig`'s defaults updated from the folder's ``sampling.json`` (if there is one)."""
     path = Path(model_dir) / SAMPLING_FILE
     if not path.is_file():
-        return sampling
+        return SamplingConfig()
+    fields = _sampling_fields()
     try:
         stored = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise PipelineError(f"{path}: not JSON ({error})") from None
     if not isinstance(stored, dict):
-        raise PipelineError(f"{path}: expected an object with some of {sorted(DEFAULT_SAMPLING)}")
+        raise PipelineError(f"{path}: expected an object with some of {sorted(fields)}")
+    settings = {}
     for key, value in stored.items():
-        if key not in DEFAULT_SAMPLING:
-            raise PipelineError(f"{path}: unknown setting {key!r}; expected some of {sorted(DEFAULT_SAMPLING)}")
+        if key not in fields:
+            raise PipelineError(f"{path}: unknown setting {key!r}; expected some of {sorted(fields)}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise PipelineError(f"{path}: {key}={value!r}; expected a number")
-        sampling[key] = type(DEFAULT_SAMPLING[key])(value)
-    return sampling
+        settings[key] = fields[key](value)
+    try:
+        return SamplingConfig(**settings)
+    except ValueError as error:
+        raise PipelineError(f"{path}: {error}") from None
 
 
 def write_sampling(model_dir: Path, **settings: float) -> None:
     """Record the image-sampling settings a model draws best with in its folder."""
     from tokenizer.files import write_text_atomic
 
-    unknown = set(settings) - set(DEFAULT_SAMPLING)
+    unknown = set(settings) - set(_sampling_fields())
     if unknown:
-        raise PipelineError(f"unknown sampling settings {sorted(unknown)}; expected some of {sorted(DEFAULT_SAMPLING)}")
+        raise PipelineError(
+            f"unknown sampling settings {sorted(unknown)}; expected some of {sorted(_sampling_fields())}"
+        )
     write_text_atomic(Path(model_dir) / SAMPLING_FILE, json.dumps(settings, indent=2) + "\n")
 
 
@@ -94,10 +102,10 @@ class Pipeline:
         text_tokenizer: Any,
         dualtoken: Any,
         max_length: int | None = None,
-        sampling: dict[str, float] | None = None,
+        sampling: SamplingConfig | None = None,
     ):
         self.model = model.eval()
-        self.sampling = {**DEFAULT_SAMPLING, **(sampling or {})}  # image-sampling defaults
+        self.sampling = sampling or SamplingConfig()  # image-sampling defaults
         self.text_tokenizer = text_tokenizer
         self.dualtoken = dualtoken.eval()
         self.builder = SequenceBuilder.for_model(text_tokenizer, model.config, max_length)
@@ -109,22 +117,11 @@ class Pipeline:
     def from_pretrained(
         cls, directory: str | Path, tokenizer_path: str | Path | None = None, device: str = "cpu"
     ) -> Pipeline:
-        from transformers import AutoTokenizer
-
         from tokenizer.model import DualTokenizer
 
         directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"model folder {directory} does not exist")
-        for name in ("config.json", "model.safetensors", SIDECAR, "tokenizer_config.json"):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"model folder {directory} is missing {name}; was the stage finished?")
-        sidecar = json.loads((directory / SIDECAR).read_text())
-        model = DualTokenMLLMForCausalLM.from_pretrained(
-            str(directory), attn_implementation=pick_attn_implementation("auto")
-        ).to(device)
-        text_tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        extend_tokenizer(text_tokenizer, model.config.semantic_size, model.config.pixel_size)
+        model, text_tokenizer, sidecar = load_model_folder(directory)
+        model = model.to(device)
         path = (
             Path(tokenizer_path) if tokenizer_path else resolve_tokenizer_path(directory, sidecar.get("tokenizer_path"))
         )
@@ -244,10 +241,10 @@ class Pipeline:
         equals ``generate(p, seed=2)[0]``. ``cfg`` / ``top_k`` / ``top_p`` / ``temperature``
         left at None come from :attr:`sampling` (the model folder's ``sampling.json``).
         """
-        cfg = self.sampling["cfg"] if cfg is None else cfg
-        top_k = int(self.sampling["top_k"]) if top_k is None else top_k
-        top_p = self.sampling["top_p"] if top_p is None else top_p
-        temperature = self.sampling["temperature"] if temperature is None else temperature
+        cfg = self.sampling.cfg if cfg is None else cfg
+        top_k = self.sampling.top_k if top_k is None else top_k
+        top_p = self.sampling.top_p if top_p is None else top_p
+        temperature = self.sampling.temperature if temperature is None else temperature
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if n < 1:
             raise PipelineError(f"n={n}; expected >= 1")
@@ -255,7 +252,7 @@ class Pipeline:
             raise PipelineError(f"cfg={cfg}; expected >= 0 (1 = no guidance)")
         for prompt in prompts:
             _check_prompt(prompt, "prompt")
-        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, cfg=cfg)
         sequences = [self.builder.generation(prompt, train=False) for prompt in prompts for _ in range(n)]
         unconditional = self.builder.generation("", train=False) if cfg != 1.0 else None
         seeds = list(seeds) if seeds is not None else [seed + k for k in range(len(sequences))]
@@ -263,7 +260,7 @@ class Pipeline:
             raise PipelineError(f"{len(seeds)} seeds for {len(sequences)} images")
         generators = [torch.Generator(device=self.device).manual_seed(int(value)) for value in seeds]
         return generate_image_codes(
-            self.model, sequences, unconditional, cfg, sampling, self.pad_id, generators, use_cache=use_cache
+            self.model, sequences, unconditional, sampling.cfg, sampling, self.pad_id, generators, use_cache=use_cache
         )
 
     @torch.no_grad()

@@ -22,9 +22,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mllm.chat import SequenceBuilder, collate_sequences  # noqa: E402
-from training.data.code_shards import CodeStore  # noqa: E402
+from mllm.model_folder import load_model_folder  # noqa: E402
+from training.data.code_store import CodeStore  # noqa: E402
 from training.data.conversations import read_conversations  # noqa: E402
-from training.train_mllm import grounded_sequences, load_model_folder, vqa_accuracy  # noqa: E402
+from training.mllm_data import grounded_sequences  # noqa: E402
+from training.train_mllm import vqa_accuracy  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -43,7 +45,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     records = read_conversations(args.conversations)
     grounded = grounded_sequences(builder, store, records)
     if not grounded:
-        raise SystemExit(f"{args.conversations}: no answer has 'boxes'; write the data again with this version")
+        raise SystemExit(
+            f"{args.conversations}: no answer has 'boxes'; write it with `dualtoken make-data`, whose answers carry them"
+        )
     batch = collate_sequences(grounded, tokenizer.pad_token_id or 0)
     text = model.config.text_config
     report: dict[str, float] = {}

@@ -1,4 +1,4 @@
-"""Can a trained tiny model tell *where* an object is? Two measurements on held-out Shapes scenes.
+"""Can a trained tiny model tell *where* an object is? Four measurements on held-out Shapes scenes.
 
 1. Accuracy of the absolute position questions ("which side is the X on?", "is the X at the top
    or the bottom?") by the number of objects in the scene. Answered by comparing the logits of

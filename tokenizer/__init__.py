@@ -1,6 +1,7 @@
 """DualToken tokenizer library: one ViT, two taps, pixel and semantic residual-VQ vocabularies."""
 
-from tokenizer.backbone import SiglipBackbone, TimmBackbone, VisionBackbone, build_backbone
+from tokenizer.backbone import BackboneOutput, VisionBackbone
+from tokenizer.backbone_factory import backbone_num_layers, build_backbone
 from tokenizer.config import (
     BackboneConfig,
     ConfigError,
@@ -24,10 +25,13 @@ from tokenizer.losses import (
 )
 from tokenizer.model import DualTokenizer, DualTokenizerCodes, DualTokenizerOutput, SemanticFeatures
 from tokenizer.quantizer import QuantizerOutput, ResidualVectorQuantizer, code_usage_from_counts, code_usage_stats
+from tokenizer.siglip_backbone import SiglipBackbone
 from tokenizer.text_tower import TextTower, build_word_tokenizer
+from tokenizer.timm_backbone import TimmBackbone
 
 __all__ = [
     "BackboneConfig",
+    "BackboneOutput",
     "ConfigError",
     "DecoderConfig",
     "DiscriminatorConfig",
@@ -49,6 +53,7 @@ __all__ = [
     "TimmBackbone",
     "VisionBackbone",
     "adaptive_generator_weight",
+    "backbone_num_layers",
     "build_backbone",
     "build_word_tokenizer",
     "code_usage_from_counts",

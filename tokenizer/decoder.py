@@ -5,7 +5,7 @@ VQGAN (Esser et al., 2021): a post-quant residual block, a middle block with one
 self-attention layer over all positions, then one level per entry of ``channel_mult``
 from the deepest to the shallowest, with a nearest x2 upsampling between levels.
 The paper's 384-px model first resizes the 27 x 27 SigLIP grid to 24 x 24 so that four
-x2 upsamplings land exactly on 384 (docs/architecture.md, "The tokenizer"); ``DecoderConfig.latent_size``
+x2 upsamplings land exactly on 384 (docs/architecture.md, "The method"); ``DecoderConfig.latent_size``
 does that resize.
 """
 

@@ -1,6 +1,6 @@
 """Losses and image metrics of the DualToken tokenizer.
 
-Pixel branch (docs/architecture.md, "The tokenizer"): MSE + perceptual (LPIPS-style) + PatchGAN hinge loss
+Pixel branch (docs/architecture.md, "The method"): MSE + perceptual (LPIPS-style) + PatchGAN hinge loss
 whose generator term is scaled by an adaptive weight (the ratio of gradient norms at the
 decoder's last layer, as in VQGAN). Semantic branch: (MSE - cosine) distillation towards a
 frozen teacher. Plus the PSNR / SSIM metrics used by the evaluations.

@@ -5,7 +5,7 @@ position embedding) -> down projection -> residual VQ ->
 up projection -> conv decoder -> image. Semantic branch (understanding): tap
 ``taps.semantic_layer`` -> down projection -> residual VQ -> up projection -> the
 remaining ViT blocks and the pooling head, so the pooled embedding still matches the
-frozen text tower (docs/architecture.md, "The tokenizer"; paper §3).
+frozen text tower (docs/architecture.md, "The method"; paper §3).
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tokenizer.backbone import SiglipBackbone, VisionBackbone, build_backbone
+from tokenizer.backbone import VisionBackbone
+from tokenizer.backbone_factory import build_backbone
 from tokenizer.config import ConfigError, DualTokenizerConfig, config_from_dict, config_to_dict
 from tokenizer.decoder import PixelDecoder
 from tokenizer.files import atomic_directory
 from tokenizer.projection import TokenProjection
 from tokenizer.quantizer import ResidualVectorQuantizer
+from tokenizer.siglip_backbone import SiglipBackbone
 from tokenizer.text_tower import TextTower
 
 CONFIG_NAME = "config.json"

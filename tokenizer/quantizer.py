@@ -1,7 +1,7 @@
 """Residual vector quantizer with one codebook shared across depths (RQ-VAE style).
 
 DualToken quantises each branch (pixel and semantic) with a residual VQ of depth ``D``
-whose levels all read **one** ``codebook_size x code_dim`` codebook (docs/architecture.md, "The tokenizer";
+whose levels all read **one** ``codebook_size x code_dim`` codebook (docs/architecture.md, "The method";
 RQ-VAE, Lee et al. 2022, section 3.1). At depth ``d`` the residual ``r_d`` is replaced by
 its nearest codebook row ``e[c_d]`` (squared L2) and ``r_{d+1} = r_d - e[c_d]``; the
 quantised vector is the sum of the chosen rows.

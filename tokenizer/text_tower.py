@@ -1,6 +1,6 @@
 """Text side of the tokenizer: the frozen SigLIP text tower used for zero-shot scoring.
 
-DualToken keeps SigLIP's text tower frozen (docs/architecture.md, "The tokenizer"), so zero-shot classification
+DualToken keeps SigLIP's text tower frozen (docs/architecture.md, "The method"), so zero-shot classification
 through the semantic codes compares the re-pooled image embedding with the *original*
 text embeddings. At paper scale the text tower and its tokenizer come from the same
 SigLIP checkpoint; in the tiny default they come from the stage-0 teacher, whose text

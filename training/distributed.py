@@ -262,6 +262,60 @@ class TrainEngine:
     def train(self, mode: bool = True) -> None:
         self._wrapped.train(mode)
 
+    # ---------------------------------------------------------------- whole parameters
+    def zero_stage(self) -> int:
+        """The ZeRO stage DeepSpeed runs (after ``deepspeed.config_path`` is merged); 0 without DeepSpeed."""
+        return int(self._wrapped.zero_optimization_stage()) if self.uses_deepspeed else 0
+
+    def parameter_count(self, trainable_only: bool = False) -> int:
+        """Elements of the model's parameters, whole under ZeRO-3 as well.
+
+        Under ZeRO-3 a parameter's tensor is an empty partition unless a forward left it
+        gathered (micro model: ``numel()`` counts 0 of 41888 after initialisation, 23168 after
+        one evaluation); ZeRO-3 records the whole size as ``ds_numel``.
+        """
+        params = [p for p in self.module.parameters() if p.requires_grad or not trainable_only]
+        return sum(getattr(p, "ds_numel", p.numel()) for p in params)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The model's whole state dict on rank 0 under ZeRO-3 (None on other ranks); None otherwise,
+        where ``module.state_dict()`` already holds whole tensors.
+
+        Collective under ZeRO-3: every rank calls it. Parameters are gathered one module at a time
+        (``deepspeed.zero.GatheredParameters``) so that rank 0 never holds the whole model on the
+        accelerator; tied parameters stay one tensor under both names. This is what DeepSpeed's
+        ``save_16bit_model`` gathers before writing its own file.
+        """
+        if self.zero_stage() != 3:
+            return None
+        gathered_parameters = _deepspeed().zero.GatheredParameters
+        is_main = dist.get_rank() == 0
+        state_dict: dict[str, torch.Tensor] = {}
+        names_by_id: dict[int, str] = {}
+        persistent = set(self.module.state_dict())  # buffer names without the non-persistent ones
+        # The ZeRO-3 optimizer partitions every parameter before a gather and re-gathers its
+        # persistent ones after, as around its checkpoints.
+        if hasattr(self.optimizer, "checkpoint_event_prologue"):
+            self.optimizer.checkpoint_event_prologue()
+        for prefix, module in self.module.named_modules(remove_duplicate=False):
+            prefix = f"{prefix}." if prefix else ""
+            # modifier_rank=0 releases the gathered memory on exit (GatheredParameters' documentation).
+            with gathered_parameters(list(module.parameters(recurse=False)), modifier_rank=0):
+                if not is_main:
+                    continue
+                for name, param in module.named_parameters(recurse=False):
+                    if param.ds_id in names_by_id:
+                        state_dict[prefix + name] = state_dict[names_by_id[param.ds_id]]
+                    else:
+                        state_dict[prefix + name] = param.detach().cpu()
+                        names_by_id[param.ds_id] = prefix + name
+                for name, buffer in module.named_buffers(recurse=False):
+                    if prefix + name in persistent:
+                        state_dict[prefix + name] = buffer.detach().cpu()
+        if hasattr(self.optimizer, "checkpoint_event_epilogue"):
+            self.optimizer.checkpoint_event_epilogue()
+        return state_dict if is_main else None
+
     # ---------------------------------------------------------------- checkpoints
     def save(self, directory: Path) -> None:
         """Collective under DeepSpeed (every rank calls it); rank 0 writes in plain mode."""

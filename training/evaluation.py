@@ -117,7 +117,8 @@ def tokenizer_metrics(
 
 def checker_verdicts(recons: torch.Tensor, scenes: Sequence[list[tuple[str, str]]]) -> list[int]:
     """1 where the independent checker finds exactly the scene's objects in a reconstruction."""
-    from training.data.shapes.checker import ObjectSpec, judge, to_uint8_image
+    from training.data.shapes.detect import to_uint8_image
+    from training.data.shapes.judge import ObjectSpec, judge
 
     return [
         int(judge(to_uint8_image(recon), [ObjectSpec(colour, shape) for colour, shape in objects]).correct)

@@ -11,7 +11,7 @@
    from the previous stage's model;
 4. scores the final model on held-out test scenes through :class:`mllm.inference.Pipeline`:
    VQA per question type next to the majority baseline, and text-to-image judged by the
-   independent checker (:mod:`training.data.shapes.checker`); writes ``mllm_report.md``, ``mllm_metrics.json``
+   independent checker (:mod:`training.data.shapes.judge`); writes ``mllm_report.md``, ``mllm_metrics.json``
    and pictures (generated images with the checker's verdict, VQA samples).
 
 Finished steps are reused when their outputs are complete; an unfinished stage resumes
@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from mllm.model_folder import model_folder_is_complete
 from tokenizer.files import write_text_atomic
 from training import train_mllm
 from training.common import run_or_reuse, setup_logging
@@ -85,7 +86,8 @@ def prepare_data(
     conversations and those pairs.
     """
     from tokenizer.model import DualTokenizer
-    from training.data.code_shards import CodeShardsError, CodeStore, collect_image_paths, tokenize_to_shards
+    from training.data.code_shards import CodeShardsError, collect_image_paths, tokenize_to_shards
+    from training.data.code_store import CodeStore
     from training.data.conversations import LLAVA_FILE_NAME, T2I_FILE_NAME, write_shapes, write_world_pairs
     from training.data.shapes import ShapesWorld, ShapesWorldConfig
 
@@ -158,7 +160,7 @@ def run_stages(
             out,
             argv,
             run_dir,
-            lambda model_dir=model_dir: train_mllm.model_folder_is_complete(model_dir),
+            lambda model_dir=model_dir: model_folder_is_complete(model_dir),
             train_mllm.main,
             str(model_dir),
         )

@@ -41,7 +41,7 @@ DEFAULT_TEACHER_CONFIG = "configs/tokenizer/tiny_teacher.yaml"
 DEFAULT_TOKENIZER_CONFIG = "configs/tokenizer/tiny.yaml"
 # Stage 1b's config for each world the LLM half can draw (`tiny-mllm --t2i-world`).
 DECODER_CONFIGS = {
-    "scenes": "configs/tokenizer/tiny_decoder.yaml",
+    "scenes": "configs/tokenizer/tiny_decoder_scenes.yaml",
     "grid": "configs/tokenizer/tiny_decoder_grid.yaml",
     "canonical": "configs/tokenizer/tiny_decoder_canonical.yaml",
     "slots": "configs/tokenizer/tiny_decoder_slots.yaml",

@@ -71,7 +71,7 @@ class TeacherConfig:
     # Weight of an auxiliary cross-entropy over the zero-shot classes on the pooled image
     # output of single-object scenes (their class is known), through a linear head that is
     # dropped after training. It gives shape a direct gradient: with the sigmoid loss alone
-    # shape stays near chance for ~300 steps (issue 2, runs/teacher_exp). 0 turns it off.
+    # shape stays near chance for ~300 steps (configs/tokenizer/tiny_teacher.yaml). 0 turns it off.
     class_loss_weight: float = 0.0
 
     def __post_init__(self) -> None:

@@ -1,4 +1,4 @@
-"""Stage 1: train DualToken (docs/architecture.md, "The tokenizer") from a SigLIP teacher.
+"""Stage 1: train DualToken (docs/architecture.md, "The method") from a SigLIP teacher.
 
 The whole vision tower is fine-tuned; a frozen copy of the teacher's vision tower is the
 distillation target of the semantic branch; the text tower stays frozen. With the GAN on,
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from tokenizer.backbone import SiglipBackbone, VisionBackbone
+from tokenizer.backbone import VisionBackbone
 from tokenizer.config import ConfigError, DiscriminatorConfig, DualTokenizerConfig, config_to_dict
 from tokenizer.discriminator import PatchDiscriminator
 from tokenizer.losses import (
@@ -31,6 +31,7 @@ from tokenizer.losses import (
     hinge_discriminator_loss,
 )
 from tokenizer.model import DualTokenizer, DualTokenizerOutput
+from tokenizer.siglip_backbone import SiglipBackbone
 from tokenizer.text_tower import TextTower
 from training import distributed
 from training.common import (

@@ -54,7 +54,8 @@ from mllm.modeling import DualTokenMLLMForCausalLM  # noqa: E402
 from tokenizer.config import DualTokenizerConfig, config_from_dict  # noqa: E402
 from training.config import load_config, read_yaml  # noqa: E402
 from training.data.shapes import ShapesWorld, ShapesWorldConfig  # noqa: E402
-from training.train_mllm import MLLMStageConfig, build_model  # noqa: E402
+from training.mllm_config import MLLMStageConfig  # noqa: E402
+from training.mllm_model import build_model  # noqa: E402
 
 pytestmark = pytest.mark.benchmark
 

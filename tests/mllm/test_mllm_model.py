@@ -9,8 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from mllm.chat import ConversationError, SequenceBuilder, collate_sequences
+from mllm.config import DualTokenMLLMConfig
 from mllm.generation import SamplingConfig, filter_logits, generate_image_codes, generate_text
-from mllm.modeling import DualTokenMLLMConfig, DualTokenMLLMForCausalLM, sincos_grid_table
+from mllm.modeling import DualTokenMLLMForCausalLM
+from mllm.positions import sincos_grid_table
 from mllm.vocab import VocabLayout, VocabularyError, extend_tokenizer, shapes_corpus, train_sentencepiece
 from training.data.shapes import ShapesWorld, ShapesWorldConfig
 
@@ -566,7 +568,7 @@ def both_ropes(built):
 
 
 def test_grid_rotary_rotates_read_slots_by_row_and_column(both_ropes):
-    from mllm.modeling import GridRotaryEmbedding
+    from mllm.positions import GridRotaryEmbedding
 
     builder, _, grid = both_ropes
     sequence = _question(builder, 5)
@@ -668,7 +670,7 @@ def test_qwen2_5_3b_config_builds_on_the_meta_device():
 
     from tokenizer.config import DualTokenizerConfig, config_from_dict
     from training.config import load_config, read_yaml
-    from training.train_mllm import MLLMStageConfig
+    from training.mllm_config import MLLMStageConfig
 
     repo = Path(__file__).resolve().parents[2]
     config = load_config(MLLMStageConfig, repo / "configs" / "stages" / "qwen2_5_3b" / "joint.yaml")

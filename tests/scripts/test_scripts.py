@@ -23,7 +23,7 @@ def _load(name: str):
 @pytest.mark.parametrize("question", ["side", "half", "colour"])
 @pytest.mark.parametrize("textures", [1, 4])
 def test_learnability_samples_put_one_square_where_the_answer_says(question, textures):
-    learnability = _load("position_learnability")
+    learnability = _load("synthetic_position_accuracy")
     config = SimpleNamespace(grid_size=(6, 6), semantic_depth=2, pixel_depth=3)
     rng = np.random.default_rng(0)
     answers = set()
@@ -46,7 +46,7 @@ def test_learnability_samples_put_one_square_where_the_answer_says(question, tex
 
 
 def test_learnability_script_trains_and_scores(chain, capsys):
-    learnability = _load("position_learnability")
+    learnability = _load("synthetic_position_accuracy")
     result = learnability.main([str(chain["align"]), "--position", "gated", "--steps", "2", "--block", "1"])
     assert 0.0 <= result["accuracy"] <= 1.0
     out = capsys.readouterr().out

@@ -9,14 +9,11 @@ import pytest
 import torch
 from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
 
-from tokenizer.backbone import (
-    SiglipBackbone,
-    TimmBackbone,
-    VisionBackbone,
-    backbone_num_layers,
-    build_backbone,
-)
+from tokenizer.backbone import VisionBackbone
+from tokenizer.backbone_factory import backbone_num_layers, build_backbone
 from tokenizer.config import BackboneConfig, ConfigError
+from tokenizer.siglip_backbone import SiglipBackbone
+from tokenizer.timm_backbone import TimmBackbone
 
 TINY = dict(image_size=32, patch_size=8, hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64)
 ATOL = 1e-5

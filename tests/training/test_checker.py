@@ -12,20 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-import training.data.shapes.checker as checker
+import training.data.shapes.detect as detect_module
+import training.data.shapes.judge as judge_module
 from tokenizer.images import uint8_image_to_tensor
 from training.data.shapes import BACKGROUNDS, COLOURS, SHAPES, ShapesWorld, ShapesWorldConfig, relations
-from training.data.shapes.checker import (
-    Detection,
-    ObjectSpec,
-    classify_shape,
-    degrade,
-    detect_objects,
-    judge,
-    parse_caption,
-    to_uint8_image,
-    validate,
-)
+from training.data.shapes.checker import degrade, validate
+from training.data.shapes.detect import Detection, classify_shape, detect_objects, to_uint8_image
+from training.data.shapes.judge import ObjectSpec, judge, parse_caption
 
 OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
 
@@ -255,19 +248,22 @@ def test_inputs_in_model_ranges_give_the_same_detections(world: ShapesWorld) -> 
 
 
 def test_checker_uses_only_the_worlds_spec_constants() -> None:
+    # Detection and judging read the world's spec constants and each other, never the renderer
+    # or the text generator; only the validation (checker.py) imports the world it measures.
     allowed = {"COLOURS", "SHAPES", "SIZES", "SIZE_FRACTIONS"}
-    tree = ast.parse(inspect.getsource(checker))
-    validation = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "validate")
-    inside_validation = {id(node) for node in ast.walk(validation)}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("training"):
-            names = {alias.name for alias in node.names}
-            if id(node) in inside_validation:
-                assert names <= {"ShapesWorld", "ShapesWorldConfig"}  # the world it is validated against
-            else:
-                assert node.module == "training.data.shapes" and names <= allowed, names
-        if isinstance(node, ast.Import):
-            assert not any(alias.name.startswith("training") for alias in node.names)
+    imported_specs = set()
+    for module in (detect_module, judge_module):
+        for node in ast.walk(ast.parse(inspect.getsource(module))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("training"):
+                names = {alias.name for alias in node.names}
+                if node.module == "training.data.shapes.spec":
+                    assert names <= allowed, (module.__name__, names)
+                    imported_specs |= names
+                else:
+                    assert node.module == "training.data.shapes.detect", (module.__name__, node.module)
+            if isinstance(node, ast.Import):
+                assert not any(alias.name.startswith("training") for alias in node.names)
+    assert imported_specs == allowed  # the walk saw the imports it guards
 
 
 # ------------------------------------------------------------------ captions

@@ -20,7 +20,8 @@ from tokenizer.config import (
 from tokenizer.images import load_image
 from tokenizer.model import DualTokenizer
 from training.data import code_shards, conversations
-from training.data.code_shards import CodeShardsError, CodeStore, tokenize_to_shards
+from training.data.code_shards import CodeShardsError, tokenize_to_shards
+from training.data.code_store import CodeStore
 from training.data.conversations import (
     IMAGE_PLACEHOLDER,
     Turn,

@@ -271,9 +271,11 @@ def test_zero3_model_folder_loads_without_deepspeed(data: dict[str, Path], plain
     from safetensors import safe_open
 
     from mllm.chat import SequenceBuilder, collate_sequences
-    from training.data.code_shards import CodeStore, normalise_key
+    from mllm.model_folder import load_model_folder
+    from training.data.code_shards import normalise_key
+    from training.data.code_store import CodeStore
     from training.data.conversations import read_text_image_pairs
-    from training.train_mllm import MODEL_DIRNAME, load_model_folder
+    from training.train_mllm import MODEL_DIRNAME
 
     def shapes(folder: Path) -> dict[str, tuple[int, ...]]:
         with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:

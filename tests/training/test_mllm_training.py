@@ -10,9 +10,14 @@ import torch
 from mllm_fixtures import REPO, stage_overrides
 
 from mllm.chat import SequenceBuilder, collate_sequences
-from training import train_mllm
+from mllm.model_folder import load_model_folder, model_folder_is_complete
+from training import distributed, train_mllm
 from training.cli import main as cli_main
-from training.data.code_shards import CodeStore
+from training.config import load_config
+from training.data.code_store import CodeStore
+from training.mllm_config import LoraConfig, MLLMStageConfig
+from training.mllm_data import MixtureSampler, check_images_tokenised
+from training.mllm_model import apply_lora, build_model, merge_lora
 
 STAGES = ("align", "understand", "generate", "joint")
 
@@ -39,8 +44,8 @@ def _train_records(output_dir: Path) -> dict[int, dict[str, float]]:
 
 def test_every_stage_runs_and_writes_a_loadable_model(chain):
     for stage, folder in chain.items():
-        assert train_mllm.model_folder_is_complete(folder), stage
-        model, tokenizer, sidecar = train_mllm.load_model_folder(folder)
+        assert model_folder_is_complete(folder), stage
+        model, tokenizer, sidecar = load_model_folder(folder)
         assert sidecar["stage"] == stage and Path(sidecar["tokenizer_path"]).is_dir()
         assert len(tokenizer) == model.config.layout.used_size
         records = _train_records(folder.parent)
@@ -59,8 +64,8 @@ def test_frozen_parameters_do_not_move(chain, data, tmp_path):
         "generate",
         stage_overrides(data, out, chain["understand"]) + ["stage.trainable=[pixel_head.*, llm.model.embed_tokens.*]"],
     )
-    before, _, _ = train_mllm.load_model_folder(chain["understand"])
-    after, _, _ = train_mllm.load_model_folder(out / "model")
+    before, _, _ = load_model_folder(chain["understand"])
+    after, _, _ = load_model_folder(out / "model")
     frozen = dict(before.named_parameters())
     for name, param in after.named_parameters():
         if name.startswith("llm.model.layers"):
@@ -79,8 +84,8 @@ def test_resume_continues_exactly(data, tmp_path, optimizer):
     for step in (3, 4):
         for key in ("train/loss", "train/lr", "train/grad_norm"):
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-6, abs=1e-9), (step, key)
-    first, _, _ = train_mllm.load_model_folder(straight / "model")
-    second, _, _ = train_mllm.load_model_folder(resumed / "model")
+    first, _, _ = load_model_folder(straight / "model")
+    second, _, _ = load_model_folder(resumed / "model")
     for (name, x), (_, y) in zip(first.state_dict().items(), second.state_dict().items(), strict=True):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7, msg=name)
 
@@ -92,12 +97,12 @@ def test_lora_save_resume_merge(data, tmp_path):
     _run("joint", stage_overrides(data, out, steps=3) + lora)  # resumes with the adapters in place
     assert sorted(_train_records(out)) == [1, 2, 3]
     assert (out / "model" / "adapter" / "adapter_config.json").is_file()
-    merged, tokenizer, _ = train_mllm.load_model_folder(out / "model")
+    merged, tokenizer, _ = load_model_folder(out / "model")
     assert not any("lora_" in name for name, _ in merged.named_parameters())
 
     # merging is exact: the adapted model and its merged copy give the same outputs
-    model, tokenizer, _ = train_mllm.load_model_folder(out / "model")
-    train_mllm.apply_lora(model, train_mllm.LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0))
+    model, tokenizer, _ = load_model_folder(out / "model")
+    apply_lora(model, LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -109,7 +114,7 @@ def test_lora_save_resume_merge(data, tmp_path):
     model.eval()
     with torch.no_grad():
         adapted = model(**batch)
-        train_mllm.merge_lora(model)
+        merge_lora(model)
         folded = model(**batch)
     assert not any("lora_" in name for name, _ in model.named_parameters())
     torch.testing.assert_close(folded.hidden_states, adapted.hidden_states, rtol=1e-5, atol=1e-5)
@@ -137,16 +142,16 @@ def test_bf16_autocast_on_the_cpu_follows_fp32_and_keeps_fp32_weights(data, tmp_
             if key in a[step]:
                 assert b[step][key] == pytest.approx(a[step][key], rel=0.02), (step, key)
     assert b[1]["train/loss"] != a[1]["train/loss"]  # the autocast really ran in bf16
-    model, _, _ = train_mllm.load_model_folder(mixed / "model")
+    model, _, _ = load_model_folder(mixed / "model")
     assert {param.dtype for param in model.parameters()} == {torch.float32}
 
 
 def _pairs_trainer(data, output_dir: Path, settings: list[str]):
     """A 2-step joint trainer on text-to-image pairs only, and the keys of its first batch of 8."""
     overrides = stage_overrides(data, output_dir, steps=2) + settings + ["data.mix={vqa: 0.0, t2i: 1.0}"]
-    config = train_mllm.load_config(train_mllm.MLLMStageConfig, _config("joint"), overrides)
-    trainer = train_mllm.MLLMStageTrainer(config, train_mllm.distributed.init_distributed(False))
-    return trainer, train_mllm.MixtureSampler(trainer.dataset, 8, 0, 0, 1, 0, 1).batch_for_step(0)
+    config = load_config(MLLMStageConfig, _config("joint"), overrides)
+    trainer = train_mllm.MLLMStageTrainer(config, distributed.init_distributed(False))
+    return trainer, MixtureSampler(trainer.dataset, 8, 0, 0, 1, 0, 1).batch_for_step(0)
 
 
 def test_caption_contrast_pairs_each_captioned_image_with_another_caption(data, tmp_path):
@@ -259,7 +264,7 @@ def test_two_folders_with_the_same_image_paths_are_refused(data, tmp_path, capsy
             (linked / entry.name).symlink_to(entry, target_is_directory=True)
     (linked / "llava.json").write_text(Path(data["train_llava"]).read_text())
     records = [r for path in (data["train_llava"], linked / "llava.json") for r in read_conversations(path)]
-    train_mllm._check_images_tokenised(CodeStore(data["train_codes"]), records, "codes")
+    check_images_tokenised(CodeStore(data["train_codes"]), records, "codes")
 
 
 def test_conversation_without_answer_is_named(data, tmp_path, capsys):
@@ -303,22 +308,18 @@ def test_trainable_glob_matching_nothing_is_named(data, tmp_path, capsys):
         ("stage.pixel_depth_weights=[1.0,-1.0]", "stage.pixel_depth_weights=[1.0, -1.0]; expected a list of finite"),
         ("stage.pixel_depth_weights=[0,0]", "stage.pixel_depth_weights=[0.0, 0.0]; expected a list of finite"),
         ("stage.pixel_depth_weights=[1.0,0.5,0.5]", "stage.pixel_depth_weights has 3 entries; the model writes 2"),
-        (
-            "model.image_position_embedding=grid",
-            "model.image_position_embedding='grid'; expected false|learned|sincos|projector|gated",
-        ),
-        ("model.image_position_scale=0", "model.image_position_scale=0.0; expected a number > 0"),
-        ("model.image_rope=3d", "model.image_rope='3d'; expected 1d|2d"),
-        (
-            "model.generated_position_embedding=learned",
-            "model.generated_position_embedding='learned'; expected none|sincos",
-        ),
+        ("model.image_position_embedding=grid", "model.image_position_embedding='grid'; expected one of"),
+        ("model.image_position_scale=0", "model.image_position_scale=0.0; expected > 0"),
+        ("model.image_position_scale=.inf", "model.image_position_scale=inf; expected a finite number > 0"),
+        ("model.image_rope=3d", "model.image_rope='3d'; expected one of"),
+        ("model.generated_position_embedding=learned", "model.generated_position_embedding='learned'; expected one of"),
+        ("model.input_fusion=concat", "model.input_fusion='concat'; expected one of"),
         ("optim.name=sgd", "optim.name='sgd'; expected one of adamw|muon"),
         ("stage.image_input_noise=1.0", "stage.image_input_noise=1.0; expected a fraction in [0, 1)"),
         ("stage.image_input_noise=some", "stage.image_input_noise: expected a number, got 'some'"),
         (
             "model.image_position_embedding=projector model.input_fusion=sum",
-            "model.image_position_embedding=projector needs a visual projector",
+            "model.image_position_embedding='projector' feeds the positions through the visual projector",
         ),
     ],
 )
@@ -444,6 +445,7 @@ def test_pipeline_answers_and_draws_reproducibly(chain):
 def test_llm_pipeline_scores_and_pictures(chain, tmp_path):
     import shutil
 
+    from mllm.generation import SamplingConfig
     from mllm.inference import Pipeline
     from training import tiny_mllm
 
@@ -451,7 +453,7 @@ def test_llm_pipeline_scores_and_pictures(chain, tmp_path):
     shutil.copytree(chain["joint"], model)
     metrics = tiny_mllm.evaluate(model, tmp_path, vqa_scenes=3, t2i_prompts=2, cfg=2.0, seed=0, temperature=0.7)
     assert json.loads((model / "sampling.json").read_text()) == {"cfg": 2.0, "temperature": 0.7}
-    assert Pipeline.from_pretrained(model).sampling == {"cfg": 2.0, "temperature": 0.7, "top_k": 0, "top_p": 1.0}
+    assert Pipeline.from_pretrained(model).sampling == SamplingConfig(cfg=2.0, temperature=0.7)
     assert 0.0 <= metrics["vqa_mean"] <= 1.0 and 0.0 <= metrics["t2i_all"] <= 1.0
     assert metrics["t2i_prompts"] == 4 and metrics["vqa_questions"] >= 3 * 5
     assert (tmp_path / "t2i_samples.png").is_file() and (tmp_path / "vqa_samples.png").is_file()
@@ -468,11 +470,12 @@ def test_sampling_defaults_come_from_the_model_folder(chain, tmp_path, capsys):
     import numpy as np
     from PIL import Image
 
-    from mllm.inference import DEFAULT_SAMPLING, Pipeline, PipelineError, write_sampling
+    from mllm.generation import SamplingConfig
+    from mllm.inference import Pipeline, PipelineError, write_sampling
 
     model = tmp_path / "model"
     shutil.copytree(chain["joint"], model)
-    assert Pipeline.from_pretrained(model).sampling == DEFAULT_SAMPLING  # no sampling.json: cfg 3, temperature 1
+    assert Pipeline.from_pretrained(model).sampling == SamplingConfig()  # no sampling.json: cfg 3, temperature 1
     write_sampling(model, cfg=1.0, temperature=0.5)
     pipe = Pipeline.from_pretrained(model)
     stored = pipe.generate_codes("a red circle", seed=5)
@@ -628,8 +631,8 @@ def test_building_the_tiny_model_leaves_no_temporary_folders(data, tmp_path, mon
     from training.config import load_config
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    config = load_config(train_mllm.MLLMStageConfig, _config("align"), stage_overrides(data, tmp_path / "x"))
-    model, tokenizer = train_mllm.build_model(config.model, CodeStore(data["train_codes"]))
+    config = load_config(MLLMStageConfig, _config("align"), stage_overrides(data, tmp_path / "x"))
+    model, tokenizer = build_model(config.model, CodeStore(data["train_codes"]))
     assert tokenizer("is there a red circle?")["input_ids"]
     assert list(tmp_path.glob("dualtoken-sp-*")) == []
 
@@ -655,7 +658,7 @@ def test_grid_text_to_image_pairs_share_the_code_store(data, tmp_path, caplog):
     import numpy as np
     from PIL import Image
 
-    from training.data.code_shards import CodeStore
+    from training.data.code_store import CodeStore
     from training.data.conversations import read_text_image_pairs
     from training.data.shapes import SLOT_CENTRES
     from training.tiny_mllm import CANONICAL_GREY, data_overrides, prepare_data

@@ -478,7 +478,7 @@ def test_slots_layout_fixes_every_place_by_count_and_order() -> None:
 def test_snapping_keeps_the_object_inside_on_any_lattice() -> None:
     """On a fine lattice the bounding square's corner lands on it (one cell inward at an edge); on
     a lattice too coarse for the object no lattice point fits, and the centre is clamped inside."""
-    from training.data.shapes import _snapped
+    from training.data.shapes.world import _snapped
 
     scale, low, high = 0.25, 0.125 + 0.02, 1.0 - 0.125 - 0.02
     x, y = _snapped((0.40, 0.70), scale, 8, low, high)

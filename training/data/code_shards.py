@@ -1,5 +1,9 @@
 """Pre-tokenised code shards: images are encoded once, LLM training reads codes (docs/architecture.md, "Data flow").
 
+This module holds the format (``meta.json``, keys, the tokenizer fingerprint), the writer
+(:func:`tokenize_to_shards`) and its command line; :class:`training.data.code_store.CodeStore`
+reads the shards.
+
 On-disk layout of ``out_dir``::
 
     meta.json        grid, depths, codebook sizes, image size, tokenizer path + weight fingerprint,
@@ -9,7 +13,7 @@ On-disk layout of ``out_dir``::
     ...                write it), pixel / semantic: fixed-length lists of int16 (int32 for codebooks
                        over 32767 codes), the (h, w, D) codes flattened row-major
 
-``datasets.load_from_disk("out_dir/shard-00000")`` reads a shard; :class:`CodeStore` reads them all,
+``datasets.load_from_disk("out_dir/shard-00000")`` reads a shard; ``CodeStore`` reads them all,
 memory-mapped, with O(1) lookup by key.
 
 Writing is resumable: each shard is saved under a temporary name and renamed when complete, and
@@ -334,114 +338,6 @@ def _encode(
             semantic.append(codes.semantic_codes.cpu().numpy().astype(dtype))
             progress.update(len(images))
     return np.concatenate(pixel), np.concatenate(semantic)
-
-
-# --------------------------------------------------------------------------------------
-# reading
-# --------------------------------------------------------------------------------------
-
-
-class CodeStore:
-    """All code shards of ``out_dir``, memory-mapped; ``get(key)`` is O(1).
-
-    ``get`` returns ``(pixel_codes (h, w, D_pixel), semantic_codes (h, w, D_semantic))`` int64.
-    """
-
-    def __init__(self, out_dir: str | os.PathLike) -> None:
-        import datasets
-
-        self.out_dir = Path(out_dir)
-        meta_path = self.out_dir / META_NAME
-        if not meta_path.is_file():
-            raise FileNotFoundError(
-                f"{meta_path} is missing: {self.out_dir} is not a code-shard folder "
-                "(write one with python -m training.data.code_shards)"
-            )
-        self._meta = CodeShardsMeta.from_file(meta_path)
-        if not self._meta.complete:
-            raise CodeShardsError(
-                f"{self.out_dir} is incomplete ({len(self._meta.shards)} of {self._meta.num_shards} shards); "
-                "rerun the tokenisation to finish it"
-            )
-        height, width = self._meta.grid
-        shapes = {
-            "pixel": (height, width, self._meta.pixel_depth),
-            "semantic": (height, width, self._meta.semantic_depth),
-        }
-        # Blocks are the shards' arrow record batches, viewed as numpy without copying (memory-mapped).
-        self._blocks: list[tuple[np.ndarray, np.ndarray]] = []
-        self._index: dict[str, tuple[int, int]] = {}
-        for name in self._meta.shards:
-            shard = self.out_dir / name
-            if not shard.is_dir():
-                raise CodeShardsError(f"{meta_path} lists {name}, but {shard} does not exist")
-            table = datasets.load_from_disk(str(shard)).data.table
-            for column, shape in shapes.items():
-                kind = table.schema.field(column).type
-                expected = pa.list_(pa.from_numpy_dtype(np.dtype(self._meta.dtype)), int(np.prod(shape)))
-                if kind != expected:
-                    raise CodeShardsError(
-                        f"{shard}: column {column!r} has type {kind}; meta.json says {expected} "
-                        f"(h, w, D = {shape}, dtype {self._meta.dtype})"
-                    )
-            keys = table.column("key").to_pylist()
-            first_row = 0  # of the current chunk within the shard
-            for chunk_pixel, chunk_semantic in zip(
-                table.column("pixel").chunks, table.column("semantic").chunks, strict=True
-            ):
-                block = len(self._blocks)
-                self._blocks.append(
-                    (
-                        chunk_pixel.flatten().to_numpy(zero_copy_only=True).reshape(-1, *shapes["pixel"]),
-                        chunk_semantic.flatten().to_numpy(zero_copy_only=True).reshape(-1, *shapes["semantic"]),
-                    )
-                )
-                for row, key in enumerate(keys[first_row : first_row + len(chunk_pixel)]):
-                    if key in self._index:
-                        raise CodeShardsError(f"{shard}: key {key!r} appears twice in {self.out_dir}")
-                    self._index[key] = (block, row)
-                first_row += len(chunk_pixel)
-        if len(self._index) != self._meta.num_images:
-            raise CodeShardsError(
-                f"{self.out_dir}: the shards hold {len(self._index)} images; meta.json says {self._meta.num_images}"
-            )
-
-    def __getstate__(self) -> dict[str, Any]:
-        # DataLoader workers (spawn) re-open the memory-mapped shards instead of pickling their contents.
-        return {"out_dir": self.out_dir}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["out_dir"])
-
-    @property
-    def meta(self) -> CodeShardsMeta:
-        return self._meta
-
-    def __len__(self) -> int:
-        return len(self._index)
-
-    def keys(self) -> list[str]:
-        """Image keys, sorted (the shard order)."""
-        return list(self._index)
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, (str, os.PathLike)) and normalise_key(key) in self._index
-
-    def get(self, key: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
-        """Codes of image ``key``: pixel (h, w, D_pixel), semantic (h, w, D_semantic), int64.
-
-        Raises:
-            KeyError: no image ``key`` in this store (the message names the key and the folder).
-        """
-        location = self._index.get(normalise_key(key))
-        if location is None:
-            raise KeyError(
-                f"image {os.fspath(key)!r} has no codes in {self.out_dir} ({len(self)} images); "
-                "tokenise it with python -m training.data.code_shards"
-            )
-        block, row = location
-        pixel, semantic = self._blocks[block]
-        return torch.from_numpy(pixel[row].astype(np.int64)), torch.from_numpy(semantic[row].astype(np.int64))
 
 
 # --------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ Formats read here (docs/data.md: understanding data and generation data):
 
 Relative image paths are resolved against ``image_root`` (default: the annotation file's
 folder); the path exactly as written is kept as ``image_key``, the key of the image's codes in
-a :class:`training.data.code_shards.CodeStore`. Keys other than the ones above are kept in
+a :class:`training.data.code_store.CodeStore`. Keys other than the ones above are kept in
 ``meta`` (the Shapes writers add ``objects`` and, for conversations, ``kinds``: the QA kind
 of each assistant turn, for evaluation by question type).
 

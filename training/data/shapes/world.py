@@ -13,80 +13,47 @@ enough to train on 2 CPU cores. Three colour-shape combinations are held out of
 train/val/test and appear only in the ``"compositional"`` split, which measures
 compositional generalisation.
 
-Coordinates: ``center = (x, y)`` as fractions of the image side, x to the right, y down
-(so "above" means a smaller y).
+This module samples and renders scenes (:class:`ShapesWorld`); the vocabulary, the object record
+and the config live in :mod:`.spec`, captions and questions in :mod:`.language`.
 """
 
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import math
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import NormalDist
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import Dataset
 
-from tokenizer.config import ConfigError
-from tokenizer.images import uint8_image_to_tensor
+from training.data.shapes.language import QAPair, _make_caption, _make_qa
+from training.data.shapes.spec import (
+    BACKGROUNDS,
+    CLASS_NAMES,
+    COLOURS,
+    SHAPES,
+    SIDE_MARGIN,
+    SIZE_FRACTIONS,
+    SIZES,
+    SLOT_CENTRES,
+    SPLITS,
+    ShapeObject,
+    ShapesWorldConfig,
+    class_index,
+)
 
 if TYPE_CHECKING:
     import datasets
-
-COLOURS: dict[str, tuple[int, int, int]] = {
-    # Saturated and >= 40 degrees apart in hue, so they stay distinct after +-10 jitter and
-    # next to the low-saturation backgrounds.
-    "red": (220, 40, 40),
-    "yellow": (235, 205, 35),
-    "green": (45, 175, 60),
-    "cyan": (35, 195, 215),
-    "blue": (45, 75, 225),
-    "purple": (150, 55, 205),
-}
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
-SIZES: tuple[str, ...] = ("small", "large")
-BACKGROUNDS: tuple[str, ...] = ("plain", "gradient", "stripes", "checker", "blobs")
-QUESTION_KINDS: tuple[str, ...] = ("colour", "shape", "count", "exists", "position")
-SPLITS: tuple[str, ...] = ("train", "val", "test", "compositional")
-
-# Side of an object's bounding square as a fraction of the image side (before +-8% jitter).
-SIZE_FRACTIONS: dict[str, float] = {"small": 0.22, "large": 0.40}
-SIZE_JITTER = 0.08
-COLOUR_JITTER = 10
-# An object is "on the left" when its centre x < 0.5 - SIDE_MARGIN (likewise right/top/bottom);
-# closer to the middle the answer would be a judgement call, so no such question is asked.
-SIDE_MARGIN = 0.1
-# Where objects go in a world with ``layout="slots"``, by the number of objects (in caption
-# order). The centres sit on the 8x8 code lattice, so an object's sub-cell offset (and so its
-# code pattern) is the same in every slot; no two bounding squares of the large size overlap.
-SLOT_CENTRES: dict[int, tuple[tuple[float, float], ...]] = {
-    1: ((0.5, 0.5),),
-    2: ((0.25, 0.5), (0.75, 0.5)),
-    3: ((0.25, 0.25), (0.75, 0.25), (0.5, 0.75)),
-}
-LAYOUTS: tuple[str, ...] = ("random", "slots")
-NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six")
-CLASS_NAMES: tuple[str, ...] = tuple(f"{colour} {shape}" for colour in COLOURS for shape in SHAPES)
 
 _SPLIT_IDS = {name: i for i, name in enumerate(SPLITS)}
 _SINGLE_OBJECT_STREAM = 100  # rng stream offset of sample_single, so it never aliases sample()
 _SUPERSAMPLING = 4  # 4x4 sub-pixel samples per pixel give anti-aliased object edges (see _count_4x4)
 _PLACEMENT_TRIES = 40
-_BACKGROUND_WORDS = {
-    "plain": "plain",
-    "gradient": "gradient",
-    "stripes": "striped",
-    "checker": "checkered",
-    "blobs": "blotchy",
-}
-_RELATION_PHRASES = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
-_OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
 # Orthonormal basis of the plane orthogonal to grey (1,1,1): tints move along it.
 _TINT_U = (2.0 / math.sqrt(6.0), -1.0 / math.sqrt(6.0), -1.0 / math.sqrt(6.0))
 _TINT_V = (0.0, 1.0 / math.sqrt(2.0), -1.0 / math.sqrt(2.0))
@@ -94,125 +61,6 @@ _TINT_V = (0.0, 1.0 / math.sqrt(2.0), -1.0 / math.sqrt(2.0))
 # gives Gaussian noise (truncated at +-2.9 sigma) ~5x faster than rng.standard_normal, which was
 # the largest single cost of a sample.
 _NORMAL_QUANTILES = np.array([NormalDist().inv_cdf((k + 0.5) / 256) for k in range(256)], dtype=np.float32)
-
-
-@dataclass
-class ShapesWorldConfig:
-    """Size, seed and held-out combinations of a Shapes world."""
-
-    seed: int = 0
-    image_size: int = 64
-    num_train: int = 50000
-    num_val: int = 512
-    num_test: int = 1024
-    num_compositional: int = 512
-    max_objects: int = 3
-    noise_std: float = 0.02  # [0, 1] pixel units; bounds the PSNR a perfect reconstruction of the clean image reaches
-    holdout_combinations: tuple[str, ...] = ("purple triangle", "cyan circle", "yellow square")
-    # The background kinds scenes are drawn from (all of BACKGROUNDS by default).
-    backgrounds: tuple[str, ...] = BACKGROUNDS
-    # > 0: every object's bounding square starts on a lattice of this many cells per side (the
-    # tokenizer's grid, say 8), so an object's code pattern does not depend on a sub-cell offset.
-    snap_cells: int = 0
-    # Object side: +-size_jitter (a fraction) around its size's nominal side; object colour:
-    # +-colour_jitter levels per channel around its named colour.
-    size_jitter: float = SIZE_JITTER
-    colour_jitter: int = COLOUR_JITTER
-    # None: each plain background gets a random muted colour; [r, g, b]: every plain background
-    # is exactly that colour. With no jitter and no noise, a scene's pixels are then a function of
-    # its objects' names, sizes and places alone (a canonical world for text-to-image pairs).
-    plain_rgb: tuple[int, int, int] | None = None
-    # "random": objects anywhere, rejection-sampled apart; "slots": the i-th of n objects (in
-    # caption order) always sits at SLOT_CENTRES[n][i], so a caption fixes the whole layout (a
-    # world for text-to-image pairs that a small model learns to draw in few steps).
-    layout: str = "random"
-
-    def __post_init__(self) -> None:
-        self.holdout_combinations = tuple(self.holdout_combinations)
-        self.backgrounds = tuple(self.backgrounds)
-        if self.plain_rgb is not None:
-            rgb = tuple(self.plain_rgb)
-            if len(rgb) != 3 or not all(isinstance(c, int) and 0 <= c <= 255 for c in rgb):
-                raise ConfigError(f"shapes.plain_rgb={list(rgb)}; expected null or three integers in 0..255")
-            self.plain_rgb = rgb
-        if not 0.0 <= self.size_jitter < 0.5:
-            raise ConfigError(f"shapes.size_jitter={self.size_jitter}; expected in [0, 0.5) (a fraction of the side)")
-        if not 0 <= self.colour_jitter <= 20:
-            raise ConfigError(
-                f"shapes.colour_jitter={self.colour_jitter}; expected 0..20 (colours are 40 degrees of hue apart)"
-            )
-        unknown = [kind for kind in self.backgrounds if kind not in BACKGROUNDS]
-        if unknown or not self.backgrounds:
-            raise ConfigError(
-                f"shapes.backgrounds={list(self.backgrounds)}; expected a non-empty subset of {list(BACKGROUNDS)}"
-            )
-        if self.layout not in LAYOUTS:
-            raise ConfigError(f"shapes.layout={self.layout!r}; expected one of {list(LAYOUTS)}")
-        if self.layout == "slots" and self.max_objects > max(SLOT_CENTRES):
-            raise ConfigError(
-                f"shapes.max_objects={self.max_objects} with shapes.layout='slots'; expected <= {max(SLOT_CENTRES)} "
-                "(the slots are defined for that many objects)"
-            )
-        if not 0 <= self.snap_cells <= self.image_size:
-            raise ConfigError(f"shapes.snap_cells={self.snap_cells}; expected 0 (off) .. image_size={self.image_size}")
-        if self.image_size < 16:
-            raise ConfigError(f"shapes.image_size={self.image_size}; expected >= 16 so small shapes stay visible")
-        for name in ("num_train", "num_val", "num_test", "num_compositional"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"shapes.{name}={getattr(self, name)}; expected >= 0")
-        if not 1 <= self.max_objects <= len(NUMBER_WORDS) - 1:
-            raise ConfigError(f"shapes.max_objects={self.max_objects}; expected 1..{len(NUMBER_WORDS) - 1}")
-        if not 0.0 <= self.noise_std <= 0.2:
-            raise ConfigError(f"shapes.noise_std={self.noise_std}; expected in [0, 0.2] (pixel units in [0, 1])")
-        for combination in self.holdout_combinations:
-            if combination not in CLASS_NAMES:
-                raise ConfigError(
-                    f"shapes.holdout_combinations contains {combination!r}; expected '<colour> <shape>' "
-                    f"with colour in {list(COLOURS)} and shape in {list(SHAPES)}"
-                )
-        if len(set(self.holdout_combinations)) != len(self.holdout_combinations):
-            raise ConfigError(f"shapes.holdout_combinations has duplicates: {self.holdout_combinations}")
-        if len(CLASS_NAMES) - len(self.holdout_combinations) < self.max_objects:
-            raise ConfigError(
-                f"shapes.holdout_combinations holds out {len(self.holdout_combinations)} of {len(CLASS_NAMES)} "
-                f"combinations, leaving fewer than shapes.max_objects={self.max_objects} for the training splits"
-            )
-        if self.num_compositional > 0 and not self.holdout_combinations:
-            raise ConfigError("shapes.num_compositional > 0 needs at least one entry in shapes.holdout_combinations")
-
-
-@dataclass
-class ShapeObject:
-    """One drawn object. ``scale``: side of its bounding square / image side; ``rgb``: the drawn colour."""
-
-    colour: str
-    shape: str
-    size: str
-    center: tuple[float, float]
-    scale: float = 0.0
-    rgb: tuple[int, int, int] = (0, 0, 0)
-
-    @property
-    def name(self) -> str:
-        """``"<colour> <shape>"``, the zero-shot class name."""
-        return f"{self.colour} {self.shape}"
-
-    def box(self) -> tuple[float, float, float, float]:
-        """Bounding square ``(left, top, right, bottom)`` in image fractions."""
-        half = self.scale / 2
-        return (self.center[0] - half, self.center[1] - half, self.center[0] + half, self.center[1] + half)
-
-
-@dataclass
-class QAPair:
-    """One question about a scene. ``referents``: indices (into the scene's objects) of the
-    objects the answer is about: the named object, both objects of a relation, every counted
-    object; empty when the answer is about nothing drawn ("is there a blue circle?" "no")."""
-
-    question: str
-    answer: str
-    kind: str  # one of QUESTION_KINDS
-    referents: tuple[int, ...] = ()
 
 
 @dataclass
@@ -225,31 +73,6 @@ class ShapesSample:
     caption: str
     qa: list[QAPair]
     label: int
-
-
-def class_index(colour: str, shape: str) -> int:
-    """Index of ``"<colour> <shape>"`` in :data:`CLASS_NAMES` (colour-major)."""
-    return list(COLOURS).index(colour) * len(SHAPES) + SHAPES.index(shape)
-
-
-def relations(first: ShapeObject, second: ShapeObject) -> list[str]:
-    """Every strict spatial relation of ``first`` to ``second`` among left/right/above/below.
-
-    Strict means the bounding squares do not overlap along that axis, so the answer is not
-    a judgement call. Placed objects never overlap, so the list is never empty for them.
-    """
-    left_a, top_a, right_a, bottom_a = first.box()
-    left_b, top_b, right_b, bottom_b = second.box()
-    found = []
-    if right_a <= left_b:
-        found.append("left")
-    if left_a >= right_b:
-        found.append("right")
-    if bottom_a <= top_b:
-        found.append("above")
-    if top_a >= bottom_b:
-        found.append("below")
-    return found
 
 
 def object_coverage(obj: ShapeObject, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -588,226 +411,3 @@ def _muted_colour(lightness: float, tint: float, hue: float) -> np.ndarray:
     # Plain Python arithmetic: numpy's per-call overhead dominates on 3-element vectors.
     channels = [lightness + tint * (cos * u + sin * v) for u, v in zip(_TINT_U, _TINT_V, strict=True)]
     return np.array([min(max(value, 0.0), 255.0) for value in channels], dtype=np.float32)
-
-
-# ---------------------------------------------------------------------- captions
-
-
-def _article_phrase(obj: ShapeObject) -> str:
-    return f"a {obj.size} {obj.colour} {obj.shape}"
-
-
-def _the_phrase(obj: ShapeObject) -> str:
-    # (colour, shape) is unique within an image, so this always names one object.
-    return f"the {obj.colour} {obj.shape}"
-
-
-def _join(phrases: Sequence[str]) -> str:
-    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-
-
-def _make_caption(rng: np.random.Generator, objects: list[ShapeObject], background: str) -> str:
-    """A caption naming every object's size, colour and shape, plus one relative position for 2+ objects."""
-    listing = _join([_article_phrase(obj) for obj in objects])
-    surface = _BACKGROUND_WORDS[background]
-    if len(objects) == 1:
-        templates = (
-            f"{listing}.",
-            f"a photo of {listing}.",
-            f"there is {listing} in the image.",
-            f"{listing} on a {surface} background.",
-            f"an image of {listing} on a {surface} background.",
-            f"a picture showing {listing}.",
-        )
-        return templates[int(rng.integers(len(templates)))]
-    pairs = list(itertools.permutations(range(len(objects)), 2))
-    first, second = pairs[int(rng.integers(len(pairs)))]
-    options = relations(objects[first], objects[second])
-    relation = _RELATION_PHRASES[options[int(rng.integers(len(options)))]]
-    statement = f"{_the_phrase(objects[first])} is {relation} {_the_phrase(objects[second])}"
-    rest = [_article_phrase(obj) for i, obj in enumerate(objects) if i not in (first, second)]
-    inline = f"{_article_phrase(objects[first])} {relation} {_article_phrase(objects[second])}"
-    if rest:
-        inline += ", and " + _join(rest)
-    templates = (
-        f"{listing}. {statement}.",
-        f"a photo of {listing}. {statement}.",
-        f"there are {NUMBER_WORDS[len(objects)]} objects: {listing}. {statement}.",
-        f"{listing} on a {surface} background. {statement}.",
-        f"{inline}.",
-        f"an image with {listing}, where {statement}.",
-        f"a picture showing {listing} on a {surface} background, {statement}.",
-    )
-    return templates[int(rng.integers(len(templates)))]
-
-
-# ---------------------------------------------------------------------- questions
-
-
-def _referent(target: ShapeObject, distractors: list[ShapeObject], head: str) -> str | None:
-    """A phrase that picks ``target`` out of ``distractors`` (objects matching ``head`` too), or None."""
-    if not distractors:
-        return f"the {head}"
-    if all(other.size != target.size for other in distractors):
-        return f"the {target.size} {head}"
-    for relation, word in (("left", "leftmost"), ("right", "rightmost"), ("above", "topmost"), ("below", "bottommost")):
-        if all(relation in relations(target, other) for other in distractors):
-            return f"the {word} {head}"
-    return None
-
-
-def _pick(rng: np.random.Generator, options: Sequence[Any]) -> Any:
-    return options[int(rng.integers(len(options)))]
-
-
-def _make_qa(rng: np.random.Generator, objects: list[ShapeObject], nameable: list[tuple[str, str]]) -> list[QAPair]:
-    """Unambiguous questions of every kind in QUESTION_KINDS (position/colour/shape when one can be posed)."""
-    qa: list[QAPair] = []
-
-    colour_questions = []
-    shape_questions = []
-    for index, obj in enumerate(objects):
-        same_shape = [other for other in objects if other is not obj and other.shape == obj.shape]
-        phrase = _referent(obj, same_shape, obj.shape)
-        if phrase is not None:
-            colour_questions.append(QAPair(f"what colour is {phrase}?", obj.colour, "colour", (index,)))
-        same_colour = [other for other in objects if other is not obj and other.colour == obj.colour]
-        phrase = _referent(obj, same_colour, f"{obj.colour} object")
-        if phrase is not None:
-            shape_questions.append(QAPair(f"what shape is {phrase}?", obj.shape, "shape", (index,)))
-    if colour_questions:
-        qa.append(_pick(rng, colour_questions))
-    if shape_questions:
-        qa.append(_pick(rng, shape_questions))
-
-    everything = tuple(range(len(objects)))
-    qa.append(QAPair("how many objects are there?", NUMBER_WORDS[len(objects)], "count", everything))
-    if rng.random() < 0.5:
-        shape = _pick(rng, SHAPES)
-        counted = tuple(i for i in everything if objects[i].shape == shape)
-        qa.append(QAPair(f"how many {shape}s are there?", NUMBER_WORDS[len(counted)], "count", counted))
-    else:
-        colour = _pick(rng, list(COLOURS))
-        counted = tuple(i for i in everything if objects[i].colour == colour)
-        qa.append(QAPair(f"how many {colour} objects are there?", NUMBER_WORDS[len(counted)], "count", counted))
-
-    # One "yes" and one "no" per image, in random order, so the answer prior is exactly 50/50.
-    present_index = int(rng.integers(len(objects)))  # the draw of _pick(rng, objects)
-    present = objects[present_index]
-    present_names = {(obj.colour, obj.shape) for obj in objects}
-    absent = _pick(rng, [c for c in nameable if c not in present_names])
-    exists = [
-        QAPair(f"is there a {present.colour} {present.shape}?", "yes", "exists", (present_index,)),
-        QAPair(f"is there a {absent[0]} {absent[1]}?", "no", "exists"),
-    ]
-    if rng.random() < 0.5:
-        exists.reverse()
-    qa.extend(exists)
-
-    if len(objects) >= 2:
-        pairs = list(itertools.permutations(range(len(objects)), 2))
-        first_index, second_index = pairs[int(rng.integers(len(pairs)))]
-        first, second = objects[first_index], objects[second_index]
-        relation = _pick(rng, relations(first, second))
-        answer = "yes" if rng.random() < 0.5 else "no"
-        asked = relation if answer == "yes" else _OPPOSITE[relation]
-        question = f"is {_the_phrase(first)} {_RELATION_PHRASES[asked]} {_the_phrase(second)}?"
-        qa.append(QAPair(question, answer, "position", (first_index, second_index)))
-    absolute = []
-    for index, obj in enumerate(objects):
-        x, y = obj.center
-        if abs(x - 0.5) >= SIDE_MARGIN:
-            side = "left" if x < 0.5 else "right"
-            absolute.append(QAPair(f"which side is {_the_phrase(obj)} on?", side, "position", (index,)))
-        if abs(y - 0.5) >= SIDE_MARGIN:
-            half = "top" if y < 0.5 else "bottom"
-            absolute.append(QAPair(f"is {_the_phrase(obj)} at the top or the bottom?", half, "position", (index,)))
-    if absolute:
-        qa.append(_pick(rng, absolute))
-    return qa
-
-
-class ShapesImageDataset(Dataset):
-    """A torch ``Dataset`` over one split of a :class:`ShapesWorld`.
-
-    Items: ``{"image": (3, H, W) float32 in [-1, 1], "caption": str, "label": int, "index": int}``.
-    ``single_object=True`` serves :meth:`ShapesWorld.sample_single` (zero-shot evaluation).
-    """
-
-    def __init__(self, world: ShapesWorld, split: str, single_object: bool = False) -> None:
-        self.world = world
-        self.split = split
-        self.single_object = single_object
-        self._length = world.split_size(split)
-
-    def __len__(self) -> int:
-        return self._length
-
-    def objects(self, index: int) -> list[tuple[str, str]]:
-        """(colour, shape) of each object in item ``index`` (what an image checker should find)."""
-        sample = (self.world.sample_single if self.single_object else self.world.sample)(self.split, index)
-        return [(obj.colour, obj.shape) for obj in sample.objects]
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if not 0 <= index < self._length:
-            raise IndexError(f"index {index} out of range for ShapesImageDataset of length {self._length}")
-        sample = (self.world.sample_single if self.single_object else self.world.sample)(self.split, index)
-        return {
-            "image": uint8_image_to_tensor(sample.image),
-            "caption": sample.caption,
-            "label": sample.label,
-            "index": index,
-        }
-
-
-# ----------------------------------------------------------------------------- drawing worlds
-# Narrower worlds that the tiny stages can draw from instead of the default scenes (``tiny-mllm
-# --t2i-world``, ``make-data --t2i-world``); their pairs sit beside a split's conversations.
-T2I_WORLDS = ("scenes", "grid", "canonical", "slots")  # "scenes": the world's own pairs
-DEFAULT_T2I_WORLD = "slots"  # what the tiny model learns to draw (tiny-mllm and tiny-pipeline --t2i-world)
-CANONICAL_GREY = 128  # the canonical world's plain background, (128, 128, 128)
-
-
-def grid_world_config(seed: int, image_size: int, grid_size: int) -> ShapesWorldConfig:
-    """The narrower world of the ``grid`` text-to-image pairs: at most two objects on a plain
-    background, each object's bounding square on the tokenizer's code grid.
-
-    On it the prompt starts to steer the drawing: 2,000 text-to-image steps reached 8.6 %
-    checker-correct images (CFG 3) where the default scenes stayed at 0 % (README).
-    """
-    return ShapesWorldConfig(
-        seed=seed, image_size=image_size, max_objects=2, backgrounds=("plain",), snap_cells=grid_size
-    )
-
-
-def canonical_world_config(seed: int, image_size: int, grid_size: int) -> ShapesWorldConfig:
-    """The grid world drawn the same way every time: no size or colour jitter, no pixel noise and
-    one grey for every background, so a scene's pixels (and codes) follow from its objects' names,
-    sizes and cells alone.
-
-    On 1,500 one-object scenes the stage-1 tokenizer's depth-1 code of an object cell, given the
-    object's colour, shape, size and the cell's place in it and in the image, has 0.20 nats of
-    entropy against 0.96 on the grid world; 1,000 text-to-image steps from a fresh LM reach
-    depth-1 CE 0.58 against 1.55 and pass the checker on 25.8 % of validation prompts against
-    7.0 % (README).
-    """
-    grey = (CANONICAL_GREY,) * 3
-    return replace(
-        grid_world_config(seed, image_size, grid_size), size_jitter=0.0, colour_jitter=0, noise_std=0.0, plain_rgb=grey
-    )
-
-
-def slots_world_config(seed: int, image_size: int, grid_size: int) -> ShapesWorldConfig:
-    """The canonical world with every object at a fixed slot: one object in the centre, two side
-    by side (the first named on the left), so a caption fixes the whole image."""
-    return replace(canonical_world_config(seed, image_size, grid_size), layout="slots")
-
-
-def t2i_world_config(t2i_world: str, seed: int, image_size: int, grid_size: int) -> ShapesWorldConfig | None:
-    """The world of ``--t2i-world``'s pairs; None for the default world's own scenes."""
-    if t2i_world not in T2I_WORLDS:
-        raise ValueError(f"t2i_world={t2i_world!r}; expected one of {list(T2I_WORLDS)}")
-    if t2i_world == "scenes":
-        return None
-    build = {"grid": grid_world_config, "canonical": canonical_world_config, "slots": slots_world_config}[t2i_world]
-    return build(seed, image_size, grid_size)

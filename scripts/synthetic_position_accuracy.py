@@ -1,4 +1,4 @@
-"""Can the LM *learn* where something is in an image, given a position mode? A controlled test.
+"""Held-out accuracy of the LM on a synthetic "where is the square?" task, per image position mode.
 
 Each sample is an image of one repeated background code with a ``block`` x ``block`` square of
 another code placed at random, and one question: "which side is the red circle on?" (answer
@@ -9,18 +9,19 @@ an align model) is trained on these alone with AdamW, every parameter, and then 
 fresh samples by the more likely of the two answers (log-likelihood of all their tokens).
 
 ``--position`` overrides the model's ``image_position_embedding`` for the run (``gated`` gets
-a freshly initialised gate when the model has none). Measured on the tiny default's align
-model (``runs/s10/base0/mllm/align/model``, 300 steps, README): "which side" stays at chance
-with ``none`` and ``sincos`` (46.5 % held out, loss flat at half of ln 2) and is answered
-perfectly with ``projector`` and ``gated`` (100 %, loss below 0.005 by step 160). The colour
-control is learned by step 80 without positions (``--question colour``, 100 %); ``gated``
-still learns the side on a background of 8 random codes (``--textures 8``, by step 260).
-``--rope 2d`` gives the read slots 2-D rotary positions (``model.image_rope``) instead of
-adding anything to their embeddings: with no position mode it learns the side too (100 %, by
-step 180), but not "top or bottom" (``--question half``: 44.9 % after 600 steps; session 20,
-``runs/s19/new/mllm/align/model``).
+a freshly initialised gate when the model has none); ``--rope 2d`` gives the read slots 2-D
+rotary positions (``model.image_rope``) instead of adding anything to their embeddings.
 
-    python scripts/position_learnability.py runs/tiny/mllm/align/model --position projector
+Measured on a tiny align model (``runs/tiny/mllm/align/model`` of ``dualtoken tiny-pipeline``),
+300 steps, one thread: "which side" stays at chance with ``none`` and ``sincos`` (46.5 % held
+out, loss flat at half of ln 2) and is answered perfectly with ``projector`` and ``gated`` (100 %,
+loss below 0.005 by step 160). The colour control is learned by step 80 without positions
+(``--question colour``, 100 %); ``gated`` still learns the side on a background of 8 random codes
+(``--textures 8``, by step 260). With ``--rope 2d`` and no position mode the side is learned too
+(100 %, by step 180), but not "top or bottom" (``--question half``: 44.9 % after 600 steps).
+
+    python scripts/synthetic_position_accuracy.py runs/tiny/mllm/align/model --position projector
+    python scripts/synthetic_position_accuracy.py runs/tiny/mllm/align/model --rope 2d --question half --steps 600
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mllm.chat import SequenceBuilder, collate_sequences  # noqa: E402
-from training.train_mllm import load_model_folder  # noqa: E402
+from mllm.model_folder import load_model_folder  # noqa: E402
 
 QUESTIONS = {
     "side": ("which side is the red circle on?", ("left", "right")),

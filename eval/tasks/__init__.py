@@ -1,0 +1,23 @@
+"""The built-in evaluation tasks: importing this package registers them with :func:`eval.task.register`.
+
+- :mod:`eval.tasks.shapes`: ``shapes_vqa``, ``geneval``, ``geneval_compositional``.
+- :mod:`eval.tasks.visual_tokenizer`: ``tokenizer``, ``zero_shot``.
+- :mod:`eval.tasks.standard_benchmarks`: ``vqav2``, ``pope``, ``mme``, ``multiple_choice``.
+"""
+
+from eval.tasks.shapes import ShapesGenEval, ShapesGenEvalCompositional, ShapesVQA, judge_item
+from eval.tasks.standard_benchmarks import MME, POPE, MultipleChoice, VQAv2
+from eval.tasks.visual_tokenizer import TokenizerMetrics, ZeroShot
+
+__all__ = [
+    "MME",
+    "POPE",
+    "MultipleChoice",
+    "ShapesGenEval",
+    "ShapesGenEvalCompositional",
+    "ShapesVQA",
+    "TokenizerMetrics",
+    "VQAv2",
+    "ZeroShot",
+    "judge_item",
+]
