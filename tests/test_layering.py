@@ -124,7 +124,10 @@ def test_the_project_keeps_its_layers() -> None:
         ({"training.evaluation": "from eval import harness", "eval.harness": ""}, "a layer above"),
         ({"eval.harness": "from training import tiny_mllm", "training.tiny_mllm": ""}, "a layer above"),
         ({"training.train_mllm": "import deepspeed"}, "imports deepspeed"),
-        ({"eval.a": "from eval.b import x", "eval.b": "from eval.a import y"}, "import cycle: eval.a -> eval.b -> eval.a"),
+        (
+            {"eval.a": "from eval.b import x", "eval.b": "from eval.a import y"},
+            "import cycle: eval.a -> eval.b -> eval.a",
+        ),
     ],
 )
 def test_each_kind_of_violation_is_caught(modules: dict[str, str], expected: str) -> None:
