@@ -104,7 +104,7 @@ def evaluate(
     model_dir: Path | None = None,
     settings_path: str | Path = DEFAULT_SETTINGS,
     batch_size: int | None = None,
-    tokenizer: str | None = None,
+    visual_tokenizer_path: str | None = None,
 ) -> dict[str, dict[str, float]]:
     unknown = [name for name in tasks if name not in TASKS]
     if unknown:
@@ -115,7 +115,7 @@ def evaluate(
             if not (Path(model_dir) / name).is_file():
                 raise FileNotFoundError(f"model folder {model_dir} is missing {name}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    context = EvalContext(Path(model_dir) if model_dir else None, settings, out_dir, tokenizer)
+    context = EvalContext(Path(model_dir) if model_dir else None, settings, out_dir, visual_tokenizer_path)
     size = batch_size or int(settings.get("batch_size", 8))
     results: dict[str, dict[str, float]] = {}
     for name in tasks:

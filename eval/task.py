@@ -25,13 +25,15 @@ def register(name: str) -> Callable[[type[Task]], type[Task]]:
 class EvalContext:
     """What tasks share: the settings, the output folder and one lazily loaded model."""
 
-    def __init__(self, model_dir: Path | None, settings: dict[str, Any], out_dir: Path, tokenizer: str | None = None):
+    def __init__(
+        self, model_dir: Path | None, settings: dict[str, Any], out_dir: Path, visual_tokenizer_path: str | None = None
+    ):
         self.model_dir = model_dir
         self.settings = settings
         self.out_dir = out_dir
-        self.tokenizer_path = tokenizer
+        self.visual_tokenizer_path = visual_tokenizer_path
         self._pipeline = None
-        self._dualtoken = None
+        self._visual_tokenizer = None
 
     @property
     def pipeline(self) -> Any:
@@ -40,25 +42,25 @@ class EvalContext:
                 raise ConfigError("this task needs a unified model: pass --model DIR")
             from mllm.inference import Pipeline
 
-            self._pipeline = Pipeline.from_pretrained(self.model_dir, self.tokenizer_path)
+            self._pipeline = Pipeline.from_pretrained(self.model_dir, self.visual_tokenizer_path)
         return self._pipeline
 
     @property
-    def dualtoken(self) -> Any:
-        """The DualToken tokenizer: the model's, or ``--tokenizer`` alone for tokenizer-only tasks."""
-        if self._dualtoken is None:
-            if self.model_dir is None and self.tokenizer_path is not None:
+    def visual_tokenizer(self) -> Any:
+        """The visual tokenizer: the model's, or ``--tokenizer`` alone for tokenizer-only tasks."""
+        if self._visual_tokenizer is None:
+            if self.model_dir is None and self.visual_tokenizer_path is not None:
                 from tokenizer.model import DualTokenizer
 
-                self._dualtoken = DualTokenizer.from_pretrained(self.tokenizer_path).eval()
+                self._visual_tokenizer = DualTokenizer.from_pretrained(self.visual_tokenizer_path).eval()
             else:
-                self._dualtoken = self.pipeline.dualtoken
-        return self._dualtoken
+                self._visual_tokenizer = self.pipeline.visual_tokenizer
+        return self._visual_tokenizer
 
     def world(self) -> Any:
         from training.data.shapes import ShapesWorld, ShapesWorldConfig
 
-        size = self.dualtoken.backbone.image_size
+        size = self.visual_tokenizer.backbone.image_size
         return ShapesWorld(ShapesWorldConfig(seed=int(self.settings.get("world_seed", 0)), image_size=size))
 
 

@@ -80,11 +80,11 @@ class Sequence:
 
 
 class SequenceBuilder:
-    """Turns text, codes and turns into slot-id sequences for one model config and tokenizer."""
+    """Turns text, codes and turns into slot-id sequences for one model config and text tokenizer."""
 
     def __init__(
         self,
-        tokenizer: Any,
+        text_tokenizer: Any,
         layout: VocabLayout,
         semantic_depth: int,
         pixel_depth: int,
@@ -93,7 +93,7 @@ class SequenceBuilder:
         template: ChatTemplate | None = None,
         max_length: int | None = None,
     ) -> None:
-        self.tokenizer = tokenizer
+        self.text_tokenizer = text_tokenizer
         self.layout = layout
         self.semantic_depth = semantic_depth
         self.pixel_depth = pixel_depth
@@ -105,12 +105,12 @@ class SequenceBuilder:
         self._cache: dict[str, list[int]] = {}
 
     @classmethod
-    def for_model(cls, tokenizer: Any, config: Any, max_length: int | None = None) -> SequenceBuilder:
+    def for_model(cls, text_tokenizer: Any, config: Any, max_length: int | None = None) -> SequenceBuilder:
         """A builder matching a :class:`~mllm.config.DualTokenMLLMConfig`."""
         if max_length is None:
             max_length = getattr(config.text_config, "max_position_embeddings", None)
         return cls(
-            tokenizer,
+            text_tokenizer,
             config.layout,
             config.semantic_depth,
             config.pixel_depth,
@@ -125,7 +125,7 @@ class SequenceBuilder:
         """Token ids of ``text`` (no BOS/EOS); template strings are cached."""
         if text in self._cache:
             return self._cache[text]
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        ids = self.text_tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
         if len(self._cache) < 4096:
             self._cache[text] = ids
         return ids

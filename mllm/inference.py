@@ -5,9 +5,9 @@
     images = pipe.generate("a large red circle", n=4, cfg=3.0, seed=0)  # -> list of (H, W, 3) uint8
 
 Both the chat command and the evaluation harness use this class, so what they measure is
-what a user gets. Images go through the DualToken tokenizer (semantic codes in, pixel codes
-out); the model folder's ``dualtoken.json`` names the tokenizer (override with
-``tokenizer_path``). A model folder may also hold ``sampling.json``, the image-sampling
+what a user gets. Images go through the visual tokenizer (semantic codes in, pixel codes
+out); the model folder's ``dualtoken.json`` names it (override with
+``visual_tokenizer_path``). A model folder may also hold ``sampling.json``, the image-sampling
 settings it draws best with (``tiny-mllm`` writes the ones it scored the model with); options
 left out of :meth:`Pipeline.generate` come from it, else from :class:`~mllm.generation.SamplingConfig`'s defaults.
 """
@@ -78,8 +78,8 @@ def write_sampling(model_dir: Path, **settings: float) -> None:
     write_text_atomic(Path(model_dir) / SAMPLING_FILE, json.dumps(settings, indent=2) + "\n")
 
 
-def resolve_tokenizer_path(model_dir: Path, recorded: str | None) -> Path:
-    """The DualToken tokenizer of a model folder: ``<model>/dualtoken_tokenizer`` or the recorded path."""
+def resolve_visual_tokenizer_path(model_dir: Path, recorded: str | None) -> Path:
+    """The visual tokenizer of a model folder: ``<model>/dualtoken_tokenizer`` or the recorded path."""
     candidates = [model_dir / "dualtoken_tokenizer"]
     if recorded:
         recorded_path = Path(recorded)
@@ -89,25 +89,25 @@ def resolve_tokenizer_path(model_dir: Path, recorded: str | None) -> Path:
             return candidate
     raise FileNotFoundError(
         f"model folder {model_dir} names DualToken tokenizer {recorded!r}, which does not exist; "
-        "pass tokenizer_path=... (--tokenizer) to point at it"
+        "pass visual_tokenizer_path=... (--tokenizer) to point at it"
     )
 
 
 class Pipeline:
-    """A unified model, its text tokenizer and the DualToken tokenizer, ready for chat and drawing."""
+    """A unified model, its text tokenizer and its visual tokenizer, ready for chat and drawing."""
 
     def __init__(
         self,
         model: DualTokenMLLMForCausalLM,
         text_tokenizer: Any,
-        dualtoken: Any,
+        visual_tokenizer: Any,
         max_length: int | None = None,
         sampling: SamplingConfig | None = None,
     ):
         self.model = model.eval()
         self.sampling = sampling or SamplingConfig()  # image-sampling defaults
         self.text_tokenizer = text_tokenizer
-        self.dualtoken = dualtoken.eval()
+        self.visual_tokenizer = visual_tokenizer.eval()
         self.builder = SequenceBuilder.for_model(text_tokenizer, model.config, max_length)
         self.pad_id = text_tokenizer.pad_token_id if text_tokenizer.pad_token_id is not None else 0
         end_ids = self.builder.text_ids(self.builder.template.end)
@@ -115,7 +115,7 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, tokenizer_path: str | Path | None = None, device: str = "cpu"
+        cls, directory: str | Path, visual_tokenizer_path: str | Path | None = None, device: str = "cpu"
     ) -> Pipeline:
         from tokenizer.model import DualTokenizer
 
@@ -123,10 +123,12 @@ class Pipeline:
         model, text_tokenizer, sidecar = load_model_folder(directory)
         model = model.to(device)
         path = (
-            Path(tokenizer_path) if tokenizer_path else resolve_tokenizer_path(directory, sidecar.get("tokenizer_path"))
+            Path(visual_tokenizer_path)
+            if visual_tokenizer_path
+            else resolve_visual_tokenizer_path(directory, sidecar.get("tokenizer_path"))
         )
-        dualtoken = DualTokenizer.from_pretrained(path).to(device)
-        return cls(model, text_tokenizer, dualtoken, sampling=read_sampling(directory))
+        visual_tokenizer = DualTokenizer.from_pretrained(path).to(device)
+        return cls(model, text_tokenizer, visual_tokenizer, sampling=read_sampling(directory))
 
     @property
     def device(self) -> torch.device:
@@ -136,7 +138,7 @@ class Pipeline:
     def _image_tensor(self, image: ImageLike) -> torch.Tensor:
         from tokenizer.images import load_image
 
-        size = self.dualtoken.backbone.image_size
+        size = self.visual_tokenizer.backbone.image_size
         if isinstance(image, (str, Path)):
             return load_image(Path(image), name=str(image), image_size=size, convert_to_rgb=True)
         if isinstance(image, torch.Tensor):
@@ -156,7 +158,7 @@ class Pipeline:
     def encode(self, images: SequenceABC[ImageLike]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(semantic, pixel)`` codes, each ``(B, h, w, D)``."""
         batch = torch.stack([self._image_tensor(image) for image in images]).to(self.device)
-        codes = self.dualtoken.encode(batch)
+        codes = self.visual_tokenizer.encode(batch)
         return codes.semantic_codes.cpu(), codes.pixel_codes.cpu()
 
     # ------------------------------------------------------------------ answers
@@ -272,7 +274,9 @@ class Pipeline:
         """
         codes = pixel_codes.to(self.device)
         try:
-            images = torch.cat([self.dualtoken.decode(codes[row : row + 1], depths) for row in range(codes.shape[0])])
+            images = torch.cat(
+                [self.visual_tokenizer.decode(codes[row : row + 1], depths) for row in range(codes.shape[0])]
+            )
         except ValueError as error:
             raise PipelineError(str(error)) from None
         images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

@@ -47,7 +47,7 @@ def load_model_folder(
     model = DualTokenMLLMForCausalLM.from_pretrained(
         str(directory), attn_implementation=pick_attn_implementation(attn_implementation)
     )
-    tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    extend_tokenizer(tokenizer, model.config.semantic_size, model.config.pixel_size)  # checks the layout
+    text_tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    extend_tokenizer(text_tokenizer, model.config.semantic_size, model.config.pixel_size)  # checks the layout
     sidecar = json.loads((directory / SIDECAR).read_text())
-    return model, tokenizer, sidecar
+    return model, text_tokenizer, sidecar

@@ -157,8 +157,10 @@ def _check_ids(ids: torch.Tensor, offset: int, size: int, branch: str) -> None:
 
 
 # ---------------------------------------------------------------------- tokenizers
-def extend_tokenizer(tokenizer: Any, semantic_size: int, pixel_size: int, pad_to_multiple_of: int = 64) -> VocabLayout:
-    """Add the boundary and code tokens to ``tokenizer`` (in place) and return the layout.
+def extend_tokenizer(
+    text_tokenizer: Any, semantic_size: int, pixel_size: int, pad_to_multiple_of: int = 64
+) -> VocabLayout:
+    """Add the boundary and code tokens to ``text_tokenizer`` (in place) and return the layout.
 
     Idempotent: a tokenizer that already carries this exact extension (e.g. one loaded from a
     saved model folder) is checked and left as it is.
@@ -167,27 +169,27 @@ def extend_tokenizer(tokenizer: Any, semantic_size: int, pixel_size: int, pad_to
         raise VocabularyError(f"codebook sizes must be >= 1, got semantic={semantic_size} pixel={pixel_size}")
     from transformers import AddedToken
 
-    existing = tokenizer.convert_tokens_to_ids(IMAGE_START) if IMAGE_START in tokenizer.get_vocab() else None
+    existing = text_tokenizer.convert_tokens_to_ids(IMAGE_START) if IMAGE_START in text_tokenizer.get_vocab() else None
     if existing is not None:
         layout = VocabLayout(existing, semantic_size, pixel_size, pad_to_multiple_of)
-        check_tokenizer(tokenizer, layout)
+        check_tokenizer(text_tokenizer, layout)
         return layout
-    text_size = len(tokenizer)
+    text_size = len(text_tokenizer)
     names = [*BOUNDARY_TOKENS]
     names += [semantic_token(code) for code in range(semantic_size)]
     names += [pixel_token(code) for code in range(pixel_size)]
-    added = tokenizer.add_tokens(
+    added = text_tokenizer.add_tokens(
         [AddedToken(name, special=True, normalized=False) for name in names], special_tokens=True
     )
     if added != len(names):
         raise VocabularyError(f"the tokenizer already had {len(names) - added} of the visual tokens; cannot extend it")
     layout = VocabLayout(text_size, semantic_size, pixel_size, pad_to_multiple_of)
-    check_tokenizer(tokenizer, layout)
+    check_tokenizer(text_tokenizer, layout)
     return layout
 
 
-def check_tokenizer(tokenizer: Any, layout: VocabLayout) -> None:
-    """Raise if ``tokenizer``'s visual tokens do not sit at ``layout``'s ids."""
+def check_tokenizer(text_tokenizer: Any, layout: VocabLayout) -> None:
+    """Raise if ``text_tokenizer``'s visual tokens do not sit at ``layout``'s ids."""
     probes = {
         IMAGE_START: layout.image_start_id,
         GEN_END: layout.gen_end_id,
@@ -197,14 +199,14 @@ def check_tokenizer(tokenizer: Any, layout: VocabLayout) -> None:
         pixel_token(layout.pixel_size - 1): layout.used_size - 1,
     }
     for token, expected in probes.items():
-        found = tokenizer.convert_tokens_to_ids(token)
+        found = text_tokenizer.convert_tokens_to_ids(token)
         if found != expected:
             raise VocabularyError(
                 f"tokenizer maps {token} to id {found}, expected {expected}: it was extended for another layout "
                 f"(text {layout.text_size}, semantic {layout.semantic_size}, pixel {layout.pixel_size})"
             )
-    if len(tokenizer) != layout.used_size:
-        raise VocabularyError(f"tokenizer has {len(tokenizer)} tokens; the layout expects {layout.used_size}")
+    if len(text_tokenizer) != layout.used_size:
+        raise VocabularyError(f"tokenizer has {len(text_tokenizer)} tokens; the layout expects {layout.used_size}")
 
 
 def train_sentencepiece(
@@ -235,10 +237,10 @@ def train_sentencepiece(
         minloglevel=2,
     )
     (out_dir / "tokenizer.model").write_bytes(model.getvalue())
-    tokenizer = LlamaTokenizer.from_pretrained(str(out_dir), add_bos_token=False, add_eos_token=False)
-    tokenizer.pad_token = "<pad>"
-    tokenizer.save_pretrained(str(out_dir))
-    return tokenizer
+    text_tokenizer = LlamaTokenizer.from_pretrained(str(out_dir), add_bos_token=False, add_eos_token=False)
+    text_tokenizer.pad_token = "<pad>"
+    text_tokenizer.save_pretrained(str(out_dir))
+    return text_tokenizer
 
 
 def shapes_corpus(world: Any, split: str = "train", limit: int = 4000) -> list[str]:

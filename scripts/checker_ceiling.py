@@ -32,7 +32,7 @@ from training.tiny_mllm import t2i_world_config  # noqa: E402
 WORLDS = ("default", "grid", "canonical", "slots")
 
 
-def ceiling(tokenizer: DualTokenizer, world: ShapesWorld, scenes: int, split: str = "val") -> dict[str, float]:
+def ceiling(visual_tokenizer: DualTokenizer, world: ShapesWorld, scenes: int, split: str = "val") -> dict[str, float]:
     """Checker pass rate on reconstructions of ``scenes`` draws: per object count and over all."""
     passed: dict[int, list[bool]] = {1: [], 2: []}
     for index in tqdm(range(scenes), desc="reconstructions", unit="scene"):
@@ -40,8 +40,8 @@ def ceiling(tokenizer: DualTokenizer, world: ShapesWorld, scenes: int, split: st
         if len(sample.objects) not in passed:
             continue
         with torch.no_grad():
-            codes = tokenizer.encode(uint8_image_to_tensor(sample.image)[None]).pixel_codes
-            drawn = tokenizer.decode(codes)
+            codes = visual_tokenizer.encode(uint8_image_to_tensor(sample.image)[None]).pixel_codes
+            drawn = visual_tokenizer.decode(codes)
         verdict = checker_verdicts(drawn, [[(o.colour, o.shape) for o in sample.objects]])[0]
         passed[len(sample.objects)].append(bool(verdict))
     everything = passed[1] + passed[2]
@@ -61,13 +61,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     if args.scenes < 2:
         parser.error(f"--scenes={args.scenes}; expected at least 2 (one-object and two-object draws alternate)")
     torch.set_num_threads(args.threads)
-    tokenizer = DualTokenizer.from_pretrained(args.tokenizer).eval()
-    size, grid = tokenizer.backbone.image_size, tokenizer.backbone.grid_size
+    visual_tokenizer = DualTokenizer.from_pretrained(args.tokenizer).eval()
+    size, grid = visual_tokenizer.backbone.image_size, visual_tokenizer.backbone.grid_size
     configs = {name: t2i_world_config(name, 0, size, grid) for name in WORLDS[1:]}
     configs["default"] = ShapesWorldConfig(image_size=size)
     results = {}
     for name in args.worlds:
-        results[name] = found = ceiling(tokenizer, ShapesWorld(configs[name]), args.scenes)
+        results[name] = found = ceiling(visual_tokenizer, ShapesWorld(configs[name]), args.scenes)
         print(
             f"{name:8s} one object {100 * found['1_objects']:5.1f} % of {found['1_objects_scenes']:.0f}, "
             f"two objects {100 * found['2_objects']:5.1f} % of {found['2_objects_scenes']:.0f}, "

@@ -38,9 +38,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, tokenizer, _ = load_model_folder(args.model, "sdpa")
+    model, text_tokenizer, _ = load_model_folder(args.model, "sdpa")
     model.eval()
-    builder = SequenceBuilder.for_model(tokenizer, model.config)
+    builder = SequenceBuilder.for_model(text_tokenizer, model.config)
     store = CodeStore(args.codes)
     records = read_conversations(args.conversations)
     grounded = grounded_sequences(builder, store, records)
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raise SystemExit(
             f"{args.conversations}: no answer has 'boxes'; write it with `dualtoken make-data`, whose answers carry them"
         )
-    batch = collate_sequences(grounded, tokenizer.pad_token_id or 0)
+    batch = collate_sequences(grounded, text_tokenizer.pad_token_id or 0)
     text = model.config.text_config
     report: dict[str, float] = {}
     with torch.no_grad():
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 out = model(**batch, grounding_layer=layer, grounding_heads=heads)
                 report[f"mass_layer{layer}_{name}"] = out.losses["grounding_mass"].item()
         report["val_answer_loss"] = out.losses["text"].item()
-    report.update(vqa_accuracy(model, builder, store, tokenizer, records, args.questions))
+    report.update(vqa_accuracy(model, builder, store, text_tokenizer, records, args.questions))
     print(json.dumps({key: round(value, 4) for key, value in report.items()}, indent=1))
     return report
 

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model, tokenizer, _ = load_model_folder(args.model, "sdpa")
+    model, text_tokenizer, _ = load_model_folder(args.model, "sdpa")
     config = model.config
     if args.position is not None:
         if args.position == "projector" and config.input_fusion == "sum":
@@ -108,10 +108,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         model.set_image_rope(args.rope)
     if not 1 <= args.block <= min(config.grid_size):
         parser.error(f"--block {args.block} does not fit the {config.grid_size} grid")
-    builder = SequenceBuilder.for_model(tokenizer, config)
+    builder = SequenceBuilder.for_model(text_tokenizer, config)
     text, answers = QUESTIONS[args.question]
     rng = np.random.default_rng(args.seed)
-    pad = tokenizer.pad_token_id or 0
+    pad = text_tokenizer.pad_token_id or 0
 
     def sequence(semantic, pixel, answer=None):
         if answer is None:

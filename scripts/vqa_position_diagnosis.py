@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     pipe = Pipeline.from_pretrained(args.model)
-    world = ShapesWorld(ShapesWorldConfig(image_size=pipe.dualtoken.backbone.image_size))
+    world = ShapesWorld(ShapesWorldConfig(image_size=pipe.visual_tokenizer.backbone.image_size))
     found: dict[str, object] = {"accuracy": position_accuracy(pipe, world, args.scenes)}
     print("absolute position questions, accuracy:")
     for key, value in found["accuracy"].items():

@@ -1,6 +1,6 @@
-"""Shared tiny setup of the LLM-stage tests: a random DualToken tokenizer, Shapes data, code shards.
+"""Shared tiny setup of the LLM-stage tests: a random visual tokenizer, Shapes data, code shards.
 
-``make_mllm_data(root)`` writes, under ``root``: a saved tokenizer, ``train/`` and ``val/``
+``make_mllm_data(root)`` writes, under ``root``: a saved visual tokenizer, ``train/`` and ``val/``
 Shapes splits (LLaVA conversations + text-image pairs + PNGs) and each split's code shards;
 ``stage_overrides(data)`` points a stage config at them and shrinks the LM to a few thousand
 parameters, so a stage step takes well under a second on one core.
@@ -31,7 +31,7 @@ TRAIN_IMAGES = 48
 VAL_IMAGES = 12
 
 
-def tiny_dualtoken(seed: int = 0) -> DualTokenizer:
+def tiny_visual_tokenizer(seed: int = 0) -> DualTokenizer:
     torch.manual_seed(seed)
     config = DualTokenizerConfig(
         backbone=BackboneConfig(
@@ -47,22 +47,22 @@ def tiny_dualtoken(seed: int = 0) -> DualTokenizer:
 
 
 def make_mllm_data(root: Path) -> dict[str, Path]:
-    """Tokenizer, train/val Shapes data and their code shards under ``root``."""
+    """Visual tokenizer, train/val Shapes data and their code shards under ``root``."""
     world = ShapesWorld(ShapesWorldConfig(seed=5, image_size=IMAGE_SIZE))
-    tokenizer = tiny_dualtoken()
-    tokenizer_dir = tokenizer.save_pretrained(root / "tokenizer")
-    paths: dict[str, Path] = {"tokenizer": Path(tokenizer_dir)}
+    visual_tokenizer = tiny_visual_tokenizer()
+    visual_tokenizer_dir = visual_tokenizer.save_pretrained(root / "tokenizer")
+    paths: dict[str, Path] = {"visual_tokenizer": Path(visual_tokenizer_dir)}
     for split, count in (("train", TRAIN_IMAGES), ("val", VAL_IMAGES)):
         written = write_shapes(world, split, root / split, count)
         keys, image_root = collect_image_paths([written["llava"]], [written["t2i"]])
         tokenize_to_shards(
-            tokenizer,
+            visual_tokenizer,
             keys,
             image_root,
             root / split / "codes",
             batch_size=16,
             shard_size=32,
-            tokenizer_path=str(tokenizer_dir),
+            visual_tokenizer_path=str(visual_tokenizer_dir),
         )
         paths[f"{split}_llava"] = written["llava"]
         paths[f"{split}_t2i"] = written["t2i"]

@@ -80,7 +80,7 @@ def eval_settings_keys() -> set[str]:
 def floor_metric_names() -> set[str]:
     """Metrics a floor or ceiling may name: the LLM stage's held-out text-to-image losses
     (``val_t2i_`` + each term of the model's loss dict) and the shapes_vqa scores."""
-    from eval.shapes_tasks import VQAItem, score_vqa
+    from eval.shapes_scoring import VQAItem, score_vqa
     from mllm.modeling import DualTokenMLLMForCausalLM
     from training.data.shapes import QUESTION_KINDS
 

@@ -43,7 +43,7 @@ def build_word_tokenizer(texts: Iterable[str], max_length: int) -> PreTrainedTok
     backend.post_processor = processors.TemplateProcessing(
         single=f"$A {EOS_TOKEN}", special_tokens=[(EOS_TOKEN, vocab[EOS_TOKEN])]
     )
-    tokenizer = PreTrainedTokenizerFast(
+    text_tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token=PAD_TOKEN,
         unk_token=UNK_TOKEN,
@@ -52,14 +52,16 @@ def build_word_tokenizer(texts: Iterable[str], max_length: int) -> PreTrainedTok
         padding_side="right",
         truncation_side="right",
     )
-    return tokenizer
+    return text_tokenizer
 
 
-def tokenize_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> torch.Tensor:
+def tokenize_texts(text_tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> torch.Tensor:
     """``texts`` -> input ids ``(len(texts), max_length)``, padded the way SigLIP expects."""
     if isinstance(texts, str):
         raise TypeError("tokenize_texts expects a list of strings, got a single string")
-    encoded = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    encoded = text_tokenizer(
+        list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+    )
     return encoded["input_ids"]
 
 

@@ -60,7 +60,7 @@ def zero_shot_accuracy(
 
 @torch.no_grad()
 def tokenizer_metrics(
-    tokenizer: DualTokenizer,
+    visual_tokenizer: DualTokenizer,
     recon_dataset: Dataset,
     zero_shot_dataset: Dataset | None,
     text_embeds: torch.Tensor | None,
@@ -69,23 +69,23 @@ def tokenizer_metrics(
 ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
     """PSNR / SSIM / codebook usage on ``recon_dataset`` and zero-shot accuracy through
     the *quantised* semantic path. Returns (metrics, first originals, their reconstructions)."""
-    was_training = tokenizer.training
-    tokenizer.eval()
+    was_training = visual_tokenizer.training
+    visual_tokenizer.eval()
     psnrs, ssims, checked = [], [], []
     describe = getattr(recon_dataset, "objects", None)  # Shapes scenes: the checker can judge
     pixel_counts = semantic_counts = None
     first_images = first_recons = None
     for batch in tqdm(_loader(recon_dataset, batch_size, limit), desc="reconstruction", leave=False):
         images = batch["image"]
-        codes = tokenizer.encode(images)
-        recons = tokenizer.decode(codes.pixel_codes)
+        codes = visual_tokenizer.encode(images)
+        recons = visual_tokenizer.decode(codes.pixel_codes)
         psnrs.append(psnr(recons, images))
         ssims.append(ssim(recons, images))
         if describe is not None:
             checked += checker_verdicts(recons, [describe(int(index)) for index in batch["index"]])
-        pixel_counts = _accumulate_counts(pixel_counts, codes.pixel_codes, _codebook_size(tokenizer, "pixel"))
+        pixel_counts = _accumulate_counts(pixel_counts, codes.pixel_codes, _codebook_size(visual_tokenizer, "pixel"))
         semantic_counts = _accumulate_counts(
-            semantic_counts, codes.semantic_codes, tokenizer.config.semantic_quantizer.codebook_size
+            semantic_counts, codes.semantic_codes, visual_tokenizer.config.semantic_quantizer.codebook_size
         )
         if first_images is None:
             first_images, first_recons = images[:16], recons[:16]
@@ -104,14 +104,14 @@ def tokenizer_metrics(
         metrics[f"{branch}_min_depth_usage"] = float(min(usage["usage_per_depth"]))
     if zero_shot_dataset is not None and text_embeds is not None:
         metrics["zero_shot"] = zero_shot_accuracy(
-            lambda images: tokenizer.semantic_features(tokenizer.encode(images).semantic_codes).pooled,
+            lambda images: visual_tokenizer.semantic_features(visual_tokenizer.encode(images).semantic_codes).pooled,
             text_embeds,
             zero_shot_dataset,
             batch_size,
             limit,
             desc="zero-shot (quantised)",
         )
-    tokenizer.train(was_training)
+    visual_tokenizer.train(was_training)
     return metrics, first_images, first_recons
 
 
@@ -126,9 +126,9 @@ def checker_verdicts(recons: torch.Tensor, scenes: Sequence[list[tuple[str, str]
     ]
 
 
-def _codebook_size(tokenizer: DualTokenizer, branch: str) -> int:
-    quantizer = tokenizer.pixel_quantizer if branch == "pixel" else tokenizer.semantic_quantizer
-    return (quantizer or tokenizer.semantic_quantizer).config.codebook_size
+def _codebook_size(visual_tokenizer: DualTokenizer, branch: str) -> int:
+    quantizer = visual_tokenizer.pixel_quantizer if branch == "pixel" else visual_tokenizer.semantic_quantizer
+    return (quantizer or visual_tokenizer.semantic_quantizer).config.codebook_size
 
 
 def _accumulate_counts(counts: torch.Tensor | None, codes: torch.Tensor, codebook_size: int) -> torch.Tensor:

@@ -32,7 +32,7 @@ def build_model(model_config: ModelConfig, store: CodeStore) -> tuple[DualTokenM
 
     meta = store.meta
     if model_config.text_tokenizer:
-        tokenizer = AutoTokenizer.from_pretrained(model_config.text_tokenizer)
+        text_tokenizer = AutoTokenizer.from_pretrained(model_config.text_tokenizer)
     else:
         from training.data.shapes import ShapesWorld, ShapesWorldConfig
 
@@ -43,17 +43,17 @@ def build_model(model_config: ModelConfig, store: CodeStore) -> tuple[DualTokenM
         # The tokenizer holds its model in memory: the folder it was trained into can go (the
         # stage saves it with the model).
         with tempfile.TemporaryDirectory(prefix="dualtoken-sp-") as folder:
-            tokenizer = train_sentencepiece(corpus, folder, model_config.sentencepiece_vocab)
+            text_tokenizer = train_sentencepiece(corpus, folder, model_config.sentencepiece_vocab)
     attn = pick_attn_implementation(model_config.attn_implementation)
     dtype = getattr(torch, model_config.dtype)
     if model_config.llm_pretrained:
         llm = AutoModelForCausalLM.from_pretrained(model_config.llm_pretrained, attn_implementation=attn, dtype=dtype)
     else:
         payload = dict(model_config.llm_config)
-        payload.setdefault("vocab_size", len(tokenizer))
+        payload.setdefault("vocab_size", len(text_tokenizer))
         llm_config = AutoConfig.for_model(**payload)
         llm = AutoModelForCausalLM.from_config(llm_config, attn_implementation=attn)
-    layout = extend_tokenizer(tokenizer, meta.semantic_codebook_size, meta.pixel_codebook_size)
+    layout = extend_tokenizer(text_tokenizer, meta.semantic_codebook_size, meta.pixel_codebook_size)
     template = QWEN_TEMPLATE if model_config.chat_template == "qwen" else ChatTemplate()
     model = DualTokenMLLMForCausalLM.from_llm(
         llm,
@@ -68,11 +68,11 @@ def build_model(model_config: ModelConfig, store: CodeStore) -> tuple[DualTokenM
     if model_config.code_embedding_init == "codebook":
         semantic, pixel = tokenizer_codebooks(store)
         init_code_embeddings(model, semantic, pixel)
-    return model, tokenizer
+    return model, text_tokenizer
 
 
 def tokenizer_codebooks(store: CodeStore) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The semantic and pixel codebooks of the DualToken tokenizer that wrote ``store``.
+    """The semantic and pixel codebooks of the visual tokenizer that wrote ``store``.
 
     The tokenizer is found through the shards' ``meta.json`` and must be the one that wrote
     them (same weight fingerprint), or the rows would describe another tokenizer's codes.
@@ -87,14 +87,14 @@ def tokenizer_codebooks(store: CodeStore) -> tuple[torch.Tensor, torch.Tensor | 
             f"model.code_embedding_init=codebook needs the tokenizer that wrote {store.out_dir} "
             f"({meta.tokenizer_path}, from its meta.json), which is not a folder"
         )
-    dualtoken = DualTokenizer.from_pretrained(path)
-    if tokenizer_fingerprint(dualtoken) != meta.tokenizer_fingerprint:
+    visual_tokenizer = DualTokenizer.from_pretrained(path)
+    if tokenizer_fingerprint(visual_tokenizer) != meta.tokenizer_fingerprint:
         raise ConfigError(
             f"{path} is not the tokenizer that wrote {store.out_dir} (weight fingerprints differ); "
             "re-tokenise or set model.code_embedding_init=random"
         )
-    pixel = dualtoken.pixel_quantizer.codebook if dualtoken.pixel_quantizer is not None else None
-    return dualtoken.semantic_quantizer.codebook, pixel
+    pixel = visual_tokenizer.pixel_quantizer.codebook if visual_tokenizer.pixel_quantizer is not None else None
+    return visual_tokenizer.semantic_quantizer.codebook, pixel
 
 
 def select_trainable(model: torch.nn.Module, trainable: list[str], frozen: list[str]) -> list[str]:
@@ -133,14 +133,14 @@ def merge_lora(model: DualTokenMLLMForCausalLM) -> None:
 
 def save_model_folder(
     model: DualTokenMLLMForCausalLM,
-    tokenizer: Any,
+    text_tokenizer: Any,
     directory: Path,
     sidecar: dict[str, Any],
     metrics: dict[str, float],
     state_dict: dict[str, torch.Tensor] | None = None,
     merge: bool = True,
 ) -> Path:
-    """Write model + tokenizer + sidecar + metrics through a staging folder, then rename (atomic)."""
+    """Write model + text tokenizer + sidecar + metrics through a staging folder, then rename (atomic)."""
     if hasattr(model.llm, "peft_config") and merge and state_dict is not None:
         raise ConfigError("merging LoRA under ZeRO-3 is not supported; set lora.merge_on_save=false")
     with atomic_directory(directory) as staging:
@@ -152,7 +152,7 @@ def save_model_folder(
                 model = copy.deepcopy(model)
                 merge_lora(model)
         model.save_pretrained(str(staging), state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(str(staging))
+        text_tokenizer.save_pretrained(str(staging))
         (staging / SIDECAR).write_text(json.dumps(sidecar, indent=2, default=str))
         (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     return directory

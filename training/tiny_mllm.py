@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 STAGES = ("align", "understand", "generate", "joint")
 EVAL_DIRNAME = "mllm_eval"
-BY_FORM_FILE = "vqa_by_form.json"  # VQA accuracy per question form (eval.shapes_tasks.vqa_by_form)
+BY_FORM_FILE = "vqa_by_form.json"  # VQA accuracy per question form (eval.shapes_scoring.vqa_by_form)
 STAGE_CONFIG = "configs/stages/tiny/{stage}.yaml"
 
 
@@ -76,7 +76,7 @@ def _data_ready(folder: Path, count: int) -> bool:
 
 
 def prepare_data(
-    tokenizer_dir: Path, data_dir: Path, counts: dict[str, int], seed: int = 0, t2i_world: str = "scenes"
+    visual_tokenizer_dir: Path, data_dir: Path, counts: dict[str, int], seed: int = 0, t2i_world: str = "scenes"
 ) -> dict[str, Path]:
     """Shapes splits + their code shards under ``data_dir/<split>`` (reused when complete).
 
@@ -93,10 +93,10 @@ def prepare_data(
 
     if t2i_world not in T2I_WORLDS:
         raise ValueError(f"t2i_world={t2i_world!r}; expected one of {list(T2I_WORLDS)}")
-    dualtoken = DualTokenizer.from_pretrained(tokenizer_dir)
-    image_size = dualtoken.backbone.image_size
+    visual_tokenizer = DualTokenizer.from_pretrained(visual_tokenizer_dir)
+    image_size = visual_tokenizer.backbone.image_size
     world = ShapesWorld(ShapesWorldConfig(seed=seed, image_size=image_size))
-    pairs_config = t2i_world_config(t2i_world, seed, image_size, dualtoken.backbone.grid_size)
+    pairs_config = t2i_world_config(t2i_world, seed, image_size, visual_tokenizer.backbone.grid_size)
     pairs_world = ShapesWorld(pairs_config) if pairs_config is not None else None
     for split, count in counts.items():
         folder = data_dir / split
@@ -123,7 +123,9 @@ def prepare_data(
         except (FileNotFoundError, CodeShardsError) as reason:
             if codes.exists():
                 logger.info("codes: writing %s again (%s)", codes, reason)
-            tokenize_to_shards(dualtoken, keys, root, codes, tokenizer_path=str(tokenizer_dir), overwrite=True)
+            tokenize_to_shards(
+                visual_tokenizer, keys, root, codes, visual_tokenizer_path=str(visual_tokenizer_dir), overwrite=True
+            )
     return {split: data_dir / split for split in counts}
 
 
@@ -180,7 +182,7 @@ def evaluate(
     decode_depths: int | None = None,
 ) -> dict:
     from eval.report import save_labelled_grid
-    from eval.shapes_tasks import shapes_t2i, shapes_vqa
+    from eval.shapes_scoring import shapes_t2i, shapes_vqa
     from mllm.inference import Pipeline, write_sampling
     from training.data.shapes import ShapesWorld, ShapesWorldConfig
 
@@ -188,7 +190,7 @@ def evaluate(
     # Pipeline.generate read them from the folder when not told otherwise.
     write_sampling(model_dir, cfg=float(cfg), temperature=float(temperature))
     pipe = Pipeline.from_pretrained(model_dir)
-    world = ShapesWorld(ShapesWorldConfig(image_size=pipe.dualtoken.backbone.image_size))
+    world = ShapesWorld(ShapesWorldConfig(image_size=pipe.visual_tokenizer.backbone.image_size))
     started = time.time()
     vqa = shapes_vqa(pipe, world, "test", vqa_scenes)
     vqa_seconds = time.time() - started

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     timings["stage0_seconds"] = time.time() - started
     teacher_metrics = json.loads((teacher_dir / "metrics.json").read_text())
 
-    tokenizer_dir = stage1_dir / train_tokenizer.TOKENIZER_DIRNAME
+    visual_tokenizer_dir = stage1_dir / train_tokenizer.TOKENIZER_DIRNAME
     started = time.time()
     stage1_argv = ["--config", args.tokenizer_config, "--set", f"loop.output_dir={stage1_dir}"]
     stage1_argv += ["--set", f"teacher_path={teacher_dir}", *_sets(args.set_tokenizer)]
@@ -89,16 +89,16 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         stage1_dir,
         stage1_argv,
         run_dir,
-        lambda: _stage_done(tokenizer_dir, train_tokenizer.tokenizer_is_complete),
+        lambda: _stage_done(visual_tokenizer_dir, train_tokenizer.tokenizer_is_complete),
         train_tokenizer.main,
-        f"the finished tokenizer in {tokenizer_dir}",
+        f"the finished tokenizer in {visual_tokenizer_dir}",
     )
     timings["stage1_seconds"] = time.time() - started
-    metrics = json.loads((tokenizer_dir / "metrics.json").read_text())
+    metrics = json.loads((visual_tokenizer_dir / "metrics.json").read_text())
     decoder_metrics = None
     if args.decoder:
-        tokenizer_dir, decoder_metrics, timings["stage1b_seconds"] = _decoder_stage(
-            args, run_dir / DECODER_DIRNAME, tokenizer_dir, teacher_dir, stage1_reused
+        visual_tokenizer_dir, decoder_metrics, timings["stage1b_seconds"] = _decoder_stage(
+            args, run_dir / DECODER_DIRNAME, visual_tokenizer_dir, teacher_dir, stage1_reused
         )
     report = write_report(run_dir, teacher_metrics, metrics, timings, stage1_dir, decoder_metrics, args.t2i_world)
     print(report)
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         return summary
     from training import tiny_mllm
 
-    llm_argv = ["--tokenizer", str(tokenizer_dir), "--run-dir", str(run_dir), "--t2i-world", args.t2i_world]
+    llm_argv = ["--tokenizer", str(visual_tokenizer_dir), "--run-dir", str(run_dir), "--t2i-world", args.t2i_world]
     llm_argv += _sets(args.set_llm)
     llm_argv += [item for value in args.llm_option for item in value.split("=", 1)]
     llm_metrics = tiny_mllm.main(llm_argv)
@@ -126,17 +126,21 @@ def run(args: argparse.Namespace) -> dict[str, float]:
 
 
 def _decoder_stage(
-    args: argparse.Namespace, output_dir: Path, stage1_tokenizer: Path, teacher_dir: Path, stage1_reused: bool
+    args: argparse.Namespace,
+    output_dir: Path,
+    stage1_visual_tokenizer_dir: Path,
+    teacher_dir: Path,
+    stage1_reused: bool,
 ) -> tuple[Path, dict, float]:
     """Stage 1b: the decoder of the stage-1 tokenizer fine-tuned alone; returns its tokenizer, metrics, seconds."""
-    tokenizer_dir = output_dir / train_tokenizer.TOKENIZER_DIRNAME
+    visual_tokenizer_dir = output_dir / train_tokenizer.TOKENIZER_DIRNAME
     started = time.time()
     if not stage1_reused and output_dir.exists():
         # Stage 1 was trained again, so a decoder (or checkpoint) tuned on the old codes is stale.
         logger.info("stage 1b: removing %s, which fine-tuned the previous stage-1 tokenizer", output_dir)
         shutil.rmtree(output_dir)
     argv = ["--config", args.decoder_config, "--set", f"loop.output_dir={output_dir}"]
-    argv += ["--set", f"init_tokenizer={stage1_tokenizer}", "--set", f"teacher_path={teacher_dir}"]
+    argv += ["--set", f"init_tokenizer={stage1_visual_tokenizer_dir}", "--set", f"teacher_path={teacher_dir}"]
     argv += _sets([value for value in args.set_tokenizer if value.startswith(SHARED_WITH_DECODER)])
     argv += _sets(args.set_decoder)
     run_or_reuse(
@@ -144,11 +148,11 @@ def _decoder_stage(
         output_dir,
         argv,
         output_dir.parent,
-        lambda: _stage_done(tokenizer_dir, train_tokenizer.tokenizer_is_complete),
+        lambda: _stage_done(visual_tokenizer_dir, train_tokenizer.tokenizer_is_complete),
         train_tokenizer.main,
-        f"the fine-tuned decoder in {tokenizer_dir}",
+        f"the fine-tuned decoder in {visual_tokenizer_dir}",
     )
-    return tokenizer_dir, json.loads((tokenizer_dir / "metrics.json").read_text()), time.time() - started
+    return visual_tokenizer_dir, json.loads((visual_tokenizer_dir / "metrics.json").read_text()), time.time() - started
 
 
 def _sets(values: list[str]) -> list[str]:

@@ -16,12 +16,12 @@ from tokenizer.model import DualTokenizer
 
 
 def _load(args: argparse.Namespace) -> tuple[DualTokenizer, torch.Tensor]:
-    tokenizer = DualTokenizer.from_pretrained(args.tokenizer)
-    size = tokenizer.backbone.image_size
+    visual_tokenizer = DualTokenizer.from_pretrained(args.tokenizer)
+    size = visual_tokenizer.backbone.image_size
     images = torch.stack(
         [load_image(path, name=str(path), image_size=size, convert_to_rgb=args.convert_to_rgb) for path in args.images]
     )
-    return tokenizer, images
+    return visual_tokenizer, images
 
 
 def _parser(prog: str, output_help: str) -> argparse.ArgumentParser:
@@ -35,8 +35,8 @@ def _parser(prog: str, output_help: str) -> argparse.ArgumentParser:
 
 def tokenize_main(argv: list[str] | None = None) -> dict[str, torch.Tensor]:
     args = _parser("dualtoken tokenize", "output .pt file with pixel_codes and semantic_codes").parse_args(argv)
-    tokenizer, images = _load(args)
-    codes = tokenizer.encode(images)
+    visual_tokenizer, images = _load(args)
+    codes = visual_tokenizer.encode(images)
     payload = {"pixel_codes": codes.pixel_codes, "semantic_codes": codes.semantic_codes, "files": list(args.images)}
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -51,8 +51,8 @@ def reconstruct_main(argv: list[str] | None = None) -> Path:
     from training.evaluation import save_image_grid
 
     args = _parser("dualtoken reconstruct", "output PNG (originals above, reconstructions below)").parse_args(argv)
-    tokenizer, images = _load(args)
-    recons = tokenizer.decode(tokenizer.encode(images).pixel_codes)
+    visual_tokenizer, images = _load(args)
+    recons = visual_tokenizer.decode(visual_tokenizer.encode(images).pixel_codes)
     path = save_image_grid([images, recons], Path(args.output), labels=["original", "decoded"])
     print(f"wrote {path}")
     return path

@@ -73,7 +73,7 @@ def vqa_accuracy(
     model: DualTokenMLLMForCausalLM,
     builder: SequenceBuilder,
     store: CodeStore,
-    tokenizer: Any,
+    text_tokenizer: Any,
     conversations: list[Any],
     limit: int,
     batch_size: int = 32,
@@ -111,7 +111,7 @@ def vqa_accuracy(
         chunk = questions[start : start + batch_size]
         outputs = generate_text(model, [q[0] for q in chunk], max_new_tokens, stop_ids=stop)
         for (_, answer, kind), ids in zip(chunk, outputs, strict=True):
-            predicted = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            predicted = text_tokenizer.decode(ids, skip_special_tokens=True).strip()
             correct[kind].append(int(predicted == answer))
             correct["all"].append(int(predicted == answer))
     model.train(was_training)
@@ -129,11 +129,11 @@ class MLLMStageTrainer:
         self.store = CodeStore(config.data.codes)
         stage = config.stage
         if stage.init:
-            self.model, self.tokenizer, sidecar = load_model_folder(stage.init, config.model.attn_implementation)
-            self.tokenizer_path = sidecar.get("tokenizer_path")
+            self.model, self.text_tokenizer, sidecar = load_model_folder(stage.init, config.model.attn_implementation)
+            self.visual_tokenizer_path = sidecar.get("tokenizer_path")
         else:
-            self.model, self.tokenizer = build_model(config.model, self.store)
-            self.tokenizer_path = self.store.meta.tokenizer_path
+            self.model, self.text_tokenizer = build_model(config.model, self.store)
+            self.visual_tokenizer_path = self.store.meta.tokenizer_path
         self._check_layout()
         self._check_grounding()
         if config.model.gradient_checkpointing:
@@ -149,7 +149,7 @@ class MLLMStageTrainer:
             len(names),
         )
         max_length = config.model.max_length or None
-        self.builder = SequenceBuilder.for_model(self.tokenizer, self.model.config, max_length)
+        self.builder = SequenceBuilder.for_model(self.text_tokenizer, self.model.config, max_length)
         self.model.to(dist_state.device)
         loop, optim = config.loop, config.optim
         optimizer = build_optimizer([p for p in self.model.parameters() if p.requires_grad], optim, self.model)
@@ -184,7 +184,7 @@ class MLLMStageTrainer:
             object_boxes=stage.object_pixel_weight != 1.0,
             image_input_noise=stage.image_input_noise,
         )
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.pad_id = self.text_tokenizer.pad_token_id if self.text_tokenizer.pad_token_id is not None else 0
 
     def _check_grounding(self) -> None:
         stage, text = self.config.stage, self.model.config.text_config
@@ -286,7 +286,7 @@ class MLLMStageTrainer:
                     model,
                     self.builder,
                     self.val_store,
-                    self.tokenizer,
+                    self.text_tokenizer,
                     self.val_conversations,
                     self.config.eval.vqa_samples,
                     self.config.eval.batch_size,
@@ -351,9 +351,13 @@ class MLLMStageTrainer:
         if self.dist.is_main:
             save_model_folder(
                 self.engine.module,
-                self.tokenizer,
+                self.text_tokenizer,
                 self.output_dir / MODEL_DIRNAME,
-                {"tokenizer_path": self.tokenizer_path, "stage": self.config.stage.name, "config": asdict(self.config)},
+                {
+                    "tokenizer_path": self.visual_tokenizer_path,
+                    "stage": self.config.stage.name,
+                    "config": asdict(self.config),
+                },
                 metrics,
                 state_dict=state_dict,
                 merge=self.config.lora.merge_on_save,

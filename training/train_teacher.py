@@ -4,7 +4,7 @@ It stands in for the pretrained SigLIP the paper starts from, when none is given
 tiny default). The result is a transformers ``SiglipModel`` directory plus its text
 tokenizer, so stage 1 loads it exactly as it would load ``google/siglip-so400m-*``.
 
-    dualtoken train-teacher --config configs/tokenizer/tiny.yaml
+    dualtoken train-teacher --config configs/tokenizer/tiny_teacher.yaml
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ class TeacherConfig:
 
 @dataclass
 class Stage0Config:
-    """Everything stage 0 reads from the experiment YAML (other sections are ignored)."""
+    """Everything stage 0 reads from its YAML; any other key is an error that names it."""
 
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)

@@ -123,21 +123,21 @@ DECODER_MODULES = ("pixel_up", "decoder")
 
 def load_init_tokenizer(config: Stage1Config) -> DualTokenizer:
     """The trained tokenizer named by ``config.init_tokenizer``, checked against ``config.tokenizer``."""
-    tokenizer = DualTokenizer.from_pretrained(config.init_tokenizer)
-    saved, wanted = config_to_dict(tokenizer.config), config_to_dict(config.tokenizer)
+    visual_tokenizer = DualTokenizer.from_pretrained(config.init_tokenizer)
+    saved, wanted = config_to_dict(visual_tokenizer.config), config_to_dict(config.tokenizer)
     for section in ("taps", "pixel_quantizer", "semantic_quantizer", "decoder", "projection"):
         if saved.get(section) != wanted.get(section):
             raise ConfigError(
                 f"init_tokenizer={config.init_tokenizer} was saved with tokenizer.{section}={saved.get(section)}, "
                 f"but the config asks for {wanted.get(section)}; make them equal"
             )
-    return tokenizer
+    return visual_tokenizer
 
 
-def frozen_parts(tokenizer: DualTokenizer) -> list[nn.Module]:
+def frozen_parts(visual_tokenizer: DualTokenizer) -> list[nn.Module]:
     """Freeze all but DECODER_MODULES; returns the frozen parts (to keep in eval mode)."""
     frozen = []
-    for name, child in tokenizer.named_children():
+    for name, child in visual_tokenizer.named_children():
         child.requires_grad_(name in DECODER_MODULES)
         if name not in DECODER_MODULES:
             frozen.append(child)
@@ -245,20 +245,22 @@ class Stage1Trainer:
         seed_everything(config.loop.seed)
         backbone, self.teacher = load_teacher(config.teacher_path)
         if config.init_tokenizer:
-            self.tokenizer = load_init_tokenizer(config)
+            self.visual_tokenizer = load_init_tokenizer(config)
         else:
-            self.tokenizer = DualTokenizer(config.tokenizer, backbone=backbone, text_tower=self.teacher.text_tower)
-        self._frozen = frozen_parts(self.tokenizer) if config.decoder_only else []
-        self.tokenizer.backbone.set_gradient_checkpointing(config.tokenizer.backbone.gradient_checkpointing)
+            self.visual_tokenizer = DualTokenizer(
+                config.tokenizer, backbone=backbone, text_tower=self.teacher.text_tower
+            )
+        self._frozen = frozen_parts(self.visual_tokenizer) if config.decoder_only else []
+        self.visual_tokenizer.backbone.set_gradient_checkpointing(config.tokenizer.backbone.gradient_checkpointing)
         logger.info(
             "stage 1: DualToken with %.2fM trainable parameters (taps %d/%d of %d layers)",
-            count_parameters(self.tokenizer) / 1e6,
+            count_parameters(self.visual_tokenizer) / 1e6,
             config.tokenizer.taps.pixel_layer,
             config.tokenizer.taps.semantic_layer,
-            self.tokenizer.backbone.num_layers,
+            self.visual_tokenizer.backbone.num_layers,
         )
         self.perceptual = build_perceptual(config.loss, self.teacher)
-        self.engine = self._engine(self.tokenizer, config.optim)
+        self.engine = self._engine(self.visual_tokenizer, config.optim)
         self.engines = {"tokenizer": self.engine}
         self.discriminator_engine = None
         if config.loss.gan > 0:
@@ -314,7 +316,7 @@ class Stage1Trainer:
                     weight = adaptive_generator_weight(
                         losses["reconstruction"],
                         losses["generator_adversarial"],
-                        self.tokenizer.decoder.last_layer_weight,
+                        self.visual_tokenizer.decoder.last_layer_weight,
                         config.loss.adaptive_min,
                         config.loss.adaptive_max,
                     )
@@ -355,7 +357,7 @@ class Stage1Trainer:
         else:
             recon_set, zero_shot_set = build_image_dataset(self.config.data, split), None
         metrics, originals, recons = tokenizer_metrics(
-            self.tokenizer, recon_set, zero_shot_set, self._class_text_embeds(), limit=limit
+            self.visual_tokenizer, recon_set, zero_shot_set, self._class_text_embeds(), limit=limit
         )
         if self.dist.is_main:
             grid = save_image_grid(
@@ -449,7 +451,7 @@ class Stage1Trainer:
         metrics["train_seconds"] = train_seconds
         metrics["steps"] = step
         if self.dist.is_main:
-            directory = self.tokenizer.save_pretrained(self.output_dir / TOKENIZER_DIRNAME)
+            directory = self.visual_tokenizer.save_pretrained(self.output_dir / TOKENIZER_DIRNAME)
             if self.teacher.text_tokenizer is not None:
                 self.teacher.text_tokenizer.save_pretrained(directory / "text_tokenizer")
             (directory / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -2,7 +2,7 @@
 
 The scenes are rendered from the world's seed; images the model draws are judged by
 :mod:`training.data.shapes.judge`, which never sees the model. The scoring rules live in
-:mod:`eval.shapes_tasks`.
+:mod:`eval.shapes_scoring`.
 
 - ``shapes_vqa``: every question of the first ``scenes`` test scenes, by question type, next
   to the majority baseline of each type; ``shapes_vqa_by_form.json`` beside the results gives
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from eval.shapes_tasks import VQAItem, majority_answers, score_vqa, vqa_by_form, vqa_items
+from eval.shapes_scoring import VQAItem, majority_answers, score_vqa, vqa_by_form, vqa_items
 from eval.task import Task, register
 from eval.tasks.image_features import FIDFeatures, fid_from_features, image_tensor
 from mllm.generation import SamplingConfig

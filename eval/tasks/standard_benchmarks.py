@@ -45,7 +45,7 @@ class _LocalBenchmark(Task):
         from tokenizer.images import load_image
 
         pipe = self.context.pipeline
-        size = pipe.dualtoken.backbone.image_size
+        size = pipe.visual_tokenizer.backbone.image_size
         samples = [self._by_key[item["key"]] for item in batch]
         images = [
             load_image(s.image_source, name=str(s.question_id), image_size=size, convert_to_rgb=True) for s in samples

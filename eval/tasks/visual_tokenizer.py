@@ -35,13 +35,13 @@ class TokenizerMetrics(FIDFeatures, Task):
         from tokenizer.losses import psnr, ssim
         from training.evaluation import checker_verdicts
 
-        tokenizer = self.context.dualtoken
+        visual_tokenizer = self.context.visual_tokenizer
         scenes = [self._world.sample(*_split_index(item["key"])) for item in batch]
         images = torch.stack([image_tensor(scene.image) for scene in scenes])
         # One image at a time: convolution kernels pick different algorithms for different
         # batch sizes (last-bit differences), and the scores must not depend on the batch.
-        encoded = [tokenizer.encode(images[row : row + 1]) for row in range(len(batch))]
-        recon = torch.cat([tokenizer.decode(codes.pixel_codes) for codes in encoded]).clamp(-1, 1)
+        encoded = [visual_tokenizer.encode(images[row : row + 1]) for row in range(len(batch))]
+        recon = torch.cat([visual_tokenizer.decode(codes.pixel_codes) for codes in encoded]).clamp(-1, 1)
         codes = type(encoded[0])(
             pixel_codes=torch.cat([c.pixel_codes for c in encoded]),
             semantic_codes=torch.cat([c.semantic_codes for c in encoded]),
@@ -88,7 +88,7 @@ class TokenizerMetrics(FIDFeatures, Task):
 
     def score(self, items: list[dict[str, Any]], predictions: list[dict[str, Any]]) -> dict[str, float]:
 
-        tokenizer = self.context.dualtoken
+        visual_tokenizer = self.context.visual_tokenizer
         metrics = {
             "psnr": float(np.mean([p["psnr"] for p in predictions])),
             "ssim": float(np.mean([p["ssim"] for p in predictions])),
@@ -101,7 +101,10 @@ class TokenizerMetrics(FIDFeatures, Task):
         if rfid is not None:
             metrics["rfid"] = rfid
         metrics["rfid_features"] = self._extractor().name
-        for branch, quantizer in (("pixel", tokenizer.pixel_quantizer), ("semantic", tokenizer.semantic_quantizer)):
+        for branch, quantizer in (
+            ("pixel", visual_tokenizer.pixel_quantizer),
+            ("semantic", visual_tokenizer.semantic_quantizer),
+        ):
             if quantizer is None:
                 continue
             size = quantizer.config.codebook_size
@@ -135,35 +138,37 @@ class ZeroShot(Task):
 
             from training.evaluation import class_text_embeddings
 
-            tokenizer = self.context.dualtoken
-            path = self._tokenizer_dir() / "text_tokenizer"
+            visual_tokenizer = self.context.visual_tokenizer
+            path = self._visual_tokenizer_dir() / "text_tokenizer"
             if not path.is_dir():
                 raise FileNotFoundError(
                     f"zero_shot needs the text tokenizer saved with the DualToken tokenizer ({path})"
                 )
             self._embeds = class_text_embeddings(
-                tokenizer.text_tower, AutoTokenizer.from_pretrained(path), self._world.zero_shot_prompts()
+                visual_tokenizer.text_tower, AutoTokenizer.from_pretrained(path), self._world.zero_shot_prompts()
             )
         return self._embeds
 
-    def _tokenizer_dir(self) -> Path:
-        if self.context.tokenizer_path:
-            return Path(self.context.tokenizer_path)
+    def _visual_tokenizer_dir(self) -> Path:
+        if self.context.visual_tokenizer_path:
+            return Path(self.context.visual_tokenizer_path)
         import json
 
-        from mllm.inference import resolve_tokenizer_path
+        from mllm.inference import resolve_visual_tokenizer_path
         from mllm.model_folder import SIDECAR
 
         sidecar = json.loads((self.context.model_dir / SIDECAR).read_text())
-        return resolve_tokenizer_path(self.context.model_dir, sidecar.get("tokenizer_path"))
+        return resolve_visual_tokenizer_path(self.context.model_dir, sidecar.get("tokenizer_path"))
 
     @torch.no_grad()
     def predict(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        tokenizer = self.context.dualtoken
+        visual_tokenizer = self.context.visual_tokenizer
         out = []
         for item in batch:  # one at a time, so the result does not depend on the batch size
             image = image_tensor(self._world.sample_single(*_split_index(item["key"])).image)[None]
-            logits = tokenizer.zero_shot_logits(tokenizer.encode(image).semantic_codes, self._text_embeds())
+            logits = visual_tokenizer.zero_shot_logits(
+                visual_tokenizer.encode(image).semantic_codes, self._text_embeds()
+            )
             out.append({"predicted": int(logits.argmax(-1)[0])})
         return out
 

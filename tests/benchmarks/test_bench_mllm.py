@@ -95,9 +95,9 @@ def build_tiny_model(device_name: str = "cpu") -> tuple[DualTokenMLLMForCausalLM
     # Random code rows: the codebook start needs a trained tokenizer, and speed does not depend on it.
     stage = load_config(MLLMStageConfig, TINY_MLLM, ["model.code_embedding_init=random"])
     torch.manual_seed(0)
-    model, tokenizer = build_model(stage.model, SimpleNamespace(meta=tiny_code_layout()))
+    model, text_tokenizer = build_model(stage.model, SimpleNamespace(meta=tiny_code_layout()))
     model = model.to(device_name).eval()
-    return model, SequenceBuilder.for_model(tokenizer, model.config)
+    return model, SequenceBuilder.for_model(text_tokenizer, model.config)
 
 
 def make_step(

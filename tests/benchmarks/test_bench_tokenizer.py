@@ -40,30 +40,30 @@ OPERATIONS = ("encode", "decode", "encode+decode")
 
 
 @functools.cache
-def build_tokenizer(device_name: str = "cpu") -> DualTokenizer:
-    """The tiny.yaml tokenizer with random weights, codebooks initialised, in eval mode."""
+def build_visual_tokenizer(device_name: str = "cpu") -> DualTokenizer:
+    """The tiny.yaml visual tokenizer with random weights, codebooks initialised, in eval mode."""
     config = config_from_dict(DualTokenizerConfig, read_yaml(TINY_CONFIG)["tokenizer"], "tokenizer")
     torch.manual_seed(0)
-    tokenizer = DualTokenizer(config).to(device_name)
-    tokenizer.train()
+    visual_tokenizer = DualTokenizer(config).to(device_name)
+    visual_tokenizer.train()
     with torch.no_grad():
-        tokenizer(torch.rand(BATCH, 3, 64, 64, device=device_name) * 2 - 1)  # k-means initialisation
-    return tokenizer.eval()
+        visual_tokenizer(torch.rand(BATCH, 3, 64, 64, device=device_name) * 2 - 1)  # k-means initialisation
+    return visual_tokenizer.eval()
 
 
 def make_operation(operation: str, device: torch.device, batch_size: int = BATCH) -> Callable[[], object]:
     """A zero-argument callable running ``operation`` on one batch of ``batch_size`` images."""
-    tokenizer = build_tokenizer(str(device))
-    size = tokenizer.backbone.image_size
+    visual_tokenizer = build_visual_tokenizer(str(device))
+    size = visual_tokenizer.backbone.image_size
     generator = torch.Generator().manual_seed(1)
     images = (torch.rand(batch_size, 3, size, size, generator=generator) * 2 - 1).to(device)
-    pixel_codes = tokenizer.encode(images).pixel_codes
+    pixel_codes = visual_tokenizer.encode(images).pixel_codes
     if operation == "encode":
-        return lambda: tokenizer.encode(images)
+        return lambda: visual_tokenizer.encode(images)
     if operation == "decode":
-        return lambda: tokenizer.decode(pixel_codes)
+        return lambda: visual_tokenizer.decode(pixel_codes)
     if operation == "encode+decode":
-        return lambda: tokenizer.decode(tokenizer.encode(images).pixel_codes)
+        return lambda: visual_tokenizer.decode(visual_tokenizer.encode(images).pixel_codes)
     raise ValueError(f"operation={operation!r}; expected one of {OPERATIONS}")
 
 

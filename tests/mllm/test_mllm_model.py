@@ -20,7 +20,7 @@ SEM, PIX, DS, DP, GRID = 48, 80, 2, 3, (2, 3)
 
 
 @pytest.fixture(scope="module")
-def text_tokenizer(tmp_path_factory):
+def base_text_tokenizer(tmp_path_factory):
     corpus = shapes_corpus(ShapesWorld(ShapesWorldConfig(seed=0)), limit=300)
     return train_sentencepiece(corpus, tmp_path_factory.mktemp("sp"))
 
@@ -41,12 +41,12 @@ def _tiny_llm(vocab: int, tie: bool = True) -> Qwen2ForCausalLM:
 
 
 @pytest.fixture(scope="module")
-def built(text_tokenizer, tmp_path_factory):
+def built(base_text_tokenizer, tmp_path_factory):
     import copy
 
-    tokenizer = copy.deepcopy(text_tokenizer)
-    llm = _tiny_llm(len(tokenizer))
-    layout = extend_tokenizer(tokenizer, SEM, PIX)
+    text_tokenizer = copy.deepcopy(base_text_tokenizer)
+    llm = _tiny_llm(len(text_tokenizer))
+    layout = extend_tokenizer(text_tokenizer, SEM, PIX)
     torch.manual_seed(1)
     model = DualTokenMLLMForCausalLM.from_llm(
         llm,
@@ -57,8 +57,8 @@ def built(text_tokenizer, tmp_path_factory):
         depth_head_layers=1,
         depth_head_heads=2,
     ).eval()
-    builder = SequenceBuilder.for_model(tokenizer, model.config)
-    return tokenizer, layout, model, builder
+    builder = SequenceBuilder.for_model(text_tokenizer, model.config)
+    return text_tokenizer, layout, model, builder
 
 
 def _codes(seed: int, size: int, depth: int) -> torch.Tensor:
@@ -67,36 +67,40 @@ def _codes(seed: int, size: int, depth: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- vocabulary
 def test_layout_ranges_are_contiguous_and_padded(built):
-    tokenizer, layout, model, _ = built
+    text_tokenizer, layout, model, _ = built
     assert layout.semantic_offset == layout.text_size + 4
     assert layout.pixel_offset == layout.semantic_offset + SEM
-    assert len(tokenizer) == layout.used_size
+    assert len(text_tokenizer) == layout.used_size
     rows = model.get_input_embeddings().weight.shape[0]
     assert rows % 64 == 0 and rows >= layout.used_size
     assert model.get_output_embeddings().weight.shape[0] == rows
 
 
 def test_vocabulary_round_trip(built):
-    tokenizer, layout, _, _ = built
+    text_tokenizer, layout, _, _ = built
     text = "is there a small red circle to the left of the blue square?"
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = text_tokenizer(text, add_special_tokens=False)["input_ids"]
     assert all(i < layout.text_size for i in ids)
-    assert tokenizer.decode(ids) == text
+    assert text_tokenizer.decode(ids) == text
     codes = torch.tensor([0, 5, SEM - 1])
     sem_ids = layout.semantic_ids(codes)
     assert torch.equal(layout.semantic_codes(sem_ids), codes)
-    assert tokenizer.convert_ids_to_tokens(sem_ids.tolist()) == ["<sem_00000>", "<sem_00005>", f"<sem_{SEM - 1:05d}>"]
+    assert text_tokenizer.convert_ids_to_tokens(sem_ids.tolist()) == [
+        "<sem_00000>",
+        "<sem_00005>",
+        f"<sem_{SEM - 1:05d}>",
+    ]
     pix = layout.pixel_ids(torch.tensor([3, PIX - 1]))
-    assert tokenizer.decode(pix.tolist()) == f"<pix_00003><pix_{PIX - 1:05d}>"
-    assert tokenizer("<pix_00003>", add_special_tokens=False)["input_ids"] == [int(pix[0])]
+    assert text_tokenizer.decode(pix.tolist()) == f"<pix_00003><pix_{PIX - 1:05d}>"
+    assert text_tokenizer("<pix_00003>", add_special_tokens=False)["input_ids"] == [int(pix[0])]
     assert torch.equal(layout.pixel_codes(pix), torch.tensor([3, PIX - 1]))
 
 
 def test_extension_is_idempotent_and_checked(built):
-    tokenizer, layout, _, _ = built
-    assert extend_tokenizer(tokenizer, SEM, PIX) == layout
+    text_tokenizer, layout, _, _ = built
+    assert extend_tokenizer(text_tokenizer, SEM, PIX) == layout
     with pytest.raises(VocabularyError, match="another layout"):
-        extend_tokenizer(tokenizer, SEM + 1, PIX)
+        extend_tokenizer(text_tokenizer, SEM + 1, PIX)
 
 
 def test_codes_outside_the_codebook_are_rejected(built):
@@ -111,15 +115,15 @@ def test_codes_outside_the_codebook_are_rejected(built):
 
 
 @pytest.mark.parametrize("tie", [True, False])
-def test_text_only_logits_equal_the_original_model(text_tokenizer, tie):
+def test_text_only_logits_equal_the_original_model(base_text_tokenizer, tie):
     import copy
 
-    tokenizer = copy.deepcopy(text_tokenizer)
-    llm = _tiny_llm(len(tokenizer), tie=tie)
-    ids = torch.tensor([tokenizer("what colour is the square?", add_special_tokens=False)["input_ids"]])
+    text_tokenizer = copy.deepcopy(base_text_tokenizer)
+    llm = _tiny_llm(len(text_tokenizer), tie=tie)
+    ids = torch.tensor([text_tokenizer("what colour is the square?", add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         reference = llm(ids).logits
-    layout = extend_tokenizer(tokenizer, SEM, PIX)
+    layout = extend_tokenizer(text_tokenizer, SEM, PIX)
     model = DualTokenMLLMForCausalLM.from_llm(llm, layout, depth_head_layers=1, depth_head_heads=2).eval()
     with torch.no_grad():
         logits = model.text_logits(model(ids).hidden_states)
@@ -274,30 +278,32 @@ def test_caption_contrast_compares_one_image_under_two_captions(built):
     assert step.losses["contrast_margin"].item() > margin + 1.0
 
 
-def test_depth_one_uses_the_lm_head_rows(text_tokenizer):
+def test_depth_one_uses_the_lm_head_rows(base_text_tokenizer):
     import copy
 
-    tokenizer = copy.deepcopy(text_tokenizer)
-    layout = extend_tokenizer(tokenizer, SEM, PIX)
+    text_tokenizer = copy.deepcopy(base_text_tokenizer)
+    layout = extend_tokenizer(text_tokenizer, SEM, PIX)
     model = DualTokenMLLMForCausalLM.from_llm(
-        _tiny_llm(len(text_tokenizer)), layout, pixel_depth=1, depth_head_layers=0
+        _tiny_llm(len(base_text_tokenizer)), layout, pixel_depth=1, depth_head_layers=0
     ).eval()
     assert model.pixel_head is None
     hidden = torch.randn(4, 64)
     full = model.text_logits(hidden)
     torch.testing.assert_close(model.next_pixel_logits(hidden, None), full[:, layout.pixel_offset : layout.used_size])
     with pytest.raises(ValueError, match="needs pixel_depth=1"):
-        DualTokenMLLMForCausalLM.from_llm(_tiny_llm(len(text_tokenizer)), layout, pixel_depth=2, depth_head_layers=0)
+        DualTokenMLLMForCausalLM.from_llm(
+            _tiny_llm(len(base_text_tokenizer)), layout, pixel_depth=2, depth_head_layers=0
+        )
 
 
-def _concat_reader(text_tokenizer, **options):
-    """A tiny model that reads both branches through the concat + MLP fusion, with its tokenizer."""
+def _concat_reader(base_text_tokenizer, **options):
+    """A tiny model that reads both branches through the concat + MLP fusion, with its text tokenizer."""
     import copy
 
-    tokenizer = copy.deepcopy(text_tokenizer)
-    layout = extend_tokenizer(tokenizer, SEM, PIX)
+    text_tokenizer = copy.deepcopy(base_text_tokenizer)
+    layout = extend_tokenizer(text_tokenizer, SEM, PIX)
     model = DualTokenMLLMForCausalLM.from_llm(
-        _tiny_llm(len(text_tokenizer)),
+        _tiny_llm(len(base_text_tokenizer)),
         layout,
         semantic_depth=DS,
         pixel_depth=DP,
@@ -308,12 +314,12 @@ def _concat_reader(text_tokenizer, **options):
         depth_head_heads=2,
         **options,
     )
-    return tokenizer, layout, model
+    return text_tokenizer, layout, model
 
 
-def test_concat_fusion_mixes_both_branches(text_tokenizer):
-    tokenizer, layout, model = _concat_reader(text_tokenizer)
-    builder = SequenceBuilder.for_model(tokenizer, model.config)
+def test_concat_fusion_mixes_both_branches(base_text_tokenizer):
+    text_tokenizer, layout, model = _concat_reader(base_text_tokenizer)
+    builder = SequenceBuilder.for_model(text_tokenizer, model.config)
     seq = builder.conversation(
         [("user", "<image> what?"), ("assistant", "red")], _codes(3, SEM, DS), _codes(4, PIX, DP)
     )
@@ -355,7 +361,7 @@ def test_filter_logits_keeps_the_nucleus():
 
 
 def test_text_decoding_with_cache_equals_without(built):
-    tokenizer, _, model, builder = built
+    text_tokenizer, _, model, builder = built
     prompts = [
         builder.conversation(
             [("user", "<image> what colour is it?")], _codes(5, SEM, DS), train=False, add_generation_prompt=True
@@ -403,7 +409,7 @@ def both_attentions(built):
     """The ``built`` model and a copy with the same weights that reads images bidirectionally."""
     import copy
 
-    tokenizer, layout, model, builder = built
+    text_tokenizer, layout, model, builder = built
     prefix = copy.deepcopy(model)
     prefix.config.image_attention = "bidirectional"
     return builder, model, prefix
@@ -639,19 +645,19 @@ def test_image_rope_is_checked_saved_and_switchable(both_ropes, tmp_path):
         torch.testing.assert_close(loaded(input_ids=read).hidden_states, plain(input_ids=read).hidden_states)
 
 
-def test_image_rope_2d_needs_a_rotary_lm(text_tokenizer):
+def test_image_rope_2d_needs_a_rotary_lm(base_text_tokenizer):
     import copy
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    tokenizer = copy.deepcopy(text_tokenizer)
-    llm = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64))
-    layout = extend_tokenizer(tokenizer, SEM, PIX)
+    text_tokenizer = copy.deepcopy(base_text_tokenizer)
+    llm = GPT2LMHeadModel(GPT2Config(vocab_size=len(text_tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64))
+    layout = extend_tokenizer(text_tokenizer, SEM, PIX)
     with pytest.raises(ValueError, match="image_rope='2d' needs a decoder with a rotary embedding.*GPT2Model"):
         DualTokenMLLMForCausalLM.from_llm(llm, layout, grid_size=GRID, image_rope="2d")
     scaled = Qwen2ForCausalLM(
         Qwen2Config(
-            vocab_size=len(tokenizer),
+            vocab_size=len(text_tokenizer),
             hidden_size=64,
             intermediate_size=128,
             num_hidden_layers=1,
@@ -676,10 +682,10 @@ def test_qwen2_5_3b_config_builds_on_the_meta_device():
     config = load_config(MLLMStageConfig, repo / "configs" / "stages" / "qwen2_5_3b" / "joint.yaml")
     assert config.deepspeed.enabled and config.deepspeed.zero_stage == 2 and config.optim.lr == 1e-5
     assert config.optim.name == "adamw"  # ZeRO partitions the matrices Muon needs whole
-    tok = read_yaml(repo / "configs" / "tokenizer" / "so400m_384_rvq8.yaml")["tokenizer"]
-    tok_config = config_from_dict(DualTokenizerConfig, tok)
-    grid = tok_config.backbone.image_size // tok_config.backbone.patch_size
-    sem, pix = tok_config.semantic_quantizer, tok_config.pixel_quantizer
+    visual_tokenizer_section = read_yaml(repo / "configs" / "tokenizer" / "so400m_384_rvq8.yaml")["tokenizer"]
+    visual_tokenizer_config = config_from_dict(DualTokenizerConfig, visual_tokenizer_section)
+    grid = visual_tokenizer_config.backbone.image_size // visual_tokenizer_config.backbone.patch_size
+    sem, pix = visual_tokenizer_config.semantic_quantizer, visual_tokenizer_config.pixel_quantizer
     layout = VocabLayout(151_665, sem.codebook_size, pix.codebook_size)  # len(Qwen2.5 tokenizer) = 151,665
     with torch.device("meta"):
         llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config.model.llm_config))
@@ -732,15 +738,15 @@ def test_an_idle_head_gets_an_exact_zero_gradient(built):
         assert "idle_heads" not in model(**collate_sequences([vqa], pad_id=0)).losses
 
 
-def test_codebook_initialised_code_rows_are_a_linear_map_of_the_code_vectors(text_tokenizer):
+def test_codebook_initialised_code_rows_are_a_linear_map_of_the_code_vectors(base_text_tokenizer):
     import copy
 
     from mllm.modeling import init_code_embeddings
 
-    tokenizer = copy.deepcopy(text_tokenizer)
-    layout = extend_tokenizer(tokenizer, SEM, PIX)
+    text_tokenizer = copy.deepcopy(base_text_tokenizer)
+    layout = extend_tokenizer(text_tokenizer, SEM, PIX)
     model = DualTokenMLLMForCausalLM.from_llm(
-        _tiny_llm(len(text_tokenizer)), layout, semantic_depth=DS, pixel_depth=DP, depth_head_layers=1
+        _tiny_llm(len(base_text_tokenizer)), layout, semantic_depth=DS, pixel_depth=DP, depth_head_layers=1
     )
     generator = torch.Generator().manual_seed(3)
     semantic, pixel = torch.randn(SEM, 8, generator=generator), torch.randn(PIX, 8, generator=generator)
@@ -770,15 +776,15 @@ def test_codebook_initialised_code_rows_are_a_linear_map_of_the_code_vectors(tex
 
 # ---------------------------------------------------------------------------- 2-D image positions
 @pytest.fixture(scope="module", params=["learned", "sincos", "projector", "gated"])
-def positioned(request, text_tokenizer):
+def positioned(request, base_text_tokenizer):
     torch.manual_seed(2)
-    tokenizer, layout, model = _concat_reader(text_tokenizer, image_position_embedding=request.param)
+    text_tokenizer, layout, model = _concat_reader(base_text_tokenizer, image_position_embedding=request.param)
     model.eval()
     if request.param == "learned":
         with torch.no_grad():  # post_init draws them at std 0.02; make them matter in these checks
             model.image_rows.weight.normal_(std=0.5)
             model.image_cols.weight.normal_(std=0.5)
-    return tokenizer, layout, model, SequenceBuilder.for_model(tokenizer, model.config)
+    return text_tokenizer, layout, model, SequenceBuilder.for_model(text_tokenizer, model.config)
 
 
 def test_sincos_grid_table_is_a_fixed_coordinate_code():
@@ -796,14 +802,14 @@ def test_sincos_grid_table_is_a_fixed_coordinate_code():
         sincos_grid_table((2, 2), 30)
 
 
-def test_image_position_modes_are_checked_and_sincos_adds_no_parameters(text_tokenizer):
-    _, _, plain = _concat_reader(text_tokenizer)
+def test_image_position_modes_are_checked_and_sincos_adds_no_parameters(base_text_tokenizer):
+    _, _, plain = _concat_reader(base_text_tokenizer)
     assert plain.config.image_position_embedding == "none"
     for mode in ("sincos", "projector"):
-        _, _, fixed = _concat_reader(text_tokenizer, image_position_embedding=mode, image_position_scale=0.5)
+        _, _, fixed = _concat_reader(base_text_tokenizer, image_position_embedding=mode, image_position_scale=0.5)
         assert sum(p.numel() for p in fixed.parameters()) == sum(p.numel() for p in plain.parameters())
     # gated: one linear map from the slot's code vectors (2H with concat fusion) to H gates.
-    _, _, gated = _concat_reader(text_tokenizer, image_position_embedding="gated")
+    _, _, gated = _concat_reader(base_text_tokenizer, image_position_embedding="gated")
     hidden = plain.config.text_config.hidden_size
     extra = sum(p.numel() for p in gated.parameters()) - sum(p.numel() for p in plain.parameters())
     assert extra == 2 * hidden * hidden + hidden
@@ -816,7 +822,7 @@ def test_image_position_modes_are_checked_and_sincos_adds_no_parameters(text_tok
         DualTokenMLLMConfig(image_position_embedding="sincos", image_position_scale=0.0)
 
 
-def test_content_dependent_positions_survive_an_even_pooling_of_the_image(text_tokenizer):
+def test_content_dependent_positions_survive_an_even_pooling_of_the_image(base_text_tokenizer):
     """Moving an object leaves the mean of the image's slot embeddings unchanged when positions
     are added whatever a slot shows (sincos: the same table row sits on every slot), but not
     when they depend on the slot's codes (projector: they enter the projector's input; gated:
@@ -825,8 +831,8 @@ def test_content_dependent_positions_survive_an_even_pooling_of_the_image(text_t
     torch.manual_seed(4)
     means = {}
     for mode in ("sincos", "projector", "gated"):
-        tokenizer, layout, model = _concat_reader(text_tokenizer, image_position_embedding=mode)
-        builder = SequenceBuilder.for_model(tokenizer, model.config)
+        text_tokenizer, layout, model = _concat_reader(base_text_tokenizer, image_position_embedding=mode)
+        builder = SequenceBuilder.for_model(text_tokenizer, model.config)
         rows = []
         for column in (0, GRID[1] - 1):
             semantic, pixel = torch.full((*GRID, DS), 3), torch.full((*GRID, DP), 3)
@@ -900,13 +906,13 @@ def test_image_decoding_with_positions_cache_equals_without(positioned):
 
 
 # ---------------------------------------------------------------------------- positions of drawn slots
-def test_generated_positions_place_the_slots_of_drawn_images_only(text_tokenizer, tmp_path):
+def test_generated_positions_place_the_slots_of_drawn_images_only(base_text_tokenizer, tmp_path):
     """``generated_position_embedding=sincos`` adds the sine-cosine table to the slots of an image
     the model draws, row k on slot k, and leaves text and read images exactly as they were."""
     torch.manual_seed(6)
-    tokenizer, layout, model = _concat_reader(text_tokenizer, generated_position_embedding="sincos")
+    text_tokenizer, layout, model = _concat_reader(base_text_tokenizer, generated_position_embedding="sincos")
     model.eval()
-    builder = SequenceBuilder.for_model(tokenizer, model.config)
+    builder = SequenceBuilder.for_model(text_tokenizer, model.config)
     read = builder.conversation(
         [("user", "<image> what?"), ("assistant", "red")], _codes(1, SEM, DS), _codes(2, PIX, DP)
     )
@@ -934,7 +940,7 @@ def test_generated_positions_place_the_slots_of_drawn_images_only(text_tokenizer
     with torch.no_grad():
         torch.testing.assert_close(loaded.embed_slots(ids)[0], placed)
     # Parameter-free, checked, and not stacked on a read-image position.
-    _, _, none = _concat_reader(text_tokenizer)
+    _, _, none = _concat_reader(base_text_tokenizer)
     assert none.config.generated_position_embedding == "none"
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in none.parameters())
     with pytest.raises(ValueError, match="generated_position_embedding='learned'; expected one of"):
@@ -942,7 +948,9 @@ def test_generated_positions_place_the_slots_of_drawn_images_only(text_tokenizer
 
     # Beside a read-image position (gated): that one stays on the read slots, the drawn ones get the table.
     torch.manual_seed(8)
-    _, _, both = _concat_reader(text_tokenizer, image_position_embedding="gated", generated_position_embedding="sincos")
+    _, _, both = _concat_reader(
+        base_text_tokenizer, image_position_embedding="gated", generated_position_embedding="sincos"
+    )
     both.eval()
     with torch.no_grad():
         placed = both.embed_slots(ids)[0]
@@ -955,11 +963,11 @@ def test_generated_positions_place_the_slots_of_drawn_images_only(text_tokenizer
     torch.testing.assert_close(placed[is_drawn] - bare[is_drawn], table, atol=1e-5, rtol=0)
 
 
-def test_image_decoding_with_generated_positions_cache_equals_without(text_tokenizer):
+def test_image_decoding_with_generated_positions_cache_equals_without(base_text_tokenizer):
     torch.manual_seed(7)
-    tokenizer, _, model = _concat_reader(text_tokenizer, generated_position_embedding="sincos")
+    text_tokenizer, _, model = _concat_reader(base_text_tokenizer, generated_position_embedding="sincos")
     model.eval()
-    builder = SequenceBuilder.for_model(tokenizer, model.config)
+    builder = SequenceBuilder.for_model(text_tokenizer, model.config)
     cached = _draw_two(model, builder)
     assert torch.equal(cached, _draw_two(model, builder, use_cache=False))
     model.config.generated_position_embedding = "none"

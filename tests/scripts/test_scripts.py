@@ -104,8 +104,8 @@ def test_checker_ceiling_passes_true_drawings_and_fails_blank_ones(data, capsys)
         assert exact["1_objects_scenes"] + exact["2_objects_scenes"] <= 24
         assert exact["1_objects"] >= 0.9 and exact["all"] >= 0.85  # the checker knows the world's own images
         assert ceiling.ceiling(_Copying(blank=True), ShapesWorld(config), 24)["all"] == 0.0
-    found = ceiling.main([str(data["tokenizer"]), "--scenes", "4"])
+    found = ceiling.main([str(data["visual_tokenizer"]), "--scenes", "4"])
     assert set(found) == {"default", "grid", "canonical", "slots"} and all(0.0 <= found[w]["all"] <= 1.0 for w in found)
     assert "grid     one object" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        ceiling.main([str(data["tokenizer"]), "--scenes", "1"])
+        ceiling.main([str(data["visual_tokenizer"]), "--scenes", "1"])

@@ -329,7 +329,7 @@ def test_judging_a_caption_end_to_end(world: ShapesWorld) -> None:
 
 
 def test_text_to_image_scores_give_partial_credit() -> None:
-    from eval.shapes_tasks import score_t2i, t2i_items
+    from eval.shapes_scoring import score_t2i, t2i_items
     from training.data.shapes import ShapesWorld, ShapesWorldConfig
 
     world = ShapesWorld(ShapesWorldConfig(seed=0, image_size=64))
@@ -364,7 +364,7 @@ def test_text_to_image_scores_give_partial_credit() -> None:
 
 
 def test_vqa_by_form_shows_a_model_that_answers_from_the_prior() -> None:
-    from eval.shapes_tasks import VQAItem, question_form, vqa_by_form
+    from eval.shapes_scoring import VQAItem, question_form, vqa_by_form
 
     assert question_form("is the yellow triangle to the right of the large red triangle?") == (
         "is the X to the right of the X?"

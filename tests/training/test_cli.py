@@ -48,7 +48,7 @@ def _assert_one_error(capsys: pytest.CaptureFixture, *fragments: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def visual_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     config = DualTokenizerConfig(
         backbone=BackboneConfig(
@@ -60,9 +60,9 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         semantic_quantizer=QuantizerConfig(codebook_size=CODEBOOK_SIZE, code_dim=8, depth=DEPTH),
         decoder=DecoderConfig(base_channels=8, channel_mult=(1, 1, 1, 1), num_res_blocks=1, mid_attention=False),
     )
-    tokenizer = DualTokenizer(config).train()
-    tokenizer(torch.rand(8, 3, TOKENIZER_SIZE, TOKENIZER_SIZE) * 2 - 1)  # k-means-initialises both codebooks
-    return tokenizer.save_pretrained(tmp_path_factory.mktemp("cli") / "tokenizer")
+    visual_tokenizer = DualTokenizer(config).train()
+    visual_tokenizer(torch.rand(8, 3, TOKENIZER_SIZE, TOKENIZER_SIZE) * 2 - 1)  # k-means-initialises both codebooks
+    return visual_tokenizer.save_pretrained(tmp_path_factory.mktemp("cli") / "tokenizer")
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +148,9 @@ def test_out_of_range_tap_for_the_teacher(tmp_path: Path, capsys: pytest.Capture
 
 
 # ------------------------------------------------------------------------------ tokenize / reconstruct
-def test_tokenize_writes_codes(tokenizer_dir: Path, image_paths: list[Path], tmp_path: Path) -> None:
+def test_tokenize_writes_codes(visual_tokenizer_dir: Path, image_paths: list[Path], tmp_path: Path) -> None:
     output = tmp_path / "out" / "codes.pt"
-    argv = ["tokenize", "--tokenizer", str(tokenizer_dir), "--images", *map(str, image_paths), "-o", str(output)]
+    argv = ["tokenize", "--tokenizer", str(visual_tokenizer_dir), "--images", *map(str, image_paths), "-o", str(output)]
     assert cli.main(argv) == 0
     payload = torch.load(output, weights_only=False)
     assert payload["files"] == [str(path) for path in image_paths]
@@ -159,13 +159,21 @@ def test_tokenize_writes_codes(tokenizer_dir: Path, image_paths: list[Path], tmp
         assert codes.shape == (NUM_IMAGES, GRID, GRID, DEPTH) and codes.dtype == torch.int64
         assert 0 <= int(codes.min()) and int(codes.max()) < CODEBOOK_SIZE
     # The codes decode back to images the reconstruct command would show.
-    tokenizer = DualTokenizer.from_pretrained(tokenizer_dir)
-    assert tokenizer.decode(payload["pixel_codes"]).shape == (NUM_IMAGES, 3, TOKENIZER_SIZE, TOKENIZER_SIZE)
+    visual_tokenizer = DualTokenizer.from_pretrained(visual_tokenizer_dir)
+    assert visual_tokenizer.decode(payload["pixel_codes"]).shape == (NUM_IMAGES, 3, TOKENIZER_SIZE, TOKENIZER_SIZE)
 
 
-def test_reconstruct_writes_a_grid(tokenizer_dir: Path, image_paths: list[Path], tmp_path: Path) -> None:
+def test_reconstruct_writes_a_grid(visual_tokenizer_dir: Path, image_paths: list[Path], tmp_path: Path) -> None:
     output = tmp_path / "grid.png"
-    argv = ["reconstruct", "--tokenizer", str(tokenizer_dir), "--images", *map(str, image_paths), "-o", str(output)]
+    argv = [
+        "reconstruct",
+        "--tokenizer",
+        str(visual_tokenizer_dir),
+        "--images",
+        *map(str, image_paths),
+        "-o",
+        str(output),
+    ]
     assert cli.main(argv) == 0
     with Image.open(output) as grid:
         # Two rows (original, decoded) of NUM_IMAGES tiles, 2-px padding, an 80-px label column.
@@ -175,11 +183,20 @@ def test_reconstruct_writes_a_grid(tokenizer_dir: Path, image_paths: list[Path],
     assert first_original.std() > 0  # a real image was pasted, not the white canvas
 
 
-def test_grayscale_converts_with_the_flag(tokenizer_dir: Path, tmp_path: Path) -> None:
+def test_grayscale_converts_with_the_flag(visual_tokenizer_dir: Path, tmp_path: Path) -> None:
     grey = tmp_path / "grey.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48), dtype=np.uint8), mode="L").save(grey)
     output = tmp_path / "codes.pt"
-    argv = ["tokenize", "--tokenizer", str(tokenizer_dir), "--images", str(grey), "-o", str(output), "--convert-to-rgb"]
+    argv = [
+        "tokenize",
+        "--tokenizer",
+        str(visual_tokenizer_dir),
+        "--images",
+        str(grey),
+        "-o",
+        str(output),
+        "--convert-to-rgb",
+    ]
     assert cli.main(argv) == 0
     assert torch.load(output, weights_only=False)["pixel_codes"].shape == (1, GRID, GRID, DEPTH)
 
@@ -202,7 +219,7 @@ def test_bad_image_gives_exit_two_naming_the_file(
     command: str,
     kind: str,
     message: str,
-    tokenizer_dir: Path,
+    visual_tokenizer_dir: Path,
     image_paths: list[Path],
     tmp_path: Path,
     capsys: pytest.CaptureFixture,
@@ -211,7 +228,16 @@ def test_bad_image_gives_exit_two_naming_the_file(
     _write_bad_image(kind, bad)
     output = tmp_path / "out.file"
     # The bad file comes after a good one: the whole call fails, and nothing is written.
-    argv = [command, "--tokenizer", str(tokenizer_dir), "--images", str(image_paths[0]), str(bad), "-o", str(output)]
+    argv = [
+        command,
+        "--tokenizer",
+        str(visual_tokenizer_dir),
+        "--images",
+        str(image_paths[0]),
+        str(bad),
+        "-o",
+        str(output),
+    ]
     assert cli.main(argv) == 2
     _assert_one_error(capsys, f"dualtoken {command}: error:", str(bad), message)
     assert not output.exists()

@@ -37,7 +37,7 @@ SIZE = 32
 NUM_IMAGES = 5
 
 
-def tiny_tokenizer(seed: int = 0) -> DualTokenizer:
+def tiny_visual_tokenizer(seed: int = 0) -> DualTokenizer:
     torch.manual_seed(seed)
     config = DualTokenizerConfig(
         backbone=BackboneConfig(
@@ -66,8 +66,8 @@ def shapes_dir(world: ShapesWorld, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> DualTokenizer:
-    return tiny_tokenizer()
+def visual_tokenizer() -> DualTokenizer:
+    return tiny_visual_tokenizer()
 
 
 # --------------------------------------------------------------------------------------
@@ -318,9 +318,9 @@ def image_keys() -> list[str]:
     return [f"images/val/{i:06d}.png" for i in range(NUM_IMAGES)]
 
 
-def encode_files(tokenizer: DualTokenizer, root: Path, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_files(visual_tokenizer: DualTokenizer, root: Path, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     images = torch.stack([load_image(root / key, name=key, image_size=SIZE, convert_to_rgb=False) for key in keys])
-    codes = tokenizer.encode(images)
+    codes = visual_tokenizer.encode(images)
     return codes.pixel_codes, codes.semantic_codes
 
 
@@ -328,10 +328,12 @@ class Interrupted(Exception):
     """Stands in for a crash or Ctrl-C in the middle of tokenisation."""
 
 
-def count_encodes(monkeypatch: pytest.MonkeyPatch, tokenizer: DualTokenizer, fail_on_call: int | None = None) -> list:
-    """Wrap ``tokenizer.encode``; returns the list of batch sizes it was called with."""
+def count_encodes(
+    monkeypatch: pytest.MonkeyPatch, visual_tokenizer: DualTokenizer, fail_on_call: int | None = None
+) -> list:
+    """Wrap ``visual_tokenizer.encode``; returns the list of batch sizes it was called with."""
     calls: list[int] = []
-    original = DualTokenizer.encode.__get__(tokenizer)  # the real method, even when already wrapped
+    original = DualTokenizer.encode.__get__(visual_tokenizer)  # the real method, even when already wrapped
 
     def encode(images: torch.Tensor):
         if fail_on_call is not None and len(calls) + 1 == fail_on_call:
@@ -339,7 +341,7 @@ def count_encodes(monkeypatch: pytest.MonkeyPatch, tokenizer: DualTokenizer, fai
         calls.append(len(images))
         return original(images)
 
-    monkeypatch.setattr(tokenizer, "encode", encode)
+    monkeypatch.setattr(visual_tokenizer, "encode", encode)
     return calls
 
 
@@ -347,11 +349,11 @@ def tree_bytes(folder: Path) -> dict[str, bytes]:
     return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
-def test_code_store_holds_the_encoded_codes(tokenizer: DualTokenizer, shapes_dir: Path, tmp_path: Path) -> None:
+def test_code_store_holds_the_encoded_codes(visual_tokenizer: DualTokenizer, shapes_dir: Path, tmp_path: Path) -> None:
     keys = image_keys()
     # Duplicates and non-normalised spellings of one path are encoded once.
     paths = [*reversed(keys), keys[0], "./" + keys[1]]
-    tokenize_to_shards(tokenizer, paths, shapes_dir, tmp_path / "codes", batch_size=2, shard_size=2)
+    tokenize_to_shards(visual_tokenizer, paths, shapes_dir, tmp_path / "codes", batch_size=2, shard_size=2)
     store = CodeStore(tmp_path / "codes")
     assert len(store) == NUM_IMAGES and store.keys() == keys
     assert keys[2] in store and "./" + keys[2] in store and "images/val/999999.png" not in store
@@ -359,7 +361,7 @@ def test_code_store_holds_the_encoded_codes(tokenizer: DualTokenizer, shapes_dir
     assert (meta.grid, meta.pixel_depth, meta.semantic_depth) == ((4, 4), 3, 2)
     assert (meta.pixel_codebook_size, meta.semantic_codebook_size, meta.dtype) == (32, 16, "int16")
     assert meta.shards == ["shard-00000", "shard-00001", "shard-00002"] and meta.complete
-    pixel, semantic = encode_files(tokenizer, shapes_dir, keys)
+    pixel, semantic = encode_files(visual_tokenizer, shapes_dir, keys)
     assert len({tuple(codes.flatten().tolist()) for codes in pixel}) == NUM_IMAGES  # the check below can fail
     for index, key in enumerate(keys):
         stored_pixel, stored_semantic = store.get(key)
@@ -374,15 +376,15 @@ def test_code_store_holds_the_encoded_codes(tokenizer: DualTokenizer, shapes_dir
 
 
 def test_interrupted_tokenisation_resumes_to_the_same_result(
-    tokenizer: DualTokenizer, shapes_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    visual_tokenizer: DualTokenizer, shapes_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     keys = image_keys()
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    tokenize_to_shards(tokenizer, keys, shapes_dir, reference, batch_size=2, shard_size=2)
+    tokenize_to_shards(visual_tokenizer, keys, shapes_dir, reference, batch_size=2, shard_size=2)
 
-    count_encodes(monkeypatch, tokenizer, fail_on_call=2)  # dies while encoding the second shard
+    count_encodes(monkeypatch, visual_tokenizer, fail_on_call=2)  # dies while encoding the second shard
     with pytest.raises(Interrupted):
-        tokenize_to_shards(tokenizer, keys, shapes_dir, resumed, batch_size=2, shard_size=2)
+        tokenize_to_shards(visual_tokenizer, keys, shapes_dir, resumed, batch_size=2, shard_size=2)
     assert json.loads((resumed / "meta.json").read_text())["shards"] == ["shard-00000"]
     with pytest.raises(CodeShardsError, match=r"incomplete \(1 of 3 shards\)"):
         CodeStore(resumed)
@@ -391,23 +393,23 @@ def test_interrupted_tokenisation_resumes_to_the_same_result(
     for leftover in (".shard-00001.tmp", "shard-00001"):
         (resumed / leftover).mkdir(exist_ok=True)
         (resumed / leftover / "data-00000-of-00001.arrow").write_bytes(b"partial")
-    calls = count_encodes(monkeypatch, tokenizer)
-    tokenize_to_shards(tokenizer, keys, shapes_dir, resumed, batch_size=2, shard_size=2)
+    calls = count_encodes(monkeypatch, visual_tokenizer)
+    tokenize_to_shards(visual_tokenizer, keys, shapes_dir, resumed, batch_size=2, shard_size=2)
     assert calls == [2, 1]  # the finished first shard is not encoded again
     assert tree_bytes(resumed) == tree_bytes(reference)
 
-    tokenize_to_shards(tokenizer, keys, shapes_dir, resumed, batch_size=2, shard_size=2)
+    tokenize_to_shards(visual_tokenizer, keys, shapes_dir, resumed, batch_size=2, shard_size=2)
     assert calls == [2, 1]  # a complete folder is reused as is
 
 
 def test_other_tokenizer_or_images_need_overwrite(shapes_dir: Path, tmp_path: Path) -> None:
     keys, out = image_keys(), tmp_path / "codes"
-    tokenize_to_shards(tiny_tokenizer(seed=0), keys, shapes_dir, out, shard_size=4)
-    other = tiny_tokenizer(seed=1)
+    tokenize_to_shards(tiny_visual_tokenizer(seed=0), keys, shapes_dir, out, shard_size=4)
+    other = tiny_visual_tokenizer(seed=1)
     with pytest.raises(CodeShardsError, match="holds codes from another tokenizer .*pass overwrite=True"):
         tokenize_to_shards(other, keys, shapes_dir, out, shard_size=4)
     with pytest.raises(CodeShardsError, match="another image list .*keys_sha256"):
-        tokenize_to_shards(tiny_tokenizer(seed=0), keys[:3], shapes_dir, out, shard_size=4)
+        tokenize_to_shards(tiny_visual_tokenizer(seed=0), keys[:3], shapes_dir, out, shard_size=4)
     tokenize_to_shards(other, keys, shapes_dir, out, shard_size=4, overwrite=True)
     store = CodeStore(out)
     assert store.meta.tokenizer_fingerprint == code_shards.tokenizer_fingerprint(other)
@@ -415,8 +417,10 @@ def test_other_tokenizer_or_images_need_overwrite(shapes_dir: Path, tmp_path: Pa
     assert torch.equal(store.get(keys[-1])[0], pixel[0]) and torch.equal(store.get(keys[-1])[1], semantic[0])
 
 
-def test_code_shards_cli_collects_both_formats(tokenizer: DualTokenizer, shapes_dir: Path, tmp_path: Path) -> None:
-    tokenizer.save_pretrained(tmp_path / "tokenizer")
+def test_code_shards_cli_collects_both_formats(
+    visual_tokenizer: DualTokenizer, shapes_dir: Path, tmp_path: Path
+) -> None:
+    visual_tokenizer.save_pretrained(tmp_path / "tokenizer")
     out = code_shards.main(
         [
             "--tokenizer",
@@ -433,7 +437,7 @@ def test_code_shards_cli_collects_both_formats(tokenizer: DualTokenizer, shapes_
     )
     store = CodeStore(out)
     assert store.keys() == image_keys() and store.meta.tokenizer_path == str(tmp_path / "tokenizer")
-    assert store.meta.tokenizer_fingerprint == code_shards.tokenizer_fingerprint(tokenizer)
+    assert store.meta.tokenizer_fingerprint == code_shards.tokenizer_fingerprint(visual_tokenizer)
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "t2i.jsonl").write_bytes((shapes_dir / "t2i.jsonl").read_bytes())
     with pytest.raises(ValueError, match="different folders .*pass --image-root"):

@@ -283,7 +283,7 @@ def test_zero3_model_folder_loads_without_deepspeed(data: dict[str, Path], plain
 
     zero3_folder, plain_folder = zero3_run.output_dir / MODEL_DIRNAME, plain_run.output_dir / MODEL_DIRNAME
     assert shapes(zero3_folder) == shapes(plain_folder)
-    model, tokenizer, _ = load_model_folder(zero3_folder)
+    model, text_tokenizer, _ = load_model_folder(zero3_folder)
     reference, _, _ = load_model_folder(plain_folder)
     expected = reference.state_dict()
     for name, tensor in model.state_dict().items():
@@ -291,11 +291,11 @@ def test_zero3_model_folder_loads_without_deepspeed(data: dict[str, Path], plain
         assert difference <= PARAM_ATOL, f"{name}: max |zero3 - plain| = {difference:.3g} (atol {PARAM_ATOL})"
 
     # (b) the first part of MLLMStageTrainer.evaluate: one batch of the held-out pairs
-    builder = SequenceBuilder.for_model(tokenizer, model.config, None)
+    builder = SequenceBuilder.for_model(text_tokenizer, model.config, None)
     store = CodeStore(data["val_codes"])
     pairs = read_text_image_pairs(data["val_t2i"], None, check_files=False)[:64]
     sequences = [builder.generation(pair.caption, *store.get(normalise_key(pair.image_key))) for pair in pairs]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = text_tokenizer.pad_token_id if text_tokenizer.pad_token_id is not None else 0
     with torch.no_grad():
         losses = model.eval()(**collate_sequences(sequences, pad_id)).losses
     final = zero3_run.final()

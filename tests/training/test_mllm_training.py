@@ -45,9 +45,9 @@ def _train_records(output_dir: Path) -> dict[int, dict[str, float]]:
 def test_every_stage_runs_and_writes_a_loadable_model(chain):
     for stage, folder in chain.items():
         assert model_folder_is_complete(folder), stage
-        model, tokenizer, sidecar = load_model_folder(folder)
+        model, text_tokenizer, sidecar = load_model_folder(folder)
         assert sidecar["stage"] == stage and Path(sidecar["tokenizer_path"]).is_dir()
-        assert len(tokenizer) == model.config.layout.used_size
+        assert len(text_tokenizer) == model.config.layout.used_size
         records = _train_records(folder.parent)
         assert sorted(records) == [1, 2]
         assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in records.values())
@@ -97,18 +97,18 @@ def test_lora_save_resume_merge(data, tmp_path):
     _run("joint", stage_overrides(data, out, steps=3) + lora)  # resumes with the adapters in place
     assert sorted(_train_records(out)) == [1, 2, 3]
     assert (out / "model" / "adapter" / "adapter_config.json").is_file()
-    merged, tokenizer, _ = load_model_folder(out / "model")
+    merged, text_tokenizer, _ = load_model_folder(out / "model")
     assert not any("lora_" in name for name, _ in merged.named_parameters())
 
     # merging is exact: the adapted model and its merged copy give the same outputs
-    model, tokenizer, _ = load_model_folder(out / "model")
+    model, text_tokenizer, _ = load_model_folder(out / "model")
     apply_lora(model, LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(std=0.05)  # a non-zero adapter (B starts at zero)
     store = CodeStore(data["val_codes"])
-    builder = SequenceBuilder.for_model(tokenizer, model.config)
+    builder = SequenceBuilder.for_model(text_tokenizer, model.config)
     pixel, semantic = store.get(store.keys()[0])
     batch = collate_sequences([builder.generation("a red circle", pixel, semantic)], pad_id=0)
     model.eval()
@@ -280,11 +280,11 @@ def test_codebook_init_refuses_another_tokenizer(data, tmp_path, capsys):
     """The code rows start from the codebooks of the tokenizer that wrote the shards, or not at all."""
     import shutil
 
-    from mllm_fixtures import tiny_dualtoken
+    from mllm_fixtures import tiny_visual_tokenizer
 
     codes = tmp_path / "codes"
     shutil.copytree(data["train_codes"], codes)
-    other = tiny_dualtoken(seed=1).save_pretrained(tmp_path / "other_tokenizer")
+    other = tiny_visual_tokenizer(seed=1).save_pretrained(tmp_path / "other_tokenizer")
     meta = json.loads((codes / "meta.json").read_text())
     meta["tokenizer_path"] = str(other)
     (codes / "meta.json").write_text(json.dumps(meta))
@@ -309,7 +309,7 @@ def test_trainable_glob_matching_nothing_is_named(data, tmp_path, capsys):
         ("stage.pixel_depth_weights=[0,0]", "stage.pixel_depth_weights=[0.0, 0.0]; expected a list of finite"),
         ("stage.pixel_depth_weights=[1.0,0.5,0.5]", "stage.pixel_depth_weights has 3 entries; the model writes 2"),
         ("model.image_position_embedding=grid", "model.image_position_embedding='grid'; expected one of"),
-        ("model.image_position_scale=0", "model.image_position_scale=0.0; expected > 0"),
+        ("model.image_position_scale=0", "model.image_position_scale=0.0; expected a finite number > 0"),
         ("model.image_position_scale=.inf", "model.image_position_scale=inf; expected a finite number > 0"),
         ("model.image_rope=3d", "model.image_rope='3d'; expected one of"),
         ("model.generated_position_embedding=learned", "model.generated_position_embedding='learned'; expected one of"),
@@ -569,7 +569,7 @@ def test_llm_pipeline_end_to_end_and_reuse(data, tmp_path, caplog, capsys):
 
     prefixes = ("model.", "loop.batch", "eval.", "stage.pixel_depth_weights")
     micro = [o for o in stage_overrides(data, tmp_path / "unused") if o.startswith(prefixes)]
-    argv = ["--tokenizer", str(data["tokenizer"]), "--run-dir", str(tmp_path / "run"), "--train-images", "16"]
+    argv = ["--tokenizer", str(data["visual_tokenizer"]), "--run-dir", str(tmp_path / "run"), "--train-images", "16"]
     argv += ["--val-images", "8", "--vqa-scenes", "2", "--t2i-prompts", "2", "--temperature", "0.7"]
     argv += [item for value in [*micro, "loop.max_steps=2"] for item in ("--set", value)]
     metrics = tiny_mllm.main(argv)
@@ -632,8 +632,8 @@ def test_building_the_tiny_model_leaves_no_temporary_folders(data, tmp_path, mon
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     config = load_config(MLLMStageConfig, _config("align"), stage_overrides(data, tmp_path / "x"))
-    model, tokenizer = build_model(config.model, CodeStore(data["train_codes"]))
-    assert tokenizer("is there a red circle?")["input_ids"]
+    model, text_tokenizer = build_model(config.model, CodeStore(data["train_codes"]))
+    assert text_tokenizer("is there a red circle?")["input_ids"]
     assert list(tmp_path.glob("dualtoken-sp-*")) == []
 
 
@@ -664,11 +664,11 @@ def test_grid_text_to_image_pairs_share_the_code_store(data, tmp_path, caplog):
     from training.tiny_mllm import CANONICAL_GREY, data_overrides, prepare_data
 
     counts = {"train": 5, "val": 3}
-    plain = prepare_data(data["tokenizer"], tmp_path, counts)
+    plain = prepare_data(data["visual_tokenizer"], tmp_path, counts)
     assert len(CodeStore(plain["train"] / "codes")) == 5 and not (plain["train"] / "t2i_grid.jsonl").exists()
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        grid = prepare_data(data["tokenizer"], tmp_path, counts, t2i_world="grid")
+        grid = prepare_data(data["visual_tokenizer"], tmp_path, counts, t2i_world="grid")
     # The conversations are kept; the store lacked the new pairs' images, so it is written again.
     assert "data: reusing" in caplog.text and "codes: writing" in caplog.text and "have no codes" in caplog.text
     for split, count in counts.items():
@@ -682,10 +682,10 @@ def test_grid_text_to_image_pairs_share_the_code_store(data, tmp_path, caplog):
     assert f"data.val_text_image=[{grid['val'] / 't2i.jsonl'}]" in data_overrides(grid)
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        prepare_data(data["tokenizer"], tmp_path, counts, t2i_world="grid")
+        prepare_data(data["visual_tokenizer"], tmp_path, counts, t2i_world="grid")
     assert "codes: writing" not in caplog.text and caplog.text.count("codes: reusing") == 2
     # The canonical world's pairs join the same store; their backgrounds are exactly one grey.
-    canonical = prepare_data(data["tokenizer"], tmp_path, counts, t2i_world="canonical")
+    canonical = prepare_data(data["visual_tokenizer"], tmp_path, counts, t2i_world="canonical")
     pairs = read_text_image_pairs(canonical["train"] / "t2i_canonical.jsonl")
     assert len(pairs) == 5 and len(CodeStore(canonical["train"] / "codes")) == 10  # scenes + canonical pairs
     assert all(pair.image_key.startswith("images/train_canonical/") for pair in pairs)
@@ -693,7 +693,7 @@ def test_grid_text_to_image_pairs_share_the_code_store(data, tmp_path, caplog):
     assert all((corner == CANONICAL_GREY).all() for corner in corners)
     assert f"data.text_image=[{canonical['train'] / 't2i_canonical.jsonl'}]" in data_overrides(canonical, "canonical")
     # The slots world's pairs: every object at its slot, by count and caption order.
-    slots = prepare_data(data["tokenizer"], tmp_path, counts, t2i_world="slots")
+    slots = prepare_data(data["visual_tokenizer"], tmp_path, counts, t2i_world="slots")
     lines = (slots["train"] / "t2i_slots.jsonl").read_text().splitlines()
     assert len(lines) == 5 and all(json.loads(line)["image"].startswith("images/train_slots/") for line in lines)
     for line in lines:
@@ -702,4 +702,4 @@ def test_grid_text_to_image_pairs_share_the_code_store(data, tmp_path, caplog):
     with pytest.raises(
         ValueError, match=r"t2i_world='tiles'; expected one of \['scenes', 'grid', 'canonical', 'slots'\]"
     ):
-        prepare_data(data["tokenizer"], tmp_path, counts, t2i_world="tiles")
+        prepare_data(data["visual_tokenizer"], tmp_path, counts, t2i_world="tiles")

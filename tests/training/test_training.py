@@ -193,19 +193,21 @@ def test_stage1_with_gan_writes_a_loadable_tokenizer(teacher_dir: Path, tmp_path
     saved = json.loads((output_dir / train_tokenizer.TOKENIZER_DIRNAME / "metrics.json").read_text())
     assert saved == pytest.approx(metrics)
 
-    tokenizer_dir = output_dir / train_tokenizer.TOKENIZER_DIRNAME
-    assert train_tokenizer.tokenizer_is_complete(tokenizer_dir)
-    tokenizer = DualTokenizer.from_pretrained(tokenizer_dir)
+    visual_tokenizer_dir = output_dir / train_tokenizer.TOKENIZER_DIRNAME
+    assert train_tokenizer.tokenizer_is_complete(visual_tokenizer_dir)
+    visual_tokenizer = DualTokenizer.from_pretrained(visual_tokenizer_dir)
     world = ShapesWorld(ShapesWorldConfig(seed=0, image_size=IMAGE_SIZE, num_train=NUM_TRAIN))
     images = torch.stack([ShapesImageDataset(world, "test")[index]["image"] for index in range(3)])
-    codes = tokenizer.encode(images)
+    codes = visual_tokenizer.encode(images)
     assert codes.pixel_codes.shape == (3, GRID, GRID, DEPTH)
     assert codes.semantic_codes.shape == (3, GRID, GRID, DEPTH)
     for branch in (codes.pixel_codes, codes.semantic_codes):
         assert branch.dtype == torch.int64 and 0 <= int(branch.min()) and int(branch.max()) < CODEBOOK_SIZE
-    assert tokenizer.decode(codes.pixel_codes).shape == (3, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert visual_tokenizer.decode(codes.pixel_codes).shape == (3, 3, IMAGE_SIZE, IMAGE_SIZE)
     # The saved weights are the evaluated ones: the loaded tokenizer reproduces the test PSNR.
-    reloaded, _, _ = tokenizer_metrics(tokenizer, ShapesImageDataset(world, "test"), None, None, limit=EVAL_IMAGES)
+    reloaded, _, _ = tokenizer_metrics(
+        visual_tokenizer, ShapesImageDataset(world, "test"), None, None, limit=EVAL_IMAGES
+    )
     assert reloaded["psnr"] == pytest.approx(metrics["test_psnr"], rel=1e-5)
 
     grid = output_dir / "reconstructions" / "test_step_0000002.png"
@@ -383,19 +385,19 @@ def test_pipeline_reuses_finished_stages(tmp_path: Path, caplog: pytest.LogCaptu
     # Stage 1b takes stage 1's architecture and data overrides itself; only its loop is set here.
     argv = [*plain, "--decoder", *[item for value in LOOP_SETS for item in ("--set-decoder", value)]]
     teacher_weights = run_dir / "stage0" / "teacher" / "model.safetensors"
-    tokenizer_weights = run_dir / "stage1" / "tokenizer" / "model.safetensors"
+    visual_tokenizer_weights = run_dir / "stage1" / "tokenizer" / "model.safetensors"
     decoder_weights = run_dir / "stage1_decoder" / "tokenizer" / "model.safetensors"
 
     metrics = tiny_pipeline.main(argv)
     # Stage 1's metrics, then stage 1b's under decoder_: its encoder and codebooks are stage 1's,
     # its decoder fine-tuned on the slots world the LLM half draws (the default --t2i-world).
-    stage1_metrics = json.loads((tokenizer_weights.parent / "metrics.json").read_text())
+    stage1_metrics = json.loads((visual_tokenizer_weights.parent / "metrics.json").read_text())
     decoder_metrics = json.loads((decoder_weights.parent / "metrics.json").read_text())
     assert metrics == {**stage1_metrics, **{f"decoder_{key}": value for key, value in decoder_metrics.items()}}
     assert json.loads((run_dir / "stage1_decoder" / "pipeline_settings.json").read_text())["argv"][1] == (
         "configs/tokenizer/tiny_decoder_slots.yaml"
     )
-    stage1_state, decoder_state = load_file(tokenizer_weights), load_file(decoder_weights)
+    stage1_state, decoder_state = load_file(visual_tokenizer_weights), load_file(decoder_weights)
     assert decoder_state.keys() == stage1_state.keys()
     for name in decoder_state:
         same = torch.equal(decoder_state[name], stage1_state[name])
@@ -410,8 +412,8 @@ def test_pipeline_reuses_finished_stages(tmp_path: Path, caplog: pytest.LogCaptu
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert summary["tokenizer"] == pytest.approx(stage1_metrics) and "teacher_zero_shot_val" in summary["teacher"]
     assert summary["decoder"] == pytest.approx({"t2i_world": "slots", **decoder_metrics})
-    mtimes = {path: path.stat().st_mtime_ns for path in (teacher_weights, tokenizer_weights, decoder_weights)}
-    trained_weights = load_file(tokenizer_weights)
+    mtimes = {path: path.stat().st_mtime_ns for path in (teacher_weights, visual_tokenizer_weights, decoder_weights)}
+    trained_weights = load_file(visual_tokenizer_weights)
 
     caplog.clear()
     with caplog.at_level(logging.INFO):
@@ -449,7 +451,7 @@ def test_pipeline_reuses_finished_stages(tmp_path: Path, caplog: pytest.LogCaptu
     assert cli.main(["tiny-pipeline", *plain, "--no-decoder", "--set-decoder", "loop.max_steps=3"]) == 2
     assert cli.main(["tiny-pipeline", *plain, "--llm-option=--t2i-world=grid"]) == 2
 
-    tokenizer_weights.unlink()
+    visual_tokenizer_weights.unlink()
     caplog.clear()
     with caplog.at_level(logging.INFO):
         tiny_pipeline.main(argv)
@@ -463,7 +465,7 @@ def test_pipeline_reuses_finished_stages(tmp_path: Path, caplog: pytest.LogCaptu
     # Stage 1 trained again (no checkpoint: save_every=250 > max_steps) with the same seed and
     # batches, so the same weights come back.
     assert [record["step"] for record in train_records(run_dir / "stage1", "train/total")] == [1, 2, 1, 2]
-    retrained = load_file(tokenizer_weights)
+    retrained = load_file(visual_tokenizer_weights)
     assert retrained.keys() == trained_weights.keys()
     assert all(torch.equal(retrained[name], trained_weights[name]) for name in trained_weights)
     assert (run_dir / "report.md").is_file()

@@ -135,14 +135,14 @@ def normalise_key(path: str | os.PathLike) -> str:
     return posixpath.normpath(Path(path).as_posix())
 
 
-def tokenizer_fingerprint(tokenizer: DualTokenizer) -> str:
+def tokenizer_fingerprint(visual_tokenizer: DualTokenizer) -> str:
     """sha256 of the tokenizer's state dict (names, dtypes, shapes, bytes).
 
     Hashing the weights in memory rather than ``model.safetensors`` works for a tokenizer
     that was never saved and does not depend on how the file was serialised.
     """
     digest = hashlib.sha256()
-    for name, tensor in sorted(tokenizer.state_dict().items()):
+    for name, tensor in sorted(visual_tokenizer.state_dict().items()):
         flat = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(flat.view(torch.uint8).numpy().tobytes())
@@ -153,8 +153,8 @@ def _keys_sha256(keys: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()
 
 
-def _codebook_sizes(tokenizer: DualTokenizer) -> tuple[int, int]:
-    config = tokenizer.config
+def _codebook_sizes(visual_tokenizer: DualTokenizer) -> tuple[int, int]:
+    config = visual_tokenizer.config
     semantic = config.semantic_quantizer.codebook_size
     # The shared-codebook ablation (paper Table 5) decodes the semantic codes as pixel codes.
     pixel = semantic if config.shared_codebook else config.pixel_quantizer.codebook_size
@@ -250,7 +250,7 @@ def _resume_or_start(out_dir: Path, target: CodeShardsMeta, overwrite: bool) -> 
 
 
 def tokenize_to_shards(
-    tokenizer: DualTokenizer,
+    visual_tokenizer: DualTokenizer,
     image_paths: Sequence[str],
     image_root: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -258,7 +258,7 @@ def tokenize_to_shards(
     shard_size: int = 4096,
     convert_to_rgb: bool = False,
     overwrite: bool = False,
-    tokenizer_path: str | os.PathLike | None = None,
+    visual_tokenizer_path: str | os.PathLike | None = None,
     num_workers: int = 0,
 ) -> Path:
     """Encode every image of ``image_paths`` (relative to ``image_root``) once into code shards in ``out_dir``.
@@ -280,16 +280,16 @@ def tokenize_to_shards(
         raise ValueError("no image paths to tokenise")
     out_dir, image_root = Path(out_dir), Path(image_root)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pixel_codebook, semantic_codebook = _codebook_sizes(tokenizer)
-    grid = tokenizer.grid_size
+    pixel_codebook, semantic_codebook = _codebook_sizes(visual_tokenizer)
+    grid = visual_tokenizer.grid_size
     dtype = np.int16 if max(pixel_codebook, semantic_codebook) <= np.iinfo(np.int16).max + 1 else np.int32
     target = CodeShardsMeta(
-        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-        tokenizer_path=None if tokenizer_path is None else str(tokenizer_path),
-        image_size=tokenizer.backbone.image_size,
+        tokenizer_fingerprint=tokenizer_fingerprint(visual_tokenizer),
+        tokenizer_path=None if visual_tokenizer_path is None else str(visual_tokenizer_path),
+        image_size=visual_tokenizer.backbone.image_size,
         grid=(grid, grid),
-        pixel_depth=tokenizer.pixel_depth,
-        semantic_depth=tokenizer.semantic_quantizer.config.depth,
+        pixel_depth=visual_tokenizer.pixel_depth,
+        semantic_depth=visual_tokenizer.semantic_quantizer.config.depth,
         pixel_codebook_size=pixel_codebook,
         semantic_codebook_size=semantic_codebook,
         dtype=np.dtype(dtype).name,
@@ -307,33 +307,33 @@ def tokenize_to_shards(
         logger.info("%s already holds the codes of all %d images", out_dir, len(keys))
         return out_dir
     skipped = len(keys) - sum(len(keys[i * shard_size : (i + 1) * shard_size]) for i in todo)
-    device = next(tokenizer.parameters()).device
-    was_training = tokenizer.training
-    tokenizer.eval()
+    device = next(visual_tokenizer.parameters()).device
+    was_training = visual_tokenizer.training
+    visual_tokenizer.eval()
     try:
         with tqdm(total=len(keys), initial=skipped, desc="tokenising", unit="image") as progress:
             for index in todo:
                 shard_keys = keys[index * shard_size : (index + 1) * shard_size]
-                files = _ImageFiles(shard_keys, image_root, tokenizer.backbone.image_size, convert_to_rgb)
+                files = _ImageFiles(shard_keys, image_root, visual_tokenizer.backbone.image_size, convert_to_rgb)
                 loader = DataLoader(files, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-                pixel, semantic = _encode(tokenizer, loader, device, dtype, progress)
+                pixel, semantic = _encode(visual_tokenizer, loader, device, dtype, progress)
                 _save_shard(out_dir, shard_name(index), shard_keys, pixel, semantic)
                 meta.shards = sorted(set(meta.shards) | {shard_name(index)})
                 meta.write(out_dir)
     finally:
-        tokenizer.train(was_training)
+        visual_tokenizer.train(was_training)
     logger.info("wrote the codes of %d images in %d shards to %s", len(keys), meta.num_shards, out_dir)
     return out_dir
 
 
 def _encode(
-    tokenizer: DualTokenizer, loader: DataLoader, device: torch.device, dtype: type, progress: tqdm
+    visual_tokenizer: DualTokenizer, loader: DataLoader, device: torch.device, dtype: type, progress: tqdm
 ) -> tuple[np.ndarray, np.ndarray]:
     """Codes of the loader's images: pixel (N, h, w, D_pixel), semantic (N, h, w, D_semantic) of ``dtype``."""
     pixel, semantic = [], []
     with torch.inference_mode():
         for images in loader:
-            codes = tokenizer.encode(images.to(device))
+            codes = visual_tokenizer.encode(images.to(device))
             pixel.append(codes.pixel_codes.cpu().numpy().astype(dtype))
             semantic.append(codes.semantic_codes.cpu().numpy().astype(dtype))
             progress.update(len(images))
@@ -395,9 +395,9 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     setup_logging()
     keys, root = collect_image_paths(args.llava, args.t2i, args.image_root)
-    tokenizer = DualTokenizer.from_pretrained(args.tokenizer).to(args.device)
+    visual_tokenizer = DualTokenizer.from_pretrained(args.tokenizer).to(args.device)
     return tokenize_to_shards(
-        tokenizer,
+        visual_tokenizer,
         keys,
         root,
         args.out,
@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> Path:
         shard_size=args.shard_size,
         convert_to_rgb=args.convert_to_rgb,
         overwrite=args.overwrite,
-        tokenizer_path=args.tokenizer,
+        visual_tokenizer_path=args.tokenizer,
         num_workers=args.num_workers,
     )
 
