@@ -193,11 +193,26 @@ def step_loader(
     num_workers: int = 0,
 ) -> DataLoader:
     sampler = StepSampler(len(dataset), batch_size, seed, start_step, max_steps, rank, world)
-    # A DataLoader draws its workers' base seed from the *global* torch RNG each time it is
-    # iterated; a resumed run iterates at a different step, which would shift every later draw
-    # (k-means init, dead-code restarts). A private generator keeps the global stream intact.
+    return resumable_loader(dataset, sampler, collate, seed, start_step, num_workers)
+
+
+def resumable_loader(
+    dataset: Dataset, batch_sampler: Sampler[list[int]], collate: Any, seed: int, start_step: int, num_workers: int = 0
+) -> DataLoader:
+    """A DataLoader over step-indexed batches that draws nothing from the global random generators.
+
+    A DataLoader draws its workers' base seed from the *global* torch generator each time it is
+    iterated unless it is given one of its own. A resumed run iterates right after restoring the
+    saved random state, so that one draw would shift every later one (dropout masks, k-means init,
+    dead-code restarts) against an uninterrupted run. The private generator is a function of
+    ``(seed, start_step)``, both saved with the run. Datasets draw their own randomness from
+    ``(seed, step or item)`` streams, never from the worker's global generators, so what a worker
+    seeds does not change what it returns.
+    """
     generator = torch.Generator().manual_seed(seed * 1_000_003 + start_step)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers, generator=generator)
+    return DataLoader(
+        dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=num_workers, generator=generator
+    )
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

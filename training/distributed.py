@@ -5,16 +5,26 @@ optionally offloaded) or plain PyTorch (one process, or several averaging their 
 does the work; the training loops call ``engine(...)``, ``engine.backward(loss)``,
 ``engine.step()`` and never check ``hasattr(model, "module")``. Checkpoints are written into a staging folder and made
 visible by an atomic rename, so a crash never leaves a half-written "latest".
+
+Loading a checkpoint never runs code from it: every file is read with ``torch.load(...,
+weights_only=True)`` (tensors, numbers, strings and plain containers only; docs/reliability.md,
+"What is never executed"), and the random state is saved as tensors and plain numbers, so that a
+resumed run draws exactly what an uninterrupted one would ("What resume promises").
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
+import signal
 import socket
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tokenizer.config import ConfigError
-from tokenizer.files import replace_directory, write_text_atomic
+from tokenizer.files import has_manifest, recover_directory, replace_directory, verify_manifest, write_text_atomic
 from training.config import CheckpointWriteError, DeepSpeedConfig
 
 logger = logging.getLogger(__name__)
@@ -61,6 +71,7 @@ def init_distributed(use_deepspeed: bool = False) -> DistState:
     DeepSpeed run started without a launcher becomes a 1-process group on 127.0.0.1.
     CPU runs use gloo (and DeepSpeed's CPU accelerator), GPU runs NCCL.
     """
+    _install_fault_injection()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -318,7 +329,12 @@ class TrainEngine:
 
     # ---------------------------------------------------------------- checkpoints
     def save(self, directory: Path) -> None:
-        """Collective under DeepSpeed (every rank calls it); rank 0 writes in plain mode."""
+        """Collective under DeepSpeed (every rank calls it); rank 0 writes in plain mode.
+
+        Plain mode writes ``state.pt``: the model, optimizer and schedule state dicts, which hold
+        tensors, numbers, strings and plain containers only, so :meth:`load` reads it back with
+        ``weights_only=True``.
+        """
         if self.uses_deepspeed:
             self._wrapped.save_checkpoint(str(directory), tag="state", save_latest=False)
         elif not dist.is_initialized() or dist.get_rank() == 0:
@@ -330,14 +346,15 @@ class TrainEngine:
 
     def load(self, directory: Path) -> None:
         if self.uses_deepspeed:
-            path, _ = self._wrapped.load_checkpoint(str(directory), tag="state")
+            with _deepspeed_weights_only(directory):
+                path, _ = self._wrapped.load_checkpoint(str(directory), tag="state")
             if path is None:
                 raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}")
             return
         state_path = directory / "state.pt"
         if not state_path.is_file():
             raise FileNotFoundError(f"checkpoint file {state_path} is missing")
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        state = load_tensors(state_path)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and "scheduler" in state:
@@ -385,20 +402,127 @@ def unwrap(engine: TrainEngine) -> nn.Module:
     return engine.module
 
 
+# ---------------------------------------------------------------- loading without unpickling code
+def _unsafe_globals(path: Path, allowed: tuple[type, ...] = ()) -> list[str]:
+    """The classes and functions a torch file would import beyond what ``weights_only`` accepts.
+
+    Read from the pickle's opcodes, not by running them (``get_unsafe_globals_in_checkpoint``).
+    """
+    names = {f"{cls.__module__}.{cls.__qualname__}" for cls in allowed}
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - only used to word the message; the refusal stands anyway
+        return []
+    return [name for name in found if name not in names]
+
+
+def _refusal(path: Path, names: list[str]) -> ConfigError:
+    listed = f" ({', '.join(names)})" if names else ""
+    return ConfigError(f"checkpoint {path} holds objects that are not tensors{listed}; refusing to unpickle it")
+
+
+def load_tensors(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; a file that needs more, or cannot be read,
+    is refused with one line naming it (:class:`ConfigError`).
+
+    ``weights_only`` rebuilds tensors, numbers, strings and plain containers and imports nothing
+    else, so a pickled payload (an object whose ``__reduce__`` runs a command) is refused before
+    any of it runs (torch.load's documentation, "weights_only").
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise _refusal(path, _unsafe_globals(path)) from None
+    except (RuntimeError, EOFError, ValueError) as error:  # torch's zip reader on a truncated or foreign file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(
+            f"checkpoint {path} cannot be read ({reason}); delete its step folder so that resuming starts "
+            "from an earlier checkpoint"
+        ) from None
+
+
+def _deepspeed_safe_globals() -> tuple[type, ...]:
+    """The DeepSpeed classes its ZeRO checkpoints pickle besides tensors and plain containers.
+
+    Found with ``torch.serialization.get_unsafe_globals_in_checkpoint`` on ZeRO-0/1/2/3 checkpoints
+    (DeepSpeed 0.19.8): the optimizer shards hold the loss scaler, the ZeRO stage enum and the
+    fragment addresses of the parameters. Rebuilding them runs no code beyond setting attributes.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
+
+
+@contextlib.contextmanager
+def _deepspeed_weights_only(directory: Path) -> Iterator[None]:
+    """Make every checkpoint read in the block weights-only, for DeepSpeed's ``load_checkpoint``.
+
+    DeepSpeed's checkpoint engine turns ``weights_only`` off in its own reads and has no option to
+    change that. PyTorch's own switch, the ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` environment variable,
+    overrides a caller's explicit choice at each read (torch.load's documentation), and
+    ``torch.serialization.safe_globals`` admits DeepSpeed's few classes (:func:`_deepspeed_safe_globals`).
+    A file with anything else is refused with one line naming it.
+    """
+    allowed = _deepspeed_safe_globals()
+    variable = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+    previous = os.environ.get(variable)
+    os.environ[variable] = "1"
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            yield
+    except pickle.UnpicklingError:
+        for path in sorted(directory.rglob("*.pt")):
+            names = _unsafe_globals(path, allowed)
+            if names:
+                raise _refusal(path, names) from None
+        raise _refusal(directory, []) from None
+    finally:
+        if previous is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = previous
+
+
+# ---------------------------------------------------------------- random state
 def _rng_state() -> dict[str, Any]:
+    """Every global random stream, as tensors and plain numbers (what ``weights_only`` loads).
+
+    Python's Mersenne Twister state is 625 ints and an optional cached Gaussian; numpy's legacy
+    state is its 624-word key, a position and a cached Gaussian; torch's CPU and CUDA states are
+    uint8 tensors already.
+    """
+    version, internal, gauss_next = random.getstate()
+    _, keys, position, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
     return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["internal"]), python["gauss_next"]))
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["position"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
+    if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
@@ -412,17 +536,20 @@ def save_checkpoint(root: Path, step: int, engines: dict[str, TrainEngine], trai
     staging folder and raises :class:`CheckpointWriteError`; ``latest`` still names the
     previous checkpoint.
     """
+    from tokenizer.files import write_manifest
+
     rank = dist.get_rank() if dist.is_initialized() else 0
     name = f"step_{step:07d}"
     staging = root / f".{name}.staging"
     try:
         if rank == 0:
+            recover_directory(root / name)  # an earlier save of this step killed between its two renames
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         barrier()
         for engine_name, engine in engines.items():
             engine.save(staging / engine_name)
-        torch.save(_rng_state(), staging / f"rng_rank{rank}.pt")
+        torch.save(_rng_state(), staging / f"rng_rank{rank}.pt")  # read back by load_tensors
     except (OSError, RuntimeError) as error:
         # A full disk shows up as ENOSPC from Python, or as torch's zip writer failing deep
         # inside ("unexpected pos ..."): either way, say which checkpoint, why, and what is safe.
@@ -432,6 +559,7 @@ def save_checkpoint(root: Path, step: int, engines: dict[str, TrainEngine], trai
     final = root / name
     if rank == 0:
         (staging / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
+        write_manifest(staging)  # last, over every rank's files: a staging folder with a manifest is complete
         replace_directory(staging, final)
         write_text_atomic(root / LATEST_FILE, name)
     barrier()
@@ -460,19 +588,29 @@ def latest_checkpoint(root: Path) -> Path | None:
     if not pointer.is_file():
         return None
     candidate = root / pointer.read_text().strip()
+    # A kill while the same step was saved again can leave it renamed aside; bring it back. Staging
+    # folders are left alone here: another rank may still be writing one.
+    recover_directory(candidate, remove_leftovers=False)
     if not (candidate / "trainer_state.json").is_file():
         raise FileNotFoundError(f"{pointer} names {candidate}, which has no trainer_state.json (corrupt checkpoint)")
+    if has_manifest(candidate):
+        verify_manifest(candidate)  # sizes: a truncated optimizer shard is named before anything loads
     return candidate
 
 
 def load_checkpoint(directory: Path, engines: dict[str, TrainEngine]) -> dict[str, Any]:
-    """Restore engines and this rank's RNG state; returns the trainer state (incl. ``step``)."""
+    """Restore engines and this rank's RNG state; returns the trainer state (incl. ``step``).
+
+    Every random draw after this comes from the restored state only if nothing draws from the
+    global generators before the next training step: the loops' DataLoaders take a private
+    generator (:func:`training.common.resumable_loader`) for that reason.
+    """
     rank = dist.get_rank() if dist.is_initialized() else 0
     for engine_name, engine in engines.items():
         engine.load(directory / engine_name)
     rng_path = directory / f"rng_rank{rank}.pt"
     if rng_path.is_file():
-        _set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=False))
+        _set_rng_state(load_tensors(rng_path))
     return json.loads((directory / "trainer_state.json").read_text())
 
 
@@ -483,3 +621,45 @@ def prune_checkpoints(root: Path, keep: int = 2) -> None:
     steps = sorted(p for p in root.glob("step_*") if p.is_dir())
     for old in steps[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- testing aid: fault injection
+FAULT_ENV = "DUALTOKEN_FAULT_AT"
+
+
+def _install_fault_injection() -> None:
+    """A testing aid, off unless ``DUALTOKEN_FAULT_AT`` is set (tests/training/test_fault_injection.py).
+
+    ``DUALTOKEN_FAULT_AT=TEXT:N`` SIGKILLs this process as it is about to make its N-th filesystem
+    change (open a file for writing, make a folder, rename) on a path containing TEXT: for example
+    ``step_0000002.staging:3`` inside the step-2 checkpoint save, ``.model.partial:2`` inside the
+    final model folder's. Python's audit hooks (PEP 578) see these calls wherever they are made, so
+    no writer carries test code. Files written by native code (torch.save to a path, safetensors)
+    are not seen themselves; the calls around them are.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or getattr(_install_fault_injection, "_installed", False):
+        return
+    text, _, count = spec.rpartition(":")
+    if not text or not count.isdigit() or int(count) < 1:
+        raise ValueError(f"{FAULT_ENV}={spec!r}; expected TEXT:N with N >= 1")
+    target, seen = int(count), 0
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+    def kill_at_nth_change(event: str, args: tuple[Any, ...]) -> None:
+        nonlocal seen
+        if event == "open":
+            mode, flags = args[1], args[2]
+            writes = any(c in mode for c in "wax+") if isinstance(mode, str) else bool((flags or 0) & write_flags)
+            paths = args[:1] if writes else ()
+        elif event in ("os.mkdir", "os.rename", "tempfile.mkdtemp"):
+            paths = args[:2] if event == "os.rename" else args[:1]
+        else:
+            return
+        if any(isinstance(path, str | os.PathLike) and text in str(os.fspath(path)) for path in paths):
+            seen += 1
+            if seen == target:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    sys.addaudithook(kill_at_nth_change)
+    _install_fault_injection._installed = True  # type: ignore[attr-defined]

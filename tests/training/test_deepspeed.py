@@ -327,12 +327,12 @@ from training.config import DeepSpeedConfig
 state = distributed.init_distributed(use_deepspeed=True)  # no launcher variables set
 
 
-def engine(use_deepspeed):
+def engine(use_deepspeed, zero_stage=2):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
-    config = DeepSpeedConfig(enabled=use_deepspeed, zero_stage=2)
+    config = DeepSpeedConfig(enabled=use_deepspeed, zero_stage=zero_stage)
     return distributed.TrainEngine(model, optimizer, schedule, 1.0, config, 8, "fp32", state.world_size)
 
 
@@ -353,20 +353,57 @@ distributed.save_checkpoint(root, 3, {"model": zero}, {"note": "x"})
 trained, lr = flat(zero).clone(), zero.lr
 train(zero, 1)  # move away, then restore
 restored = distributed.load_checkpoint(distributed.latest_checkpoint(root), {"model": zero})
-print(json.dumps({
+report = {
     "world_size": state.world_size, "uses_deepspeed": zero.uses_deepspeed,
     "max_diff_vs_plain": float((trained - flat(plain)).abs().max()),
     "restore_diff": float((flat(zero) - trained).abs().max()), "lr_restored": zero.lr == lr,
     "trainer_state": restored,
-}))
+}
+
+
+class Payload:  # unpickling it creates the marker file: what a planted checkpoint would run
+    def __reduce__(self):
+        return (open, (str(root / "payload-ran"), "w"))
+
+
+# Every ZeRO stage restores through weights-only loads; a pickle planted in any of its files is
+# refused, naming the file, and never runs.
+from tokenizer.config import ConfigError
+from tokenizer.files import write_manifest
+
+report["zero_restore_diff"], report["refused"] = {}, {}
+for zero_stage in (1, 2, 3):
+    sharded = engine(True, zero_stage)
+    train(sharded, 2)
+    root = Path(tempfile.mkdtemp())
+    checkpoint = distributed.save_checkpoint(root, 2, {"model": sharded}, {})
+    saved = flat(sharded).clone()
+    train(sharded, 1)
+    distributed.load_checkpoint(checkpoint, {"model": sharded})
+    report["zero_restore_diff"][zero_stage] = float((flat(sharded) - saved).abs().max())
+    refused = report["refused"][zero_stage] = []
+    for path in sorted((checkpoint / "model").rglob("*.pt")):
+        original = path.read_bytes()
+        payload = torch.load(path, weights_only=False)  # the test's own file
+        payload["planted"] = Payload()
+        torch.save(payload, path)
+        write_manifest(checkpoint)  # whoever can write the checkpoint can write its manifest
+        try:
+            distributed.load_checkpoint(checkpoint, {"model": sharded})
+        except ConfigError as error:
+            if str(error) == f"checkpoint {path} holds objects that are not tensors (io.open); refusing to unpickle it":
+                refused.append(path.name)
+        path.write_bytes(original)
+    report["payload_ran"] = (root / "payload-ran").exists()
+print(json.dumps(report))
 distributed.cleanup_distributed()
 """
 
 
 @pytest.mark.slow
 def test_single_process_deepspeed_engine() -> None:
-    """The 1-process DeepSpeed path (no launcher): same training as plain PyTorch, and a
-    checkpoint restores parameters, schedule and trainer state."""
+    """The 1-process DeepSpeed path (no launcher): same training as plain PyTorch, a checkpoint
+    restores parameters, schedule and trainer state, and loading it never unpickles code."""
     result = subprocess.run(
         [sys.executable, "-c", _SINGLE_PROCESS_SCRIPT],
         cwd=REPO,
@@ -382,3 +419,11 @@ def test_single_process_deepspeed_engine() -> None:
     assert report["max_diff_vs_plain"] < 1e-6, report
     assert report["restore_diff"] == 0.0 and report["lr_restored"], report
     assert report["trainer_state"] == {"step": 3, "note": "x"}
+    # Weights-only loading (TORCH_FORCE_WEIGHTS_ONLY_LOAD and DeepSpeed's few classes) restores every
+    # ZeRO stage exactly and refuses a planted pickle in every file, model states and optimizer shard.
+    assert report["zero_restore_diff"] == {"1": 0.0, "2": 0.0, "3": 0.0}, report
+    model_states = {"1": "mp_rank_00_model_states.pt", "2": "mp_rank_00_model_states.pt"}
+    for zero_stage, refused in report["refused"].items():
+        states = model_states.get(zero_stage, "zero_pp_rank_0_mp_rank_00_model_states.pt")
+        assert refused == sorted([states, "zero_pp_rank_0_mp_rank_00_optim_states.pt"]), report
+    assert not report["payload_ran"], report
