@@ -10,8 +10,10 @@ frozen text tower (docs/architecture.md, "The method"; paper §3).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from tokenizer.backbone import VisionBackbone
 from tokenizer.backbone_factory import build_backbone
 from tokenizer.config import ConfigError, DualTokenizerConfig, config_from_dict, config_to_dict
 from tokenizer.decoder import PixelDecoder
-from tokenizer.files import atomic_directory
+from tokenizer.files import atomic_directory, verify_folder
 from tokenizer.projection import TokenProjection
 from tokenizer.quantizer import ResidualVectorQuantizer
 from tokenizer.siglip_backbone import SiglipBackbone
@@ -254,8 +256,12 @@ class DualTokenizer(nn.Module):
             payload["text_config"] = self.text_tower.text_model.config.to_dict()
         return payload
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` atomically (:func:`tokenizer.files.atomic_directory`)."""
+    def save_pretrained(self, directory: str | os.PathLike, write_extra: Callable[[Path], None] | None = None) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` atomically (:func:`tokenizer.files.atomic_directory`).
+
+        ``write_extra(staging)`` adds files that belong to the finished folder (a stage's metrics,
+        the text tokenizer) before its manifest is written, so they are part of what verifies.
+        """
         from safetensors.torch import save_file
 
         directory = Path(directory)
@@ -263,6 +269,8 @@ class DualTokenizer(nn.Module):
             state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
             save_file(state, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
             (staging / CONFIG_NAME).write_text(json.dumps(self._serialisable_config(), indent=2))
+            if write_extra is not None:
+                write_extra(staging)
         return directory
 
     @staticmethod
@@ -293,6 +301,8 @@ class DualTokenizer(nn.Module):
 
         directory = Path(directory)
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        with contextlib.suppress(FileNotFoundError):  # a missing folder: _saved_payload names the file
+            verify_folder(directory, required=(CONFIG_NAME, WEIGHTS_NAME))  # recovers; sizes against the manifest
         payload, config = cls._saved_payload(directory)
         backbone = None
         if "backbone_hf_config" in payload:

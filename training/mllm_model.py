@@ -140,7 +140,7 @@ def save_model_folder(
     state_dict: dict[str, torch.Tensor] | None = None,
     merge: bool = True,
 ) -> Path:
-    """Write model + text tokenizer + sidecar + metrics through a staging folder, then rename (atomic)."""
+    """Write model + text tokenizer + sidecar + metrics through a staging folder, then its manifest, then rename."""
     if hasattr(model.llm, "peft_config") and merge and state_dict is not None:
         raise ConfigError("merging LoRA under ZeRO-3 is not supported; set lora.merge_on_save=false")
     with atomic_directory(directory) as staging:

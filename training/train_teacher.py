@@ -22,7 +22,7 @@ from tqdm import tqdm
 from transformers import SiglipConfig, SiglipModel, SiglipTextConfig, SiglipVisionConfig
 
 from tokenizer.config import BackboneConfig, ConfigError
-from tokenizer.files import atomic_directory
+from tokenizer.files import atomic_directory, folder_is_complete
 from tokenizer.text_tower import build_word_tokenizer, tokenize_texts
 from training import distributed
 from training.common import (
@@ -234,9 +234,9 @@ def teacher_zero_shot(model: SiglipModel, text_tokenizer, world: ShapesWorld, sp
 
 
 def teacher_is_complete(directory: Path) -> bool:
-    """A finished stage 0 leaves the model, its tokenizer and a metrics file."""
-    return all(
-        (directory / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.json")
+    """A finished stage 0 leaves the model, its tokenizer and a metrics file, all in a manifest that verifies."""
+    return folder_is_complete(
+        directory, required=("config.json", "model.safetensors", "tokenizer.json", "metrics.json")
     )
 
 
@@ -335,7 +335,7 @@ def fit(config: Stage0Config, dist_state: distributed.DistState) -> dict[str, fl
 
 
 def save_teacher(model: SiglipModel, text_tokenizer, directory: Path, metrics: dict) -> None:
-    """Write the teacher through a staging folder so a crash never leaves a half teacher."""
+    """Write the teacher through a staging folder so a crash never leaves a half teacher (manifest written last)."""
     with atomic_directory(directory) as staging:
         model.save_pretrained(staging)
         text_tokenizer.save_pretrained(staging)
@@ -345,11 +345,14 @@ def save_teacher(model: SiglipModel, text_tokenizer, directory: Path, metrics: d
 def main(argv: list[str] | None = None) -> dict[str, float]:
     import argparse
 
+    from tokenizer.files import check_output_dir
+
     parser = argparse.ArgumentParser(prog="dualtoken train-teacher", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="experiment YAML (configs/tokenizer/*.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     config = load_config(Stage0Config, args.config, args.overrides)
+    check_output_dir(config.loop.output_dir, "loop.output_dir")  # before any model is built
     dist_state = distributed.init_distributed(config.deepspeed.enabled)
     setup_logging(dist_state.rank)
     if config.loop.num_threads:
