@@ -3,36 +3,52 @@
     dualtoken generate "a large red circle above a small blue square" -o out.png --n 4 --seed 0
     dualtoken chat --model runs/tiny/mllm/joint/model
 
+``generate`` draws ``--batch-size`` images at a time and writes each batch's PNGs as it comes,
+so ``--n`` is bounded by the disk, not by memory; a run of several batches shows its progress.
 In chat, ``/image PATH`` attaches an image (the conversation restarts around it), a plain
 line asks about it (earlier turns are kept as history), ``/imagine PROMPT`` draws and saves
-a PNG, ``/reset`` forgets the history, ``/quit`` leaves.
+a PNG, ``/reset`` forgets the history, ``/quit`` leaves. A bad line (an unreadable image, text
+that is not UTF-8) prints one ``error:`` line and the chat goes on.
+
+Both commands check their options and output paths before the model is loaded, so a bad flag
+or a file in the way of the output fails at once, with one line, instead of after sampling.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TextIO
 
 import numpy as np
 
-from mllm.inference import Pipeline, PipelineError
-from tokenizer.files import atomic_output
+from mllm.inference import Pipeline, PipelineError, check_prompt, check_sampling, decode_text
+from tokenizer.files import atomic_output, check_output_dir, check_output_file
+
+DEFAULT_BATCH_SIZE = 8  # images sampled together; with guidance on, each adds an unconditional row
+_LISTED_PATHS = 16  # up to this many images each written path is printed; beyond it, one summary line
 
 
-def _save_images(images: list[np.ndarray], output: Path) -> list[Path]:
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _save_images(images: list[np.ndarray], paths: list[Path]) -> None:
     from PIL import Image
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if len(images) == 1:
-        paths = [output]
-    else:
-        paths = [output.with_name(f"{output.stem}_{index}{output.suffix or '.png'}") for index in range(len(images))]
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
     for image, path in zip(images, paths, strict=True):
         with atomic_output(path) as temporary:  # never a half-written PNG under the real name
             Image.fromarray(image).save(temporary, format="PNG")
-    return paths
+
+
+def output_paths(output: Path, count: int) -> list[Path]:
+    """Where ``count`` images go: ``output`` itself for one, ``stem_0.png``, ``stem_1.png`` ... for more."""
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}_{index}{output.suffix or '.png'}") for index in range(count)]
 
 
 def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,42 +64,94 @@ def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_sampling_flags(args: argparse.Namespace) -> None:
+    """Refuse a bad sampling flag before the model is loaded (the ones left out are checked with it)."""
+    given = {name: getattr(args, name) for name in ("cfg", "top_k", "top_p", "temperature")}
+    defaults = {"cfg": 1.0, "top_k": 0, "top_p": 1.0, "temperature": 1.0}  # stand-ins for the flags left out
+    check_sampling(**{name: defaults[name] if value is None else value for name, value in given.items()}, label=_flag)
+    if args.seed < 0:
+        raise PipelineError(f"--seed={args.seed}; expected an integer >= 0")
+    if args.decode_depths is not None and args.decode_depths < 1:
+        raise PipelineError(f"--decode-depths={args.decode_depths}; expected an integer >= 1 (or leave it out: all)")
+
+
+def _sampling_options(args: argparse.Namespace) -> dict[str, float | int | None]:
+    return {"cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p, "temperature": args.temperature}
+
+
+def _load_pipeline(args: argparse.Namespace) -> Pipeline:
+    """The model folder's pipeline; the weight-loading bar shows on a terminal only, so a log or a
+    pipe gets the command's own lines and not carriage-return bars."""
+    from transformers.utils import logging as hf_logging
+
+    quiet = hf_logging.is_progress_bar_enabled() and not sys.stderr.isatty()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        return Pipeline.from_pretrained(args.model, args.tokenizer)
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
+
+
 def generate_main(argv: list[str] | None = None) -> list[Path]:
+    from tqdm import tqdm
+
     parser = argparse.ArgumentParser(prog="dualtoken generate", description="Draw images from a text prompt.")
     parser.add_argument("prompt")
     parser.add_argument("-o", "--output", required=True, help="PNG path (with --n > 1: name_0.png, name_1.png, ...)")
     parser.add_argument("--model", default="runs/tiny/mllm/joint/model", help="a model folder from train-mllm")
     parser.add_argument("--tokenizer", default=None, help="DualToken tokenizer folder (default: the model's)")
     parser.add_argument("--n", type=int, default=1, help="images to draw")
+    parser.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images sampled together; each batch is saved"
+    )
     _sampling_arguments(parser)
     args = parser.parse_args(argv)
-    pipe = Pipeline.from_pretrained(args.model, args.tokenizer)
-    images = pipe.generate(
-        args.prompt,
+    if args.n < 1:
+        raise PipelineError(f"--n={args.n}; expected an integer >= 1")
+    if args.batch_size < 1:
+        raise PipelineError(f"--batch-size={args.batch_size}; expected an integer >= 1")
+    _check_sampling_flags(args)
+    prompt = check_prompt(args.prompt, "prompt")
+    paths = output_paths(Path(args.output), args.n)
+    for path in paths:
+        check_output_file(path, "-o/--output")
+    pipe = _load_pipeline(args)
+    pipe.check_decode_depths(args.decode_depths, "--decode-depths")
+    batches = pipe.generate_batches(
+        prompt,
         n=args.n,
-        cfg=args.cfg,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        temperature=args.temperature,
+        batch_size=args.batch_size,
         seed=args.seed,
         decode_depths=args.decode_depths,
+        **_sampling_options(args),
     )
-    paths = _save_images(images, Path(args.output))
-    for path in paths:
-        print(f"wrote {path}")
+    written = 0
+    with tqdm(total=args.n, desc="drawing", unit="image", disable=args.n <= args.batch_size) as progress:
+        for images in batches:
+            _save_images(images, paths[written : written + len(images)])
+            written += len(images)
+            progress.update(len(images))
+    if len(paths) <= _LISTED_PATHS:
+        for path in paths:
+            print(f"wrote {path}")
+    else:
+        print(f"wrote {len(paths)} images: {paths[0]} ... {paths[-1]}")
     return paths
 
 
-def chat_loop(pipe: Pipeline, lines: TextIO, out: TextIO, args: argparse.Namespace) -> None:
+def chat_loop(pipe: Pipeline, lines: Iterable[str | bytes], out: TextIO, args: argparse.Namespace) -> None:
+    """Run the chat over ``lines`` (text, or raw bytes that are decoded one line at a time)."""
     image = None
     history: list[tuple[str, str]] = []
     drawn = 0
     print("commands: /image PATH, /imagine PROMPT, /reset, /quit; anything else is a question", file=out)
-    for raw in lines:
-        line = raw.strip()
-        if not line:
-            continue
+    for number, raw in enumerate(lines, start=1):
         try:
+            line = decode_text(raw, f"input line {number}").strip()
+            if not line:
+                continue
             if line in ("/quit", "/exit"):
                 break
             if line == "/reset":
@@ -91,28 +159,25 @@ def chat_loop(pipe: Pipeline, lines: TextIO, out: TextIO, args: argparse.Namespa
                 print("(history cleared)", file=out)
             elif line.startswith("/image"):
                 path = line[len("/image") :].strip()
+                if not path:
+                    raise PipelineError("/image needs a path: /image PATH")
                 image = pipe._image_tensor(path)  # loads and checks it now, with a clear error
                 history = []
                 print(f"(attached {path})", file=out)
             elif line.startswith("/imagine"):
                 prompt = line[len("/imagine") :].strip()
                 images = pipe.generate(
-                    prompt,
-                    cfg=args.cfg,
-                    top_k=args.top_k,
-                    top_p=args.top_p,
-                    temperature=args.temperature,
-                    seed=args.seed + drawn,
-                    decode_depths=args.decode_depths,
+                    prompt, seed=args.seed + drawn, decode_depths=args.decode_depths, **_sampling_options(args)
                 )
                 drawn += 1
-                path = _save_images(images, Path(args.out_dir) / f"imagine_{drawn:03d}.png")[0]
+                path = Path(args.out_dir) / f"imagine_{drawn:03d}.png"
+                _save_images(images, [path])
                 print(f"(saved {path})", file=out)
             else:
                 answer = pipe.answer(image, line, history=history)
                 history.append((line, answer))
                 print(answer, file=out)
-        except (PipelineError, ValueError, FileNotFoundError) as error:
+        except (ValueError, OSError) as error:  # PipelineError, ImageLoadError, a file that vanished ...
             print(f"error: {error}", file=out)
 
 
@@ -123,5 +188,9 @@ def chat_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-dir", default="chat_images", help="where /imagine saves PNGs")
     _sampling_arguments(parser)
     args = parser.parse_args(argv)
-    pipe = Pipeline.from_pretrained(args.model, args.tokenizer)
-    chat_loop(pipe, sys.stdin, sys.stdout, args)
+    _check_sampling_flags(args)
+    check_output_dir(args.out_dir, "--out-dir")
+    pipe = _load_pipeline(args)
+    pipe.check_decode_depths(args.decode_depths, "--decode-depths")
+    # Bytes, decoded line by line: one line that is not UTF-8 is reported, not the end of the chat.
+    chat_loop(pipe, getattr(sys.stdin, "buffer", sys.stdin), sys.stdout, args)

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
+from collections.abc import Callable, Iterator
 from collections.abc import Sequence as SequenceABC
 from pathlib import Path
 from typing import Any
@@ -23,18 +26,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from mllm.chat import ConversationError, SequenceBuilder
+from mllm.chat import ConversationError, Sequence, SequenceBuilder
 from mllm.generation import SamplingConfig, generate_image_codes, generate_text
 from mllm.model_folder import load_model_folder
 from mllm.modeling import DualTokenMLLMForCausalLM
 
 SAMPLING_FILE = "sampling.json"
 MAX_PROMPT_CHARS = 2000
+MAX_NEW_TOKENS = 32_768  # the bound on an answer when the model's config states no context length
+# Guidance beyond this scales logit differences past what float32 softmax resolves (the paper uses
+# about 3); temperatures below MIN_TEMPERATURE overflow the scaled logits (use 0 for greedy).
+MAX_CFG = 1000.0
+MIN_TEMPERATURE = 1e-4
+_SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes a 64-bit seed; seed + k must stay below this
 ImageLike = Any  # a path, a PIL image, an (H, W, 3) uint8 array, or a (3, H, W) tensor in [-1, 1]
 
 
 class PipelineError(ValueError):
-    """Input the pipeline cannot take (empty or oversized prompt, not an image, bad option)."""
+    """Input the pipeline cannot take (empty, oversized or undecodable prompt, not an image, bad
+    option); raised before any model runs, naming the argument and what was expected."""
 
 
 def _sampling_fields() -> dict[str, type]:
@@ -140,7 +150,7 @@ class Pipeline:
 
         size = self.visual_tokenizer.backbone.image_size
         if isinstance(image, (str, Path)):
-            return load_image(Path(image), name=str(image), image_size=size, convert_to_rgb=True)
+            return load_image(Path(image), name=str(image), image_size=size)
         if isinstance(image, torch.Tensor):
             tensor = image.float()
         else:
@@ -157,7 +167,13 @@ class Pipeline:
     @torch.no_grad()
     def encode(self, images: SequenceABC[ImageLike]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(semantic, pixel)`` codes, each ``(B, h, w, D)``."""
-        batch = torch.stack([self._image_tensor(image) for image in images]).to(self.device)
+        tensors = []
+        for index, image in enumerate(images):
+            try:
+                tensors.append(self._image_tensor(image))
+            except PipelineError as error:
+                raise PipelineError(f"images[{index}]: {error}") from None
+        batch = torch.stack(tensors).to(self.device)
         codes = self.visual_tokenizer.encode(batch)
         return codes.semantic_codes.cpu(), codes.pixel_codes.cpu()
 
@@ -172,7 +188,8 @@ class Pipeline:
         seed: int = 0,
     ) -> str:
         """Answer ``question`` about ``image``; ``history`` holds earlier ``(question, answer)`` turns."""
-        return self.answer_batch([image], [question], [history or []], max_new_tokens, sampling, seed)[0]
+        histories = [_check_history(history, "history")]
+        return self.answer_batch([image], [question], histories, max_new_tokens, sampling, seed)[0]
 
     def answer_batch(
         self,
@@ -183,45 +200,84 @@ class Pipeline:
         sampling: SamplingConfig | None = None,
         seed: int = 0,
     ) -> list[str]:
-        histories = histories or [[] for _ in questions]
-        if not len(images) == len(questions) == len(histories):
-            raise PipelineError("images, questions and histories must have the same length")
-        encoded = [None] * len(images)
+        """Answers to ``questions``, one per image (None: no image), each with its own history.
+
+        Every input is checked before any model runs: a bad one raises :class:`PipelineError`
+        naming the argument and what was expected.
+        """
+        items = _sequence(questions, "questions")
+        questions = [check_prompt(text, _item_name("question", items, index)) for index, text in enumerate(items)]
+        images = list(_sequence(images, "images", allow_empty=True))
+        if histories is None:
+            checked_histories = [[] for _ in questions]
+        else:
+            checked_histories = [
+                _check_history(history, f"histories[{index}]")
+                for index, history in enumerate(_sequence(histories, "histories", allow_empty=True))
+            ]
+        if not len(images) == len(questions) == len(checked_histories):
+            raise PipelineError(
+                f"{len(images)} images, {len(questions)} questions and {len(checked_histories)} histories; "
+                "expected the same number of each"
+            )
+        context = self.builder.max_length
+        max_new_tokens = _integer(max_new_tokens, "max_new_tokens", 1, context or MAX_NEW_TOKENS)
+        sampling = SamplingConfig(temperature=0.0) if sampling is None else _check_sampling_config(sampling)
+        seed = _integer(seed, "seed", 0, _SEED_LIMIT - 1)
+        grid = self.model.config.grid_size
+        for index, (question, history, image) in enumerate(zip(questions, checked_histories, images, strict=True)):
+            placeholder = None
+            if image is not None:  # codes of the right shape: a prompt's length does not depend on their values
+                placeholder = (
+                    torch.zeros(*grid, self.model.config.semantic_depth, dtype=torch.long),
+                    torch.zeros(*grid, self.model.config.pixel_depth, dtype=torch.long),
+                )
+            what = _item_name("question", questions, index)
+            length = len(self._answer_prompt(question, history, placeholder, what))
+            if context is not None and length + max_new_tokens > context:
+                raise PipelineError(
+                    f"{what}: the prompt (with its image and history) takes {length} of the model's "
+                    f"{context} positions, which leaves {context - length} for the answer; "
+                    f"max_new_tokens={max_new_tokens} would run past the context (lower it or shorten the history)"
+                )
+        encoded: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(images)
         with_image = [i for i, image in enumerate(images) if image is not None]
         if with_image:
             semantic, pixel = self.encode([images[i] for i in with_image])
             for row, index in enumerate(with_image):
                 encoded[index] = (semantic[row], pixel[row])
-        prompts = []
-        for question, history, codes in zip(questions, histories, encoded, strict=True):
-            _check_prompt(question, "question")
-            turns: list[tuple[str, str]] = []
-            for old_question, old_answer in history:
-                turns += [("user", old_question), ("assistant", old_answer)]
-            turns.append(("user", question))
-            if codes is not None:
-                first_role, first_text = turns[0]
-                turns[0] = (first_role, f"<image>\n{first_text.replace('<image>', '').strip()}")
-            prompts.append(
-                self.builder.conversation(
-                    turns,
-                    semantic=codes[0] if codes else None,
-                    pixel=codes[1] if codes else None,
-                    train=False,
-                    add_generation_prompt=True,
-                )
-            )
+        prompts = [
+            self._answer_prompt(question, history, codes, _item_name("question", questions, index))
+            for index, (question, history, codes) in enumerate(zip(questions, checked_histories, encoded, strict=True))
+        ]
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        outputs = generate_text(
-            self.model,
-            prompts,
-            max_new_tokens,
-            sampling or SamplingConfig(temperature=0.0),
-            self.stop_ids,
-            self.pad_id,
-            generator,
-        )
+        outputs = generate_text(self.model, prompts, max_new_tokens, sampling, self.stop_ids, self.pad_id, generator)
         return [self.text_tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
+
+    def _answer_prompt(
+        self,
+        question: str,
+        history: list[tuple[str, str]],
+        codes: tuple[torch.Tensor, torch.Tensor] | None,
+        what: str,
+    ) -> Sequence:
+        turns: list[tuple[str, str]] = []
+        for old_question, old_answer in history:
+            turns += [("user", old_question), ("assistant", old_answer)]
+        turns.append(("user", question))
+        if codes is not None:
+            first_role, first_text = turns[0]
+            turns[0] = (first_role, f"<image>\n{first_text.replace('<image>', '').strip()}")
+        try:
+            return self.builder.conversation(
+                turns,
+                semantic=codes[0] if codes else None,
+                pixel=codes[1] if codes else None,
+                train=False,
+                add_generation_prompt=True,
+            )
+        except ConversationError as error:
+            raise PipelineError(f"{what}: {error}") from None
 
     # ------------------------------------------------------------------ images out
     def generate_codes(
@@ -242,28 +298,82 @@ class Pipeline:
         image does not depend on what else is in the batch: ``generate(p, n=4, seed=0)[2]``
         equals ``generate(p, seed=2)[0]``. ``cfg`` / ``top_k`` / ``top_p`` / ``temperature``
         left at None come from :attr:`sampling` (the model folder's ``sampling.json``).
+        Every input is checked before sampling starts (:class:`PipelineError` names the
+        argument), including that each prompt leaves room for the image in the model's context.
         """
-        cfg = self.sampling.cfg if cfg is None else cfg
-        top_k = self.sampling.top_k if top_k is None else top_k
-        top_p = self.sampling.top_p if top_p is None else top_p
-        temperature = self.sampling.temperature if temperature is None else temperature
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if n < 1:
-            raise PipelineError(f"n={n}; expected >= 1")
-        if cfg < 0:
-            raise PipelineError(f"cfg={cfg}; expected >= 0 (1 = no guidance)")
-        for prompt in prompts:
-            _check_prompt(prompt, "prompt")
-        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, cfg=cfg)
-        sequences = [self.builder.generation(prompt, train=False) for prompt in prompts for _ in range(n)]
-        unconditional = self.builder.generation("", train=False) if cfg != 1.0 else None
-        seeds = list(seeds) if seeds is not None else [seed + k for k in range(len(sequences))]
-        if len(seeds) != len(sequences):
-            raise PipelineError(f"{len(seeds)} seeds for {len(sequences)} images")
-        generators = [torch.Generator(device=self.device).manual_seed(int(value)) for value in seeds]
+        plan = self._plan_generation(prompts, n, cfg, top_k, top_p, temperature, seed, seeds)
+        return self._sample_codes(plan.prompts, plan.seeds, plan.sampling, use_cache)
+
+    def _plan_generation(
+        self,
+        prompts: str | SequenceABC[str],
+        n: int,
+        cfg: float | None,
+        top_k: int | None,
+        top_p: float | None,
+        temperature: float | None,
+        seed: int,
+        seeds: SequenceABC[int] | None,
+    ) -> _GenerationPlan:
+        """Check every generation input; the prompts (``n`` each, prompt-major), their seeds and the sampling."""
+        sampling = check_sampling(
+            cfg=self.sampling.cfg if cfg is None else cfg,
+            top_k=self.sampling.top_k if top_k is None else top_k,
+            top_p=self.sampling.top_p if top_p is None else top_p,
+            temperature=self.sampling.temperature if temperature is None else temperature,
+        )
+        single = isinstance(prompts, (str, bytes, bytearray))
+        texts = [check_prompt(prompts, "prompt")] if single else []
+        if not single:
+            items = _sequence(prompts, "prompts")
+            texts = [check_prompt(prompt, _item_name("prompt", items, index)) for index, prompt in enumerate(items)]
+        n = _integer(n, "n", 1)
+        for index, text in enumerate(texts):
+            self._check_fits(text, "the prompt" if len(texts) == 1 else f"the prompt at prompts[{index}]")
+        count = len(texts) * n
+        if seeds is None:
+            seed = _integer(seed, "seed", 0, _SEED_LIMIT - count)
+            seed_list = [seed + k for k in range(count)]
+        else:
+            seed_list = [_integer(value, f"seeds[{k}]", 0, _SEED_LIMIT - 1) for k, value in enumerate(seeds)]
+            if len(seed_list) != count:
+                raise PipelineError(f"{len(seed_list)} seeds for {count} images; expected one seed per image")
+        return _GenerationPlan([text for text in texts for _ in range(n)], seed_list, sampling)
+
+    def _check_fits(self, text: str, what: str) -> None:
+        """Refuse a prompt after which the image (its slots, then ``<image_gen_end>`` and the end
+        token, as in training) would run past the model's context."""
+        try:
+            length = len(self.builder.generation(text, train=False))
+        except ConversationError as error:
+            raise PipelineError(f"{what}: {error}") from None
+        context = self.builder.max_length
+        slots = self.model.config.image_slots
+        closing = 1 + len(self.builder.text_ids(self.builder.template.end))
+        if context is not None and length + slots + closing > context:
+            raise PipelineError(
+                f"{what} takes {length} positions; with the image's {slots} slots and {closing} closing tokens "
+                f"that is {length + slots + closing}, over the model's context of {context}; shorten the prompt"
+            )
+
+    def _sample_codes(
+        self, prompts: list[str], seeds: list[int], sampling: SamplingConfig, use_cache: bool
+    ) -> torch.Tensor:
+        sequences = [self.builder.generation(prompt, train=False) for prompt in prompts]
+        unconditional = self.builder.generation("", train=False) if sampling.cfg != 1.0 else None
+        generators = [torch.Generator(device=self.device).manual_seed(value) for value in seeds]
         return generate_image_codes(
             self.model, sequences, unconditional, sampling.cfg, sampling, self.pad_id, generators, use_cache=use_cache
         )
+
+    def check_decode_depths(self, depths: int | None, name: str = "decode_depths") -> int | None:
+        """``depths`` for :meth:`decode`: None (all) or an integer in [1, the model's pixel depth]."""
+        if depths is None:
+            return None
+        depth = self.model.config.pixel_depth
+        if isinstance(depths, bool) or not isinstance(depths, numbers.Integral) or not 1 <= depths <= depth:
+            raise PipelineError(f"{name}={depths!r}; expected None (all) or an integer in [1, {depth}]")
+        return int(depths)
 
     @torch.no_grad()
     def decode(self, pixel_codes: torch.Tensor, depths: int | None = None) -> list[np.ndarray]:
@@ -287,16 +397,160 @@ class Pipeline:
     ) -> list[np.ndarray]:
         """Images for ``prompts`` (``n`` per prompt, prompt-major); options as :meth:`generate_codes`.
 
-        ``decode_depths``: draw only the first RVQ depths of the sampled codes (None = all).
+        ``decode_depths``: draw only the first RVQ depths of the sampled codes (None = all). All
+        images are held in memory; :meth:`generate_batches` draws many without that.
         """
+        decode_depths = self.check_decode_depths(decode_depths)
         return self.decode(self.generate_codes(prompts, **options), decode_depths)
 
+    def generate_batches(
+        self,
+        prompts: str | SequenceABC[str],
+        n: int = 1,
+        batch_size: int = 8,
+        decode_depths: int | None = None,
+        cfg: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        temperature: float | None = None,
+        seed: int = 0,
+        use_cache: bool = True,
+    ) -> Iterator[list[np.ndarray]]:
+        """The images of :meth:`generate`, ``batch_size`` at a time, in the same order and with the
+        same seeds (image k is drawn from ``seed + k``), so any number of images fits in memory.
 
-def _check_prompt(text: str, what: str) -> None:
-    if not isinstance(text, str) or not text.strip():
+        Every input is checked here, before the first batch is drawn; options as :meth:`generate_codes`.
+        """
+        decode_depths = self.check_decode_depths(decode_depths)
+        batch_size = _integer(batch_size, "batch_size", 1)
+        plan = self._plan_generation(prompts, n, cfg, top_k, top_p, temperature, seed, None)
+        return self._batches(plan, batch_size, decode_depths, use_cache)
+
+    def _batches(
+        self, plan: _GenerationPlan, batch_size: int, decode_depths: int | None, use_cache: bool
+    ) -> Iterator[list[np.ndarray]]:
+        for start in range(0, len(plan.prompts), batch_size):
+            end = start + batch_size
+            codes = self._sample_codes(plan.prompts[start:end], plan.seeds[start:end], plan.sampling, use_cache)
+            yield self.decode(codes, decode_depths)
+
+
+@dataclasses.dataclass
+class _GenerationPlan:
+    """Checked generation inputs: one prompt and one seed per image, and the sampling settings."""
+
+    prompts: list[str]
+    seeds: list[int]
+    sampling: SamplingConfig
+
+
+# ---------------------------------------------------------------------- input checks
+def decode_text(value: Any, what: str) -> str:
+    """``value`` as a str: bytes are decoded as UTF-8; anything else, or text that is not valid
+    UTF-8 (undecodable command-line bytes arrive as lone surrogates), raises :class:`PipelineError`
+    naming ``what`` and the position of the first bad byte."""
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise PipelineError(
+                f"the {what} is not valid UTF-8: byte 0x{value[error.start]:02x} at position {error.start}"
+            ) from None
+    if not isinstance(value, str):
+        raise PipelineError(f"the {what} is a {type(value).__name__}; expected a str")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        code = ord(value[error.start])
+        # Python decodes a byte it cannot read (from argv, or a file read with surrogateescape) as U+DC80..U+DCFF.
+        bad = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        raise PipelineError(f"the {what} is not valid UTF-8: {bad} at position {error.start}") from None
+    return value
+
+
+def check_prompt(text: Any, what: str) -> str:
+    """``text`` as a non-empty str of at most :data:`MAX_PROMPT_CHARS` (bytes decoded as UTF-8), or
+    :class:`PipelineError` naming ``what``."""
+    text = decode_text(text, what)
+    if not text.strip():
         raise PipelineError(f"empty {what}: give some text")
     if len(text) > MAX_PROMPT_CHARS:
         raise PipelineError(f"the {what} has {len(text):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
+    return text
 
 
-__all__ = ["Pipeline", "PipelineError", "ConversationError"]
+def _item_name(kind: str, items: SequenceABC[Any], index: int) -> str:
+    """``question`` for a batch of one, ``question at questions[2]`` in a larger one."""
+    return kind if len(items) == 1 else f"{kind} at {kind}s[{index}]"
+
+
+def _sequence(value: Any, what: str, allow_empty: bool = False) -> SequenceABC[Any]:
+    """A list or tuple argument (a lone string is refused: it would be read one character at a time)."""
+    if isinstance(value, (str, bytes, bytearray)) or not isinstance(value, SequenceABC):
+        raise PipelineError(f"{what} is a {type(value).__name__}; expected a list")
+    if not value and not allow_empty:
+        raise PipelineError(f"{what} is empty; expected at least one")
+    return value
+
+
+def _check_history(history: Any, what: str) -> list[tuple[str, str]]:
+    """``history`` as a list of ``(question, answer)`` strings (None = no history)."""
+    if history is None:
+        return []
+    checked = []
+    for index, turn in enumerate(_sequence(history, what, allow_empty=True)):
+        if isinstance(turn, (str, bytes)) or not isinstance(turn, SequenceABC) or len(turn) != 2:
+            raise PipelineError(f"{what}[{index}] is {turn!r:.60}; expected a (question, answer) pair of strings")
+        question = check_prompt(turn[0], f"{what}[{index}] question")
+        checked.append((question, decode_text(turn[1], f"{what}[{index}] answer")))
+    return checked
+
+
+def _integer(value: Any, name: str, low: int, high: int | None = None) -> int:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or value < low
+        or (high is not None and value > high)
+    ):
+        expected = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+        raise PipelineError(f"{name}={value!r}; expected {expected}")
+    return int(value)
+
+
+def _real(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise PipelineError(f"{name}={value!r}; expected a finite number")
+    return float(value)
+
+
+def check_sampling(
+    cfg: float, top_k: int, top_p: float, temperature: float, label: Callable[[str], str] = str
+) -> SamplingConfig:
+    """The sampling settings as a :class:`SamplingConfig`, or :class:`PipelineError` naming the bad one.
+
+    ``label`` turns an argument name into what the user typed (the commands pass ``--top-p`` style).
+    """
+    cfg = _real(cfg, label("cfg"))
+    if not 0.0 <= cfg <= MAX_CFG:
+        raise PipelineError(f"{label('cfg')}={cfg!r}; expected a guidance scale in [0, {MAX_CFG:g}] (1 = off)")
+    temperature = _real(temperature, label("temperature"))
+    if temperature != 0.0 and not MIN_TEMPERATURE <= temperature:
+        raise PipelineError(
+            f"{label('temperature')}={temperature!r}; expected 0 (greedy) or a number >= {MIN_TEMPERATURE:g}"
+        )
+    top_p = _real(top_p, label("top_p"))
+    if not 0.0 < top_p <= 1.0:
+        raise PipelineError(f"{label('top_p')}={top_p!r}; expected a number in (0, 1]")
+    top_k = _integer(top_k, label("top_k"), 0)
+    return SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, cfg=cfg)
+
+
+def _check_sampling_config(sampling: Any) -> SamplingConfig:
+    if not isinstance(sampling, SamplingConfig):
+        raise PipelineError(f"sampling is a {type(sampling).__name__}; expected a SamplingConfig or None")
+    fields = dataclasses.asdict(sampling)
+    return check_sampling(label=lambda name: f"sampling.{name}", **fields)
+
+
+__all__ = ["Pipeline", "PipelineError", "ConversationError", "check_prompt", "check_sampling", "decode_text"]

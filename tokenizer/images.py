@@ -9,18 +9,21 @@ the evaluation harness decode through it, so a bad file fails the same way every
 from __future__ import annotations
 
 import io
+import logging
 import os
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+logger = logging.getLogger(__name__)
+
 ImageSource = str | os.PathLike | bytes
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
 class ImageLoadError(ValueError):
-    """An image is missing, undecodable, too small or in a mode we will not silently convert."""
+    """An image is missing, a folder, undecodable, too small, or not RGB in strict mode."""
 
 
 def uint8_image_to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -32,21 +35,44 @@ def uint8_image_to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
-def load_image(source: ImageSource, *, name: str, image_size: int, convert_to_rgb: bool) -> torch.Tensor:
+def load_image(
+    source: ImageSource,
+    *,
+    name: str,
+    image_size: int,
+    strict: bool = False,
+    convert_to_rgb: bool | None = None,
+    convert_hint: str | None = None,
+) -> torch.Tensor:
     """Decode ``source`` (a path or encoded bytes) into a (3, image_size, image_size) float32 tensor in [-1, 1].
 
     The shorter side is resized to ``image_size`` with bicubic filtering, then the centre is
     cropped. ``name`` (a file name or sample key) goes into every error message.
 
+    Images that are valid but not RGB (grey ``L``, ``LA``, ``RGBA``, ``CMYK``, palette ``P`` /
+    ``PA``, 16- and 32-bit integer ``I;16`` / ``I``, float ``F``) are converted: alpha is
+    composited over white, grey is repeated into three channels, deep values are rescaled to 8
+    bits; each file's conversion is logged once. ``strict`` refuses them instead.
+    ``convert_to_rgb`` is the older spelling (``convert_to_rgb=False`` is ``strict=True``).
+    ``convert_hint`` tells the user how to turn conversion back on (the flag or config key of
+    the caller, e.g. ``"leave out --strict"``); it completes the refusal message.
+
     Raises:
-        ImageLoadError: missing file, undecodable bytes, an image under 2x2 pixels, or a
-            non-RGB image while ``convert_to_rgb`` is False. With ``convert_to_rgb`` True,
-            grey, palette, CMYK and 16-bit images are converted and alpha is composited on white.
+        ImageLoadError: missing file, a folder, undecodable bytes, an image under 2x2 pixels, or
+            a non-RGB image in strict mode.
     """
     if image_size < 1:
         raise ValueError(f"image_size={image_size}; expected >= 1")
-    if isinstance(source, (str, os.PathLike)) and not os.path.isfile(source):
-        raise ImageLoadError(f"image {name}: file not found ({os.fspath(source)})")
+    if convert_to_rgb is not None:
+        if strict and convert_to_rgb:
+            raise ValueError("strict=True and convert_to_rgb=True contradict each other; pass one of them")
+        strict = not convert_to_rgb
+        convert_hint = convert_hint or "set convert_to_rgb=True"
+    if isinstance(source, (str, os.PathLike)):
+        if os.path.isdir(source):
+            raise ImageLoadError(f"{_where(name, source)} is a directory, not an image")
+        if not os.path.isfile(source):
+            raise ImageLoadError(f"image {name}: file not found ({os.fspath(source)})")
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as opened:
             opened.load()
@@ -58,12 +84,56 @@ def load_image(source: ImageSource, *, name: str, image_size: int, convert_to_rg
     if width < 2 or height < 2:
         raise ImageLoadError(f"image {name} is {width}x{height} pixels; at least 2x2 is needed")
     if image.mode != "RGB":
-        if not convert_to_rgb:
+        if strict:
             raise ImageLoadError(
-                f"image {name} has mode {image.mode!r}, not 'RGB'; set data.convert_to_rgb=true to convert it"
+                f"image {name} has mode {image.mode!r}, not 'RGB'; {convert_hint or 'leave out strict=True'} "
+                f"to convert it ({_conversion(image)})"
             )
+        mode, what = image.mode, _conversion(image)
         image = _to_rgb(image, name)
+        _note_conversion(name, mode, what)
     return uint8_image_to_tensor(np.asarray(_resize_and_crop(image, image_size)))
+
+
+def _where(name: str, source: str | os.PathLike) -> str:
+    path = os.fspath(source)
+    return path if name == path else f"image {name} ({path})"
+
+
+# What :func:`_to_rgb` does to each mode, for the note it logs and the strict refusal.
+_CONVERSIONS = {
+    "L": "grey repeated into R, G and B",
+    "LA": "alpha composited over white, grey repeated into R, G and B",
+    "La": "alpha composited over white, grey repeated into R, G and B",
+    "RGBA": "alpha composited over white",
+    "RGBa": "alpha composited over white",
+    "PA": "palette expanded, alpha composited over white",
+    "P": "palette expanded",
+    "CMYK": "CMYK converted to RGB",
+    "1": "black and white expanded to RGB",
+    "I;16": "16-bit grey rescaled to 8 bits and repeated into R, G and B",
+    "I": "32-bit grey rescaled to 8 bits and repeated into R, G and B",
+    "F": "float grey rescaled to 8 bits and repeated into R, G and B",
+}
+_NOTE_LIMIT = 100_000  # names remembered for "once per file"; a bound on memory for huge datasets
+_noted: set[str] = set()
+
+
+def _conversion(image: Image.Image) -> str:
+    if image.mode == "P" and "transparency" in image.info:
+        return _CONVERSIONS["PA"]
+    if image.mode.startswith("I;16"):
+        return _CONVERSIONS["I;16"]
+    return _CONVERSIONS.get(image.mode, "converted to RGB")
+
+
+def _note_conversion(name: str, mode: str, what: str) -> None:
+    """Log once per file that a non-RGB image was converted, and how."""
+    if name in _noted:
+        return
+    if len(_noted) < _NOTE_LIMIT:
+        _noted.add(name)
+    logger.info("image %s has mode %r; converted to RGB (%s)", name, mode, what)
 
 
 def _to_rgb(image: Image.Image, name: str) -> Image.Image:

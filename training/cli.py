@@ -2,7 +2,7 @@
 
     dualtoken train-teacher   --config configs/tokenizer/tiny_teacher.yaml
     dualtoken train-tokenizer --config configs/tokenizer/tiny.yaml [--set key=value ...]
-    dualtoken tokenize        --tokenizer DIR --images a.png b.png -o codes.pt
+    dualtoken tokenize        --tokenizer DIR --images a.png b.png -o codes.safetensors
     dualtoken reconstruct     --tokenizer DIR --images a.png -o grid.png
     dualtoken tiny-pipeline   (stage 0 + stage 1 on the embedded default, then the report)
     dualtoken ablate          --teacher runs/tiny/stage0/teacher (the paper's codebook ablation)
@@ -10,8 +10,8 @@
     dualtoken tokenize-codes  --tokenizer DIR --llava .../llava.json --t2i .../t2i.jsonl --out .../codes
     dualtoken train-mllm      --config configs/stages/tiny/understand.yaml
 
-Errors a user can fix (bad config, missing file, bad image) print one clear line and
-exit with status 2 instead of a traceback.
+Errors a user can fix (bad config, missing file, bad image, bad option, an output path that
+cannot be written) print one clear line and exit with status 2 instead of a traceback.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "ablate": ("training.ablation", "dual vs shared codebook vs reconstruction only, side by side"),
     "make-data": ("training.data.conversations", "write the Shapes world as LLaVA conversations + text-image pairs"),
     "tokenize-codes": ("training.data.code_shards", "tokenise a dataset's images once into code shards"),
+    "check-data": ("training.check_data", "list every bad image of a training config's data (exit 2 if any)"),
     "train-mllm": ("training.train_mllm", "one LLM stage (align / understand / generate / joint)"),
     "chat": ("mllm.commands", "chat about images (/image PATH, /imagine PROMPT)"),
     "generate": ("mllm.commands", "draw images from a text prompt"),
@@ -74,9 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         # `main` always returns it, as its signature says, instead of raising.
         code = exit_request.code
         return code if isinstance(code, int) else (0 if code is None else 2)
-    except (ConfigError, FileNotFoundError, ValueError, CheckpointWriteError) as error:
+    except (ConfigError, ValueError, CheckpointWriteError, OSError) as error:
+        # ValueError covers the project's input errors (ImageLoadError, PipelineError, OutputPathError,
+        # MetadataError ...); OSError a path the checks could not foresee (a disk that fills up, a
+        # folder removed mid-run, FileNotFoundError for a missing input).
         logging.getLogger("dualtoken").debug("fatal", exc_info=True)
-        print(f"dualtoken {command}: error: {error}", file=sys.stderr)
+        message = " / ".join(str(error).splitlines())  # one line, whatever the error's text holds
+        print(f"dualtoken {command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

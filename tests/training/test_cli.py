@@ -7,12 +7,15 @@ from the Shapes world.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from tokenizer.config import (
     BackboneConfig,
@@ -149,11 +152,12 @@ def test_out_of_range_tap_for_the_teacher(tmp_path: Path, capsys: pytest.Capture
 
 # ------------------------------------------------------------------------------ tokenize / reconstruct
 def test_tokenize_writes_codes(visual_tokenizer_dir: Path, image_paths: list[Path], tmp_path: Path) -> None:
-    output = tmp_path / "out" / "codes.pt"
+    output = tmp_path / "out" / "codes.safetensors"
     argv = ["tokenize", "--tokenizer", str(visual_tokenizer_dir), "--images", *map(str, image_paths), "-o", str(output)]
     assert cli.main(argv) == 0
-    payload = torch.load(output, weights_only=False)
-    assert payload["files"] == [str(path) for path in image_paths]
+    payload = load_file(output)
+    with safe_open(str(output), "pt") as stored:
+        assert json.loads(stored.metadata()["files"]) == [str(path) for path in image_paths]
     for key in ("pixel_codes", "semantic_codes"):
         codes = payload[key]
         assert codes.shape == (NUM_IMAGES, GRID, GRID, DEPTH) and codes.dtype == torch.int64
@@ -183,22 +187,23 @@ def test_reconstruct_writes_a_grid(visual_tokenizer_dir: Path, image_paths: list
     assert first_original.std() > 0  # a real image was pasted, not the white canvas
 
 
-def test_grayscale_converts_with_the_flag(visual_tokenizer_dir: Path, tmp_path: Path) -> None:
+def test_awkward_modes_convert_unless_strict(
+    visual_tokenizer_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     grey = tmp_path / "grey.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48), dtype=np.uint8), mode="L").save(grey)
-    output = tmp_path / "codes.pt"
-    argv = [
-        "tokenize",
-        "--tokenizer",
-        str(visual_tokenizer_dir),
-        "--images",
-        str(grey),
-        "-o",
-        str(output),
-        "--convert-to-rgb",
-    ]
+    rgba = tmp_path / "rgba.png"
+    Image.new("RGBA", (40, 40), (255, 0, 0, 128)).save(rgba)
+    output = tmp_path / "codes.safetensors"
+    argv = ["tokenize", "--tokenizer", str(visual_tokenizer_dir), "--images", str(grey), str(rgba), "-o", str(output)]
     assert cli.main(argv) == 0
-    assert torch.load(output, weights_only=False)["pixel_codes"].shape == (1, GRID, GRID, DEPTH)
+    assert load_file(output)["pixel_codes"].shape == (2, GRID, GRID, DEPTH)
+    assert cli.main([*argv, "--convert-to-rgb"]) == 0  # the older opt-in flag still runs
+    output.unlink()
+    capsys.readouterr()
+    assert cli.main([*argv, "--strict"]) == 2
+    _assert_one_error(capsys, str(grey), "mode 'L'", "leave out --strict")
+    assert not output.exists()
 
 
 def _write_bad_image(kind: str, path: Path) -> None:
@@ -206,13 +211,18 @@ def _write_bad_image(kind: str, path: Path) -> None:
         path.write_bytes(b"\x89PNG\r\n\x1a\n this is not a PNG body")
     elif kind == "tiny":
         Image.new("RGB", (1, 1), (255, 0, 0)).save(path)
-    elif kind == "grayscale":
-        Image.new("L", (32, 32), 128).save(path)
+    elif kind == "folder":
+        path.mkdir()
 
 
 @pytest.mark.parametrize(
     ("kind", "message"),
-    [("missing", "file not found"), ("corrupt", "cannot decode"), ("tiny", "1x1 pixels"), ("grayscale", "mode 'L'")],
+    [
+        ("missing", "file not found"),
+        ("corrupt", "cannot decode"),
+        ("tiny", "1x1 pixels"),
+        ("folder", "is a directory, not an image"),
+    ],
 )
 @pytest.mark.parametrize("command", ["tokenize", "reconstruct"])
 def test_bad_image_gives_exit_two_naming_the_file(
@@ -226,7 +236,7 @@ def test_bad_image_gives_exit_two_naming_the_file(
 ) -> None:
     bad = tmp_path / f"{kind}.png"
     _write_bad_image(kind, bad)
-    output = tmp_path / "out.file"
+    output = tmp_path / ("out.png" if command == "reconstruct" else "out.safetensors")
     # The bad file comes after a good one: the whole call fails, and nothing is written.
     argv = [
         command,
@@ -245,6 +255,14 @@ def test_bad_image_gives_exit_two_naming_the_file(
 
 def test_missing_tokenizer_directory(image_paths: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     missing = tmp_path / "no-tokenizer"
-    argv = ["tokenize", "--tokenizer", str(missing), "--images", str(image_paths[0]), "-o", str(tmp_path / "c.pt")]
+    argv = [
+        "tokenize",
+        "--tokenizer",
+        str(missing),
+        "--images",
+        str(image_paths[0]),
+        "-o",
+        str(tmp_path / "c.safetensors"),
+    ]
     assert cli.main(argv) == 2
     _assert_one_error(capsys, str(missing), "config.json")

@@ -205,20 +205,24 @@ def test_tiny_image_is_rejected() -> None:
     assert _load(_png(np.zeros((2, 2, 3), dtype=np.uint8))).shape == (3, SIZE, SIZE)
 
 
-def test_grayscale_needs_convert_to_rgb(tmp_path: Path) -> None:
+def test_grayscale_converts_unless_strict(tmp_path: Path) -> None:
     grey = np.tile(np.arange(0, 256, 8, dtype=np.uint8), (32, 1))  # (32, 32) ramp
     path = tmp_path / "grey.png"
     path.write_bytes(_png(grey, "L"))
-    with pytest.raises(ImageLoadError, match=r"grey\.png.*'L'.*data\.convert_to_rgb=true"):
-        load_image(path, name=str(path), image_size=SIZE, convert_to_rgb=False)
-    converted = load_image(path, name=str(path), image_size=SIZE, convert_to_rgb=True)
+    converted = load_image(path, name=str(path), image_size=SIZE)
     expected = torch.from_numpy(grey).float() / 127.5 - 1.0
     assert all(torch.equal(converted[channel], expected) for channel in range(3))
-    # The readers pass the flag through.
+    with pytest.raises(ImageLoadError, match=r"grey\.png.*'L'.*leave out strict=True to convert"):
+        load_image(path, name=str(path), image_size=SIZE, strict=True)
+    # convert_to_rgb=False is the older spelling of strict=True.
+    with pytest.raises(ImageLoadError, match=r"'L'.*set convert_to_rgb=True"):
+        load_image(path, name=str(path), image_size=SIZE, convert_to_rgb=False)
+    # The readers convert by default; data.convert_to_rgb=false refuses and the message names that key.
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "grey.png", "caption": "grey"}) + "\n")
-    with pytest.raises(ImageLoadError, match="'L'"):
-        ImageFolderDataset(tmp_path, SIZE)[0]
-    assert torch.equal(ImageFolderDataset(tmp_path, SIZE, convert_to_rgb=True)[0]["image"], converted)
+    assert torch.equal(ImageFolderDataset(tmp_path, SIZE)[0]["image"], converted)
+    with pytest.raises(ImageLoadError, match=r"'L'.*set data\.convert_to_rgb=true"):
+        ImageFolderDataset(tmp_path, SIZE, convert_to_rgb=False)[0]
+    assert DataConfig(kind="imagefolder", path=str(tmp_path), image_size=SIZE).convert_to_rgb
 
 
 def test_other_modes_convert() -> None:
