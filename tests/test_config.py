@@ -93,29 +93,11 @@ def floor_metric_names() -> set[str]:
 FLOORS_LAYOUT = {"llm_micro": ("steps", "floors", "ceilings")}
 
 
-def unknown_llm_config_keys(llm_config: dict[str, Any]) -> list[str]:
-    """Keys of ``model.llm_config`` that its transformers config class does not define.
-
-    transformers keeps an unknown keyword as a plain attribute (``num_hiden_layers: 2`` builds the
-    default depth without a word); keys it converts (``rope_theta`` -> ``rope_parameters``) are fine.
-    """
-    from transformers import CONFIG_MAPPING, AutoConfig
-
-    built = AutoConfig.for_model(**llm_config).to_dict()
-    defined = CONFIG_MAPPING[llm_config["model_type"]]().to_dict()
-    return sorted(key for key in llm_config if key in built and key not in defined)
-
-
 # ------------------------------------------------------------------------------ loaders
 def load_llm_stage(path: Path) -> None:
-    config = load_config(MLLMStageConfig, path)
-    llm_config = config.model.llm_config
-    unknown = unknown_llm_config_keys(llm_config) if llm_config else []
-    if unknown:
-        raise ConfigError(
-            f"{path}: unknown key model.llm_config.{unknown[0]} (not a field of the "
-            f"{llm_config['model_type']!r} transformers config)"
-        )
+    # model.llm_config is checked against its transformers config class as the YAML loads
+    # (training.mllm_config.validate_llm_config).
+    load_config(MLLMStageConfig, path)
 
 
 def load_eval_settings(path: Path) -> None:

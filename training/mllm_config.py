@@ -11,8 +11,12 @@ the chat template's name, the code-embedding start, the dtype and the attention 
 
 from __future__ import annotations
 
+import difflib
+import functools
 import inspect
 import math
+import types
+import typing
 from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
@@ -50,6 +54,180 @@ def _require(condition: bool, message: str) -> None:
 
 def _is_weight(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+# --------------------------------------------------------------------- model.llm_config
+_NO_TYPE = object()  # a key whose type the config class does not state: any value passes here
+
+
+def _llm_config_keys(config_class: type) -> dict[str, Any]:
+    """The keys a transformers config class takes, each with its type (``_NO_TYPE`` when unstated).
+
+    The keys are the class's ``__init__`` parameters (for the dataclass configs of transformers 5
+    these include ``PretrainedConfig``'s common ones), the keys of a default instance's ``to_dict``
+    (``output_attentions`` ...) and the aliases of ``attribute_map`` (GPT-2's ``hidden_size``).
+    A type is the parameter's annotation, or the type of its default where there is none.
+    """
+    return dict(_cached_llm_config_keys(config_class))
+
+
+@functools.cache
+def _cached_llm_config_keys(config_class: type) -> tuple[tuple[str, Any], ...]:
+    import torch
+
+    try:
+        hints = typing.get_type_hints(config_class, localns={"torch": torch})
+    except Exception:  # an annotation that does not resolve: fall back to the defaults' types
+        hints = {}
+    keys: dict[str, Any] = {}
+    for name, parameter in inspect.signature(config_class.__init__).parameters.items():
+        if name == "self" or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        hint = hints.get(name, parameter.annotation)
+        if hint is parameter.empty or isinstance(hint, str):
+            default = parameter.default
+            hint = _NO_TYPE if default is parameter.empty or default is None else type(default)
+        keys[name] = hint
+    try:
+        defaults = config_class().to_dict()
+    except Exception:  # a config class that needs arguments: its signature is all there is
+        defaults = {}
+    for name in defaults:
+        if not name.startswith("_"):
+            keys.setdefault(name, _NO_TYPE)
+    for alias, target in getattr(config_class, "attribute_map", {}).items():
+        keys.setdefault(alias, keys.get(target, _NO_TYPE))
+    return tuple(keys.items())
+
+
+def _type_matches(value: Any, hint: Any) -> bool:
+    """Whether a YAML value (None, bool, int, float, str, list, dict) fits a type annotation."""
+    if hint is _NO_TYPE or hint is Any:
+        return True
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_type_matches(value, arm) for arm in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is None or hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, typing.Sequence) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and len(args) > 1 and args[-1] is not Ellipsis:  # tuple[int, str]: one type per place
+            return len(value) == len(args) and all(map(_type_matches, value, args))
+        return all(_type_matches(element, args[0]) for element in value) if args else True
+    if origin is dict or hint is dict or typing.is_typeddict(hint):
+        return isinstance(value, dict)
+    if isinstance(hint, type) and hint.__module__.startswith("torch"):
+        return isinstance(value, str)  # torch.dtype: YAML names it ("bfloat16")
+    if isinstance(hint, type):
+        return isinstance(value, (hint, dict))  # a sub-config class is given as a mapping
+    return True
+
+
+def _describe_type(hint: Any) -> str:
+    """A type annotation as a config file's reader would say it: ``int``, ``list of str or null``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        arms = [_describe_type(arm) for arm in args if arm is not type(None)]
+        return " or ".join(dict.fromkeys(arms + (["null"] if type(None) in args else [])))
+    if origin is typing.Literal:
+        return "one of " + "|".join(map(str, args))
+    if hint is type(None):
+        return "null"
+    if origin in (list, tuple, typing.Sequence):
+        return f"list of {_describe_type(args[0])}" if args else "list"
+    if origin is dict or typing.is_typeddict(hint):
+        return "mapping"
+    if isinstance(hint, type) and hint.__module__.startswith("torch"):
+        return "a torch dtype name"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines[-2:]) if len(lines) > 1 else (lines[0] if lines else type(error).__name__)
+
+
+def validate_llm_config(llm_config: Any) -> dict[str, Any]:
+    """``model.llm_config`` checked against the transformers config class of its ``model_type``.
+
+    transformers keeps an unknown keyword as a plain attribute (``num_hiden_layers: 2`` builds the
+    default depth without a word) and reports a wrong type with a long traceback, so both are
+    caught here, when the YAML loads: an unknown key lists the valid ones (closest first), a wrong
+    type names ``model.llm_config.KEY`` and the expected type. Keys that transformers converts
+    (``rope_theta`` -> ``rope_parameters``, ``torch_dtype`` -> ``dtype``) pass. Returns a copy in
+    which an integer given for a float field is a float (YAML reads ``10000`` as an int, and
+    transformers' strict config classes refuse it).
+    """
+    from transformers import CONFIG_MAPPING
+
+    if not isinstance(llm_config, dict):
+        raise ConfigError(f"model.llm_config must be a mapping of transformers config keys, got {llm_config!r}")
+    model_type = llm_config.get("model_type")
+    if model_type is None:
+        raise ConfigError("model.llm_config.model_type is missing; it names the transformers config (qwen2, llama ...)")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=5, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(close)}?" if close else " (see transformers.CONFIG_MAPPING)"
+        raise ConfigError(f"model.llm_config.model_type={model_type!r} is not a transformers model type{hint}")
+    config_class = CONFIG_MAPPING[model_type]
+    keys = _llm_config_keys(config_class)
+    checked: dict[str, Any] = {"model_type": model_type}
+    for key, value in llm_config.items():
+        if key == "model_type":
+            continue
+        hint = keys.get(key, _NO_TYPE)
+        if not _type_matches(value, hint):
+            numeric = isinstance(value, str) and _parses_as_float(value)
+            advice = f" (YAML reads {value} as text: write it with a decimal point, e.g. 1.0e-6)" if numeric else ""
+            raise ConfigError(
+                f"model.llm_config.{key}={value!r}; expected {_describe_type(hint)} "
+                f"({config_class.__name__}.{key}){advice}"
+            )
+        if isinstance(value, int) and not isinstance(value, bool) and float in _arms(hint) and int not in _arms(hint):
+            value = float(value)
+        checked[key] = value
+    try:
+        built = config_class(**{key: value for key, value in checked.items() if key != "model_type"}).to_dict()
+    except Exception as error:  # transformers' own validation (strict dataclasses, value checks)
+        raise ConfigError(f"model.llm_config ({config_class.__name__}): {_first_line(error)}") from None
+    # A key outside the class's own that transformers kept verbatim is one it does not read.
+    unknown = [key for key in checked if key not in keys and key != "model_type" and key in built]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, list(keys), n=3, cutoff=0.6)
+        valid = close + sorted(name for name in keys if name not in close)
+        guess = f"did you mean {' or '.join(close)}? " if close else ""
+        raise ConfigError(
+            f"unknown key model.llm_config.{key} for model_type {model_type!r} ({config_class.__name__}); "
+            f"{guess}valid keys: {', '.join(valid)}"
+        )
+    return checked
+
+
+def _arms(hint: Any) -> tuple[Any, ...]:
+    """The alternatives of a union annotation (``float | None`` -> float, NoneType); else the annotation."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def _parses_as_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass
@@ -112,6 +290,8 @@ class ModelConfig:
             DualTokenMLLMConfig(**self.model_options())  # validates the fields (the code layout comes later)
         except ValueError as error:
             raise ConfigError(f"model.{error}") from None
+        if self.llm_config:
+            self.llm_config = validate_llm_config(self.llm_config)
         _require(
             bool(self.llm_config) or bool(self.llm_pretrained),
             "model.llm_config or model.llm_pretrained is required to build the first stage's model",

@@ -7,6 +7,7 @@ from ``(seed, step)`` alone, so a resumed run sees the batches an uninterrupted 
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from training.data.code_shards import normalise_key
 from training.data.code_store import CodeStore
 from training.data.conversations import read_conversations, read_text_image_pairs
 from training.mllm_config import SOURCES, MLLMDataConfig
+
+logger = logging.getLogger(__name__)
 
 DESCRIBE_PROMPT = "describe the image."
 _INPUT_NOISE_STREAM = 7  # rng stream of image_input_noise, apart from the caption-dropping draws
@@ -192,6 +195,18 @@ def grounded_sequences(
     """Sequences, with their grounding targets, of the first ``limit`` image records whose answers have boxes."""
     grounded = [r for r in records if r.image_key and any(turn.boxes for turn in r.turns)][:limit]
     return [conversation_sequence(builder, store, r, independent=independent, grounding=True) for r in grounded]
+
+
+def drop_skipped_images(store: CodeStore, records: list[Any], codes_dir: str | None) -> list[Any]:
+    """``records`` without those whose image ``tokenize-codes --on-bad-image skip`` left out of
+    ``store`` as unreadable (counted in the log; the store's ``bad_images.txt`` lists them)."""
+    skipped = store.skipped_images
+    kept = [record for record in records if record.image_key is None or normalise_key(record.image_key) not in skipped]
+    if len(kept) < len(records):
+        logger.warning(
+            "%d record(s) left out: %s skipped their image as unreadable", len(records) - len(kept), codes_dir
+        )
+    return kept
 
 
 def check_images_tokenised(store: CodeStore, records: list[Any], codes_dir: str | None) -> None:

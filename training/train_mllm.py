@@ -46,6 +46,7 @@ from training.common import (
     count_parameters,
     format_metrics,
     restore_schedule_lr,
+    resumable_loader,
     seed_everything,
     setup_logging,
     warmup_cosine,
@@ -58,6 +59,7 @@ from training.mllm_data import (
     MixedSequences,
     MixtureSampler,
     check_images_tokenised,
+    drop_skipped_images,
     grounded_sequences,
     read_sources,
     record_codes,
@@ -168,6 +170,13 @@ class MLLMStageTrainer:
         conversations, pairs = read_sources(config.data)
         self.val_conversations, self.val_pairs = read_sources(config.data, val=True)
         self.val_store = CodeStore(config.data.val_codes) if config.data.val_codes else self.store
+        conversations, pairs = (
+            drop_skipped_images(self.store, records, config.data.codes) for records in (conversations, pairs)
+        )
+        self.val_conversations, self.val_pairs = (
+            drop_skipped_images(self.val_store, records, config.data.val_codes)
+            for records in (self.val_conversations, self.val_pairs)
+        )
         check_images_tokenised(self.store, conversations + pairs, config.data.codes)
         check_images_tokenised(self.val_store, self.val_conversations + self.val_pairs, config.data.val_codes)
         self.dataset = MixedSequences(
@@ -312,9 +321,7 @@ class MLLMStageTrainer:
         sampler = MixtureSampler(
             self.dataset, loop.batch_size, loop.seed, start_step, loop.max_steps, self.dist.rank, self.dist.world_size
         )
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=sampler, collate_fn=self._collate, num_workers=loop.num_workers
-        )
+        loader = resumable_loader(self.dataset, sampler, self._collate, loop.seed, start_step, loop.num_workers)
         step, started, window = start_step, time.time(), []
         self.engine.train()
         progress = tqdm(
@@ -373,11 +380,14 @@ class MLLMStageTrainer:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     import argparse
 
+    from tokenizer.files import check_output_dir
+
     parser = argparse.ArgumentParser(prog="dualtoken train-mllm", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="stage YAML (configs/stages/*/*.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     config = load_config(MLLMStageConfig, args.config, args.overrides)
+    check_output_dir(config.loop.output_dir, "loop.output_dir")  # before any model is built
     dist_state = distributed.init_distributed(config.deepspeed.enabled)
     setup_logging(dist_state.rank)
     if config.loop.num_threads:

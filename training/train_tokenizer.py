@@ -9,6 +9,7 @@ the discriminator has an optimizer (and engine) of its own.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -23,6 +24,7 @@ from tqdm import tqdm
 from tokenizer.backbone import VisionBackbone
 from tokenizer.config import ConfigError, DiscriminatorConfig, DualTokenizerConfig, config_to_dict
 from tokenizer.discriminator import PatchDiscriminator
+from tokenizer.files import folder_is_complete, verify_folder
 from tokenizer.losses import (
     PerceptualLoss,
     adaptive_generator_weight,
@@ -48,11 +50,14 @@ from training.common import (
 )
 from training.config import DeepSpeedConfig, LoopConfig, OptimConfig, load_config
 from training.data import DataConfig, ShapesImageDataset, ShapesWorld, build_image_dataset, collate_image_text
+from training.data.readers import BadImageLog
 from training.evaluation import class_text_embeddings, save_image_grid, tokenizer_metrics, zero_shot_accuracy
 
 logger = logging.getLogger(__name__)
 
 TOKENIZER_DIRNAME = "tokenizer"
+# A SigLIP teacher's text tokenizer: stage 0 writes tokenizer.json, a hub SigLIP ships spiece.model.
+TEXT_TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
 
 
 @dataclass
@@ -164,6 +169,8 @@ def load_teacher(path: str) -> tuple[VisionBackbone, Teacher]:
     from transformers import AutoTokenizer, SiglipModel
 
     source = Path(path)
+    with contextlib.suppress(FileNotFoundError):  # a missing folder is named just below
+        verify_folder(source)  # recovers an interrupted replacement; refuses a file that does not match the manifest
     if not (source / "config.json").is_file():
         raise FileNotFoundError(
             f"teacher_path={path} has no config.json; run stage 0 first (dualtoken train-teacher) "
@@ -171,6 +178,12 @@ def load_teacher(path: str) -> tuple[VisionBackbone, Teacher]:
         )
     model_type = json.loads((source / "config.json").read_text()).get("model_type")
     if model_type == "siglip":
+        if not any((source / name).is_file() for name in TEXT_TOKENIZER_FILES):
+            # Named here: without it AutoTokenizer fails deep inside sentencepiece or tokenizers.
+            raise FileNotFoundError(
+                f"teacher_path={path} has no text tokenizer ({' or '.join(TEXT_TOKENIZER_FILES)}); "
+                "run stage 0 again or copy the checkpoint's tokenizer files next to its config.json"
+            )
         siglip = SiglipModel.from_pretrained(path)
         vision_model, text_tower = (
             siglip.vision_model,
@@ -383,6 +396,18 @@ class Stage1Trainer:
         )
 
     # ------------------------------------------------------------ loop
+    def _check_images(self, batch: dict, step: int, checkpoints: Path) -> None:
+        """``data.on_bad_image`` for a batch that met a bad image: counted and listed (skip), or the
+        steps trained so far are checkpointed and the run stops with one line naming the file (error)."""
+        stop = self.bad_images.meet(batch)
+        if self.dist.world_size > 1 and self.config.data.kind != "shapes" and self.bad_images.on_bad_image == "error":
+            stop = distributed.all_reduce_scalars({"stop": float(stop)})["stop"] > 0  # saving is collective
+        if stop:
+            checkpoint = distributed.save_checkpoint(checkpoints, step, self.engines, {})
+            distributed.prune_checkpoints(checkpoints)
+            self.writer.close()
+            raise self.bad_images.stop_error(step, checkpoint)
+
     def fit(self) -> dict[str, float]:
         loop = self.config.loop
         checkpoints = self.output_dir / "checkpoints"
@@ -396,7 +421,10 @@ class Stage1Trainer:
         dataset = (
             ShapesImageDataset(self._world, "train")
             if self._world is not None
-            else build_image_dataset(self.config.data, "train")
+            else build_image_dataset(self.config.data, "train", report_bad_images=True)
+        )
+        self.bad_images = BadImageLog(
+            self.config.data.on_bad_image, self.output_dir, resumed=latest is not None, enabled=self.dist.is_main
         )
         loader = step_loader(
             dataset,
@@ -419,6 +447,7 @@ class Stage1Trainer:
             disable=not self.dist.is_main,
         )
         for batch in progress:
+            self._check_images(batch, step, checkpoints)
             record = self.train_step(batch["image"].to(self.dist.device), step)
             step += 1
             window.append(record)
@@ -450,11 +479,15 @@ class Stage1Trainer:
             metrics["test_teacher_zero_shot"] = teacher
         metrics["train_seconds"] = train_seconds
         metrics["steps"] = step
+        metrics.update(self.bad_images.summary())  # data.on_bad_image=skip: how many were left out
         if self.dist.is_main:
-            directory = self.visual_tokenizer.save_pretrained(self.output_dir / TOKENIZER_DIRNAME)
-            if self.teacher.text_tokenizer is not None:
-                self.teacher.text_tokenizer.save_pretrained(directory / "text_tokenizer")
-            (directory / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+            def write_extra(staging: Path) -> None:  # inside the folder's manifest, so reuse sees them
+                if self.teacher.text_tokenizer is not None:
+                    self.teacher.text_tokenizer.save_pretrained(staging / "text_tokenizer")
+                (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+            self.visual_tokenizer.save_pretrained(self.output_dir / TOKENIZER_DIRNAME, write_extra)
             (self.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
             self.writer.scalars(step, metrics, prefix="final/")
             logger.info("%s done: %s", self._stage_name, format_metrics(metrics))
@@ -463,17 +496,21 @@ class Stage1Trainer:
 
 
 def tokenizer_is_complete(directory: Path) -> bool:
-    return all((directory / name).is_file() for name in ("config.json", "model.safetensors", "metrics.json"))
+    """A finished stage 1 / 1b folder: its manifest verifies (hashes) and lists the model and its metrics."""
+    return folder_is_complete(directory, required=("config.json", "model.safetensors", "metrics.json"))
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     import argparse
+
+    from tokenizer.files import check_output_dir
 
     parser = argparse.ArgumentParser(prog="dualtoken train-tokenizer", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="experiment YAML (configs/tokenizer/*.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     config = load_config(Stage1Config, args.config, args.overrides)
+    check_output_dir(config.loop.output_dir, "loop.output_dir")  # before any model is built
     dist_state = distributed.init_distributed(config.deepspeed.enabled)
     setup_logging(dist_state.rank)
     if config.loop.num_threads:

@@ -47,8 +47,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from tokenizer.files import replace_directory, write_text_atomic
-from tokenizer.images import load_image
+from tokenizer.images import ImageLoadError, load_image
 from tokenizer.model import DualTokenizer
+from training.data.readers import BAD_IMAGES_FILE, ON_BAD_IMAGE
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,14 @@ class CodeShardsMeta:
     keys_sha256: str
     image_root: str | None = None
     shards: list[str] = field(default_factory=list)
+    # on_bad_image="skip": the keys of the images left out (unreadable), by shard; a rerun encodes those shards again
+    bad_images: dict[str, list[str]] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+
+    @property
+    def num_codes(self) -> int:
+        """How many images the shards hold codes of: all but the bad ones left out."""
+        return self.num_images - sum(len(keys) for keys in self.bad_images.values())
 
     @property
     def num_shards(self) -> int:
@@ -169,11 +177,21 @@ class _ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.keys)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        """``(image, "")``, or a blank image and why the file could not be read: the caller decides
+        (raised in a DataLoader worker, the error would reach it buried in a traceback)."""
         key = self.keys[index]
-        return load_image(
-            self.image_root / key, name=key, image_size=self.image_size, convert_to_rgb=self.convert_to_rgb
-        )
+        try:
+            image = load_image(
+                self.image_root / key,
+                name=key,
+                image_size=self.image_size,
+                convert_to_rgb=self.convert_to_rgb,
+                convert_hint="pass convert_to_rgb=True (--convert-to-rgb)",
+            )
+        except ImageLoadError as error:
+            return torch.zeros(3, self.image_size, self.image_size), " ".join(str(error).split())
+        return image, ""
 
 
 @contextlib.contextmanager
@@ -194,8 +212,10 @@ def _save_shard(out_dir: Path, name: str, keys: list[str], pixel: np.ndarray, se
     """Save one shard under a temporary name, then rename it: a shard folder exists only when complete."""
     import datasets
 
+    from tokenizer.files import recover_directory, write_manifest
+
     def codes_column(codes: np.ndarray) -> pa.Array:
-        flat = codes.reshape(len(keys), -1)
+        flat = codes.reshape(len(keys), int(np.prod(codes.shape[1:])))  # also a shard whose images were all bad
         return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
 
     table = pa.table(
@@ -205,9 +225,11 @@ def _save_shard(out_dir: Path, name: str, keys: list[str], pixel: np.ndarray, se
     fingerprint = hashlib.sha256(f"{name}|{_keys_sha256(keys)}".encode()).hexdigest()[:16]
     dataset = datasets.Dataset(datasets.table.InMemoryTable(table), fingerprint=fingerprint)
     temporary = out_dir / f".{name}{_TEMPORARY_SUFFIX}"
+    recover_directory(out_dir / name)  # a write of this shard killed between the two renames of replace_directory
     shutil.rmtree(temporary, ignore_errors=True)
     with _quiet_datasets():
         dataset.save_to_disk(str(temporary))
+    write_manifest(temporary)  # last: the shard's files with their sizes and hashes
     # A folder not listed in meta.json (a crash between this rename and the meta update) is replaced.
     replace_directory(temporary, out_dir / name)
 
@@ -242,8 +264,11 @@ def _resume_or_start(out_dir: Path, target: CodeShardsMeta, overwrite: bool) -> 
                 f"{out_dir} holds codes from {hint} ({what}); "
                 "pass overwrite=True (--overwrite) to replace them, or choose another output folder"
             )
-        # Shards listed as done but missing on disk (deleted by hand) are encoded again.
-        target.shards = [name for name in existing.shards if (out_dir / name).is_dir()]
+        # Shards listed as done but missing on disk (deleted by hand) are encoded again, and so are
+        # those that left bad images out (the files may have been fixed since).
+        target.shards = [
+            name for name in existing.shards if (out_dir / name).is_dir() and name not in existing.bad_images
+        ]
     else:
         _remove_shards(out_dir)
     return target
@@ -260,6 +285,7 @@ def tokenize_to_shards(
     overwrite: bool = False,
     visual_tokenizer_path: str | os.PathLike | None = None,
     num_workers: int = 0,
+    on_bad_image: str = "error",
 ) -> Path:
     """Encode every image of ``image_paths`` (relative to ``image_root``) once into code shards in ``out_dir``.
 
@@ -268,13 +294,21 @@ def tokenize_to_shards(
     ``torch.inference_mode()``; ``num_workers`` DataLoader processes decode the files.
     Resumable (see the module docstring). Returns ``out_dir``.
 
+    A bad image (missing, corrupt, truncated) stops the run with ``on_bad_image="error"``; the
+    shards already written stay, so a rerun after fixing the file continues. With ``"skip"`` it is
+    left out: logged, listed in ``meta.json`` (``bad_images``) and ``out_dir/bad_images.txt``
+    (``key<TAB>reason`` lines), and its shard is encoded again by the next run.
+
     Raises:
         CodeShardsError: ``out_dir`` holds codes of another tokenizer or image list and
             ``overwrite`` is False.
-        ImageLoadError: an image is missing or unreadable (the message names it).
+        ImageLoadError: an image is missing or unreadable and ``on_bad_image`` is ``"error"``
+            (the message names it).
     """
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size={batch_size} and shard_size={shard_size} must be >= 1")
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise ValueError(f"on_bad_image={on_bad_image!r}; expected {'|'.join(ON_BAD_IMAGE)}")
     keys = sorted({normalise_key(path) for path in image_paths})
     if not keys:
         raise ValueError("no image paths to tokenise")
@@ -308,6 +342,7 @@ def tokenize_to_shards(
         return out_dir
     skipped = len(keys) - sum(len(keys[i * shard_size : (i + 1) * shard_size]) for i in todo)
     device = next(visual_tokenizer.parameters()).device
+    reasons: dict[str, str] = {}  # key -> why it was left out (on_bad_image="skip")
     was_training = visual_tokenizer.training
     visual_tokenizer.eval()
     try:
@@ -316,28 +351,59 @@ def tokenize_to_shards(
                 shard_keys = keys[index * shard_size : (index + 1) * shard_size]
                 files = _ImageFiles(shard_keys, image_root, visual_tokenizer.backbone.image_size, convert_to_rgb)
                 loader = DataLoader(files, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-                pixel, semantic = _encode(visual_tokenizer, loader, device, dtype, progress)
-                _save_shard(out_dir, shard_name(index), shard_keys, pixel, semantic)
+                pixel, semantic, bad = _encode(visual_tokenizer, loader, device, dtype, progress, on_bad_image)
+                good_keys = [key for position, key in enumerate(shard_keys) if position not in bad]
+                _save_shard(out_dir, shard_name(index), good_keys, pixel, semantic)
+                for position, reason in bad.items():
+                    logger.warning("left out a bad image (on_bad_image=skip): %s", reason)
+                    reasons[shard_keys[position]] = reason
+                if bad:
+                    meta.bad_images[shard_name(index)] = [shard_keys[position] for position in bad]
                 meta.shards = sorted(set(meta.shards) | {shard_name(index)})
                 meta.write(out_dir)
     finally:
         visual_tokenizer.train(was_training)
-    logger.info("wrote the codes of %d images in %d shards to %s", len(keys), meta.num_shards, out_dir)
+    if on_bad_image == "skip":
+        write_text_atomic(out_dir / BAD_IMAGES_FILE, "".join(f"{key}\t{why}\n" for key, why in sorted(reasons.items())))
+        if reasons:
+            logger.warning("left out %d bad image(s), listed in %s", len(reasons), out_dir / BAD_IMAGES_FILE)
+    logger.info("wrote the codes of %d images in %d shards to %s", meta.num_codes, meta.num_shards, out_dir)
     return out_dir
 
 
 def _encode(
-    visual_tokenizer: DualTokenizer, loader: DataLoader, device: torch.device, dtype: type, progress: tqdm
-) -> tuple[np.ndarray, np.ndarray]:
-    """Codes of the loader's images: pixel (N, h, w, D_pixel), semantic (N, h, w, D_semantic) of ``dtype``."""
-    pixel, semantic = [], []
+    visual_tokenizer: DualTokenizer,
+    loader: DataLoader,
+    device: torch.device,
+    dtype: type,
+    progress: tqdm,
+    on_bad_image: str = "error",
+) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """Codes of the loader's good images: pixel (N, h, w, D_pixel), semantic (N, h, w, D_semantic) of
+    ``dtype``, and the bad ones left out (``on_bad_image="skip"``): position in the loader -> reason."""
+    grid = visual_tokenizer.grid_size
+    pixel = [np.empty((0, grid, grid, visual_tokenizer.pixel_depth), dtype)]
+    semantic = [np.empty((0, grid, grid, visual_tokenizer.semantic_quantizer.config.depth), dtype)]
+    bad: dict[int, str] = {}
+    seen = 0
     with torch.inference_mode():
-        for images in loader:
-            codes = visual_tokenizer.encode(images.to(device))
-            pixel.append(codes.pixel_codes.cpu().numpy().astype(dtype))
-            semantic.append(codes.semantic_codes.cpu().numpy().astype(dtype))
-            progress.update(len(images))
-    return np.concatenate(pixel), np.concatenate(semantic)
+        for images, errors in loader:
+            good = [row for row, error in enumerate(errors) if not error]
+            for row, error in enumerate(errors):
+                if error and on_bad_image == "error":
+                    raise ImageLoadError(
+                        f"{error}; the shards already written are kept: fix or remove the file and run the same "
+                        "command to continue, or pass on_bad_image='skip' (--on-bad-image skip) to leave it out"
+                    )
+                if error:
+                    bad[seen + row] = error
+            if good:
+                codes = visual_tokenizer.encode(images[good].to(device))
+                pixel.append(codes.pixel_codes.cpu().numpy().astype(dtype))
+                semantic.append(codes.semantic_codes.cpu().numpy().astype(dtype))
+            seen += len(errors)
+            progress.update(len(errors))
+    return np.concatenate(pixel), np.concatenate(semantic), bad
 
 
 # --------------------------------------------------------------------------------------
@@ -375,6 +441,7 @@ def collect_image_paths(
 
 def main(argv: list[str] | None = None) -> Path:
     """``python -m training.data.code_shards --tokenizer DIR --llava ... --t2i ... --out DIR``."""
+    from tokenizer.files import check_output_dir
     from training.common import setup_logging
 
     parser = argparse.ArgumentParser(
@@ -392,7 +459,14 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--convert-to-rgb", action="store_true", help="convert grayscale / RGBA / palette images")
     parser.add_argument("--overwrite", action="store_true", help="replace codes of another tokenizer or image list")
+    parser.add_argument(
+        "--on-bad-image",
+        choices=ON_BAD_IMAGE,
+        default="error",
+        help="a missing or corrupt image: stop (error, the default) or leave it out and list it (skip)",
+    )
     args = parser.parse_args(argv)
+    check_output_dir(args.out, "--out")
     setup_logging()
     keys, root = collect_image_paths(args.llava, args.t2i, args.image_root)
     visual_tokenizer = DualTokenizer.from_pretrained(args.tokenizer).to(args.device)
@@ -405,6 +479,7 @@ def main(argv: list[str] | None = None) -> Path:
         shard_size=args.shard_size,
         convert_to_rgb=args.convert_to_rgb,
         overwrite=args.overwrite,
+        on_bad_image=args.on_bad_image,
         visual_tokenizer_path=args.tokenizer,
         num_workers=args.num_workers,
     )

@@ -77,9 +77,9 @@ class CodeStore:
                         raise CodeShardsError(f"{shard}: key {key!r} appears twice in {self.out_dir}")
                     self._index[key] = (block, row)
                 first_row += len(chunk_pixel)
-        if len(self._index) != self._meta.num_images:
+        if len(self._index) != self._meta.num_codes:  # num_images less the bad ones left out
             raise CodeShardsError(
-                f"{self.out_dir}: the shards hold {len(self._index)} images; meta.json says {self._meta.num_images}"
+                f"{self.out_dir}: the shards hold {len(self._index)} images; meta.json says {self._meta.num_codes}"
             )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -88,6 +88,11 @@ class CodeStore:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["out_dir"])
+
+    @property
+    def skipped_images(self) -> set[str]:
+        """Keys of the images ``--on-bad-image skip`` left out as unreadable (they have no codes)."""
+        return {key for keys in self._meta.bad_images.values() for key in keys}
 
     @property
     def meta(self) -> CodeShardsMeta:
