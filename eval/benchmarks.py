@@ -4,7 +4,7 @@ Each reader returns a list of small frozen dataclasses (question id, image, ques
 truth, and everything else in ``extra``) to pair with the scoring in :mod:`eval.scoring`. A file
 that is missing or malformed raises :class:`BenchmarkFormatError` naming the file (and line or
 row) and the problem. Images are returned as paths (or, for base64 TSVs, as encoded bytes);
-``sample.image_source`` feeds :func:`training.data.readers.load_image` either way.
+``sample.image_source`` feeds :func:`tokenizer.images.load_image` either way.
 
 Layouts read:
 

@@ -24,7 +24,8 @@ from typing import TextIO
 
 import numpy as np
 
-from mllm.inference import Pipeline, PipelineError, check_prompt, check_sampling, decode_text
+from mllm.inference import Pipeline
+from mllm.request_checks import PipelineError, check_prompt, check_sampling, decode_text
 from tokenizer.files import atomic_output, check_output_dir, check_output_file
 
 DEFAULT_BATCH_SIZE = 8  # images sampled together; with guidance on, each adds an unconditional row

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import numbers
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from collections.abc import Sequence as SequenceABC
 from pathlib import Path
 from typing import Any
@@ -30,21 +29,21 @@ from mllm.chat import ConversationError, Sequence, SequenceBuilder
 from mllm.generation import SamplingConfig, generate_image_codes, generate_text
 from mllm.model_folder import load_model_folder
 from mllm.modeling import DualTokenMLLMForCausalLM
+from mllm.request_checks import (
+    MAX_NEW_TOKENS,
+    SEED_LIMIT,
+    PipelineError,
+    check_history,
+    check_integer,
+    check_prompt,
+    check_sampling,
+    check_sampling_config,
+    check_sequence,
+    item_name,
+)
 
 SAMPLING_FILE = "sampling.json"
-MAX_PROMPT_CHARS = 2000
-MAX_NEW_TOKENS = 32_768  # the bound on an answer when the model's config states no context length
-# Guidance beyond this scales logit differences past what float32 softmax resolves (the paper uses
-# about 3); temperatures below MIN_TEMPERATURE overflow the scaled logits (use 0 for greedy).
-MAX_CFG = 1000.0
-MIN_TEMPERATURE = 1e-4
-_SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes a 64-bit seed; seed + k must stay below this
 ImageLike = Any  # a path, a PIL image, an (H, W, 3) uint8 array, or a (3, H, W) tensor in [-1, 1]
-
-
-class PipelineError(ValueError):
-    """Input the pipeline cannot take (empty, oversized or undecodable prompt, not an image, bad
-    option); raised before any model runs, naming the argument and what was expected."""
 
 
 def _sampling_fields() -> dict[str, type]:
@@ -188,7 +187,7 @@ class Pipeline:
         seed: int = 0,
     ) -> str:
         """Answer ``question`` about ``image``; ``history`` holds earlier ``(question, answer)`` turns."""
-        histories = [_check_history(history, "history")]
+        histories = [check_history(history, "history")]
         return self.answer_batch([image], [question], histories, max_new_tokens, sampling, seed)[0]
 
     def answer_batch(
@@ -205,15 +204,15 @@ class Pipeline:
         Every input is checked before any model runs: a bad one raises :class:`PipelineError`
         naming the argument and what was expected.
         """
-        items = _sequence(questions, "questions")
-        questions = [check_prompt(text, _item_name("question", items, index)) for index, text in enumerate(items)]
-        images = list(_sequence(images, "images", allow_empty=True))
+        items = check_sequence(questions, "questions")
+        questions = [check_prompt(text, item_name("question", items, index)) for index, text in enumerate(items)]
+        images = list(check_sequence(images, "images", allow_empty=True))
         if histories is None:
             checked_histories = [[] for _ in questions]
         else:
             checked_histories = [
-                _check_history(history, f"histories[{index}]")
-                for index, history in enumerate(_sequence(histories, "histories", allow_empty=True))
+                check_history(history, f"histories[{index}]")
+                for index, history in enumerate(check_sequence(histories, "histories", allow_empty=True))
             ]
         if not len(images) == len(questions) == len(checked_histories):
             raise PipelineError(
@@ -221,9 +220,9 @@ class Pipeline:
                 "expected the same number of each"
             )
         context = self.builder.max_length
-        max_new_tokens = _integer(max_new_tokens, "max_new_tokens", 1, context or MAX_NEW_TOKENS)
-        sampling = SamplingConfig(temperature=0.0) if sampling is None else _check_sampling_config(sampling)
-        seed = _integer(seed, "seed", 0, _SEED_LIMIT - 1)
+        max_new_tokens = check_integer(max_new_tokens, "max_new_tokens", 1, context or MAX_NEW_TOKENS)
+        sampling = SamplingConfig(temperature=0.0) if sampling is None else check_sampling_config(sampling)
+        seed = check_integer(seed, "seed", 0, SEED_LIMIT - 1)
         grid = self.model.config.grid_size
         for index, (question, history, image) in enumerate(zip(questions, checked_histories, images, strict=True)):
             placeholder = None
@@ -232,7 +231,7 @@ class Pipeline:
                     torch.zeros(*grid, self.model.config.semantic_depth, dtype=torch.long),
                     torch.zeros(*grid, self.model.config.pixel_depth, dtype=torch.long),
                 )
-            what = _item_name("question", questions, index)
+            what = item_name("question", questions, index)
             length = len(self._answer_prompt(question, history, placeholder, what))
             if context is not None and length + max_new_tokens > context:
                 raise PipelineError(
@@ -247,7 +246,7 @@ class Pipeline:
             for row, index in enumerate(with_image):
                 encoded[index] = (semantic[row], pixel[row])
         prompts = [
-            self._answer_prompt(question, history, codes, _item_name("question", questions, index))
+            self._answer_prompt(question, history, codes, item_name("question", questions, index))
             for index, (question, history, codes) in enumerate(zip(questions, checked_histories, encoded, strict=True))
         ]
         generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -325,17 +324,17 @@ class Pipeline:
         single = isinstance(prompts, (str, bytes, bytearray))
         texts = [check_prompt(prompts, "prompt")] if single else []
         if not single:
-            items = _sequence(prompts, "prompts")
-            texts = [check_prompt(prompt, _item_name("prompt", items, index)) for index, prompt in enumerate(items)]
-        n = _integer(n, "n", 1)
+            items = check_sequence(prompts, "prompts")
+            texts = [check_prompt(prompt, item_name("prompt", items, index)) for index, prompt in enumerate(items)]
+        n = check_integer(n, "n", 1)
         for index, text in enumerate(texts):
             self._check_fits(text, "the prompt" if len(texts) == 1 else f"the prompt at prompts[{index}]")
         count = len(texts) * n
         if seeds is None:
-            seed = _integer(seed, "seed", 0, _SEED_LIMIT - count)
+            seed = check_integer(seed, "seed", 0, SEED_LIMIT - count)
             seed_list = [seed + k for k in range(count)]
         else:
-            seed_list = [_integer(value, f"seeds[{k}]", 0, _SEED_LIMIT - 1) for k, value in enumerate(seeds)]
+            seed_list = [check_integer(value, f"seeds[{k}]", 0, SEED_LIMIT - 1) for k, value in enumerate(seeds)]
             if len(seed_list) != count:
                 raise PipelineError(f"{len(seed_list)} seeds for {count} images; expected one seed per image")
         return _GenerationPlan([text for text in texts for _ in range(n)], seed_list, sampling)
@@ -422,7 +421,7 @@ class Pipeline:
         Every input is checked here, before the first batch is drawn; options as :meth:`generate_codes`.
         """
         decode_depths = self.check_decode_depths(decode_depths)
-        batch_size = _integer(batch_size, "batch_size", 1)
+        batch_size = check_integer(batch_size, "batch_size", 1)
         plan = self._plan_generation(prompts, n, cfg, top_k, top_p, temperature, seed, None)
         return self._batches(plan, batch_size, decode_depths, use_cache)
 
@@ -444,113 +443,4 @@ class _GenerationPlan:
     sampling: SamplingConfig
 
 
-# ---------------------------------------------------------------------- input checks
-def decode_text(value: Any, what: str) -> str:
-    """``value`` as a str: bytes are decoded as UTF-8; anything else, or text that is not valid
-    UTF-8 (undecodable command-line bytes arrive as lone surrogates), raises :class:`PipelineError`
-    naming ``what`` and the position of the first bad byte."""
-    if isinstance(value, (bytes, bytearray)):
-        try:
-            return bytes(value).decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise PipelineError(
-                f"the {what} is not valid UTF-8: byte 0x{value[error.start]:02x} at position {error.start}"
-            ) from None
-    if not isinstance(value, str):
-        raise PipelineError(f"the {what} is a {type(value).__name__}; expected a str")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as error:
-        code = ord(value[error.start])
-        # Python decodes a byte it cannot read (from argv, or a file read with surrogateescape) as U+DC80..U+DCFF.
-        bad = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
-        raise PipelineError(f"the {what} is not valid UTF-8: {bad} at position {error.start}") from None
-    return value
-
-
-def check_prompt(text: Any, what: str) -> str:
-    """``text`` as a non-empty str of at most :data:`MAX_PROMPT_CHARS` (bytes decoded as UTF-8), or
-    :class:`PipelineError` naming ``what``."""
-    text = decode_text(text, what)
-    if not text.strip():
-        raise PipelineError(f"empty {what}: give some text")
-    if len(text) > MAX_PROMPT_CHARS:
-        raise PipelineError(f"the {what} has {len(text):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
-    return text
-
-
-def _item_name(kind: str, items: SequenceABC[Any], index: int) -> str:
-    """``question`` for a batch of one, ``question at questions[2]`` in a larger one."""
-    return kind if len(items) == 1 else f"{kind} at {kind}s[{index}]"
-
-
-def _sequence(value: Any, what: str, allow_empty: bool = False) -> SequenceABC[Any]:
-    """A list or tuple argument (a lone string is refused: it would be read one character at a time)."""
-    if isinstance(value, (str, bytes, bytearray)) or not isinstance(value, SequenceABC):
-        raise PipelineError(f"{what} is a {type(value).__name__}; expected a list")
-    if not value and not allow_empty:
-        raise PipelineError(f"{what} is empty; expected at least one")
-    return value
-
-
-def _check_history(history: Any, what: str) -> list[tuple[str, str]]:
-    """``history`` as a list of ``(question, answer)`` strings (None = no history)."""
-    if history is None:
-        return []
-    checked = []
-    for index, turn in enumerate(_sequence(history, what, allow_empty=True)):
-        if isinstance(turn, (str, bytes)) or not isinstance(turn, SequenceABC) or len(turn) != 2:
-            raise PipelineError(f"{what}[{index}] is {turn!r:.60}; expected a (question, answer) pair of strings")
-        question = check_prompt(turn[0], f"{what}[{index}] question")
-        checked.append((question, decode_text(turn[1], f"{what}[{index}] answer")))
-    return checked
-
-
-def _integer(value: Any, name: str, low: int, high: int | None = None) -> int:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Integral)
-        or value < low
-        or (high is not None and value > high)
-    ):
-        expected = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
-        raise PipelineError(f"{name}={value!r}; expected {expected}")
-    return int(value)
-
-
-def _real(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise PipelineError(f"{name}={value!r}; expected a finite number")
-    return float(value)
-
-
-def check_sampling(
-    cfg: float, top_k: int, top_p: float, temperature: float, label: Callable[[str], str] = str
-) -> SamplingConfig:
-    """The sampling settings as a :class:`SamplingConfig`, or :class:`PipelineError` naming the bad one.
-
-    ``label`` turns an argument name into what the user typed (the commands pass ``--top-p`` style).
-    """
-    cfg = _real(cfg, label("cfg"))
-    if not 0.0 <= cfg <= MAX_CFG:
-        raise PipelineError(f"{label('cfg')}={cfg!r}; expected a guidance scale in [0, {MAX_CFG:g}] (1 = off)")
-    temperature = _real(temperature, label("temperature"))
-    if temperature != 0.0 and not MIN_TEMPERATURE <= temperature:
-        raise PipelineError(
-            f"{label('temperature')}={temperature!r}; expected 0 (greedy) or a number >= {MIN_TEMPERATURE:g}"
-        )
-    top_p = _real(top_p, label("top_p"))
-    if not 0.0 < top_p <= 1.0:
-        raise PipelineError(f"{label('top_p')}={top_p!r}; expected a number in (0, 1]")
-    top_k = _integer(top_k, label("top_k"), 0)
-    return SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, cfg=cfg)
-
-
-def _check_sampling_config(sampling: Any) -> SamplingConfig:
-    if not isinstance(sampling, SamplingConfig):
-        raise PipelineError(f"sampling is a {type(sampling).__name__}; expected a SamplingConfig or None")
-    fields = dataclasses.asdict(sampling)
-    return check_sampling(label=lambda name: f"sampling.{name}", **fields)
-
-
-__all__ = ["Pipeline", "PipelineError", "ConversationError", "check_prompt", "check_sampling", "decode_text"]
+__all__ = ["Pipeline", "ConversationError"]

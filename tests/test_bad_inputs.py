@@ -322,7 +322,7 @@ def test_trainer_bad_output_dir(command, tmp_path, capsys, no_training, blocker,
     ],
 )
 def test_pipeline_refuses_before_any_model_work(no_model_work, call, message):
-    from mllm.inference import PipelineError
+    from mllm.request_checks import PipelineError
 
     with pytest.raises(PipelineError) as caught:
         call(no_model_work)
@@ -331,7 +331,7 @@ def test_pipeline_refuses_before_any_model_work(no_model_work, call, message):
 
 def test_pipeline_counts_the_image_slots_against_the_context(no_model_work):
     """A prompt that fits the context alone but not with the image after it is refused."""
-    from mllm.inference import PipelineError
+    from mllm.request_checks import PipelineError
 
     pipe = no_model_work
     context, slots = pipe.builder.max_length, pipe.model.config.image_slots

@@ -26,8 +26,8 @@ import yaml
 from tokenizer.config import ConfigError, DualTokenizerConfig, TapsConfig, config_from_dict, config_to_dict
 from training.config import apply_overrides, load_config, read_yaml
 from training.mllm_config import MLLMStageConfig
+from training.tokenizer_config import Stage1Config
 from training.train_teacher import Stage0Config
-from training.train_tokenizer import Stage1Config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

@@ -146,3 +146,16 @@ def test_allowed_directions_pass() -> None:
         "scripts.report": "from training import cli",
     }
     assert violations(modules) == []
+
+
+MAX_LINES = 500  # one concept per file (docs/architecture.md): a longer file holds several
+
+
+def test_no_source_file_holds_more_than_one_concepts_worth_of_lines() -> None:
+    long_files = {
+        str(path.relative_to(REPO)): count
+        for package in PACKAGES
+        for path in sorted((REPO / package).rglob("*.py"))
+        if (count := len(path.read_text().splitlines())) > MAX_LINES
+    }
+    assert long_files == {}, f"split these by responsibility: {long_files}"

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT_VERSION = 1
 # The names a staging folder of ``NAME`` takes beside it, one per writer that ends in
-# replace_directory: atomic_directory (``.NAME.partial-<random>``), training.distributed.save_checkpoint
+# replace_directory: atomic_directory (``.NAME.partial-<random>``), training.checkpointing.save_checkpoint
 # (``.NAME.staging``) and the code-shard writer (``.NAME.tmp``).
 _STAGING_SUFFIXES = (".staging", ".tmp")
 _STAGING_RANDOM_PREFIX = ".partial-"

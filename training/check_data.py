@@ -26,7 +26,9 @@ from tqdm import tqdm
 from tokenizer.config import ConfigError
 from tokenizer.images import ImageLoadError, load_image
 from training.config import load_config, read_yaml
-from training.data.readers import DataConfig, MetadataError, build_image_reader, image_name
+from training.data.bad_images import image_name
+from training.data.image_data import DataConfig, build_image_reader
+from training.data.readers import MetadataError
 
 # Top-level keys that only one kind of config has.
 _STAGE0_KEYS = {"teacher"}
@@ -120,8 +122,8 @@ def llm_images(config: Any) -> tuple[list[tuple[str, Path]], int, bool]:
 def config_class(path: str | Path) -> type:
     """Which stage's config ``path`` holds, from its top-level keys."""
     from training.mllm_config import MLLMStageConfig
+    from training.tokenizer_config import Stage1Config
     from training.train_teacher import Stage0Config
-    from training.train_tokenizer import Stage1Config
 
     keys = set(read_yaml(path))
     for wanted, schema in ((_LLM_KEYS, MLLMStageConfig), (_STAGE1_KEYS, Stage1Config), (_STAGE0_KEYS, Stage0Config)):

@@ -1,15 +1,14 @@
-"""Everything about processes, DeepSpeed and checkpoints lives here.
+"""Processes and DeepSpeed: the process group, collectives, and the engine that trains a model.
 
 One :class:`TrainEngine` per (model, optimizer) pair hides whether DeepSpeed (ZeRO 0-3,
 optionally offloaded) or plain PyTorch (one process, or several averaging their gradients)
 does the work; the training loops call ``engine(...)``, ``engine.backward(loss)``,
-``engine.step()`` and never check ``hasattr(model, "module")``. Checkpoints are written into a staging folder and made
-visible by an atomic rename, so a crash never leaves a half-written "latest".
+``engine.step()`` and never check ``hasattr(model, "module")``. Each engine saves and loads its
+own state; the step folders around it are :mod:`training.checkpointing`'s.
 
-Loading a checkpoint never runs code from it: every file is read with ``torch.load(...,
+Loading never runs code from a file: every file is read with ``torch.load(...,
 weights_only=True)`` (tensors, numbers, strings and plain containers only; docs/reliability.md,
-"What is never executed"), and the random state is saved as tensors and plain numbers, so that a
-resumed run draws exactly what an uninterrupted one would ("What resume promises").
+"What is never executed"), DeepSpeed's own reads included.
 """
 
 from __future__ import annotations
@@ -19,28 +18,21 @@ import json
 import logging
 import os
 import pickle
-import random
-import shutil
-import signal
 import socket
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from tokenizer.config import ConfigError
-from tokenizer.files import has_manifest, recover_directory, replace_directory, verify_manifest, write_text_atomic
-from training.config import CheckpointWriteError, DeepSpeedConfig
+from training.config import DeepSpeedConfig
+from training.fault_injection import _install_fault_injection
 
 logger = logging.getLogger(__name__)
-
-LATEST_FILE = "latest"
 
 
 @dataclass
@@ -483,183 +475,3 @@ def _deepspeed_weights_only(directory: Path) -> Iterator[None]:
             os.environ.pop(variable, None)
         else:
             os.environ[variable] = previous
-
-
-# ---------------------------------------------------------------- random state
-def _rng_state() -> dict[str, Any]:
-    """Every global random stream, as tensors and plain numbers (what ``weights_only`` loads).
-
-    Python's Mersenne Twister state is 625 ints and an optional cached Gaussian; numpy's legacy
-    state is its 624-word key, a position and a cached Gaussian; torch's CPU and CUDA states are
-    uint8 tensors already.
-    """
-    version, internal, gauss_next = random.getstate()
-    _, keys, position, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
-    return {
-        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
-        "numpy": {
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "position": int(position),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached_gaussian),
-        },
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    python = state["python"]
-    random.setstate((python["version"], tuple(python["internal"]), python["gauss_next"]))
-    numpy_state = state["numpy"]
-    np.random.set_state(
-        (
-            "MT19937",
-            numpy_state["keys"].numpy().astype(np.uint32),
-            numpy_state["position"],
-            numpy_state["has_gauss"],
-            numpy_state["cached_gaussian"],
-        )
-    )
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(root: Path, step: int, engines: dict[str, TrainEngine], trainer_state: dict[str, Any]) -> Path:
-    """Write ``root/step_XXXXXXX`` through a staging folder, then point ``root/latest`` at it.
-
-    Every rank must call this (DeepSpeed saves collectively). Only after all ranks finished
-    writing does rank 0 rename the folder and replace ``latest`` (both atomic renames). Under
-    ZeRO every rank writes its own optimizer shard into the same folder, so on several nodes
-    ``root`` must be on a filesystem they share. A write that fails (a full disk) removes the
-    staging folder and raises :class:`CheckpointWriteError`; ``latest`` still names the
-    previous checkpoint.
-    """
-    from tokenizer.files import write_manifest
-
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    name = f"step_{step:07d}"
-    staging = root / f".{name}.staging"
-    try:
-        if rank == 0:
-            recover_directory(root / name)  # an earlier save of this step killed between its two renames
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-        barrier()
-        for engine_name, engine in engines.items():
-            engine.save(staging / engine_name)
-        torch.save(_rng_state(), staging / f"rng_rank{rank}.pt")  # read back by load_tensors
-    except (OSError, RuntimeError) as error:
-        # A full disk shows up as ENOSPC from Python, or as torch's zip writer failing deep
-        # inside ("unexpected pos ..."): either way, say which checkpoint, why, and what is safe.
-        shutil.rmtree(staging, ignore_errors=True)  # the partial folder only takes space
-        raise CheckpointWriteError(_write_failure(root, name, error)) from error
-    barrier()
-    final = root / name
-    if rank == 0:
-        (staging / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
-        write_manifest(staging)  # last, over every rank's files: a staging folder with a manifest is complete
-        replace_directory(staging, final)
-        write_text_atomic(root / LATEST_FILE, name)
-    barrier()
-    return final
-
-
-def _write_failure(root: Path, name: str, error: BaseException) -> str:
-    try:
-        free = f"{shutil.disk_usage(root).free / 2**20:.0f} MiB free there now"
-    except OSError:
-        free = "free space unknown"
-    try:
-        previous = latest_checkpoint(root)
-    except FileNotFoundError:
-        previous = None
-    keep = (
-        f"the last complete checkpoint, {previous}, is untouched: free space and run the same command to resume from it"
-        if previous is not None
-        else "no earlier checkpoint exists, so a rerun starts from step 0"
-    )
-    return f"could not write checkpoint {root / name} ({type(error).__name__}: {error}; {free}); {keep}"
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    pointer = root / LATEST_FILE
-    if not pointer.is_file():
-        return None
-    candidate = root / pointer.read_text().strip()
-    # A kill while the same step was saved again can leave it renamed aside; bring it back. Staging
-    # folders are left alone here: another rank may still be writing one.
-    recover_directory(candidate, remove_leftovers=False)
-    if not (candidate / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"{pointer} names {candidate}, which has no trainer_state.json (corrupt checkpoint)")
-    if has_manifest(candidate):
-        verify_manifest(candidate)  # sizes: a truncated optimizer shard is named before anything loads
-    return candidate
-
-
-def load_checkpoint(directory: Path, engines: dict[str, TrainEngine]) -> dict[str, Any]:
-    """Restore engines and this rank's RNG state; returns the trainer state (incl. ``step``).
-
-    Every random draw after this comes from the restored state only if nothing draws from the
-    global generators before the next training step: the loops' DataLoaders take a private
-    generator (:func:`training.common.resumable_loader`) for that reason.
-    """
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    for engine_name, engine in engines.items():
-        engine.load(directory / engine_name)
-    rng_path = directory / f"rng_rank{rank}.pt"
-    if rng_path.is_file():
-        _set_rng_state(load_tensors(rng_path))
-    return json.loads((directory / "trainer_state.json").read_text())
-
-
-def prune_checkpoints(root: Path, keep: int = 2) -> None:
-    """Keep the newest ``keep`` step folders (rank 0 only)."""
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in steps[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-# ---------------------------------------------------------------- testing aid: fault injection
-FAULT_ENV = "DUALTOKEN_FAULT_AT"
-
-
-def _install_fault_injection() -> None:
-    """A testing aid, off unless ``DUALTOKEN_FAULT_AT`` is set (tests/training/test_fault_injection.py).
-
-    ``DUALTOKEN_FAULT_AT=TEXT:N`` SIGKILLs this process as it is about to make its N-th filesystem
-    change (open a file for writing, make a folder, rename) on a path containing TEXT: for example
-    ``step_0000002.staging:3`` inside the step-2 checkpoint save, ``.model.partial:2`` inside the
-    final model folder's. Python's audit hooks (PEP 578) see these calls wherever they are made, so
-    no writer carries test code. Files written by native code (torch.save to a path, safetensors)
-    are not seen themselves; the calls around them are.
-    """
-    spec = os.environ.get(FAULT_ENV)
-    if not spec or getattr(_install_fault_injection, "_installed", False):
-        return
-    text, _, count = spec.rpartition(":")
-    if not text or not count.isdigit() or int(count) < 1:
-        raise ValueError(f"{FAULT_ENV}={spec!r}; expected TEXT:N with N >= 1")
-    target, seen = int(count), 0
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-
-    def kill_at_nth_change(event: str, args: tuple[Any, ...]) -> None:
-        nonlocal seen
-        if event == "open":
-            mode, flags = args[1], args[2]
-            writes = any(c in mode for c in "wax+") if isinstance(mode, str) else bool((flags or 0) & write_flags)
-            paths = args[:1] if writes else ()
-        elif event in ("os.mkdir", "os.rename", "tempfile.mkdtemp"):
-            paths = args[:2] if event == "os.rename" else args[:1]
-        else:
-            return
-        if any(isinstance(path, str | os.PathLike) and text in str(os.fspath(path)) for path in paths):
-            seen += 1
-            if seen == target:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    sys.addaudithook(kill_at_nth_change)
-    _install_fault_injection._installed = True  # type: ignore[attr-defined]

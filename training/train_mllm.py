@@ -38,7 +38,7 @@ from mllm.generation import generate_text
 from mllm.model_folder import load_model_folder
 from mllm.modeling import DualTokenMLLMForCausalLM
 from tokenizer.config import ConfigError
-from training import distributed
+from training import checkpointing, distributed
 from training.common import (
     MetricsWriter,
     autocast,
@@ -313,9 +313,9 @@ class MLLMStageTrainer:
         loop = self.config.loop
         checkpoints = self.output_dir / "checkpoints"
         start_step = 0
-        latest = distributed.latest_checkpoint(checkpoints) if loop.resume else None
+        latest = checkpointing.latest_checkpoint(checkpoints) if loop.resume else None
         if latest is not None:
-            start_step = distributed.load_checkpoint(latest, self.engines)["step"]
+            start_step = checkpointing.load_checkpoint(latest, self.engines)["step"]
             restore_schedule_lr(self.engine.scheduler)
             logger.info("resumed stage %s from %s (step %d)", self.config.stage.name, latest, start_step)
         sampler = MixtureSampler(
@@ -346,8 +346,8 @@ class MLLMStageTrainer:
             if step % loop.eval_every == 0 and step < loop.max_steps:
                 logger.info("step %d: %s", step, format_metrics(self.evaluate(step)))
             if step % loop.save_every == 0 or step == loop.max_steps:
-                distributed.save_checkpoint(checkpoints, step, self.engines, {})
-                distributed.prune_checkpoints(checkpoints)
+                checkpointing.save_checkpoint(checkpoints, step, self.engines, {})
+                checkpointing.prune_checkpoints(checkpoints)
         return self.finish(step, time.time() - started)
 
     def finish(self, step: int, train_seconds: float) -> dict[str, float]:

@@ -24,7 +24,7 @@ from transformers import SiglipConfig, SiglipModel, SiglipTextConfig, SiglipVisi
 from tokenizer.config import BackboneConfig, ConfigError
 from tokenizer.files import atomic_directory, folder_is_complete
 from tokenizer.text_tower import build_word_tokenizer, tokenize_texts
-from training import distributed
+from training import checkpointing, distributed
 from training.common import (
     MetricsWriter,
     autocast,
@@ -263,9 +263,9 @@ def fit(config: Stage0Config, dist_state: distributed.DistState) -> dict[str, fl
     )
     checkpoints = output_dir / "checkpoints"
     start_step = 0
-    latest = distributed.latest_checkpoint(checkpoints) if loop.resume else None
+    latest = checkpointing.latest_checkpoint(checkpoints) if loop.resume else None
     if latest is not None:
-        start_step = distributed.load_checkpoint(latest, {"teacher": engine})["step"]
+        start_step = checkpointing.load_checkpoint(latest, {"teacher": engine})["step"]
         restore_schedule_lr(engine.scheduler)
         logger.info("resumed stage 0 from %s (step %d)", latest, start_step)
     dataset = MixedShapesDataset(world, "train", config.teacher.single_object_fraction)
@@ -320,8 +320,8 @@ def fit(config: Stage0Config, dist_state: distributed.DistState) -> dict[str, fl
         # The final step is checkpointed too, so a finished run can be extended (a larger
         # loop.max_steps, same output_dir) and continues exactly where it stopped.
         if step % loop.save_every == 0:
-            distributed.save_checkpoint(checkpoints, step, {"teacher": engine}, {})
-            distributed.prune_checkpoints(checkpoints)
+            checkpointing.save_checkpoint(checkpoints, step, {"teacher": engine}, {})
+            checkpointing.prune_checkpoints(checkpoints)
     metrics = {
         "teacher_zero_shot_val": teacher_zero_shot(engine.module.siglip, text_tokenizer, world, "val", loop.eval_images)
     }

@@ -14,7 +14,7 @@ import copy
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from tokenizer.backbone import VisionBackbone
-from tokenizer.config import ConfigError, DiscriminatorConfig, DualTokenizerConfig, config_to_dict
+from tokenizer.config import ConfigError, config_to_dict
 from tokenizer.discriminator import PatchDiscriminator
 from tokenizer.files import folder_is_complete, verify_folder
 from tokenizer.losses import (
@@ -35,7 +35,7 @@ from tokenizer.losses import (
 from tokenizer.model import DualTokenizer, DualTokenizerOutput
 from tokenizer.siglip_backbone import SiglipBackbone
 from tokenizer.text_tower import TextTower
-from training import distributed
+from training import checkpointing, distributed
 from training.common import (
     MetricsWriter,
     autocast,
@@ -48,78 +48,17 @@ from training.common import (
     step_loader,
     warmup_cosine,
 )
-from training.config import DeepSpeedConfig, LoopConfig, OptimConfig, load_config
-from training.data import DataConfig, ShapesImageDataset, ShapesWorld, build_image_dataset, collate_image_text
-from training.data.readers import BadImageLog
+from training.config import OptimConfig, load_config
+from training.data import ShapesImageDataset, ShapesWorld, build_image_dataset, collate_image_text
+from training.data.bad_images import BadImageLog
 from training.evaluation import class_text_embeddings, save_image_grid, tokenizer_metrics, zero_shot_accuracy
+from training.tokenizer_config import LossConfig, Stage1Config
 
 logger = logging.getLogger(__name__)
 
 TOKENIZER_DIRNAME = "tokenizer"
 # A SigLIP teacher's text tokenizer: stage 0 writes tokenizer.json, a hub SigLIP ships spiece.model.
 TEXT_TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
-
-
-@dataclass
-class LossConfig:
-    """Loss weights (paper defaults; the tiny config states its own)."""
-
-    mse: float = 5.0
-    l1: float = 0.0
-    perceptual: float = 1.0
-    # "vgg16": LPIPS-style VGG16 features from perceptual_weights_path (no download);
-    # "teacher": the teacher ViT's hidden states; "off".
-    perceptual_network: str = "vgg16"
-    perceptual_weights_path: str | None = None
-    perceptual_lpips_path: str | None = None
-    gan: float = 0.75
-    gan_start_step: int = 20000
-    adaptive_gan_weight: bool = True
-    adaptive_min: float = 0.3
-    adaptive_max: float = 10.0
-    semantic_tap: float = 5.0
-    semantic_pooled: float = 1.0
-    commitment: float = 5.0
-
-    def __post_init__(self) -> None:
-        if self.perceptual_network not in ("vgg16", "teacher", "off"):
-            raise ConfigError(f"loss.perceptual_network={self.perceptual_network!r}; expected vgg16, teacher or off")
-        if self.perceptual > 0 and self.perceptual_network == "vgg16" and not self.perceptual_weights_path:
-            raise ConfigError(
-                "loss.perceptual > 0 with loss.perceptual_network=vgg16 needs loss.perceptual_weights_path "
-                "(a local torchvision VGG16 state dict; nothing is downloaded) — or set loss.perceptual=0"
-            )
-        for name in ("mse", "l1", "perceptual", "gan", "semantic_tap", "semantic_pooled", "commitment"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"loss.{name}={getattr(self, name)}; weights must be >= 0")
-
-
-@dataclass
-class Stage1Config:
-    """The experiment YAML of stage 1 (configs/tokenizer/*.yaml)."""
-
-    teacher_path: str = "runs/tiny/stage0/teacher"
-    # Start from a trained DualToken folder instead of the teacher (its own saved config is
-    # used; the `tokenizer:` section must describe the same architecture).
-    init_tokenizer: str | None = None
-    # Train only the pixel decoder (pixel_up + decoder) of `init_tokenizer`; the encoder,
-    # projections and codebooks stay frozen (in eval mode: no EMA or dead-code updates), so
-    # every image keeps its codes and code shards made with `init_tokenizer` stay valid.
-    decoder_only: bool = False
-    data: DataConfig = field(default_factory=DataConfig)
-    tokenizer: DualTokenizerConfig = field(default_factory=DualTokenizerConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=7.2e-5, betas=(0.5, 0.9), weight_decay=1e-4))
-    discriminator_optim: OptimConfig = field(
-        default_factory=lambda: OptimConfig(lr=7.2e-5, betas=(0.5, 0.9), weight_decay=1e-4)
-    )
-    loop: LoopConfig = field(default_factory=LoopConfig)
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-
-    def __post_init__(self) -> None:
-        if self.decoder_only and not self.init_tokenizer:
-            raise ConfigError("decoder_only=true fine-tunes a trained tokenizer: set init_tokenizer to its folder")
 
 
 # ---------------------------------------------------------------------------------- setup
@@ -403,8 +342,8 @@ class Stage1Trainer:
         if self.dist.world_size > 1 and self.config.data.kind != "shapes" and self.bad_images.on_bad_image == "error":
             stop = distributed.all_reduce_scalars({"stop": float(stop)})["stop"] > 0  # saving is collective
         if stop:
-            checkpoint = distributed.save_checkpoint(checkpoints, step, self.engines, {})
-            distributed.prune_checkpoints(checkpoints)
+            checkpoint = checkpointing.save_checkpoint(checkpoints, step, self.engines, {})
+            checkpointing.prune_checkpoints(checkpoints)
             self.writer.close()
             raise self.bad_images.stop_error(step, checkpoint)
 
@@ -412,9 +351,9 @@ class Stage1Trainer:
         loop = self.config.loop
         checkpoints = self.output_dir / "checkpoints"
         start_step = 0
-        latest = distributed.latest_checkpoint(checkpoints) if loop.resume else None
+        latest = checkpointing.latest_checkpoint(checkpoints) if loop.resume else None
         if latest is not None:
-            start_step = distributed.load_checkpoint(latest, self.engines)["step"]
+            start_step = checkpointing.load_checkpoint(latest, self.engines)["step"]
             for engine in self.engines.values():
                 restore_schedule_lr(engine.scheduler)
             logger.info("resumed stage 1 from %s (step %d)", latest, start_step)
@@ -464,8 +403,8 @@ class Stage1Trainer:
             # The final step is checkpointed too, so a finished run can be extended (a larger
             # loop.max_steps, same output_dir) and continues exactly where it stopped.
             if step % loop.save_every == 0:
-                distributed.save_checkpoint(checkpoints, step, self.engines, {})
-                distributed.prune_checkpoints(checkpoints)
+                checkpointing.save_checkpoint(checkpoints, step, self.engines, {})
+                checkpointing.prune_checkpoints(checkpoints)
         train_seconds = time.time() - started
         return self.finish(step, train_seconds)
 

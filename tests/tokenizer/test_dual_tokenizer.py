@@ -193,7 +193,7 @@ def test_bad_inputs_name_the_problem() -> None:
 )
 def test_paper_configs_build_on_meta_with_expected_sizes(name: str, backbone_millions, pixel_depth: int) -> None:
     from training.config import load_config
-    from training.train_tokenizer import Stage1Config
+    from training.tokenizer_config import Stage1Config
 
     config = load_config(Stage1Config, ROOT / "configs" / "tokenizer" / name).tokenizer
     with torch.device("meta"):

@@ -26,13 +26,14 @@ from test_training import teacher_argv, tokenizer_argv
 from tokenizer.config import ConfigError
 from tokenizer.images import ImageLoadError
 from tokenizer.model import DualTokenizer
-from training import cli, distributed, train_teacher, train_tokenizer
+from training import checkpointing, cli, train_teacher, train_tokenizer
 from training.common import StepSampler
 from training.config import load_config
 from training.data import ShapesWorld, ShapesWorldConfig
 from training.data.code_shards import META_NAME, CodeShardsMeta, tokenize_to_shards
 from training.data.code_store import CodeStore
 from training.mllm_config import MLLMStageConfig, validate_llm_config
+from training.tokenizer_config import Stage1Config
 
 TOKENIZER_CONFIG = "configs/tokenizer/tiny.yaml"
 STAGE_CONFIG = "configs/stages/tiny/align.yaml"
@@ -115,7 +116,7 @@ def clean_run(teacher: Path, clean_data: Path, tmp_path_factory: pytest.TempPath
 def test_error_checkpoints_stops_with_one_line_and_resumes_once_fixed(
     teacher: Path, data: Path, clean_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    seed = load_config(train_tokenizer.Stage1Config, TOKENIZER_CONFIG).loop.seed
+    seed = load_config(Stage1Config, TOKENIZER_CONFIG).loop.seed
     bad = files(data / "train")[second_batch_only(seed)]
     original = truncate(bad)
     output_dir = tmp_path / "stage1"
@@ -126,7 +127,7 @@ def test_error_checkpoints_stops_with_one_line_and_resumes_once_fixed(
     assert str(bad) in line and "truncated" in line and "on_bad_image=skip" in line and "resume" in line
     # Step 1 trained on good images, and it is not lost: the checkpoint is the state before step 2.
     checkpoints = output_dir / "checkpoints"
-    assert distributed.latest_checkpoint(checkpoints) == checkpoints / "step_0000001"
+    assert checkpointing.latest_checkpoint(checkpoints) == checkpoints / "step_0000001"
     assert not (output_dir / train_tokenizer.TOKENIZER_DIRNAME).exists()
 
     bad.write_bytes(original)

@@ -321,7 +321,7 @@ _SINGLE_PROCESS_SCRIPT = """
 import json, tempfile
 from pathlib import Path
 import torch
-from training import distributed
+from training import checkpointing, distributed
 from training.config import DeepSpeedConfig
 
 state = distributed.init_distributed(use_deepspeed=True)  # no launcher variables set
@@ -349,10 +349,10 @@ train(zero, 3)
 train(plain, 3)
 flat = lambda engine: torch.cat([p.detach().flatten() for p in distributed.unwrap(engine).parameters()])
 root = Path(tempfile.mkdtemp())
-distributed.save_checkpoint(root, 3, {"model": zero}, {"note": "x"})
+checkpointing.save_checkpoint(root, 3, {"model": zero}, {"note": "x"})
 trained, lr = flat(zero).clone(), zero.lr
 train(zero, 1)  # move away, then restore
-restored = distributed.load_checkpoint(distributed.latest_checkpoint(root), {"model": zero})
+restored = checkpointing.load_checkpoint(checkpointing.latest_checkpoint(root), {"model": zero})
 report = {
     "world_size": state.world_size, "uses_deepspeed": zero.uses_deepspeed,
     "max_diff_vs_plain": float((trained - flat(plain)).abs().max()),
@@ -376,10 +376,10 @@ for zero_stage in (1, 2, 3):
     sharded = engine(True, zero_stage)
     train(sharded, 2)
     root = Path(tempfile.mkdtemp())
-    checkpoint = distributed.save_checkpoint(root, 2, {"model": sharded}, {})
+    checkpoint = checkpointing.save_checkpoint(root, 2, {"model": sharded}, {})
     saved = flat(sharded).clone()
     train(sharded, 1)
-    distributed.load_checkpoint(checkpoint, {"model": sharded})
+    checkpointing.load_checkpoint(checkpoint, {"model": sharded})
     report["zero_restore_diff"][zero_stage] = float((flat(sharded) - saved).abs().max())
     refused = report["refused"][zero_stage] = []
     for path in sorted((checkpoint / "model").rglob("*.pt")):
@@ -389,7 +389,7 @@ for zero_stage in (1, 2, 3):
         torch.save(payload, path)
         write_manifest(checkpoint)  # whoever can write the checkpoint can write its manifest
         try:
-            distributed.load_checkpoint(checkpoint, {"model": sharded})
+            checkpointing.load_checkpoint(checkpoint, {"model": sharded})
         except ConfigError as error:
             if str(error) == f"checkpoint {path} holds objects that are not tensors (io.open); refusing to unpickle it":
                 refused.append(path.name)

@@ -5,7 +5,7 @@ A tiny stage-1 tokenizer run (GAN on: two engines; every pixel code restarted at
 every step draws from the global torch generator) and a tiny LLM stage (LoRA with dropout 0.2:
 every step draws dropout masks) are each killed three times and resumed with the same command.
 A killed process is a fork of this one running the entry point's ``main(argv)`` with
-``DUALTOKEN_FAULT_AT=TEXT:N`` set (:func:`training.distributed._install_fault_injection`): SIGKILL
+``DUALTOKEN_FAULT_AT=TEXT:N`` set (:func:`training.fault_injection._install_fault_injection`): SIGKILL
 at its N-th filesystem change on a path containing TEXT. Forks share this process's imports (7 s
 per fresh interpreter on 2 busy cores); the run that finishes is a fresh
 ``python -m training.train_*`` process, so nothing in memory carries over to the end. The
@@ -36,7 +36,7 @@ from mllm_fixtures import REPO, stage_overrides
 from safetensors.torch import load_file
 from test_training import GAN_SETS, SHORT_WARMUP_SETS, teacher_argv, tokenizer_argv
 
-from training import distributed, train_mllm, train_teacher, train_tokenizer
+from training import fault_injection, train_mllm, train_teacher, train_tokenizer
 
 # Draws the kill moments; every seed must pass (DUALTOKEN_FAULT_SEED=7 pytest ... tries another).
 SEED = int(os.environ.get("DUALTOKEN_FAULT_SEED", "0"))
@@ -87,7 +87,7 @@ def run_killed(main: Callable[[list[str]], object], argv: list[str], fault: str)
     """``main(argv)`` in a fork of this process that must die by SIGKILL at ``fault``."""
 
     def target() -> None:
-        os.environ[distributed.FAULT_ENV] = fault
+        os.environ[fault_injection.FAULT_ENV] = fault
         main(argv)
 
     process = multiprocessing.get_context("fork").Process(target=target)
@@ -97,14 +97,14 @@ def run_killed(main: Callable[[list[str]], object], argv: list[str], fault: str)
         process.kill()
         process.join()
     assert process.exitcode == -signal.SIGKILL, (
-        f"{main.__module__} with {distributed.FAULT_ENV}={fault} exited with {process.exitcode}, expected "
+        f"{main.__module__} with {fault_injection.FAULT_ENV}={fault} exited with {process.exitcode}, expected "
         f"{-signal.SIGKILL} (the kill moment was never reached, or the resume failed; its log is above)"
     )
 
 
 def run_to_the_end(module: str, argv: list[str]) -> None:
     """``python -m module argv`` in a fresh interpreter, without the hook; must finish."""
-    env = {key: value for key, value in os.environ.items() if key != distributed.FAULT_ENV}
+    env = {key: value for key, value in os.environ.items() if key != fault_injection.FAULT_ENV}
     env.update(CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO))
     result = subprocess.run(
         [sys.executable, "-m", module, *argv],
@@ -162,6 +162,6 @@ def test_tokenizer_killed_anywhere_resumes_bit_for_bit(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("spec", ["no-count", "step_0000002:0", ":3"])
 def test_a_bad_fault_spec_is_named(spec: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(distributed.FAULT_ENV, spec)
-    with pytest.raises(ValueError, match=f"{distributed.FAULT_ENV}=.*expected TEXT:N"):
-        distributed._install_fault_injection()
+    monkeypatch.setenv(fault_injection.FAULT_ENV, spec)
+    with pytest.raises(ValueError, match=f"{fault_injection.FAULT_ENV}=.*expected TEXT:N"):
+        fault_injection._install_fault_injection()

@@ -21,7 +21,7 @@ from mllm.model_folder import load_model_folder, model_folder_is_complete
 from tokenizer import files
 from tokenizer.config import BackboneConfig
 from tokenizer.files import MANIFEST_NAME, ManifestError, verify_manifest
-from training import distributed, train_teacher, train_tokenizer
+from training import checkpointing, distributed, train_teacher, train_tokenizer
 from training.common import run_or_reuse
 from training.mllm_model import save_model_folder
 
@@ -182,16 +182,16 @@ def test_a_checkpoint_carries_a_manifest_and_a_killed_resave_is_recovered(
     model = torch.nn.Linear(4, 2)
     engine = distributed.TrainEngine(model, torch.optim.AdamW(model.parameters()), None, grad_clip=1.0)
     root = tmp_path / "checkpoints"
-    step = distributed.save_checkpoint(root, 3, {"model": engine}, {"seen": 12})
+    step = checkpointing.save_checkpoint(root, 3, {"model": engine}, {"seen": 12})
     listed = {entry["path"] for entry in verify_manifest(step, full=True)["files"]}
     assert {"trainer_state.json", "rng_rank0.pt"} <= listed and any(name.startswith("model/") for name in listed)
     with monkeypatch.context() as patch:
         kill_between_renames(patch)
         with pytest.raises(SimulatedKill):
-            distributed.save_checkpoint(root, 3, {"model": engine}, {"seen": 24})
+            checkpointing.save_checkpoint(root, 3, {"model": engine}, {"seen": 24})
     assert not step.exists()  # the kill left the finished staging folder and the old one aside
-    distributed.save_checkpoint(root, 4, {"model": engine}, {"seen": 32})
-    distributed.save_checkpoint(root, 3, {"model": engine}, {"seen": 36})  # recovers, then replaces
+    checkpointing.save_checkpoint(root, 4, {"model": engine}, {"seen": 32})
+    checkpointing.save_checkpoint(root, 3, {"model": engine}, {"seen": 36})  # recovers, then replaces
     assert json.loads((step / "trainer_state.json").read_text())["seen"] == 36
     assert sorted(path.name for path in root.iterdir()) == ["latest", "step_0000003", "step_0000004"]
 

@@ -407,7 +407,8 @@ def test_prompt_longer_than_the_context_is_named(data, tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- pipeline API
 def test_pipeline_answers_and_draws_reproducibly(chain):
-    from mllm.inference import Pipeline, PipelineError
+    from mllm.inference import Pipeline
+    from mllm.request_checks import PipelineError
     from training.data.shapes import ShapesWorld, ShapesWorldConfig
 
     pipe = Pipeline.from_pretrained(chain["joint"])
@@ -471,7 +472,8 @@ def test_sampling_defaults_come_from_the_model_folder(chain, tmp_path, capsys):
     from PIL import Image
 
     from mllm.generation import SamplingConfig
-    from mllm.inference import Pipeline, PipelineError, write_sampling
+    from mllm.inference import Pipeline, write_sampling
+    from mllm.request_checks import PipelineError
 
     model = tmp_path / "model"
     shutil.copytree(chain["joint"], model)
@@ -618,7 +620,7 @@ def test_canonical_decoder_config_trains_on_the_canonical_world():
     must stay the world that ``--t2i-world canonical`` writes its pairs from."""
     from training.config import load_config
     from training.tiny_mllm import canonical_world_config
-    from training.train_tokenizer import Stage1Config
+    from training.tokenizer_config import Stage1Config
 
     path = Path(__file__).resolve().parents[2] / "configs" / "tokenizer" / "tiny_decoder_canonical.yaml"
     config = load_config(Stage1Config, str(path), [])

@@ -18,15 +18,13 @@ from torch.utils.data import DataLoader
 
 from tokenizer.config import ConfigError, config_from_dict, config_to_dict
 from tokenizer.images import ImageLoadError, load_image
+from training.data.image_data import DataConfig, build_image_dataset, collate_image_text
 from training.data.readers import (
-    DataConfig,
     ImageFolderDataset,
     JsonlImageTextDataset,
     MetadataError,
     ParquetImageTextDataset,
     WebDatasetTarDataset,
-    build_image_dataset,
-    collate_image_text,
 )
 from training.data.shapes import ShapesImageDataset, ShapesWorld, ShapesWorldConfig
 

@@ -14,7 +14,7 @@ import torch
 from mllm_fixtures import REPO, stage_overrides
 
 from tokenizer.config import ConfigError
-from training import distributed
+from training import checkpointing, distributed
 from training.cli import main as cli_main
 from training.common import resumable_loader, step_loader
 
@@ -53,11 +53,11 @@ def test_a_planted_pickle_is_refused_and_never_runs(tmp_path: Path, planted: str
     engine = _engine()
     engine.backward(engine(torch.ones(4, 3)).sum())
     engine.step()
-    checkpoint = distributed.save_checkpoint(tmp_path / "checkpoints", 1, {"model": engine}, {})
+    checkpoint = checkpointing.save_checkpoint(tmp_path / "checkpoints", 1, {"model": engine}, {})
     marker = tmp_path / "payload-ran"
     plant(checkpoint / planted, marker)
     with pytest.raises(ConfigError) as refused:
-        distributed.load_checkpoint(checkpoint, {"model": _engine()})
+        checkpointing.load_checkpoint(checkpoint, {"model": _engine()})
     assert str(refused.value) == (
         f"checkpoint {checkpoint / planted} holds objects that are not tensors (io.open); refusing to unpickle it"
     )
@@ -69,7 +69,7 @@ def test_a_planted_pickle_is_refused_and_never_runs(tmp_path: Path, planted: str
 
 def test_an_unreadable_checkpoint_file_is_named(tmp_path: Path) -> None:
     engine = _engine()
-    checkpoint = distributed.save_checkpoint(tmp_path / "checkpoints", 1, {"model": engine}, {})
+    checkpoint = checkpointing.save_checkpoint(tmp_path / "checkpoints", 1, {"model": engine}, {})
     state = checkpoint / "rng_rank0.pt"
     state.write_bytes(state.read_bytes()[:100])
     with pytest.raises(ConfigError, match=rf"^checkpoint {state} cannot be read \(.*\); delete its step folder"):
@@ -80,14 +80,14 @@ def test_latest_recovers_a_step_renamed_aside_and_names_a_truncated_file(tmp_pat
     from tokenizer.files import ManifestError
 
     root = tmp_path / "checkpoints"
-    checkpoint = distributed.save_checkpoint(root, 1, {"model": _engine()}, {})
+    checkpoint = checkpointing.save_checkpoint(root, 1, {"model": _engine()}, {})
     # A kill between the two renames of a re-save of the same step leaves it under its backup name.
     checkpoint.rename(checkpoint.with_name(f".{checkpoint.name}.old"))
-    assert distributed.latest_checkpoint(root) == checkpoint and (checkpoint / "trainer_state.json").is_file()
+    assert checkpointing.latest_checkpoint(root) == checkpoint and (checkpoint / "trainer_state.json").is_file()
     state = checkpoint / "model" / "state.pt"
     state.write_bytes(state.read_bytes()[:-10])
     with pytest.raises(ManifestError, match="state.pt"):
-        distributed.latest_checkpoint(root)
+        checkpointing.latest_checkpoint(root)
 
 
 def test_the_random_state_round_trips_through_a_weights_only_file(tmp_path: Path) -> None:
@@ -95,12 +95,12 @@ def test_the_random_state_round_trips_through_a_weights_only_file(tmp_path: Path
     np.random.standard_normal()
     torch.manual_seed(3)
     path = tmp_path / "rng.pt"
-    torch.save(distributed._rng_state(), path)
+    torch.save(checkpointing._rng_state(), path)
     expected = (random.gauss(0, 1), random.random(), np.random.standard_normal(), np.random.rand(), torch.rand(3))
     random.seed(9)
     np.random.seed(9)
     torch.manual_seed(9)
-    distributed._set_rng_state(distributed.load_tensors(path))
+    checkpointing._set_rng_state(distributed.load_tensors(path))
     drawn = (random.gauss(0, 1), random.random(), np.random.standard_normal(), np.random.rand(), torch.rand(3))
     assert drawn[:4] == expected[:4]
     assert torch.equal(drawn[4], expected[4])
@@ -124,7 +124,7 @@ def test_the_command_refuses_a_planted_checkpoint_in_one_line(
     for override in stage_overrides(data, tmp_path / "run", steps=2):
         argv += ["--set", override]
     assert cli_main(argv) == 0
-    checkpoint = distributed.latest_checkpoint(tmp_path / "run" / "checkpoints")
+    checkpoint = checkpointing.latest_checkpoint(tmp_path / "run" / "checkpoints")
     pristine = tmp_path / "pristine"
     shutil.copytree(checkpoint, pristine)
     marker = tmp_path / "payload-ran"

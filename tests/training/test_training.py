@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from tokenizer.config import ConfigError
 from tokenizer.model import DualTokenizer
-from training import cli, distributed, tiny_pipeline, train_teacher, train_tokenizer
+from training import checkpointing, cli, tiny_pipeline, train_teacher, train_tokenizer
 from training.config import CheckpointWriteError
 from training.data import ShapesImageDataset, ShapesWorld, ShapesWorldConfig
 from training.evaluation import tokenizer_metrics
@@ -289,7 +289,7 @@ def test_stage1_resume_is_exact(teacher_dir: Path, tmp_path: Path) -> None:
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train_tokenizer.main(tokenizer_argv(straight, teacher_dir, *common, "loop.max_steps=4"))
     train_tokenizer.main(tokenizer_argv(resumed, teacher_dir, *common, "loop.max_steps=2"))
-    assert distributed.latest_checkpoint(resumed / "checkpoints") == resumed / "checkpoints" / "step_0000002"
+    assert checkpointing.latest_checkpoint(resumed / "checkpoints") == resumed / "checkpoints" / "step_0000002"
     train_tokenizer.main(tokenizer_argv(resumed, teacher_dir, *common, "loop.max_steps=4"))
     _assert_resume_is_exact(straight, resumed, "train/total")
 
@@ -335,7 +335,7 @@ def test_checkpoint_save_is_atomic(
     output_dir = tmp_path / "stage0"
     checkpoints = output_dir / "checkpoints"
     argv = teacher_argv(output_dir, "loop.max_steps=4", "loop.save_every=2")
-    real_rng_state, saves = distributed._rng_state, []
+    real_rng_state, saves = checkpointing._rng_state, []
 
     def crash_on_second_save() -> dict:
         saves.append(1)
@@ -343,7 +343,7 @@ def test_checkpoint_save_is_atomic(
             raise failure
         return real_rng_state()
 
-    monkeypatch.setattr(distributed, "_rng_state", crash_on_second_save)
+    monkeypatch.setattr(checkpointing, "_rng_state", crash_on_second_save)
     with pytest.raises(CheckpointWriteError, match="simulated") as raised:
         train_teacher.main(argv)
     message = str(raised.value)
@@ -351,7 +351,7 @@ def test_checkpoint_save_is_atomic(
     assert f"the last complete checkpoint, {checkpoints / 'step_0000002'}, is untouched" in message
     assert "MiB free there now" in message
     assert raised.value.__cause__ is failure
-    assert distributed.latest_checkpoint(checkpoints) == checkpoints / "step_0000002"
+    assert checkpointing.latest_checkpoint(checkpoints) == checkpoints / "step_0000002"
     assert not (checkpoints / "step_0000004").exists()
     assert not (checkpoints / ".step_0000004.staging").exists()  # the partial folder is removed: it only took space
     assert not (output_dir / train_teacher.TEACHER_DIRNAME).exists()
@@ -364,13 +364,13 @@ def test_checkpoint_save_is_atomic(
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dualtoken")]
     assert len(errors) == 1 and "could not write checkpoint" in errors[0] and "step_0000004" in errors[0]
 
-    monkeypatch.setattr(distributed, "_rng_state", real_rng_state)
+    monkeypatch.setattr(checkpointing, "_rng_state", real_rng_state)
     train_teacher.main(argv)
     records = train_records(output_dir, "stage0/loss")
     # Steps 3 and 4 were logged before the crash and again after resuming from step 2, identically.
     assert [record["step"] for record in records] == [1, 2, 3, 4, 3, 4]
     assert records[2:4] == records[4:6]
-    assert distributed.latest_checkpoint(checkpoints) == checkpoints / "step_0000004"
+    assert checkpointing.latest_checkpoint(checkpoints) == checkpoints / "step_0000004"
     assert sorted(path.name for path in checkpoints.iterdir()) == ["latest", "step_0000002", "step_0000004"]
     assert staging_leftovers(output_dir) == []
     assert train_teacher.teacher_is_complete(output_dir / train_teacher.TEACHER_DIRNAME)
@@ -505,7 +505,7 @@ def test_each_drawing_world_has_a_decoder_config_on_that_world() -> None:
 
     from training.config import load_config
     from training.data.shapes import T2I_WORLDS, t2i_world_config
-    from training.train_tokenizer import Stage1Config
+    from training.tokenizer_config import Stage1Config
 
     assert set(tiny_pipeline.DECODER_CONFIGS) == set(T2I_WORLDS)
     for world, path in tiny_pipeline.DECODER_CONFIGS.items():

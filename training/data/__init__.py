@@ -1,15 +1,12 @@
 """Data for DualToken: the embedded Shapes world and readers for real image-text data."""
 
+from training.data.image_data import DATA_KINDS, DataConfig, build_image_dataset, collate_image_text
 from training.data.readers import (
-    DATA_KINDS,
-    DataConfig,
     ImageFolderDataset,
     JsonlImageTextDataset,
     MetadataError,
     ParquetImageTextDataset,
     WebDatasetTarDataset,
-    build_image_dataset,
-    collate_image_text,
 )
 from training.data.shapes import (
     BACKGROUNDS,

@@ -49,7 +49,7 @@ from tqdm import tqdm
 from tokenizer.files import replace_directory, write_text_atomic
 from tokenizer.images import ImageLoadError, load_image
 from tokenizer.model import DualTokenizer
-from training.data.readers import BAD_IMAGES_FILE, ON_BAD_IMAGE
+from training.data.bad_images import BAD_IMAGES_FILE, ON_BAD_IMAGE
 
 logger = logging.getLogger(__name__)
 

@@ -13,9 +13,8 @@ Formats:
 - Parquet: an image column of bytes or ``{"bytes", "path"}`` structs (the ``datasets.Image`` layout);
 - WebDataset tar shards: members grouped by key, random access through an offset index.
 
-:class:`DataConfig` + :func:`build_image_dataset` pick one from a config. ``data.on_bad_image``
-says what a bad image does to training: stop it after a checkpoint, or give way to the next good
-item (:class:`BadImageGuard`), counted and listed by :class:`BadImageLog`.
+:class:`DataConfig` (:mod:`training.data.image_data`) picks one from a config; what a bad image
+then does to training is up to :mod:`training.data.bad_images`.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import json
 import logging
 import os
 import tarfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,20 +34,14 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
-from tokenizer.config import ConfigError
-from tokenizer.files import write_text_atomic
 from tokenizer.images import ImageLoadError, ImageSource, load_image
-from training.data.shapes import ShapesImageDataset, ShapesWorld, ShapesWorldConfig
 
 logger = logging.getLogger(__name__)
 
 # How a reader's user turns conversion of non-RGB images back on, for load_image's refusal message.
 _HINT = "set data.convert_to_rgb=true"
 
-DATA_KINDS: tuple[str, ...] = ("shapes", "imagefolder", "jsonl", "parquet", "webdataset")
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
-ON_BAD_IMAGE: tuple[str, ...] = ("error", "skip")
-BAD_IMAGES_FILE = "bad_images.txt"
 
 
 class MetadataError(ValueError):
@@ -402,238 +395,3 @@ class WebDatasetTarDataset(Dataset):
     def __del__(self) -> None:
         for handle in getattr(self, "_handles", {}).values():
             handle.close()
-
-
-# --------------------------------------------------------------------------------------
-# config
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class DataConfig:
-    """Which images to train on.
-
-    ``kind="shapes"`` renders the embedded Shapes world (``shapes``); the other kinds read
-    ``path`` (a file, folder or glob, see the readers), in which ``"{split}"`` is replaced by
-    the split name. ``image_size`` must equal ``shapes.image_size`` for the Shapes world,
-    which renders at its own size rather than resampling.
-    """
-
-    kind: str = "shapes"
-    path: str | None = None
-    image_size: int = 64
-    convert_to_rgb: bool = True  # false: refuse grey / alpha / palette / CMYK / 16-bit images instead of converting
-    image_column: str = "image"  # parquet only
-    caption_column: str = "caption"  # parquet only
-    shapes: ShapesWorldConfig = field(default_factory=ShapesWorldConfig)
-    # A training image that cannot be read (missing, corrupt, truncated): "error" checkpoints the
-    # steps trained so far and stops, naming the file; "skip" leaves it out (the next good item
-    # takes its place), logs it once, and lists it in <output_dir>/bad_images.txt.
-    on_bad_image: str = "error"
-
-    def __post_init__(self) -> None:
-        if self.kind not in DATA_KINDS:
-            raise ConfigError(f"data.kind={self.kind!r}; expected one of {DATA_KINDS}")
-        if self.on_bad_image not in ON_BAD_IMAGE:
-            raise ConfigError(f"data.on_bad_image={self.on_bad_image!r}; expected {'|'.join(ON_BAD_IMAGE)}")
-        if self.image_size < 2:
-            raise ConfigError(f"data.image_size={self.image_size}; expected >= 2")
-        if self.kind != "shapes" and not self.path:
-            raise ConfigError(f"data.path is required for data.kind={self.kind!r}")
-        if self.kind == "shapes" and self.image_size != self.shapes.image_size:
-            raise ConfigError(
-                f"data.image_size={self.image_size} but data.shapes.image_size={self.shapes.image_size}; "
-                "the Shapes world renders at its own size, so set both to the same value"
-            )
-
-
-def build_image_dataset(config: DataConfig, split: str, report_bad_images: bool = False) -> Dataset:
-    """The dataset of ``split`` that ``config`` describes (items as in the module docstring).
-
-    Bad images follow ``config.on_bad_image``: ``error`` raises :class:`ImageLoadError`, ``skip``
-    puts the next good item in their place (:class:`BadImageGuard`, which logs each once).
-    ``report_bad_images`` is for a training loop that decides itself (:class:`BadImageLog`): the
-    next good item takes the bad one's place in either mode, and the item names the bad file.
-    """
-    if config.kind == "shapes":
-        return ShapesImageDataset(ShapesWorld(config.shapes), split)
-    reader = build_image_reader(config, split)
-    if report_bad_images:
-        return BadImageGuard(reader)
-    return BadImageGuard(reader, log=True) if config.on_bad_image == "skip" else reader
-
-
-def build_image_reader(config: DataConfig, split: str) -> Dataset:
-    """The reader of ``split`` for a file-based ``config`` (not the Shapes world): bad images raise."""
-    assert config.path is not None  # checked by DataConfig
-    if "{split}" in config.path:
-        path = config.path.format(split=split)
-    elif split == "train":
-        path = config.path
-    else:
-        raise ValueError(
-            f"split {split!r} requested but data.path={config.path!r} has no '{{split}}' placeholder "
-            "(only 'train' is available; write e.g. 'data/{split}/metadata' to provide other splits)"
-        )
-    size, convert = config.image_size, config.convert_to_rgb
-    if config.kind == "imagefolder":
-        return ImageFolderDataset(path, size, convert)
-    if config.kind == "jsonl":
-        return JsonlImageTextDataset(path, size, convert)
-    if config.kind == "parquet":
-        return ParquetImageTextDataset(path, size, convert, config.image_column, config.caption_column)
-    return WebDatasetTarDataset(path, size, convert)
-
-
-def collate_image_text(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack reader items: ``image`` (B, 3, H, W), ``label`` (B,) int64, ``index`` (B,) int64, ``caption`` list;
-    ``bad_images``: the ``(name, reason)`` of the bad files passed over, when a :class:`BadImageGuard` read them."""
-    if not batch:
-        raise ValueError("collate_image_text got an empty batch")
-    shapes = {tuple(item["image"].shape) for item in batch}
-    if len(shapes) > 1:
-        raise ValueError(f"images in one batch must share a shape, got {sorted(shapes)}; check data.image_size")
-    collated = {
-        "image": torch.stack([item["image"] for item in batch]),
-        "caption": [item["caption"] for item in batch],
-        "label": torch.tensor([item["label"] for item in batch], dtype=torch.long),
-        "index": torch.tensor([item["index"] for item in batch], dtype=torch.long),
-    }
-    if any("bad_images" in item for item in batch):  # from a BadImageGuard: the files passed over
-        collated["bad_images"] = [entry for item in batch for entry in item.get("bad_images", ())]
-    return collated
-
-
-# --------------------------------------------------------------------------------------
-# bad images
-# --------------------------------------------------------------------------------------
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
-
-
-def image_name(reader: Dataset, index: int) -> str:
-    """The file of item ``index`` of a reader, as its errors name it."""
-    name = getattr(reader, "image_name", None)
-    return name(index) if name is not None else f"item {index}"
-
-
-_LOG_LIMIT = 100_000  # names remembered for "logged once"; a bound on memory for huge datasets
-_logged: set[str] = set()
-
-
-def _log_once(name: str, reason: str) -> None:
-    if name in _logged:
-        return
-    if len(_logged) < _LOG_LIMIT:
-        _logged.add(name)
-    logger.warning("left out a bad image (data.on_bad_image=skip): %s", reason)
-
-
-class BadImageGuard(Dataset):
-    """A reader whose bad images give way to the next good item, each named in the item it gave way to.
-
-    ``guard[i]`` is ``reader[i]`` when its image decodes; otherwise it is the item of the next
-    index whose image does (i + 1, i + 2, ..., wrapping around), with ``bad_images`` listing the
-    ``(name, reason)`` of every bad image passed over (an empty list when none was). Which item
-    takes a bad one's place depends only on the index and the files, never on what was read
-    before, so a step-indexed sampler gives a resumed run the batches of an uninterrupted one,
-    whichever DataLoader worker reads them. ``log``: log each bad image once (for datasets read
-    in the main process; a training loop logs through :class:`BadImageLog` instead).
-    """
-
-    def __init__(self, reader: Dataset, log: bool = False) -> None:
-        self.reader = reader
-        self.log = log
-        self._bad: dict[int, tuple[str, str]] = {}  # known bad indices: not decoded twice
-
-    def __len__(self) -> int:
-        return len(self.reader)
-
-    def image_name(self, index: int) -> str:
-        return image_name(self.reader, index)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        size = len(self.reader)
-        passed: list[tuple[str, str]] = []
-        for offset in range(size):
-            position = (index + offset) % size
-            if position not in self._bad:
-                try:
-                    item = self.reader[position]
-                except ImageLoadError as error:
-                    self._bad[position] = (image_name(self.reader, position), _one_line(error))
-                else:
-                    item["bad_images"] = passed
-                    return item
-            passed.append(self._bad[position])
-            if self.log:
-                _log_once(*self._bad[position])
-        raise ImageLoadError(f"all {size} images are bad (the first: {passed[0][1]})")
-
-
-class BadImageLog:
-    """The training loop's side of ``data.on_bad_image``, for batches read through a :class:`BadImageGuard`.
-
-    With ``skip`` it logs each bad image once, counts them and keeps the list in
-    ``output_dir/bad_images.txt`` (``name<TAB>reason`` lines, rewritten atomically as images are
-    found, so a resumed run goes on counting from it). With ``error`` it tells the loop to stop
-    at the first batch that met one, and words the error. ``enabled``: this process writes the
-    list (rank 0).
-    """
-
-    def __init__(self, on_bad_image: str, output_dir: Path, resumed: bool = False, enabled: bool = True) -> None:
-        if on_bad_image not in ON_BAD_IMAGE:
-            raise ConfigError(f"data.on_bad_image={on_bad_image!r}; expected {'|'.join(ON_BAD_IMAGE)}")
-        self.on_bad_image = on_bad_image
-        self.path = Path(output_dir) / BAD_IMAGES_FILE
-        self.enabled = enabled
-        self.found: dict[str, str] = {}  # name -> reason, in the order met
-        self.first: tuple[str, str] | None = None  # on_bad_image=error: the image that stops the run
-        if resumed and self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                name, _, reason = line.partition("\t")
-                self.found[name] = reason
-
-    @property
-    def count(self) -> int:
-        return len(self.found)
-
-    def meet(self, batch: dict[str, Any]) -> bool:
-        """Take (and remove) the bad images ``batch`` passed over; True when the run must stop."""
-        bad = batch.pop("bad_images", None) or []
-        if not bad:
-            return False
-        if self.on_bad_image == "error":
-            self.first = bad[0]
-            return True
-        new = [(name, reason) for name, reason in bad if name not in self.found]
-        for name, reason in new:
-            self.found[name] = reason
-            logger.warning("left out a bad image (data.on_bad_image=skip): %s", reason)
-        if new:
-            self._write()
-        return False
-
-    def stop_error(self, step: int, checkpoint: Path) -> ImageLoadError:
-        """The one-line error of a run stopped by a bad image, after ``checkpoint`` (of ``step``) was written."""
-        reason = self.first[1] if self.first is not None else "another rank met a bad image (its log names it)"
-        return ImageLoadError(
-            f"{reason}; stopped before step {step + 1} with a checkpoint in {checkpoint}: fix or remove the file "
-            "and run the same command to resume from it, or set data.on_bad_image=skip to leave bad images out"
-        )
-
-    def summary(self) -> dict[str, float]:
-        """With ``skip``: log the count and where the list is, write the list, return ``{"bad_images": count}``."""
-        if self.on_bad_image != "skip":
-            return {}
-        self._write()
-        if self.found:
-            logger.warning("left out %d bad image(s), listed in %s", self.count, self.path)
-        return {"bad_images": float(self.count)}
-
-    def _write(self) -> None:
-        if self.enabled:
-            lines = "".join(f"{name}\t{reason}\n" for name, reason in self.found.items())
-            write_text_atomic(self.path, lines)
