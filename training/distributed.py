@@ -13,6 +13,7 @@ weights_only=True)`` (tensors, numbers, strings and plain containers only; docs/
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
@@ -54,6 +55,28 @@ def _deepspeed():
     import deepspeed
 
     return deepspeed
+
+
+class _LocalRankAction(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: Any, option: Any = None):
+        # The launchers also export LOCAL_RANK, which init_distributed reads; the flag fills it in
+        # only where a launcher passed the flag alone.
+        os.environ.setdefault("LOCAL_RANK", str(value))
+        setattr(namespace, self.dest, value)
+
+
+def add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
+    """Accept ``--local_rank N`` (and ``--local-rank``), which the ``deepspeed`` launcher passes to
+    every process it starts; ``torchrun`` and ``srun`` pass the same through the environment."""
+    parser.add_argument(
+        "--local_rank",
+        "--local-rank",
+        dest="local_rank",
+        type=int,
+        default=None,
+        action=_LocalRankAction,
+        help="set by the deepspeed launcher (LOCAL_RANK in the environment wins)",
+    )
 
 
 def init_distributed(use_deepspeed: bool = False) -> DistState:

@@ -350,6 +350,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(prog="dualtoken train-teacher", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="experiment YAML (configs/tokenizer/*.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    distributed.add_launcher_arguments(parser)
     args = parser.parse_args(argv)
     config = load_config(Stage0Config, args.config, args.overrides)
     check_output_dir(config.loop.output_dir, "loop.output_dir")  # before any model is built

@@ -8,6 +8,7 @@ from the Shapes world.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,21 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture) -> None:
 def test_subcommand_help_returns_zero(capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["tokenize", "--help"]) == 0
     assert "--tokenizer" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["train-teacher", "train-tokenizer", "train-mllm"])
+@pytest.mark.parametrize("flag", [["--local_rank", "1"], ["--local_rank=1"], ["--local-rank=1"]])
+def test_trainers_take_the_deepspeed_launchers_local_rank(
+    command: str, flag: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    # The deepspeed launcher starts `python -m training.<trainer> --local_rank=N --config ...`.
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert cli.main([command, *flag, "--help"]) == 0
+    assert "--local_rank" in capsys.readouterr().out
+    assert os.environ["LOCAL_RANK"] == "1"  # read by init_distributed, where no launcher exported it
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert cli.main([command, *flag, "--help"]) == 0
+    assert os.environ["LOCAL_RANK"] == "0"  # what a launcher exports wins
 
 
 def test_unknown_subcommand(capsys: pytest.CaptureFixture) -> None:
