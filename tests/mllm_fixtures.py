@@ -31,7 +31,8 @@ TRAIN_IMAGES = 48
 VAL_IMAGES = 12
 
 
-def tiny_visual_tokenizer(seed: int = 0) -> DualTokenizer:
+def tiny_visual_tokenizer(seed: int = 0, pixel_depth: int = 2) -> DualTokenizer:
+    """A random-weight DualTokenizer for 32-px images (4 x 4 codes)."""
     torch.manual_seed(seed)
     config = DualTokenizerConfig(
         backbone=BackboneConfig(
@@ -39,7 +40,7 @@ def tiny_visual_tokenizer(seed: int = 0) -> DualTokenizer:
         ),
         taps=TapsConfig(pixel_layer=1, semantic_layer=3),
         projection=ProjectionConfig(kind="mlp", hidden_dim=32),
-        pixel_quantizer=QuantizerConfig(codebook_size=32, code_dim=8, depth=2),
+        pixel_quantizer=QuantizerConfig(codebook_size=32, code_dim=8, depth=pixel_depth),
         semantic_quantizer=QuantizerConfig(codebook_size=16, code_dim=4, depth=2),
         decoder=DecoderConfig(base_channels=8, channel_mult=(1, 2, 2, 2), num_res_blocks=1),
     )

@@ -5,18 +5,11 @@ import pickle
 import re
 from pathlib import Path
 
+import mllm_fixtures
 import numpy as np
 import pytest
 import torch
 
-from tokenizer.config import (
-    BackboneConfig,
-    DecoderConfig,
-    DualTokenizerConfig,
-    ProjectionConfig,
-    QuantizerConfig,
-    TapsConfig,
-)
 from tokenizer.images import load_image
 from tokenizer.model import DualTokenizer
 from training.data import code_shards, conversations
@@ -38,18 +31,7 @@ NUM_IMAGES = 5
 
 
 def tiny_visual_tokenizer(seed: int = 0) -> DualTokenizer:
-    torch.manual_seed(seed)
-    config = DualTokenizerConfig(
-        backbone=BackboneConfig(
-            image_size=SIZE, patch_size=8, hidden_size=32, num_layers=4, num_heads=2, intermediate_size=64
-        ),
-        taps=TapsConfig(pixel_layer=1, semantic_layer=3),
-        projection=ProjectionConfig(kind="mlp", hidden_dim=32),
-        pixel_quantizer=QuantizerConfig(codebook_size=32, code_dim=8, depth=3),
-        semantic_quantizer=QuantizerConfig(codebook_size=16, code_dim=4, depth=2),
-        decoder=DecoderConfig(base_channels=8, channel_mult=(1, 2, 2, 2), num_res_blocks=1),
-    )
-    return DualTokenizer(config).eval()
+    return mllm_fixtures.tiny_visual_tokenizer(seed, pixel_depth=3)
 
 
 @pytest.fixture(scope="module")
