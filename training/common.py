@@ -132,7 +132,25 @@ def restore_schedule_lr(scheduler: torch.optim.lr_scheduler.LambdaLR | None) -> 
         group["lr"] = base_lr * factor(scheduler.last_epoch)
 
 
-class StepSampler(Sampler[list[int]]):
+class StepIndexedSampler(Sampler):
+    """Yields ``batch_for_step(step)`` for ``step`` in ``[start_step, max_steps)``: a batch is a
+    function of its step alone, so a resumed run sees exactly the batches of an uninterrupted one."""
+
+    start_step: int
+    max_steps: int
+
+    def batch_for_step(self, step: int) -> list[Any]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        for step in range(self.start_step, self.max_steps):
+            yield self.batch_for_step(step)
+
+    def __len__(self) -> int:
+        return max(0, self.max_steps - self.start_step)
+
+
+class StepSampler(StepIndexedSampler):
     """Batches of indices defined by the step number alone, so a resumed run sees exactly
     the batches an uninterrupted one would. Each epoch is a fresh permutation seeded by
     ``(seed, epoch)``; rank r of w takes the r-th contiguous slice of the global batch."""
@@ -172,13 +190,6 @@ class StepSampler(Sampler[list[int]]):
         epoch, position = divmod(step, per_epoch)
         start = position * global_batch + self.rank * self.batch_size
         return self._permutation(epoch)[start : start + self.batch_size].tolist()
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for step in range(self.start_step, self.max_steps):
-            yield self.batch_for_step(step)
-
-    def __len__(self) -> int:
-        return max(0, self.max_steps - self.start_step)
 
 
 def step_loader(

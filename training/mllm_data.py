@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from mllm.chat import Sequence, SequenceBuilder
 from tokenizer.config import ConfigError
+from training.common import StepIndexedSampler
 from training.data.code_shards import normalise_key
 from training.data.code_store import CodeStore
 from training.data.conversations import read_conversations, read_text_image_pairs
@@ -129,7 +130,7 @@ class MixedSequences(Dataset):
         return other
 
 
-class MixtureSampler(torch.utils.data.Sampler):
+class MixtureSampler(StepIndexedSampler):
     """One source per step, drawn by the mix weights; records drawn within it; all from ``(seed, step)``.
 
     A step's batch depends on the step alone (exact resume), and a batch never mixes short
@@ -162,13 +163,6 @@ class MixtureSampler(torch.utils.data.Sampler):
         items = rng.integers(0, self.dataset.sizes[source], size=global_batch)
         first = self.rank * self.batch_size
         return [(source, int(items[j]), step * global_batch + j) for j in range(first, first + self.batch_size)]
-
-    def __iter__(self):
-        for step in range(self.start_step, self.max_steps):
-            yield self.batch_for_step(step)
-
-    def __len__(self) -> int:
-        return max(0, self.max_steps - self.start_step)
 
 
 def conversation_sequence(
