@@ -39,21 +39,9 @@ from mllm.losses import LOSS_TERMS, SlotLossesMixin
 from mllm.positions import GridRotaryEmbedding
 from mllm.slot_inputs import SlotInputsMixin
 from mllm.vocab import VocabLayout, VocabularyError
+from tokenizer.devices import pick_attn_implementation
 
 logger = logging.getLogger(__name__)
-
-
-def pick_attn_implementation(requested: str | None = None) -> str:
-    """FlashAttention-2 when it is installed and a GPU is present, else PyTorch SDPA."""
-    if requested and requested != "auto":
-        return requested
-    try:
-        from transformers.utils import is_flash_attn_2_available
-    except ImportError:  # pragma: no cover - very old transformers
-        return "sdpa"
-    if torch.cuda.is_available() and is_flash_attn_2_available():
-        return "flash_attention_2"
-    return "sdpa"
 
 
 @dataclass
