@@ -188,14 +188,21 @@ class InceptionFeatures:
 
         if layout == "pt_inception":
             model = inception_v3(
-                weights=None, aux_logits=False, init_weights=False, num_classes=PT_INCEPTION_NUM_CLASSES
+                weights=None,
+                aux_logits=False,
+                init_weights=False,
+                num_classes=PT_INCEPTION_NUM_CLASSES,
+                transform_input=False,
             )
         else:
             fc_weight = state_dict.get("fc.weight")
             num_classes = int(fc_weight.shape[0]) if fc_weight is not None else 1000
             # torchvision's ImageNet weights carry the auxiliary head; accept files saved without it too.
             has_aux = any(key.startswith("AuxLogits.") for key in state_dict)
-            model = inception_v3(weights=None, aux_logits=has_aux, init_weights=False, num_classes=num_classes)
+            # transform_input stays off: normalise() is the only normalisation the input gets.
+            model = inception_v3(
+                weights=None, aux_logits=has_aux, init_weights=False, num_classes=num_classes, transform_input=False
+            )
         # BatchNorm step counters are unused in eval mode and absent from files saved by old torch versions.
         counters = {key: value for key, value in model.state_dict().items() if key.endswith("num_batches_tracked")}
         state_dict = {**counters, **state_dict}

@@ -4,9 +4,9 @@ Pure functions over strings (no torch, no model), so numbers computed here can b
 published ones. Where an official script has a quirk that changes scores, the quirk is kept and
 said so in the docstring: reproducing the published number matters more than tidiness.
 
-- **VQAv2** (:func:`vqav2_normalize`, :func:`vqav2_accuracy`): the answer processing and the
-  10-annotator soft accuracy of ``PythonEvaluationTools/vqaEvaluation/vqaEval.py`` in
-  https://github.com/GT-Vision-Lab/VQA, the evaluation code linked from visualqa.org.
+- **VQAv2**: :mod:`eval.vqa_rules` (re-exported here).
+- **GQA** (:func:`gqa_normalize`, :func:`gqa_accuracy`): exact match, as GQA's ``eval.py`` after
+  LLaVA's ``convert_gqa_for_eval.py`` (which lower-cases the answer and drops a final period).
 - **POPE** (:func:`pope_yes_no`, :func:`pope_metrics`): the answer rule and metrics of
   ``evaluate.py`` in https://github.com/RUCAIBox/POPE (also LLaVA's ``eval_pope.py``).
 - **MME** (:func:`mme_yes_no`, :func:`mme_scores`): ``eval_tool/calculation.py`` shipped with
@@ -27,113 +27,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-# ---------------------------------------------------------------------------------- VQAv2
-
-# The marks vqaEval.py's processPunctuation handles. "!", "-", "{" and "}" are not among them in
-# the GT-Vision-Lab code, so "yes!" stays "yes!" and "t-shirt" stays "t-shirt" (the EvalAI server
-# copy in Cloud-CV/VQA-Challenge handles these too; the two differ only on such answers).
-VQA_PUNCTUATION: tuple[str, ...] = (";", ":", "/", "'", "[", "]", '"', "(", ")", "=", "+", "\\", "_", ">", "<", "@", "`", ",", "?")  # fmt: skip
-VQA_NUMBER_WORDS: dict[str, str] = {
-    "none": "0",
-    "zero": "0",
-    "one": "1",
-    "two": "2",
-    "three": "3",
-    "four": "4",
-    "five": "5",
-    "six": "6",
-    "seven": "7",
-    "eight": "8",
-    "nine": "9",
-    "ten": "10",
-}
-VQA_ARTICLES: frozenset[str] = frozenset({"a", "an", "the"})
-# The official contraction table maps an apostrophe-less spelling to the contracted one. Answer
-# processing replaces or deletes every straight apostrophe before the table is consulted, so its
-# keys spelt with one ("couldn'tve") can never fire; the keys that can are each value with its
-# apostrophes removed, which is how the table is written here. Left out: the capitalised "Im"/"Ive"
-# keys, which never match the lower-cased text, and the GT-Vision-Lab copy's typographic
-# apostrophes (’) in most values and some keys, a typo the Cloud-CV copy fixes and we follow.
-_CONTRACTED_FORMS: tuple[str, ...] = (
-    "ain't", "aren't", "can't", "could've", "couldn't", "didn't", "doesn't", "don't", "hadn't",
-    "hasn't", "haven't", "he'd", "he's", "how'd", "how'll", "how's", "isn't", "it'd", "it'll",
-    "ma'am", "mightn't", "might've", "mustn't", "must've", "needn't", "not've", "o'clock",
-    "oughtn't", "shan't", "should've", "shouldn't", "somebody'll", "somebody's", "someone'd",
-    "someone'll", "someone's", "something'd", "something'll", "that's", "there'd", "there're",
-    "there's", "they'd", "they'll", "they're", "they've", "'twas", "wasn't", "we've", "weren't",
-    "what'll", "what're", "what's", "what've", "when's", "where'd", "where's", "where've", "who'd",
-    "who'll", "who's", "who've", "why'll", "why're", "why's", "won't", "would've", "wouldn't",
-    "y'all", "you'd", "you'll", "you're", "you've",
-)  # fmt: skip
-VQA_CONTRACTIONS: dict[str, str] = {form.replace("'", ""): form for form in _CONTRACTED_FORMS}
-
-_DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
-# Official pattern "(?!<=\d)(\.)(?!\d)": its first group is a (mistyped) look-ahead that always
-# succeeds before a ".", so the rule is "drop every period not followed by a digit": "yes." ->
-# "yes", "3." -> "3", "2.5" and ".5" unchanged.
-_PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")
-# vqaEval.py passes re.UNICODE (= 32) where re.sub takes `count`, so only the first 32 periods go.
-_OFFICIAL_PERIOD_COUNT = 32
-
-
-def vqav2_strip_punctuation(text: str) -> str:
-    """vqaEval.py's ``processPunctuation``, the only processing ground-truth answers get.
-
-    Each mark in :data:`VQA_PUNCTUATION` is deleted when it touches a space in the input (``"red,
-    white"`` -> ``"red white"``) or when the input has a comma between digits anywhere (``"10,000"``
-    -> ``"10000"``), and replaced by a space otherwise (``"red,white"`` -> ``"red white"``,
-    ``"don't"`` -> ``"don t"``). The conditions look at the input text, not the partly cleaned one.
-    Then periods not followed by a digit are dropped.
-    """
-    has_digit_comma = _DIGIT_COMMA_DIGIT.search(text) is not None
-    cleaned = text
-    for mark in VQA_PUNCTUATION:
-        if has_digit_comma or f"{mark} " in text or f" {mark}" in text:
-            cleaned = cleaned.replace(mark, "")
-        else:
-            cleaned = cleaned.replace(mark, " ")
-    return _PERIOD_NOT_BEFORE_DIGIT.sub("", cleaned, count=_OFFICIAL_PERIOD_COUNT)
-
-
-def vqav2_normalize(text: str) -> str:
-    """The official processing of a predicted answer: whitespace, punctuation, case, numbers, articles, contractions.
-
-    Newlines and tabs become spaces and the ends are stripped; then :func:`vqav2_strip_punctuation`;
-    then the text is lower-cased and split on whitespace, number words ``none``/``zero``..``ten``
-    become digits, the articles a/an/the are dropped, apostrophe-less contractions get their
-    apostrophe back (``"dont"`` -> ``"don't"``), and the words are joined by single spaces.
-    """
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    words = []
-    for word in vqav2_strip_punctuation(text).lower().split():
-        word = VQA_NUMBER_WORDS.get(word, word)
-        if word not in VQA_ARTICLES:
-            words.append(VQA_CONTRACTIONS.get(word, word))
-    return " ".join(words)
-
-
-def vqav2_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """VQA soft accuracy of one prediction against the annotators' answers (10 in VQAv2), in [0, 1].
-
-    As in vqaEval.py: the prediction goes through :func:`vqav2_normalize`; the ground-truth answers
-    only through :func:`vqav2_strip_punctuation`, and only when they are not all identical (the
-    released answers are already normalised, so e.g. a ground truth "none" is never turned into "0",
-    and a predicted "none" never matches it). For each annotator in turn, the other answers are
-    counted against the prediction and ``min(1, matches / 3)`` taken; the score is the mean over
-    annotators. With ``k`` of 10 answers equal to the prediction this is ``0.3 k`` for ``k <= 3``
-    (e.g. 0.9 for 3) and 1 from ``k = 4``.
-    """
-    if not answers:
-        raise ValueError("vqav2_accuracy needs at least one ground-truth answer")
-    predicted = vqav2_normalize(prediction)
-    truths = list(answers)
-    if len(set(truths)) > 1:
-        truths = [vqav2_strip_punctuation(truth) for truth in truths]
-    matches = sum(truth == predicted for truth in truths)
-    # Leaving out a matching annotator leaves matches - 1 among the others, any other leaves all.
-    leave_one_out = [min(1.0, (matches - (truth == predicted)) / 3) for truth in truths]
-    return sum(leave_one_out) / len(leave_one_out)
-
+from eval.vqa_rules import vqav2_accuracy, vqav2_normalize, vqav2_strip_punctuation  # noqa: F401  (re-exported)
 
 # ----------------------------------------------------------------------------------- POPE
 
@@ -435,3 +329,87 @@ def circular_accuracy(indices: Sequence[int], correct: Sequence[bool]) -> dict[s
         "num_groups": len(groups),
         "vanilla_accuracy": sum(bool(hit) for hit in correct) / len(correct),
     }
+
+
+def circular_rotations(options: Mapping[str, str], answer: str | None) -> list[tuple[dict[str, str], str | None]]:
+    """MMBench's circular copies of a question: the option texts rotated through the letters.
+
+    Copy ``k`` puts the text of option ``(i + k) mod n`` under letter ``i`` (copy 0 is the question
+    itself), and the answer letter follows its text. MMBench (and VLMEvalKit's
+    ``mcq_circular_eval``) ask every copy and count the question only when all are answered right.
+    """
+    letters = list(options)
+    texts = [options[letter] for letter in letters]
+    copies = []
+    for shift in range(len(letters)):
+        rotated = {letter: texts[(position + shift) % len(texts)] for position, letter in enumerate(letters)}
+        moved = None
+        if answer is not None:
+            moved = letters[(letters.index(answer) - shift) % len(letters)]
+        copies.append((rotated, moved))
+    return copies
+
+
+def circular_by_category(groups: Mapping[str, str], hits: Mapping[str, list[bool]]) -> dict[str, float]:
+    """Circular accuracy overall and per category: ``groups`` maps a question to its category,
+    ``hits`` maps it to the results of its copies (all must be right)."""
+    if not hits:
+        raise ValueError("circular_by_category needs at least one question")
+    passed = {question: all(results) for question, results in hits.items()}
+    metrics: dict[str, float] = {
+        "circular_accuracy": sum(passed.values()) / len(passed),
+        "vanilla_accuracy": sum(results[0] for results in hits.values()) / len(hits),
+        "questions": len(passed),
+    }
+    for category in sorted({groups[question] for question in passed}):
+        members = [passed[question] for question in passed if groups[question] == category]
+        metrics[f"category/{category}"] = sum(members) / len(members)
+    return metrics
+
+
+# ------------------------------------------------------------------------------------ GQA
+
+
+def gqa_normalize(text: str) -> str:
+    """LLaVA's ``convert_gqa_for_eval.py``: the answer without a final period, lower-cased."""
+    return text.strip().rstrip(".").lower()
+
+
+def gqa_accuracy(predictions: Sequence[str], answers: Sequence[str]) -> dict[str, float]:
+    """GQA's ``eval.py`` accuracy: the share of normalised predictions equal to the answer."""
+    if len(predictions) != len(answers):
+        raise ValueError(f"{len(predictions)} predictions but {len(answers)} answers")
+    if not answers:
+        raise ValueError("gqa_accuracy needs at least one question")
+    correct = sum(gqa_normalize(p) == a.strip().lower() for p, a in zip(predictions, answers, strict=True))
+    return {"accuracy": correct / len(answers), "correct": correct, "num_questions": len(answers)}
+
+
+# ---------------------------------------------------------------------------- SEED-Bench
+
+# The evaluation dimensions of SEED-Bench's image questions, by ``question_type_id``.
+SEED_IMAGE_DIMENSIONS: dict[int, str] = {
+    1: "Scene Understanding",
+    2: "Instance Identity",
+    3: "Instance Attributes",
+    4: "Instance Location",
+    5: "Instances Counting",
+    6: "Spatial Relation",
+    7: "Instance Interaction",
+    8: "Visual Reasoning",
+    9: "Text Understanding",
+}
+
+
+def seed_by_dimension(dimensions: Sequence[int], correct: Sequence[bool]) -> dict[str, float]:
+    """SEED-Bench image accuracy over all questions and per evaluation dimension."""
+    if len(dimensions) != len(correct):
+        raise ValueError(f"{len(dimensions)} dimensions but {len(correct)} results")
+    if not correct:
+        raise ValueError("seed_by_dimension needs at least one question")
+    metrics: dict[str, float] = {"accuracy": sum(correct) / len(correct), "questions": len(correct)}
+    for dimension in sorted(set(dimensions)):
+        hits = [hit for d, hit in zip(dimensions, correct, strict=True) if d == dimension]
+        name = SEED_IMAGE_DIMENSIONS.get(int(dimension), str(dimension))
+        metrics[f"dimension/{name}"] = sum(hits) / len(hits)
+    return metrics

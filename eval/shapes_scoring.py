@@ -75,7 +75,7 @@ def score_vqa(items: list[VQAItem], predictions: list[str], majority: dict[str, 
         if hits[kind]:
             metrics[f"vqa_{kind}"] = float(np.mean(hits[kind]))
             metrics[f"vqa_{kind}_baseline"] = float(np.mean(base[kind]))
-            metrics[f"vqa_{kind}_n"] = float(len(hits[kind]))
+            metrics[f"vqa_{kind}_n"] = len(hits[kind])
     kinds = [kind for kind in QUESTION_KINDS if hits[kind]]
     metrics["vqa_mean"] = float(np.mean([metrics[f"vqa_{kind}"] for kind in kinds]))
     metrics["vqa_mean_baseline"] = float(np.mean([metrics[f"vqa_{kind}_baseline"] for kind in kinds]))

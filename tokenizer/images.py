@@ -43,11 +43,14 @@ def load_image(
     strict: bool = False,
     convert_to_rgb: bool | None = None,
     convert_hint: str | None = None,
+    resize: str = "crop",
 ) -> torch.Tensor:
     """Decode ``source`` (a path or encoded bytes) into a (3, image_size, image_size) float32 tensor in [-1, 1].
 
-    The shorter side is resized to ``image_size`` with bicubic filtering, then the centre is
-    cropped. ``name`` (a file name or sample key) goes into every error message.
+    ``resize="crop"`` (what training reads images with): the shorter side is resized to
+    ``image_size`` with bicubic filtering, then the centre is cropped. ``resize="pad"``: the image
+    is padded to a square first (:func:`fit_square`). ``name`` (a file name or sample key) goes
+    into every error message.
 
     Images that are valid but not RGB (grey ``L``, ``LA``, ``RGBA``, ``CMYK``, palette ``P`` /
     ``PA``, 16- and 32-bit integer ``I;16`` / ``I``, float ``F``) are converted: alpha is
@@ -63,6 +66,8 @@ def load_image(
     """
     if image_size < 1:
         raise ValueError(f"image_size={image_size}; expected >= 1")
+    if resize not in SQUARE_MODES:
+        raise ValueError(f"resize={resize!r}; expected one of {', '.join(SQUARE_MODES)}")
     if convert_to_rgb is not None:
         if strict and convert_to_rgb:
             raise ValueError("strict=True and convert_to_rgb=True contradict each other; pass one of them")
@@ -92,7 +97,7 @@ def load_image(
         mode, what = image.mode, _conversion(image)
         image = _to_rgb(image, name)
         _note_conversion(name, mode, what)
-    return uint8_image_to_tensor(np.asarray(_resize_and_crop(image, image_size)))
+    return uint8_image_to_tensor(np.asarray(fit_square(image, image_size, resize)))
 
 
 def _where(name: str, source: str | os.PathLike) -> str:
@@ -155,6 +160,31 @@ def _to_rgb(image: Image.Image, name: str) -> Image.Image:
         return image.convert("RGB")
     except (ValueError, OSError) as error:
         raise ImageLoadError(f"image {name}: cannot convert mode {image.mode!r} to RGB ({error})") from error
+
+
+SQUARE_MODES: tuple[str, ...] = ("crop", "pad")
+# LLaVA pads with the vision tower's normalisation mean (its expand2square); the tokenizer's input
+# range [-1, 1] has mean 0.5, so the padding is mid grey and reads as 0 after normalisation.
+PAD_COLOUR: tuple[int, int, int] = (127, 127, 127)
+
+
+def fit_square(image: Image.Image, image_size: int, mode: str = "crop") -> Image.Image:
+    """An RGB image as an ``image_size`` square: ``"crop"`` or ``"pad"``.
+
+    ``"crop"``: resize the shorter side to ``image_size`` (bicubic) and cut out the centre square,
+    as every training reader does. ``"pad"``: centre the image on a square of its longer side
+    filled with :data:`PAD_COLOUR` (LLaVA's ``image_aspect_ratio: pad``), then resize that square
+    (bicubic). Both leave an ``image_size`` square image unchanged.
+    """
+    if mode not in SQUARE_MODES:
+        raise ValueError(f"square mode {mode!r}; expected one of {', '.join(SQUARE_MODES)}")
+    width, height = image.size
+    if mode == "pad" and width != height:
+        side = max(width, height)
+        canvas = Image.new(image.mode, (side, side), PAD_COLOUR if image.mode == "RGB" else 127)
+        canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+        image = canvas
+    return _resize_and_crop(image, image_size)
 
 
 def _resize_and_crop(image: Image.Image, image_size: int) -> Image.Image:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from eval.geneval_rules import geneval_relation_holds
 from eval.shapes_scoring import VQAItem, majority_answers, score_vqa, vqa_by_form, vqa_items
 from eval.task import Task, register
 from eval.tasks.image_features import FIDFeatures, fid_from_features, image_tensor
@@ -62,6 +63,8 @@ GENEVAL_CATEGORIES = ("single_object", "two_object", "counting", "colors", "posi
 @register("geneval")
 class ShapesGenEval(FIDFeatures, Task):
     """GenEval-style categories judged by the checker (see the module docstring)."""
+
+    version = 2  # predictions record relation_geneval_ok
 
     default_split = "test"
 
@@ -138,6 +141,7 @@ class ShapesGenEval(FIDFeatures, Task):
 
     def score(self, items: list[dict[str, Any]], predictions: list[dict[str, Any]]) -> dict[str, float]:
         hits: dict[str, list[int]] = {name: [] for name in GENEVAL_CATEGORIES}
+        position_geneval: list[int] = []
         for item, pred in zip(items, predictions, strict=True):
             hits["counting"].append(int(pred["count_ok"]))
             if item["group"] == "single":
@@ -148,9 +152,13 @@ class ShapesGenEval(FIDFeatures, Task):
                 hits["color_attr"].append(int(pred["correct"]))
                 if item["relation"] is not None:
                     hits["position"].append(int(pred["correct"] and pred["relation_ok"]))
+                    position_geneval.append(int(bool(pred["correct"] and pred["relation_geneval_ok"])))
         metrics = {name: float(np.mean(values)) for name, values in hits.items() if values}
         metrics["overall"] = float(np.mean([metrics[name] for name in GENEVAL_CATEGORIES if name in metrics]))
-        metrics["images"] = float(len(items))
+        if position_geneval:
+            # GenEval's own relation rule beside the checker's centre rule; not part of overall.
+            metrics["position_geneval_rule"] = float(np.mean(position_geneval))
+        metrics["images"] = len(items)
         # Generated images against the scenes their prompts came from (same count); with the
         # default small conv net this tracks progress but is not comparable to published FID.
         fid = fid_from_features([p["ref_features"] for p in predictions], [p["features"] for p in predictions])
@@ -172,11 +180,18 @@ def judge_item(item: dict[str, Any], image: np.ndarray) -> dict[str, Any]:
     shapes_only = [ObjectSpec(None, shape) for _, shape in item["objects"]]
     verdict = judge(image, specs)
     relation = tuple(item["relation"]) if item.get("relation") else None
+    geneval_ok = None
+    if relation and verdict.correct:
+        first, name, second = relation
+        box_a = verdict.detections[verdict.assignment[first]].box
+        box_b = verdict.detections[verdict.assignment[second]].box
+        geneval_ok = geneval_relation_holds(box_a, name, box_b)
     return {
         "correct": bool(verdict.correct),
         "shapes_ok": bool(judge(image, shapes_only, exact_count=False).correct),
         "count_ok": len(verdict.detections) == len(specs),
         "relation_ok": bool(judge(image, specs, relation).correct) if relation else None,
+        "relation_geneval_ok": geneval_ok,
         "found": [f"{d.colour} {d.shape}" for d in verdict.detections],
         "reason": verdict.reason,
     }

@@ -174,7 +174,7 @@ class ZeroShot(Task):
 
     def score(self, items: list[dict[str, Any]], predictions: list[dict[str, Any]]) -> dict[str, float]:
         correct = [int(p["predicted"] == it["label"]) for it, p in zip(items, predictions, strict=True)]
-        return {"accuracy": float(np.mean(correct)), "images": float(len(items))}
+        return {"accuracy": float(np.mean(correct)), "images": len(items)}
 
 
 def _split_index(key: str) -> tuple[str, int]:

@@ -33,7 +33,14 @@ def test_results_are_identical_for_batch_size_1_and_8(chain, settings, tmp_path)
     eight = harness.evaluate(TASKS, tmp_path / "b8", chain["joint"], settings, batch_size=8)
     assert one == eight
     assert set(one["geneval"]) >= {"single_object", "two_object", "counting", "colors", "color_attr", "overall", "fid"}
-    assert one["geneval"]["fid"] > 0  # micro-model drawings are far from the scenes
+    # The reported FID is the Fréchet distance of the cached features; the categories are the
+    # per-image verdicts recorded in results.json.
+    from eval.tasks.image_features import fid_from_features
+
+    lines = (tmp_path / "b1" / "predictions" / "geneval.jsonl").read_text().splitlines()[1:]
+    cached = [json.loads(line)["prediction"] for line in lines]
+    fid = fid_from_features([p["ref_features"] for p in cached], [p["features"] for p in cached])
+    assert one["geneval"]["fid"] == pytest.approx(fid)
     assert 0.0 <= one["tokenizer"]["checker_on_reconstructions"] <= 1.0
     assert one["shapes_vqa"]["vqa_mean_baseline"] > 0
     by_form = json.loads((tmp_path / "b1" / "shapes_vqa_by_form.json").read_text())
@@ -46,14 +53,22 @@ def test_results_are_identical_for_batch_size_1_and_8(chain, settings, tmp_path)
     assert hits == pytest.approx(sum(vqa[f"vqa_{kind}"] * vqa[f"vqa_{kind}_n"] for kind in kinds))
     payload = json.loads((tmp_path / "b1" / "results.json").read_text())
     assert payload["settings"]["version"] == 1 and payload["results"] == one
-    assert "| geneval | overall |" in (tmp_path / "b1" / "results.md").read_text()
+    answers = {row["key"]: row for row in payload["answers"]["geneval"]}
+    singles = [row for key, row in answers.items() if "/single/" in key]
+    assert one["geneval"]["colors"] == pytest.approx(sum(row["correct"] for row in singles) / len(singles))
+    assert "features" not in singles[0]  # feature vectors stay in the cache
+    run = payload["runs"]["shapes_vqa"]
+    assert len(run["fingerprint"]["model"]) == 64 and len(run["fingerprint"]["tokenizer"]) == 64
+    assert run["dataset"] == {"world_seed": 0}
+    markdown = (tmp_path / "b1" / "results.md").read_text()
+    assert "| geneval | overall |" in markdown and run["cache_key"] in markdown
+    assert f"| geneval | images | {one['geneval']['images']} |" in markdown  # counts print as integers
     assert len(list((tmp_path / "b1" / "images" / "geneval").glob("*.png"))) == one["geneval"]["images"]
 
 
 def test_interrupted_run_resumes_from_the_cache(chain, settings, tmp_path, monkeypatch):
     out = tmp_path / "run"
     calls = []
-    original = harness.run_task
 
     def counting_predict(task_cls):
         real = task_cls.predict
@@ -73,7 +88,7 @@ def test_interrupted_run_resumes_from_the_cache(chain, settings, tmp_path, monke
         harness.evaluate(["shapes_vqa"], out, chain["joint"], settings, batch_size=2)
     assert not (out / "results.json").exists()  # no results file that looks complete
     cached = (out / "predictions" / "shapes_vqa.jsonl").read_text().splitlines()
-    assert len(cached) == 4
+    assert len(cached) == 1 + 4  # the cache key header, then one line per prediction
     with open(out / "predictions" / "shapes_vqa.jsonl", "a") as handle:
         handle.write('{"key": "torn')  # a line cut off by the kill
     monkeypatch.undo()
@@ -84,7 +99,6 @@ def test_interrupted_run_resumes_from_the_cache(chain, settings, tmp_path, monke
     straight = harness.evaluate(["shapes_vqa"], tmp_path / "straight", chain["joint"], settings, batch_size=2)
     assert resumed == straight
     assert made_on_resume == sum(calls) - made_on_resume - 4  # only the missing predictions were made
-    assert original is harness.run_task
 
 
 def _recorder(calls):
@@ -119,47 +133,30 @@ def test_bad_input_is_named(chain, settings, tmp_path, capsys):
     )
     assert code == 2 and "settings version 0" in capsys.readouterr().err
     assert not (out / "results.json").exists()
+    args = ["eval", "--model", str(chain["joint"]), "--tasks", "shapes_vqa", "--out", str(out)]
+    code = cli_main([*args, "--settings", str(settings), "--device", "nonsense"])
+    assert code == 2 and "--device 'nonsense': not a device" in capsys.readouterr().err
 
 
-def test_standard_benchmarks_from_local_files(chain, settings, tmp_path, capsys):
-    from PIL import Image
+def test_standard_benchmarks_through_the_model(chain, settings, tmp_path, capsys):
+    """The real Pipeline on the hub-layout fixtures: scores are those of the recorded answers."""
+    from benchmark_fixtures import FIXTURES
 
-    from training.data.shapes import ShapesWorld, ShapesWorldConfig
+    from eval.scoring import pope_metrics
 
-    world = ShapesWorld(ShapesWorldConfig(image_size=32))
-    images = tmp_path / "images"
-    images.mkdir()
-    pope_lines, vqa_questions, vqa_annotations, tsv = [], [], [], ["index\tquestion\tA\tB\tanswer\timage_path"]
-    for index in range(4):
-        sample = world.sample("test", index)
-        name = f"COCO_val2014_{index:012d}.jpg"
-        Image.fromarray(sample.image).save(images / name, format="JPEG")
-        label = "yes" if index % 2 == 0 else "no"
-        pope_lines.append(
-            json.dumps({"question_id": index, "image": name, "text": "is there a circle?", "label": label})
-        )
-        vqa_questions.append({"question_id": index, "image_id": index, "question": "what colour is it?"})
-        vqa_annotations.append(
-            {"question_id": index, "image_id": index, "answers": [{"answer": "red", "answer_id": k} for k in range(10)]}
-        )
-        tsv.append(f"{index}\twhat shape?\tcircle\tsquare\tA\t{images / name}")
-    (tmp_path / "pope.jsonl").write_text("\n".join(pope_lines) + "\n")
-    (tmp_path / "q.json").write_text(json.dumps({"data_subtype": "val2014", "questions": vqa_questions}))
-    (tmp_path / "a.json").write_text(json.dumps({"annotations": vqa_annotations}))
-    (tmp_path / "mc.tsv").write_text("\n".join(tsv) + "\n")
     data = yaml.safe_load(settings.read_text())
-    data["pope"] = {"questions": str(tmp_path / "pope.jsonl"), "image_dir": str(images)}
-    data["vqav2"] = {
-        "questions": str(tmp_path / "q.json"),
-        "annotations": str(tmp_path / "a.json"),
-        "image_dir": str(images),
-    }
-    data["multiple_choice"] = {"tsv": str(tmp_path / "mc.tsv")}
+    data["pope"] = {"parquet": str(FIXTURES / "pope_test.parquet"), "categories": ["random"]}
+    data["mmbench"] = {"parquet": str(FIXTURES / "mmbench_dev_en.parquet")}
     settings.write_text(yaml.safe_dump(data))
-    results = harness.evaluate(["pope", "vqav2", "multiple_choice"], tmp_path / "out", chain["joint"], settings)
-    assert results["pope"]["num_questions"] == 4 and 0 <= results["pope"]["f1"] <= 1
-    assert results["vqav2"]["questions"] == 4 and 0 <= results["vqav2"]["accuracy"] <= 1
-    assert results["multiple_choice"]["num_questions"] == 4
+    results = harness.evaluate(["pope", "mmbench"], tmp_path / "out", chain["joint"], settings)
+    payload = json.loads((tmp_path / "out" / "results.json").read_text())
+    answers = [row["answer"] for row in payload["answers"]["pope"]]
+    assert [row["key"] for row in payload["answers"]["pope"]] == ["random/1", "random/2"]
+    expected = {f"random/{k}": v for k, v in pope_metrics(answers, ["yes", "no"]).items()}
+    assert {k: v for k, v in results["pope"].items() if k.startswith("random/")} == expected
+    assert len(payload["answers"]["mmbench"]) == 3 + 2  # every rotation was asked
+    assert payload["runs"]["pope"]["preprocessing"] == {"image_resize": "pad"}
+    assert payload["runs"]["pope"]["dataset"]["files"].keys() == {str(FIXTURES / "pope_test.parquet")}
 
     del data["pope"]
     settings.write_text(yaml.safe_dump(data))
@@ -168,6 +165,24 @@ def test_standard_benchmarks_from_local_files(chain, settings, tmp_path, capsys)
         ["eval", "--model", str(chain["joint"]), "--tasks", "pope", "--out", str(out), "--settings", str(settings)]
     )
     assert code == 2 and "needs `pope.questions`" in capsys.readouterr().err
+
+
+def test_compare_two_runs(tmp_path, capsys):
+    for name, accuracy, resize in (("a", 0.5, "pad"), ("b", 0.75, "crop")):
+        folder = tmp_path / name
+        folder.mkdir()
+        payload = {
+            "results": {"gqa": {"accuracy": accuracy, "num_questions": 4}},
+            "runs": {"gqa": {"preprocessing": {"image_resize": resize}, "cache_key": name}},
+        }
+        (folder / "results.json").write_text(json.dumps(payload))
+    assert cli_main(["eval", "--compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    table = capsys.readouterr().out
+    assert "| gqa | accuracy | 0.5000 | 0.7500 | 0.2500 |" in table
+    assert "| gqa | num_questions | 4 | 4 | 0 |" in table
+    assert 'gqa: preprocessing differs: A {"image_resize": "pad"} / B {"image_resize": "crop"}' in table
+    assert cli_main(["eval", "--compare", str(tmp_path / "a"), str(tmp_path / "none")]) == 2
+    assert "no results.json" in capsys.readouterr().err
 
 
 def test_tokenizer_task_adds_lpips_from_local_vgg_weights(chain, tmp_path):

@@ -212,6 +212,7 @@ def test_inception_features_from_a_torchvision_state_dict(tmp_path, shapes_image
 
     extractor = InceptionFeatures(path)
     assert extractor.layout == "torchvision" and extractor.input_size == 299
+    assert extractor.model.transform_input is False  # normalised once, by normalise()
     images = shapes_images[:2]
     features = extractor(images)
     assert features.shape == (2, 2048) and torch.isfinite(features).all()
