@@ -7,8 +7,11 @@
 so ``--n`` is bounded by the disk, not by memory; a run of several batches shows its progress.
 In chat, ``/image PATH`` attaches an image (the conversation restarts around it), a plain
 line asks about it (earlier turns are kept as history), ``/imagine PROMPT`` draws and saves
-a PNG, ``/reset`` forgets the history, ``/quit`` leaves. A bad line (an unreadable image, text
-that is not UTF-8) prints one ``error:`` line and the chat goes on.
+a PNG, ``/reset`` forgets the history, ``/help`` lists the commands, ``/quit`` leaves. A line
+that starts with ``/`` is always a command, never a question for the model. A bad line (an
+unreadable image, text that is not UTF-8, an unknown command) prints one ``error:`` line and
+the chat goes on. On a terminal the chat shows a ``you>`` prompt; library notices (deprecation
+warnings, progress bars) are kept out of it.
 
 Both commands check their options and output paths before the model is loaded, so a bad flag
 or a file in the way of the output fails at once, with one line, instead of after sampling.
@@ -17,8 +20,9 @@ or a file in the way of the output fails at once, with one line, instead of afte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TextIO
 
@@ -26,10 +30,19 @@ import numpy as np
 
 from mllm.inference import Pipeline
 from mllm.request_checks import PipelineError, check_prompt, check_sampling, decode_text
+from tokenizer.devices import add_device_argument, resolve_device
 from tokenizer.files import atomic_output, check_output_dir, check_output_file
 
 DEFAULT_BATCH_SIZE = 8  # images sampled together; with guidance on, each adds an unconditional row
 _LISTED_PATHS = 16  # up to this many images each written path is printed; beyond it, one summary line
+INPUT_PROMPT = "you> "
+CHAT_HELP = """commands:
+  /image PATH       attach an image (starts a new conversation about it)
+  /imagine PROMPT   draw an image from PROMPT and save it as a PNG
+  /reset            forget the image and the conversation
+  /help             show this list
+  /quit             leave (also /exit, or Ctrl-D)
+anything else is a question about the attached image (or a text-only question)"""
 
 
 def _flag(name: str) -> str:
@@ -81,23 +94,39 @@ def _sampling_options(args: argparse.Namespace) -> dict[str, float | int | None]
 
 
 def _load_pipeline(args: argparse.Namespace) -> Pipeline:
-    """The model folder's pipeline; the weight-loading bar shows on a terminal only, so a log or a
-    pipe gets the command's own lines and not carriage-return bars."""
+    """The model folder's pipeline on ``--device``; the weight-loading bar shows on a terminal only,
+    so a log or a pipe gets the command's own lines and not carriage-return bars."""
     from transformers.utils import logging as hf_logging
 
     quiet = hf_logging.is_progress_bar_enabled() and not sys.stderr.isatty()
     if quiet:
         hf_logging.disable_progress_bar()
     try:
-        return Pipeline.from_pretrained(args.model, args.tokenizer)
+        return Pipeline.from_pretrained(args.model, args.tokenizer, device=resolve_device(args.device))
     finally:
         if quiet:
             hf_logging.enable_progress_bar()
 
 
-def generate_main(argv: list[str] | None = None) -> list[Path]:
-    from tqdm import tqdm
+@contextlib.contextmanager
+def quiet_library_notices() -> Iterator[None]:
+    """Keep the libraries' notices (transformers deprecation messages, Python warnings) out of the
+    command's output while it runs: the user did nothing to cause them and cannot act on them."""
+    import warnings
 
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def generate_main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(prog="dualtoken generate", description="Draw images from a text prompt.")
     parser.add_argument("prompt")
     parser.add_argument("-o", "--output", required=True, help="PNG path (with --n > 1: name_0.png, name_1.png, ...)")
@@ -108,6 +137,7 @@ def generate_main(argv: list[str] | None = None) -> list[Path]:
         "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images sampled together; each batch is saved"
     )
     _sampling_arguments(parser)
+    add_device_argument(parser)
     args = parser.parse_args(argv)
     if args.n < 1:
         raise PipelineError(f"--n={args.n}; expected an integer >= 1")
@@ -118,6 +148,14 @@ def generate_main(argv: list[str] | None = None) -> list[Path]:
     paths = output_paths(Path(args.output), args.n)
     for path in paths:
         check_output_file(path, "-o/--output")
+    resolve_device(args.device)  # a device the machine lacks fails before the model loads
+    with quiet_library_notices():
+        return _draw(args, prompt, paths)
+
+
+def _draw(args: argparse.Namespace, prompt: str, paths: list[Path]) -> list[Path]:
+    from tqdm import tqdm
+
     pipe = _load_pipeline(args)
     pipe.check_decode_depths(args.decode_depths, "--decode-depths")
     batches = pipe.generate_batches(
@@ -142,38 +180,62 @@ def generate_main(argv: list[str] | None = None) -> list[Path]:
     return paths
 
 
-def chat_loop(pipe: Pipeline, lines: Iterable[str | bytes], out: TextIO, args: argparse.Namespace) -> None:
-    """Run the chat over ``lines`` (text, or raw bytes that are decoded one line at a time)."""
+def _read_lines(lines: Iterable[str | bytes], out: TextIO, prompt: str) -> Iterator[str | bytes]:
+    """``lines`` one at a time, with ``prompt`` written (and flushed) before each is read."""
+    iterator = iter(lines)
+    while True:
+        if prompt:
+            out.write(prompt)
+            out.flush()
+        try:
+            yield next(iterator)
+        except StopIteration:
+            if prompt:
+                out.write("\n")  # Ctrl-D leaves the cursor after the prompt
+            return
+
+
+def chat_loop(
+    pipe: Pipeline, lines: Iterable[str | bytes], out: TextIO, args: argparse.Namespace, prompt: str = ""
+) -> None:
+    """Run the chat over ``lines`` (text, or raw bytes that are decoded one line at a time),
+    writing ``prompt`` before each line is read."""
     image = None
     history: list[tuple[str, str]] = []
     drawn = 0
-    print("commands: /image PATH, /imagine PROMPT, /reset, /quit; anything else is a question", file=out)
-    for number, raw in enumerate(lines, start=1):
+    print("type a question, or /help for the commands", file=out)
+    for number, raw in enumerate(_read_lines(lines, out, prompt), start=1):
         try:
             line = decode_text(raw, f"input line {number}").strip()
             if not line:
                 continue
-            if line in ("/quit", "/exit"):
+            command, _, argument = line.partition(" ") if line.startswith("/") else ("", "", line)
+            argument = argument.strip()
+            if command in ("/quit", "/exit"):
                 break
-            if line == "/reset":
+            if command == "/help":
+                print(CHAT_HELP, file=out)
+            elif command == "/reset":
                 image, history = None, []
                 print("(history cleared)", file=out)
-            elif line.startswith("/image"):
-                path = line[len("/image") :].strip()
-                if not path:
+            elif command == "/image":
+                if not argument:
                     raise PipelineError("/image needs a path: /image PATH")
-                image = pipe._image_tensor(path)  # loads and checks it now, with a clear error
+                image = pipe._image_tensor(argument)  # loads and checks it now, with a clear error
                 history = []
-                print(f"(attached {path})", file=out)
-            elif line.startswith("/imagine"):
-                prompt = line[len("/imagine") :].strip()
+                print(f"(attached {argument})", file=out)
+            elif command == "/imagine":
+                if not argument:
+                    raise PipelineError("/imagine needs a prompt: /imagine PROMPT")
                 images = pipe.generate(
-                    prompt, seed=args.seed + drawn, decode_depths=args.decode_depths, **_sampling_options(args)
+                    argument, seed=args.seed + drawn, decode_depths=args.decode_depths, **_sampling_options(args)
                 )
                 drawn += 1
                 path = Path(args.out_dir) / f"imagine_{drawn:03d}.png"
                 _save_images(images, [path])
                 print(f"(saved {path})", file=out)
+            elif command:
+                raise PipelineError(f"unknown command {command}; /help lists the commands")
             else:
                 answer = pipe.answer(image, line, history=history)
                 history.append((line, answer))
@@ -188,10 +250,14 @@ def chat_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer", default=None, help="DualToken tokenizer folder (default: the model's)")
     parser.add_argument("--out-dir", default="chat_images", help="where /imagine saves PNGs")
     _sampling_arguments(parser)
+    add_device_argument(parser)
     args = parser.parse_args(argv)
     _check_sampling_flags(args)
     check_output_dir(args.out_dir, "--out-dir")
-    pipe = _load_pipeline(args)
-    pipe.check_decode_depths(args.decode_depths, "--decode-depths")
-    # Bytes, decoded line by line: one line that is not UTF-8 is reported, not the end of the chat.
-    chat_loop(pipe, getattr(sys.stdin, "buffer", sys.stdin), sys.stdout, args)
+    resolve_device(args.device)  # a device the machine lacks fails before the model loads
+    with quiet_library_notices():
+        pipe = _load_pipeline(args)
+        pipe.check_decode_depths(args.decode_depths, "--decode-depths")
+        prompt = INPUT_PROMPT if sys.stdin.isatty() and sys.stdout.isatty() else ""
+        # Bytes, decoded line by line: one line that is not UTF-8 is reported, not the end of the chat.
+        chat_loop(pipe, getattr(sys.stdin, "buffer", sys.stdin), sys.stdout, args, prompt=prompt)

@@ -9,6 +9,7 @@
     dualtoken make-data       --split train --limit 20000 --out runs/tiny/data/train
     dualtoken tokenize-codes  --tokenizer DIR --llava .../llava.json --t2i .../t2i.jsonl --out .../codes
     dualtoken train-mllm      --config configs/stages/tiny/understand.yaml
+    dualtoken serve           runs/tiny/mllm/joint/model --port 8000 (the OpenAI API)
 
 Errors a user can fix (bad config, missing file, bad image, bad option, an output path that
 cannot be written) print one clear line and exit with status 2 instead of a traceback.
@@ -37,6 +38,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train-mllm": ("training.train_mllm", "one LLM stage (align / understand / generate / joint)"),
     "chat": ("mllm.commands", "chat about images (/image PATH, /imagine PROMPT)"),
     "generate": ("mllm.commands", "draw images from a text prompt"),
+    "serve": ("mllm.serving.commands", "an OpenAI-compatible HTTP API on a model folder (chat, images)"),
+    "web": ("mllm.serving.commands", "a web page (chat with images, drawing) plus the same API"),
     "eval": ("eval.harness", "score a model on registered tasks (results JSON + Markdown)"),
     "tiny-mllm": ("training.tiny_mllm", "LLM half of the embedded default: data, codes, 4 stages, scores"),
 }
@@ -47,6 +50,8 @@ _ENTRY_NAMES = {
     "reconstruct": "reconstruct_main",
     "chat": "chat_main",
     "generate": "generate_main",
+    "serve": "serve_main",
+    "web": "web_main",
 }
 
 
