@@ -6,8 +6,8 @@ reads the shards.
 
 On-disk layout of ``out_dir``::
 
-    meta.json        grid, depths, codebook sizes, image size, tokenizer path + weight fingerprint,
-                     number of images, shard size, the completed shards (see CodeShardsMeta)
+    meta.json        grid, depths, codebook sizes, image size, image_resize, tokenizer path + weight
+                     fingerprint, number of images, shard size, the completed shards (see CodeShardsMeta)
     shard-00000/     a Hugging Face ``datasets`` folder (``Dataset.save_to_disk``), rows sorted by key:
     shard-00001/       key: str (the image path relative to the image root, as the annotation files
     ...                write it), pixel / semantic: fixed-length lists of int16 (int32 for codebooks
@@ -21,8 +21,13 @@ Writing is resumable: each shard is saved under a temporary name and renamed whe
 encodes only the missing shards and ends with the same files as an uninterrupted run. A rerun
 against other weights or another image list raises unless ``overwrite=True``.
 
+Conversation images are made square by ``image_resize`` (``pad``, the default, or ``crop``),
+text-to-image targets are centre-cropped (:mod:`training.data.code_images`); ``meta.json``
+records the mode, and an LLM stage copies it into its model folder, so answering prepares
+images as training did.
+
 CLI: ``python -m training.data.code_shards --tokenizer DIR --llava data/shapes/llava.json
---t2i data/shapes/t2i.jsonl --out data/shapes/codes``.
+--t2i data/shapes/t2i.jsonl --out data/shapes/codes [--image-resize pad|crop]``.
 """
 
 from __future__ import annotations
@@ -43,13 +48,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from tokenizer.files import replace_directory, write_text_atomic
-from tokenizer.images import ImageLoadError, load_image
+from tokenizer.images import SQUARE_MODES, ImageLoadError
 from tokenizer.model import DualTokenizer
 from training.data.bad_images import BAD_IMAGES_FILE, ON_BAD_IMAGE
+from training.data.code_images import ImageFiles, collect_images_by_use, square_modes
+from training.data.code_images import collect_image_paths as collect_image_paths  # imported from here too
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +72,8 @@ _RESUME_FIELDS = (
     "shard_size",
     "convert_to_rgb",
     "image_size",
+    "image_resize",
+    "generation_keys_sha256",
     "grid",
     "pixel_depth",
     "semantic_depth",
@@ -97,6 +106,10 @@ class CodeShardsMeta:
     shards: list[str] = field(default_factory=list)
     # on_bad_image="skip": the keys of the images left out (unreadable), by shard; a rerun encodes those shards again
     bad_images: dict[str, list[str]] = field(default_factory=dict)
+    # How conversation images were made square (training.data.code_images); folders written before
+    # the setting existed were centre-cropped. Text-to-image targets (hashed below) are always cropped.
+    image_resize: str = "crop"
+    generation_keys_sha256: str = ""
     format_version: int = FORMAT_VERSION
 
     @property
@@ -127,6 +140,10 @@ class CodeShardsMeta:
         meta.grid = (int(meta.grid[0]), int(meta.grid[1]))
         if meta.format_version != FORMAT_VERSION:
             raise CodeShardsError(f"{path} has format_version {meta.format_version}; expected {FORMAT_VERSION}")
+        if meta.image_resize not in SQUARE_MODES:
+            raise CodeShardsError(
+                f"{path}: image_resize={meta.image_resize!r}; expected one of {'|'.join(SQUARE_MODES)}"
+            )
         return meta
 
     def write(self, out_dir: Path) -> None:
@@ -167,31 +184,6 @@ def _codebook_sizes(visual_tokenizer: DualTokenizer) -> tuple[int, int]:
     # The shared-codebook ablation (paper Table 5) decodes the semantic codes as pixel codes.
     pixel = semantic if config.shared_codebook else config.pixel_quantizer.codebook_size
     return pixel, semantic
-
-
-class _ImageFiles(Dataset):
-    def __init__(self, keys: Sequence[str], image_root: Path, image_size: int, convert_to_rgb: bool) -> None:
-        self.keys, self.image_root = keys, image_root
-        self.image_size, self.convert_to_rgb = image_size, convert_to_rgb
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        """``(image, "")``, or a blank image and why the file could not be read: the caller decides
-        (raised in a DataLoader worker, the error would reach it buried in a traceback)."""
-        key = self.keys[index]
-        try:
-            image = load_image(
-                self.image_root / key,
-                name=key,
-                image_size=self.image_size,
-                convert_to_rgb=self.convert_to_rgb,
-                convert_hint="pass convert_to_rgb=True (--convert-to-rgb)",
-            )
-        except ImageLoadError as error:
-            return torch.zeros(3, self.image_size, self.image_size), " ".join(str(error).split())
-        return image, ""
 
 
 @contextlib.contextmanager
@@ -286,8 +278,15 @@ def tokenize_to_shards(
     visual_tokenizer_path: str | os.PathLike | None = None,
     num_workers: int = 0,
     on_bad_image: str = "error",
+    image_resize: str = "pad",
+    generation_paths: Sequence[str] = (),
 ) -> Path:
-    """Encode every image of ``image_paths`` (relative to ``image_root``) once into code shards in ``out_dir``.
+    """Encode every image of ``image_paths`` and ``generation_paths`` (relative to ``image_root``) once
+    into code shards in ``out_dir``.
+
+    ``image_paths`` are images the model answers about, made square by ``image_resize`` (``pad``
+    or ``crop``); ``generation_paths`` are text-to-image targets, always centre-cropped
+    (:mod:`training.data.code_images`). Square images come out the same either way.
 
     Paths are normalised, deduplicated and sorted, so the result depends only on the set of
     images. Images run through the tokenizer in batches of ``batch_size`` on its device under
@@ -309,10 +308,13 @@ def tokenize_to_shards(
         raise ValueError(f"batch_size={batch_size} and shard_size={shard_size} must be >= 1")
     if on_bad_image not in ON_BAD_IMAGE:
         raise ValueError(f"on_bad_image={on_bad_image!r}; expected {'|'.join(ON_BAD_IMAGE)}")
-    keys = sorted({normalise_key(path) for path in image_paths})
+    understanding = {normalise_key(path) for path in image_paths}
+    generation = sorted({normalise_key(path) for path in generation_paths})
+    keys = sorted(understanding.union(generation))
     if not keys:
         raise ValueError("no image paths to tokenise")
     out_dir, image_root = Path(out_dir), Path(image_root)
+    modes = square_modes(understanding, generation, image_resize, image_root)
     out_dir.mkdir(parents=True, exist_ok=True)
     pixel_codebook, semantic_codebook = _codebook_sizes(visual_tokenizer)
     grid = visual_tokenizer.grid_size
@@ -332,6 +334,8 @@ def tokenize_to_shards(
         shard_size=shard_size,
         keys_sha256=_keys_sha256(keys),
         image_root=str(image_root),
+        image_resize=image_resize,
+        generation_keys_sha256=_keys_sha256(generation) if generation else "",
     )
     meta = _resume_or_start(out_dir, target, overwrite)
     meta.write(out_dir)
@@ -349,7 +353,8 @@ def tokenize_to_shards(
         with tqdm(total=len(keys), initial=skipped, desc="tokenising", unit="image") as progress:
             for index in todo:
                 shard_keys = keys[index * shard_size : (index + 1) * shard_size]
-                files = _ImageFiles(shard_keys, image_root, visual_tokenizer.backbone.image_size, convert_to_rgb)
+                size = visual_tokenizer.backbone.image_size
+                files = ImageFiles(shard_keys, image_root, size, convert_to_rgb, modes)
                 loader = DataLoader(files, batch_size=batch_size, shuffle=False, num_workers=num_workers)
                 pixel, semantic, bad = _encode(visual_tokenizer, loader, device, dtype, progress, on_bad_image)
                 good_keys = [key for position, key in enumerate(shard_keys) if position not in bad]
@@ -411,34 +416,6 @@ def _encode(
 # --------------------------------------------------------------------------------------
 
 
-def collect_image_paths(
-    llava: Sequence[str | os.PathLike] = (),
-    t2i: Sequence[str | os.PathLike] = (),
-    image_root: str | os.PathLike | None = None,
-) -> tuple[list[str], Path]:
-    """``(image keys, image root)`` of the images named by conversation and text-to-image files.
-
-    Each file's keys are relative to ``image_root`` (default: the file's folder); without an
-    explicit root all files must sit in one folder, so that one key means one image.
-    """
-    from training.data.conversations import read_conversations, read_text_image_pairs
-
-    files = [(Path(path), read_conversations) for path in llava] + [(Path(path), read_text_image_pairs) for path in t2i]
-    if not files:
-        raise ValueError("no annotation files given (--llava and/or --t2i)")
-    roots = {Path(image_root) if image_root is not None else path.parent for path, _ in files}
-    if len(roots) > 1:
-        raise ValueError(
-            f"the annotation files sit in different folders ({sorted(map(str, roots))}), so their relative image "
-            "paths have different roots; pass --image-root"
-        )
-    root = roots.pop()
-    keys: list[str] = []
-    for path, reader in files:
-        keys.extend(record.image_key for record in reader(path, image_root=root) if record.image_key is not None)
-    return keys, root
-
-
 def main(argv: list[str] | None = None) -> Path:
     """``python -m training.data.code_shards --tokenizer DIR --llava ... --t2i ... --out DIR``."""
     from tokenizer.files import check_output_dir
@@ -458,6 +435,13 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--num-workers", type=int, default=0, help="image-decoding processes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--convert-to-rgb", action="store_true", help="convert grayscale / RGBA / palette images")
+    parser.add_argument(
+        "--image-resize",
+        choices=SQUARE_MODES,
+        default="pad",
+        help="how conversation images are made square: pad (pad-to-square, the default) or crop (centre crop); "
+        "text-to-image targets are always centre-cropped",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace codes of another tokenizer or image list")
     parser.add_argument(
         "--on-bad-image",
@@ -468,13 +452,15 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     check_output_dir(args.out, "--out")
     setup_logging()
-    keys, root = collect_image_paths(args.llava, args.t2i, args.image_root)
+    conversation_keys, generation_keys, root = collect_images_by_use(args.llava, args.t2i, args.image_root)
     visual_tokenizer = DualTokenizer.from_pretrained(args.tokenizer).to(args.device)
     return tokenize_to_shards(
         visual_tokenizer,
-        keys,
+        conversation_keys,
         root,
         args.out,
+        image_resize=args.image_resize,
+        generation_paths=generation_keys,
         batch_size=args.batch_size,
         shard_size=args.shard_size,
         convert_to_rgb=args.convert_to_rgb,

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from tokenizer.config import ConfigError
+from tokenizer.images import SQUARE_MODES
 from training.data.bad_images import ON_BAD_IMAGE, BadImageGuard
 from training.data.readers import (
     ImageFolderDataset,
@@ -34,11 +35,18 @@ class DataConfig:
     ``path`` (a file, folder or glob, see the readers), in which ``"{split}"`` is replaced by
     the split name. ``image_size`` must equal ``shapes.image_size`` for the Shapes world,
     which renders at its own size rather than resampling.
+
+    ``image_resize`` makes the readers' non-square images square (:func:`tokenizer.images.fit_square`):
+    ``crop`` (the default: the visual tokenizer learns to reconstruct whole image content, as
+    reconstruction tokenizers train) or ``pad`` (pad-to-square on mid grey). The Shapes world is
+    square, so neither changes it. The LLM stages read codes, whose mode ``tokenize-codes
+    --image-resize`` sets (:mod:`training.data.code_images`).
     """
 
     kind: str = "shapes"
     path: str | None = None
     image_size: int = 64
+    image_resize: str = "crop"  # crop | pad: how the readers make non-square images square
     convert_to_rgb: bool = True  # false: refuse grey / alpha / palette / CMYK / 16-bit images instead of converting
     image_column: str = "image"  # parquet only
     caption_column: str = "caption"  # parquet only
@@ -55,6 +63,8 @@ class DataConfig:
             raise ConfigError(f"data.on_bad_image={self.on_bad_image!r}; expected {'|'.join(ON_BAD_IMAGE)}")
         if self.image_size < 2:
             raise ConfigError(f"data.image_size={self.image_size}; expected >= 2")
+        if self.image_resize not in SQUARE_MODES:
+            raise ConfigError(f"data.image_resize={self.image_resize!r}; expected {'|'.join(SQUARE_MODES)}")
         if self.kind != "shapes" and not self.path:
             raise ConfigError(f"data.path is required for data.kind={self.kind!r}")
         if self.kind == "shapes" and self.image_size != self.shapes.image_size:
@@ -92,14 +102,15 @@ def build_image_reader(config: DataConfig, split: str) -> Dataset:
             f"split {split!r} requested but data.path={config.path!r} has no '{{split}}' placeholder "
             "(only 'train' is available; write e.g. 'data/{split}/metadata' to provide other splits)"
         )
-    size, convert = config.image_size, config.convert_to_rgb
+    size, convert, resize = config.image_size, config.convert_to_rgb, config.image_resize
     if config.kind == "imagefolder":
-        return ImageFolderDataset(path, size, convert)
+        return ImageFolderDataset(path, size, convert, resize)
     if config.kind == "jsonl":
-        return JsonlImageTextDataset(path, size, convert)
+        return JsonlImageTextDataset(path, size, convert, resize)
     if config.kind == "parquet":
-        return ParquetImageTextDataset(path, size, convert, config.image_column, config.caption_column)
-    return WebDatasetTarDataset(path, size, convert)
+        columns = config.image_column, config.caption_column
+        return ParquetImageTextDataset(path, size, convert, *columns, image_resize=resize)
+    return WebDatasetTarDataset(path, size, convert, resize)
 
 
 def collate_image_text(batch: list[dict[str, Any]]) -> dict[str, Any]:

@@ -2,9 +2,10 @@
 
 Every reader returns a torch ``Dataset`` whose items are
 ``{"image": (3, S, S) float32 in [-1, 1], "caption": str, "label": int (-1 when absent), "index": int}``
-and decodes every image through :func:`load_image` (bicubic resize of the shorter side to
-``image_size``, then a centre crop), so a bad file fails the same way whatever the format:
-with an :class:`ImageLoadError` naming the file and the reason.
+and decodes every image through :func:`load_image`, made square by ``image_resize``: ``"crop"``
+(the default: bicubic resize of the shorter side to ``image_size``, then a centre crop) or
+``"pad"`` (pad-to-square on mid grey first, :func:`tokenizer.images.fit_square`), so a bad file
+fails the same way whatever the format: with an :class:`ImageLoadError` naming the file and the reason.
 
 Formats:
 - image folder: ``root/metadata.jsonl`` with ``{"file_name": ..., "text" | "caption": ...}`` lines
@@ -115,10 +116,13 @@ def _expand_paths(
 class _ListedImageDataset(Dataset):
     """Images listed as ``(path, caption, label)`` entries, decoded on access."""
 
-    def __init__(self, entries: list[tuple[Path, str, int]], image_size: int, convert_to_rgb: bool) -> None:
+    def __init__(
+        self, entries: list[tuple[Path, str, int]], image_size: int, convert_to_rgb: bool, image_resize: str = "crop"
+    ) -> None:
         self.entries = entries
         self.image_size = image_size
         self.convert_to_rgb = convert_to_rgb
+        self.image_resize = image_resize
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -130,7 +134,12 @@ class _ListedImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         path, caption, label = self.entries[index]
         image = load_image(
-            path, name=str(path), image_size=self.image_size, convert_to_rgb=self.convert_to_rgb, convert_hint=_HINT
+            path,
+            name=str(path),
+            image_size=self.image_size,
+            convert_to_rgb=self.convert_to_rgb,
+            convert_hint=_HINT,
+            resize=self.image_resize,
         )
         return _item(image, caption, label, index)
 
@@ -138,7 +147,9 @@ class _ListedImageDataset(Dataset):
 class ImageFolderDataset(_ListedImageDataset):
     """``root/metadata.jsonl`` with ``{"file_name": "a.png", "text" | "caption": "...", "label"?: int}`` lines."""
 
-    def __init__(self, root: str | os.PathLike, image_size: int = 64, convert_to_rgb: bool = True) -> None:
+    def __init__(
+        self, root: str | os.PathLike, image_size: int = 64, convert_to_rgb: bool = True, image_resize: str = "crop"
+    ) -> None:
         root = Path(root)
         metadata = root / "metadata.jsonl"
         if not metadata.is_file():
@@ -152,7 +163,7 @@ class ImageFolderDataset(_ListedImageDataset):
             file_name = _field(record, ("file_name",), where)
             caption = _field(record, ("text", "caption"), where)
             entries.append((root / file_name, str(caption), _label(record, where)))
-        super().__init__(entries, image_size, convert_to_rgb)
+        super().__init__(entries, image_size, convert_to_rgb, image_resize)
 
 
 class JsonlImageTextDataset(_ListedImageDataset):
@@ -161,7 +172,9 @@ class JsonlImageTextDataset(_ListedImageDataset):
     Relative image paths are resolved against the folder holding the ``.jsonl`` file.
     """
 
-    def __init__(self, path: str | os.PathLike, image_size: int = 64, convert_to_rgb: bool = True) -> None:
+    def __init__(
+        self, path: str | os.PathLike, image_size: int = 64, convert_to_rgb: bool = True, image_resize: str = "crop"
+    ) -> None:
         path = Path(path)
         entries = []
         for line_number, record in _read_jsonl(path):
@@ -175,7 +188,7 @@ class JsonlImageTextDataset(_ListedImageDataset):
                     _label(record, where),
                 )
             )
-        super().__init__(entries, image_size, convert_to_rgb)
+        super().__init__(entries, image_size, convert_to_rgb, image_resize)
 
 
 # --------------------------------------------------------------------------------------
@@ -200,10 +213,12 @@ class ParquetImageTextDataset(Dataset):
         image_column: str = "image",
         caption_column: str = "caption",
         label_column: str | None = None,
+        image_resize: str = "crop",
     ) -> None:
         self.files = _expand_paths(paths, (".parquet",), "parquet")
         self.image_size = image_size
         self.convert_to_rgb = convert_to_rgb
+        self.image_resize = image_resize
         self.columns = [image_column, caption_column] + ([label_column] if label_column else [])
         self.image_column, self.caption_column, self.label_column = image_column, caption_column, label_column
         self._groups: list[tuple[int, int]] = []  # (file index, row group) in reading order
@@ -255,6 +270,7 @@ class ParquetImageTextDataset(Dataset):
             image_size=self.image_size,
             convert_to_rgb=self.convert_to_rgb,
             convert_hint=_HINT,
+            resize=self.image_resize,
         )
         caption = table.column(self.caption_column)[row].as_py()
         label = table.column(self.label_column)[row].as_py() if self.label_column else -1
@@ -300,11 +316,16 @@ class WebDatasetTarDataset(Dataset):
     """
 
     def __init__(
-        self, paths: str | os.PathLike | list[str | os.PathLike], image_size: int = 64, convert_to_rgb: bool = True
+        self,
+        paths: str | os.PathLike | list[str | os.PathLike],
+        image_size: int = 64,
+        convert_to_rgb: bool = True,
+        image_resize: str = "crop",
     ) -> None:
         self.shards = _expand_paths(paths, (".tar",), "tar shard")
         self.image_size = image_size
         self.convert_to_rgb = convert_to_rgb
+        self.image_resize = image_resize
         self.samples: list[_TarSample] = []
         skipped = 0
         for shard_index, shard in enumerate(self.shards):
@@ -370,6 +391,7 @@ class WebDatasetTarDataset(Dataset):
             image_size=self.image_size,
             convert_to_rgb=self.convert_to_rgb,
             convert_hint=_HINT,
+            resize=self.image_resize,
         )
         caption = ""
         if sample.caption is not None:
