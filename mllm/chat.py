@@ -31,6 +31,14 @@ class ConversationError(ValueError):
     """A conversation or prompt the model cannot take (no answer, too long, empty ...)."""
 
 
+class OverlongSequenceError(ConversationError):
+    """A sequence longer than the builder's ``max_length`` (and, with ``overlong="truncate"``,
+    one that no cut keeps whole: the cut would split an image block or leave nothing to learn)."""
+
+
+OVERLONG = ("error", "truncate")
+
+
 @dataclass(frozen=True)
 class ChatTemplate:
     user: str = "<|user|>"
@@ -92,7 +100,10 @@ class SequenceBuilder:
         write: tuple[str, ...] | list[str] = ("pixel",),
         template: ChatTemplate | None = None,
         max_length: int | None = None,
+        overlong: str = "error",
     ) -> None:
+        if overlong not in OVERLONG:
+            raise ValueError(f"overlong={overlong!r}; expected one of {OVERLONG}")
         self.text_tokenizer = text_tokenizer
         self.layout = layout
         self.semantic_depth = semantic_depth
@@ -102,10 +113,15 @@ class SequenceBuilder:
         self.write = tuple(write)
         self.template = template or ChatTemplate()
         self.max_length = max_length
+        # "error": a sequence over max_length raises OverlongSequenceError; "truncate": it is cut
+        # to max_length when the cut keeps every image block whole and leaves a label (else raises).
+        self.overlong = overlong
         self._cache: dict[str, list[int]] = {}
 
     @classmethod
-    def for_model(cls, text_tokenizer: Any, config: Any, max_length: int | None = None) -> SequenceBuilder:
+    def for_model(
+        cls, text_tokenizer: Any, config: Any, max_length: int | None = None, overlong: str = "error"
+    ) -> SequenceBuilder:
         """A builder matching a :class:`~mllm.config.DualTokenMLLMConfig`."""
         if max_length is None:
             max_length = getattr(config.text_config, "max_position_embeddings", None)
@@ -118,6 +134,7 @@ class SequenceBuilder:
             config.write,
             ChatTemplate.from_dict(config.chat_template),
             max_length,
+            overlong,
         )
 
     # ------------------------------------------------------------------ pieces
@@ -222,7 +239,7 @@ class SequenceBuilder:
             parts.append(self._text_rows(self.text_ids(self.template.assistant), False))
         sequence = self._finish(parts)
         sequence.grounding = self._grounding(queries, image_at, semantic, pixel)
-        return sequence
+        return self._fit(sequence)
 
     def independent_turns(
         self,
@@ -282,7 +299,7 @@ class SequenceBuilder:
         sequence = self._finish(parts)
         sequence.segments = torch.cat(segments)
         sequence.grounding = self._grounding(queries, image_at, semantic, pixel)
-        return sequence
+        return self._fit(sequence)
 
     @staticmethod
     def _check_boxes(
@@ -343,16 +360,33 @@ class SequenceBuilder:
         sequence = self._finish(parts)
         if boxes and pixel is not None:
             sequence.object_slots = [first + slot for slot in _covered(boxes, *pixel.shape[:2])]
-        return sequence
+        return self._fit(sequence)
 
     def _finish(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> Sequence:
-        ids = torch.cat([p[0] for p in parts])
-        labels = torch.cat([p[1] for p in parts])
-        if self.max_length is not None and ids.shape[0] > self.max_length:
-            raise ConversationError(
-                f"the sequence has {ids.shape[0]} slots, longer than the model's context of {self.max_length}"
-            )
-        return Sequence(ids, labels)
+        return Sequence(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+
+    def _fit(self, sequence: Sequence) -> Sequence:
+        """``sequence`` if it fits ``max_length``; else cut to it (``overlong="truncate"``) or refused."""
+        length, limit = len(sequence), self.max_length
+        if limit is None or length <= limit:
+            return sequence
+        message = f"the sequence has {length} slots, longer than the model's context of {limit}"
+        if self.overlong != "truncate":
+            raise OverlongSequenceError(message)
+        first = sequence.ids[:limit, 0]
+        layout = self.layout
+        blocks = ((layout.image_start_id, layout.image_end_id), (layout.gen_start_id, layout.gen_end_id))
+        if any(int((first == start).sum()) != int((first == end).sum()) for start, end in blocks):
+            raise OverlongSequenceError(f"{message}, and cutting it there would split an image")
+        if not bool((sequence.labels[1:limit] >= 0).any()):
+            raise OverlongSequenceError(f"{message}, and cutting it there would leave nothing to learn")
+        return Sequence(
+            sequence.ids[:limit],
+            sequence.labels[:limit],
+            None if sequence.segments is None else sequence.segments[:limit],
+            [(query, slots) for query, slots in sequence.grounding if query + 1 < limit],
+            [slot for slot in sequence.object_slots if slot < limit],
+        )
 
 
 def _length(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> int:

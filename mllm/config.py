@@ -55,6 +55,7 @@ class DualTokenMLLMConfig(PretrainedConfig):
         image_rope: str = "1d",
         generated_position_embedding: str = "none",
         chat_template: dict | None = None,
+        loss_chunk_size: int = 0,
         **kwargs: Any,
     ) -> None:
         if isinstance(text_config, dict):
@@ -82,6 +83,8 @@ class DualTokenMLLMConfig(PretrainedConfig):
         self.image_rope = image_rope
         self.generated_position_embedding = generated_position_embedding
         self.chat_template = dict(chat_template or {})
+        # > 0: the losses run over this many targets at a time, checkpointed (mllm.losses.chunked_nll).
+        self.loss_chunk_size = int(loss_chunk_size)
         super().__init__(**kwargs)
         self.validate()
 
@@ -112,6 +115,8 @@ class DualTokenMLLMConfig(PretrainedConfig):
                 f"generated_position_embedding={self.generated_position_embedding!r}; "
                 f"expected one of {GENERATED_POSITIONS}"
             )
+        if self.loss_chunk_size < 0:
+            raise ValueError(f"loss_chunk_size={self.loss_chunk_size}; expected >= 0 (0 = no chunking)")
         if self.semantic_depth < 1 or self.pixel_depth < 1:
             raise ValueError(f"depths must be >= 1 (semantic {self.semantic_depth}, pixel {self.pixel_depth})")
         if self.depth_head_layers == 0 and self.pixel_depth > 1:

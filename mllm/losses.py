@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mllm.chat import IGNORE
 from mllm.positions import rotate_half
@@ -131,20 +132,29 @@ class SlotLossesMixin:
         is_pixel_all = layout.is_pixel(pixel_target).all(dim=-1)
         target = target.masked_fill(mismatched[:, None, None], IGNORE)  # no likelihood from mismatched rows
         losses: dict[str, torch.Tensor] = {}
+        chunk = getattr(self.config, "loss_chunk_size", 0)
 
         first = target[..., 0]
         is_text = (first >= 0) & ~layout.is_semantic(first) & ~layout.is_pixel(first)
         if bool(is_text.any()):
-            logits = self.text_logits(context[is_text]).float()
             truth = first[is_text]
-            losses["text"] = F.cross_entropy(logits, truth)
-            losses["text_acc"] = (logits.argmax(-1) == truth).float().mean().detach()
+            if chunk and truth.shape[0] > chunk:
+                nll, hits = chunked_nll(self.text_logits, context[is_text], truth, chunk)
+                losses["text"], losses["text_acc"] = nll.mean(), hits.float().mean().detach()
+            else:
+                logits = self.text_logits(context[is_text]).float()
+                losses["text"] = F.cross_entropy(logits, truth)
+                losses["text_acc"] = (logits.argmax(-1) == truth).float().mean().detach()
 
         is_pixel = is_pixel_all & ~mismatched[:, None]
         if bool(is_pixel_all.any()):
             codes = pixel_target[is_pixel_all] - layout.pixel_offset
-            logits = self.pixel_logits(context[is_pixel_all], codes).float()
-            nll = F.cross_entropy(logits.transpose(1, 2), codes, reduction="none")  # (slots, depth)
+            if chunk and codes.shape[0] > chunk:
+                nll, hits = chunked_nll(self.pixel_logits, context[is_pixel_all], codes, chunk, codes)
+            else:
+                logits = self.pixel_logits(context[is_pixel_all], codes).float()
+                nll = F.cross_entropy(logits.transpose(1, 2), codes, reduction="none")  # (slots, depth)
+                hits = logits.argmax(-1) == codes
             rows = is_pixel_all.nonzero()[:, 0]  # the batch row of each slot
             kept = ~mismatched[rows]
             if bool(kept.any()):
@@ -157,7 +167,7 @@ class SlotLossesMixin:
                     losses["pixel"] = per_depth.mean()
                 else:
                     losses["pixel"] = _depth_weighted_mean(per_depth, pixel_depth_weights)
-                losses["pixel_acc"] = (logits[kept].argmax(-1) == codes[kept]).float().mean().detach()
+                losses["pixel_acc"] = hits[kept].float().mean().detach()
                 if codes.shape[1] > 1 and not torch.is_grad_enabled():  # held-out diagnostics: CE per RVQ depth
                     losses.update({f"pixel_depth{d + 1}": value for d, value in enumerate(per_depth)})
             if mismatched.any():
@@ -171,8 +181,13 @@ class SlotLossesMixin:
             is_semantic = layout.is_semantic(semantic_target).all(dim=-1) & is_pixel
             if bool(is_semantic.any()):
                 codes = semantic_target[is_semantic] - layout.semantic_offset
-                logits = self.semantic_head(context[is_semantic], codes).float()
-                losses["semantic"] = F.cross_entropy(logits.flatten(0, 1), codes.flatten())
+                if chunk and codes.shape[0] > chunk:
+                    losses["semantic"] = chunked_nll(self.semantic_head, context[is_semantic], codes, chunk, codes)[
+                        0
+                    ].mean()
+                else:
+                    logits = self.semantic_head(context[is_semantic], codes).float()
+                    losses["semantic"] = F.cross_entropy(logits.flatten(0, 1), codes.flatten())
         if torch.is_grad_enabled():
             idle = self._idle_heads_term(context, losses)
             if idle is not None:
@@ -196,6 +211,41 @@ class SlotLossesMixin:
             codes = torch.zeros(1, head.depth, dtype=torch.long, device=context.device)
             terms.append(head(probe, codes).float().sum() * 0.0)
         return torch.stack(terms).sum() if terms else None
+
+
+def chunked_nll(
+    logits_fn: Any, hidden: torch.Tensor, truth: torch.Tensor, chunk_size: int, *inputs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-target fp32 negative log-likelihoods and hits of ``logits_fn(hidden, *inputs)``, ``chunk_size`` rows at a time.
+
+    ``hidden`` ``(N, H)``; ``truth`` ``(N,)`` or ``(N, D)`` (a depth head's codes, which it also
+    reads as teacher-forcing ``inputs``); returns two tensors of ``truth``'s shape. Each chunk's
+    logits come out in the head's dtype and only its log-softmax runs in fp32; the chunk is
+    checkpointed, so its logits are recomputed in the backward pass instead of kept. Over the
+    184k-entry vocabulary the whole fp32 logits of one 4096-slot sequence take 3 GB, and a
+    depth head's 8 x 16,384 per slot as much for 729 slots; autograd would keep them.
+    Equals ``F.cross_entropy(logits_fn(hidden, *inputs).float(), truth, reduction="none")``.
+    """
+    nll, hits = [], []
+    for start in range(0, truth.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        args = (logits_fn, hidden[rows], truth[rows], *(tensor[rows] for tensor in inputs))
+        if torch.is_grad_enabled():
+            part, hit = checkpoint(_chunk_nll, *args, use_reentrant=False)
+        else:
+            part, hit = _chunk_nll(*args)
+        nll.append(part)
+        hits.append(hit)
+    return torch.cat(nll), torch.cat(hits)
+
+
+def _chunk_nll(
+    logits_fn: Any, hidden: torch.Tensor, truth: torch.Tensor, *inputs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk of :func:`chunked_nll`."""
+    logits = logits_fn(hidden, *inputs)
+    log_probs = logits.float().log_softmax(dim=-1)
+    return -log_probs.gather(-1, truth.unsqueeze(-1)).squeeze(-1), logits.argmax(-1) == truth
 
 
 def _depth_weighted_mean(per_depth: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
