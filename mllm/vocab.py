@@ -188,6 +188,48 @@ def extend_tokenizer(
     return layout
 
 
+def row_ranges(layout: VocabLayout) -> dict[str, range]:
+    """The embedding rows of each group of the extended vocabulary (padding rows belong to none)."""
+    return {
+        "text": range(0, layout.text_size),
+        "boundary": range(layout.boundary_offset, layout.semantic_offset),
+        "semantic": range(layout.semantic_offset, layout.pixel_offset),
+        "pixel": range(layout.pixel_offset, layout.used_size),
+    }
+
+
+ROW_GROUPS: tuple[str, ...] = ("text", "boundary", "semantic", "pixel")
+
+
+def row_mask(layout: VocabLayout, groups: Iterable[str], rows: int) -> torch.Tensor:
+    """``(rows,)`` bool: True on the embedding rows of ``groups`` (names from :data:`ROW_GROUPS`)."""
+    ranges = row_ranges(layout)
+    mask = torch.zeros(rows, dtype=torch.bool)
+    for group in groups:
+        if group not in ranges:
+            raise VocabularyError(f"unknown row group {group!r}; expected some of {ROW_GROUPS}")
+        span = ranges[group]
+        mask[span.start : span.stop] = True
+    return mask
+
+
+@torch.no_grad()
+def init_rows_from_text_mean(weight: torch.Tensor, layout: VocabLayout) -> None:
+    """Set every row past the text vocabulary (boundary, code and padding rows) to the mean text row.
+
+    weight: ``(V, H)`` an input embedding or LM head. A new row at the mean is, to a first
+    approximation, a token the pretrained LM already finds unremarkable: as an output row its
+    logit is the average text logit, so the LM does not start putting mass on codes in its
+    text answers (random rows of a tied head can), and as an input it is the centre of what
+    the LM reads. This is what ``resize_token_embeddings(mean_resizing=True)`` aims at, applied
+    to the rows a pretrained checkpoint already had beyond its tokenizer (Qwen2.5 pads its
+    151,665 tokens to 151,936 rows) as well as to the new ones.
+    """
+    text = layout.text_size
+    mean = weight[:text].float().mean(dim=0)
+    weight[text:] = mean.to(weight.dtype)
+
+
 def check_tokenizer(text_tokenizer: Any, layout: VocabLayout) -> None:
     """Raise if ``text_tokenizer``'s visual tokens do not sit at ``layout``'s ids."""
     probes = {

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from tokenizer.backbone import VisionBackbone
 from tokenizer.config import BackboneConfig, ConfigError
-from tokenizer.siglip_backbone import SiglipBackbone, siglip_vision_config
+from tokenizer.siglip_backbone import SiglipBackbone, siglip_vision_config, vision_model_from_config
 from tokenizer.timm_backbone import TimmBackbone
 
 
 def build_backbone(config: BackboneConfig, load_weights: bool = True) -> VisionBackbone:
     """The backbone ``config`` describes.
 
-    SigLIP: ``pretrained_path`` set -> :meth:`SiglipBackbone.from_pretrained`, else random
+    SigLIP (or SigLIP2): ``pretrained_path`` set -> :meth:`SiglipBackbone.from_pretrained`, else random
     init from the size fields. timm: :meth:`TimmBackbone.from_config`. With
     ``load_weights=False`` the architecture is built without reading weights (for loading a
     saved tokenizer over it): SigLIP reads only the checkpoint's config.json.
@@ -19,12 +19,12 @@ def build_backbone(config: BackboneConfig, load_weights: bool = True) -> VisionB
     if config.kind == "siglip":
         if config.pretrained_path is None:
             return SiglipBackbone.from_config(config)
+        # image_size matters only to a SigLIP2 NaFlex tower, whose checkpoint reads any grid.
         if load_weights:
-            backbone = SiglipBackbone.from_pretrained(config.pretrained_path)
+            backbone = SiglipBackbone.from_pretrained(config.pretrained_path, image_size=config.image_size)
         else:
-            from transformers import SiglipVisionModel
-
-            backbone = SiglipBackbone(SiglipVisionModel(siglip_vision_config(config.pretrained_path)))
+            vision_config = siglip_vision_config(config.pretrained_path)
+            backbone = SiglipBackbone(vision_model_from_config(vision_config), image_size=config.image_size)
         backbone.set_gradient_checkpointing(config.gradient_checkpointing)
         return backbone
     if config.kind == "timm":

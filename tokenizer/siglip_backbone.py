@@ -1,8 +1,16 @@
-"""transformers' SigLIP vision tower behind :class:`~tokenizer.backbone.VisionBackbone`.
+"""transformers' SigLIP and SigLIP2 vision towers behind :class:`~tokenizer.backbone.VisionBackbone`.
 
-:class:`SiglipBackbone` wraps a ``SiglipVisionModel`` (or the image side of a ``SiglipModel``),
-built at random from the size fields or loaded from a local checkpoint directory or hub id; the
+:class:`SiglipBackbone` wraps a ``SiglipVisionModel`` or ``Siglip2VisionModel`` (or the image side
+of a ``SiglipModel`` / ``Siglip2Model``), built at random from the size fields or loaded from a
+local checkpoint folder or a hub id (:func:`tokenizer.pretrained.resolve_pretrained`); the
 functions below resolve and check those checkpoints.
+
+SigLIP2 comes in two layouts. The fixed-resolution checkpoints (``siglip2-so400m-patch14-384``
+...) are ``model_type: siglip`` and load as SigLIP. The NaFlex ones (``model_type: siglip2``)
+take pre-cut patches with their grid (``spatial_shapes``) and a ``pixel_attention_mask``, and
+resize their learned position grid to each image's grid. DualToken reads square images of one
+size, so here every image is one full ``g x g`` grid: the mask is all ones (the same as no mask)
+and the position grid is resized once to ``g x g`` with transformers' own resize.
 """
 
 from __future__ import annotations
@@ -10,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,11 +27,15 @@ import torch.nn as nn
 
 from tokenizer.backbone import VisionBackbone
 from tokenizer.config import BackboneConfig, ConfigError
+from tokenizer.pretrained import resolve_pretrained
 
 logger = logging.getLogger(__name__)
 
-# "org/name" or "name": what the Hugging Face hub accepts as a repository id.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+# model_type values of the checkpoints SiglipBackbone loads: full models (image + text towers)
+# and vision-only ones.
+FULL_MODEL_TYPES = ("siglip", "siglip2")
+VISION_MODEL_TYPES = ("siglip_vision_model", "siglip2_vision_model")
+NAFLEX_MODEL_TYPES = ("siglip2", "siglip2_vision_model")
 
 
 def _siglip_tower(module: nn.Module) -> nn.Module:
@@ -47,21 +58,32 @@ def _siglip_tower(module: nn.Module) -> nn.Module:
 
 
 class SiglipBackbone(VisionBackbone):
-    """transformers' SigLIP vision tower (``SiglipVisionModel``) with layer taps.
+    """transformers' SigLIP / SigLIP2 vision tower with layer taps.
 
     SigLIP is trained on pixels normalised with mean 0.5 / std 0.5, which maps [0, 1] to
-    [-1, 1]: the tokenizer's images go in unchanged. The pooled output is
-    ``post_layernorm`` then the multihead-attention pooling head (``vision_use_head``), or a
-    mean over tokens when the checkpoint has no head.
+    [-1, 1]: the tokenizer's images go in unchanged (SigLIP2 uses the same normalisation). The
+    pooled output is ``post_layernorm`` then the multihead-attention pooling head
+    (``vision_use_head``), or a mean over tokens when the checkpoint has no head.
+
+    ``image_size`` is the side of the square images a NaFlex SigLIP2 tower reads (its config
+    has no image size: it reads any grid; default: the grid of its position table,
+    ``sqrt(num_patches) * patch_size``); it is recorded in the wrapped config as ``image_size``
+    so that a saved tokenizer rebuilds the same grid. Fixed-resolution towers take theirs from
+    their config.
     """
 
-    def __init__(self, vision_model: nn.Module) -> None:
+    def __init__(self, vision_model: nn.Module, image_size: int | None = None) -> None:
         # Keep the PreTrainedModel (not just the inner tower) so save_pretrained / config work.
         config = getattr(vision_model, "config", None)
-        if getattr(config, "model_type", None) == "siglip":
+        if getattr(config, "model_type", None) in FULL_MODEL_TYPES:
             vision_model = vision_model.vision_model  # a full SiglipModel: keep only the image side
         tower = _siglip_tower(vision_model)
         config = vision_model.config
+        naflex = isinstance(tower.embeddings.patch_embedding, nn.Linear)
+        if naflex:
+            # Default: the grid its position table was trained at (sqrt(num_patches) patches a side).
+            native = int(round(config.num_patches**0.5)) * config.patch_size
+            config.image_size = int(image_size or getattr(config, "image_size", None) or native)
         super().__init__(
             num_layers=len(tower.encoder.layers),
             hidden_size=config.hidden_size,
@@ -70,16 +92,22 @@ class SiglipBackbone(VisionBackbone):
             patch_size=config.patch_size,
         )
         self.vision_model = vision_model
+        self.naflex = naflex
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_siglip_model(cls, siglip_vision_model: nn.Module) -> SiglipBackbone:
-        """Wrap an in-memory ``SiglipVisionModel`` (or the vision side of a ``SiglipModel``).
+    def from_siglip_model(cls, siglip_vision_model: nn.Module, image_size: int | None = None) -> SiglipBackbone:
+        """Wrap an in-memory ``SiglipVisionModel`` / ``Siglip2VisionModel`` (or the vision side of a full model).
 
         The parameters are shared, not copied: ``copy.deepcopy`` the model first for an
         independent backbone (e.g. a tokenizer initialised from a frozen teacher).
         """
-        return cls(siglip_vision_model)
+        return cls(siglip_vision_model, image_size=image_size)
+
+    @classmethod
+    def from_hf_config(cls, vision_config: dict[str, Any], image_size: int | None = None) -> SiglipBackbone:
+        """A random tower from a vision config's ``to_dict()`` (SigLIP or SigLIP2, by its ``model_type``)."""
+        return cls(vision_model_from_config(vision_config), image_size=image_size)
 
     @classmethod
     def from_config(cls, config: BackboneConfig) -> SiglipBackbone:
@@ -106,32 +134,32 @@ class SiglipBackbone(VisionBackbone):
         return backbone
 
     @classmethod
-    def from_pretrained(cls, path: str, **kwargs: Any) -> SiglipBackbone:
-        """Load the vision tower of a SigLIP checkpoint: a local directory or a hub id.
+    def from_pretrained(cls, path: str, image_size: int | None = None, **kwargs: Any) -> SiglipBackbone:
+        """Load the vision tower of a SigLIP or SigLIP2 checkpoint: a local folder or a hub id.
 
-        Accepts both a ``SiglipVisionModel`` and a full ``SiglipModel`` checkpoint (the text
-        tower is skipped). ``kwargs`` go to ``SiglipVisionModel.from_pretrained`` (e.g.
-        ``dtype``, ``attn_implementation``). Every vision weight must be present.
+        Accepts a vision-only and a full (image + text) checkpoint (the text tower is skipped).
+        ``image_size`` is needed for a NaFlex SigLIP2 tower (see the class). ``kwargs`` go to
+        ``from_pretrained`` (e.g. ``dtype``, ``attn_implementation``). Every vision weight must
+        be present.
         """
-        from transformers import SiglipVisionModel
-
-        source = _resolve_pretrained_source(path)
+        source = str(resolve_pretrained(path, "backbone.pretrained_path"))
         model_type = _siglip_model_type(source)
-        if model_type not in ("siglip", "siglip_vision_model"):
+        if model_type not in FULL_MODEL_TYPES + VISION_MODEL_TYPES:
             raise ValueError(
-                f"{path!r} holds a {model_type!r} checkpoint; SiglipBackbone needs model_type 'siglip' "
-                "or 'siglip_vision_model'"
+                f"{path!r} holds a {model_type!r} checkpoint; SiglipBackbone needs model_type "
+                f"{' or '.join(repr(name) for name in FULL_MODEL_TYPES + VISION_MODEL_TYPES)}"
             )
+        model_class = _vision_model_class(model_type)
         kwargs = dict(kwargs)
         kwargs["output_loading_info"] = True
-        if model_type == "siglip":
-            # A full SiglipModel: its text weights are "unexpected" for the vision model, and
+        if model_type in FULL_MODEL_TYPES:
+            # A full model: its text weights are "unexpected" for the vision model, and
             # transformers would print a table of them; our own check below covers the vision side.
             with _transformers_quiet():
-                model, info = SiglipVisionModel.from_pretrained(source, **kwargs)
-            logger.info("loaded the vision tower of SiglipModel checkpoint %s (text tower skipped)", path)
+                model, info = model_class.from_pretrained(source, **kwargs)
+            logger.info("loaded the vision tower of %s checkpoint %s (text tower skipped)", model_type, path)
         else:
-            model, info = SiglipVisionModel.from_pretrained(source, **kwargs)
+            model, info = model_class.from_pretrained(source, **kwargs)
         missing = sorted(info.get("missing_keys", []))
         mismatched = sorted(str(item) for item in info.get("mismatched_keys", []))
         if missing or mismatched:
@@ -139,12 +167,12 @@ class SiglipBackbone(VisionBackbone):
                 f"SigLIP checkpoint {path!r} does not match its config: missing weights {missing[:8]}"
                 f"{' ...' if len(missing) > 8 else ''}, shape mismatches {mismatched[:4]}"
             )
-        return cls(model)
+        return cls(model, image_size=image_size)
 
     # ------------------------------------------------------------------ properties
     @property
     def hf_config(self) -> Any:
-        """The wrapped model's ``SiglipVisionConfig``."""
+        """The wrapped model's ``SiglipVisionConfig`` / ``Siglip2VisionConfig``."""
         return self.vision_model.config
 
     @property
@@ -157,17 +185,40 @@ class SiglipBackbone(VisionBackbone):
         return images
 
     def _embed_normalised(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.naflex:
+            return self._patch_embed_normalised(pixel_values) + self._naflex_positions()
         return self._tower.embeddings(pixel_values)
 
     def _patch_embed_normalised(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        patches = self._tower.embeddings.patch_embedding(
-            pixel_values.to(self._tower.embeddings.patch_embedding.weight.dtype)
-        )
-        return patches.flatten(2).transpose(1, 2)
+        projection = self._tower.embeddings.patch_embedding
+        pixel_values = pixel_values.to(projection.weight.dtype)
+        if self.naflex:
+            return projection(self._cut_patches(pixel_values))
+        return projection(pixel_values).flatten(2).transpose(1, 2)
+
+    def _cut_patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, g * g, p * p * 3) in raster order, each patch as (row, column, channel):
+        the layout of ``Siglip2ImageProcessor``. A remainder beyond ``g * p`` is dropped, as
+        SigLIP's stride-p convolution drops it."""
+        grid, patch = self.grid_size, self.patch_size
+        batch, channels = pixel_values.shape[:2]
+        pixels = pixel_values[:, :, : grid * patch, : grid * patch]
+        pixels = pixels.reshape(batch, channels, grid, patch, grid, patch).permute(0, 2, 4, 3, 5, 1)
+        return pixels.reshape(batch, grid * grid, patch * patch * channels)
+
+    def _naflex_positions(self) -> torch.Tensor:
+        """(1, g * g, C): the learned position grid resized to ``g x g`` (transformers' resize)."""
+        embeddings = self._tower.embeddings
+        side = embeddings.position_embedding_size
+        table = embeddings.position_embedding.weight.reshape(side, side, -1)
+        shapes = torch.tensor([[self.grid_size, self.grid_size]], device=table.device)
+        return embeddings.resize_positional_embeddings(table, shapes, max_length=self.num_patches)
 
     def embed_with_patch_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # SiglipVisionEmbeddings without interpolation: patch projection + learned positions.
+        # The embeddings without interpolation: patch projection + learned positions.
         patches = self.patch_features(images)
+        if self.naflex:
+            return patches + self._naflex_positions(), patches
         embeddings = self._tower.embeddings
         return patches + embeddings.position_embedding(embeddings.position_ids), patches
 
@@ -175,7 +226,8 @@ class SiglipBackbone(VisionBackbone):
         return self._tower.encoder.layers
 
     def _apply_block(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        # Full attention over all tokens (no mask). transformers 4 returns a tuple, 5 a tensor.
+        # Full attention over all tokens (no mask: every image is one full grid). transformers 4
+        # returns a tuple, 5 a tensor.
         output = block(hidden, attention_mask=None)
         return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -204,47 +256,44 @@ def _transformers_quiet() -> Iterator[None]:
         hf_logging.set_verbosity(previous)
 
 
-def _resolve_pretrained_source(path: str) -> str:
-    """A local checkpoint directory, or a hub id; a missing local path raises naming it."""
-    local = Path(path).expanduser()
-    if local.exists():
-        if not (local / "config.json").is_file():
-            raise FileNotFoundError(f"SigLIP checkpoint {path!r} has no config.json (is it a save_pretrained dir?)")
-        return str(local)
-    if not _HUB_ID.match(path) or path.startswith((".", "~")):
-        raise FileNotFoundError(f"SigLIP checkpoint directory {path!r} does not exist (backbone.pretrained_path)")
-    return path
+def _vision_model_class(model_type: str) -> type:
+    """``SiglipVisionModel`` or ``Siglip2VisionModel`` for a checkpoint's ``model_type``."""
+    from transformers import Siglip2VisionModel, SiglipVisionModel
+
+    return Siglip2VisionModel if model_type in NAFLEX_MODEL_TYPES else SiglipVisionModel
+
+
+def vision_model_from_config(vision_config: Any) -> nn.Module:
+    """A random vision tower from a vision config or its ``to_dict()``, SigLIP or SigLIP2 by ``model_type``."""
+    from transformers import Siglip2VisionConfig, SiglipVisionConfig
+
+    if isinstance(vision_config, dict):
+        naflex = vision_config.get("model_type") in NAFLEX_MODEL_TYPES
+        payload = {key: value for key, value in vision_config.items() if key != "model_type"}
+        vision_config = (Siglip2VisionConfig if naflex else SiglipVisionConfig)(**payload)
+    return _vision_model_class(vision_config.model_type)(vision_config)
 
 
 def _siglip_model_type(source: str) -> str:
-    """``model_type`` of a local directory or hub id (downloads only config.json)."""
-    local = Path(source)
-    if local.is_dir():
-        config_path = local / "config.json"
-        try:
-            return json.loads(config_path.read_text()).get("model_type", "<missing>")
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{config_path} is not valid JSON: {error}") from None
-    from transformers import AutoConfig
-
+    """``model_type`` of a resolved local checkpoint folder."""
+    config_path = Path(source) / "config.json"
     try:
-        return AutoConfig.from_pretrained(source).model_type
-    except OSError as error:
-        raise FileNotFoundError(
-            f"SigLIP checkpoint {source!r} is neither a local directory nor a reachable hub id: {error}"
-        ) from error
+        return json.loads(config_path.read_text()).get("model_type", "<missing>")
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_path} is not valid JSON: {error}") from None
 
 
 def siglip_vision_config(path: str) -> Any:
-    """The ``SiglipVisionConfig`` of a checkpoint directory or hub id (reads only its config.json)."""
-    from transformers import SiglipVisionConfig
+    """The vision config (SigLIP or SigLIP2) of a checkpoint folder or hub id (reads only its config.json)."""
+    from transformers import Siglip2VisionConfig, SiglipVisionConfig
 
-    source = _resolve_pretrained_source(path)
+    source = resolve_pretrained(path, "backbone.pretrained_path")
+    config_class = Siglip2VisionConfig if _siglip_model_type(str(source)) in NAFLEX_MODEL_TYPES else SiglipVisionConfig
     try:
-        # base_config_key="vision_config": a full SiglipModel config yields its vision part.
-        return SiglipVisionConfig.from_pretrained(source)
+        # base_config_key="vision_config": a full model's config yields its vision part.
+        return config_class.from_pretrained(str(source))
     except OSError as error:
         raise FileNotFoundError(f"cannot read the SigLIP config of {path!r}: {error}") from error
 
 
-__all__ = ["SiglipBackbone", "siglip_vision_config"]
+__all__ = ["SiglipBackbone", "siglip_vision_config", "vision_model_from_config"]

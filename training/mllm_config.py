@@ -21,11 +21,14 @@ from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
 from mllm.config import DualTokenMLLMConfig
+from mllm.generation import SamplingConfig
 from mllm.losses import LOSS_TERMS
+from mllm.vocab import ROW_GROUPS
 from tokenizer.config import ConfigError
 from training.config import DeepSpeedConfig, LoopConfig, OptimConfig
 
 SOURCES = ("vqa", "t2i", "caption")
+CODE_EMBEDDING_INITS = ("random", "codebook", "mean")
 VQA_TURNS = ("conversation", "independent")
 # idle_heads is not a weight a stage may set: it is exactly zero, there only to give heads
 # without a target in a batch a zero gradient (mllm.losses, SlotLossesMixin._idle_heads_term).
@@ -266,8 +269,15 @@ class ModelConfig:
     # predicts the next one knows where in the grid it is; images the model reads are left alone.
     # Parameter-free. With it, image_position_embedding places the slots of read images only.
     generated_position_embedding: str = _model_field("generated_position_embedding")
-    # random | codebook: start the visual code rows (and the depth heads' code embeddings) as a
-    # fixed linear map of the DualToken tokenizer's code vectors (mllm.modeling.init_code_embeddings).
+    # > 0: the text cross-entropy over the extended vocabulary (and the depth heads' over their
+    # codebooks) runs this many targets at a time, each chunk checkpointed, so the whole fp32
+    # logits never exist (mllm.losses.chunked_nll; 0 = off, the sums of the demo's numbers).
+    loss_chunk_size: int = _model_field("loss_chunk_size")
+    # random | codebook | mean: how the rows added to the LM's embedding (boundary and code tokens)
+    # start. random: the LM's own initialiser. codebook: the visual code rows (and the depth heads'
+    # code embeddings) as a fixed linear map of the DualToken tokenizer's code vectors
+    # (mllm.modeling.init_code_embeddings). mean: every new row at the mean text row
+    # (mllm.vocab.init_rows_from_text_mean), for a pretrained LM whose text rows must not be disturbed.
     code_embedding_init: str = "random"
     max_length: int = 0  # 0 = the LM's max_position_embeddings
     attn_implementation: str = "auto"  # auto = FlashAttention-2 when installed (GPU), else SDPA
@@ -283,8 +293,8 @@ class ModelConfig:
             self.chat_template in ("tiny", "qwen"), f"model.chat_template={self.chat_template!r}; expected tiny|qwen"
         )
         _require(
-            self.code_embedding_init in ("random", "codebook"),
-            f"model.code_embedding_init={self.code_embedding_init!r}; expected random|codebook",
+            self.code_embedding_init in CODE_EMBEDDING_INITS,
+            f"model.code_embedding_init={self.code_embedding_init!r}; expected {'|'.join(CODE_EMBEDDING_INITS)}",
         )
         try:
             DualTokenMLLMConfig(**self.model_options())  # validates the fields (the code layout comes later)
@@ -327,6 +337,11 @@ class StageConfig:
     # slot cannot just be copied from its neighbours and has to come from the caption as well
     # (0 = off). Held-out losses are computed on clean inputs.
     image_input_noise: float = 0.0
+    # Row groups of the input embedding (and of the LM head, tied or not) that train, when the
+    # embedding is among `trainable`: some of text | boundary | semantic | pixel (null = every row).
+    # The other rows get a zero gradient, so a stage can teach the LM its new tokens without
+    # moving the pretrained text rows (with tied embeddings those are the LM head too).
+    embedding_rows: list[str] | None = None
 
     @property
     def contrast(self) -> bool:
@@ -364,6 +379,12 @@ class StageConfig:
             isinstance(self.grounding_heads, int) and self.grounding_heads >= 1,
             f"stage.grounding_heads={self.grounding_heads!r}; expected an integer >= 1",
         )
+        if self.embedding_rows is not None:
+            _require(
+                isinstance(self.embedding_rows, list) and set(self.embedding_rows) <= set(ROW_GROUPS),
+                f"stage.embedding_rows={self.embedding_rows!r}; expected a list of some of {'|'.join(ROW_GROUPS)} "
+                "(null = every row)",
+            )
         weights = self.pixel_depth_weights
         if weights is not None:
             _require(
@@ -388,8 +409,16 @@ class MLLMDataConfig:
     # positions as in a one-question prompt; for sets of independent questions such as the
     # Shapes world's, whose other questions would give answers away).
     vqa_turns: str = "conversation"
+    # A record whose sequence is longer than the model's context (model.max_length): "drop" leaves
+    # it out before training; "truncate" cuts the sequence to the context where the cut keeps every
+    # image block whole and leaves a label (else drops it). Both are counted in the log and in
+    # metrics.json (overlong_dropped, overlong_truncated).
+    overlong: str = "drop"
 
     def __post_init__(self) -> None:
+        _require(
+            self.overlong in ("drop", "truncate"), f"data.overlong={self.overlong!r}; expected drop|truncate"
+        )
         _require(
             self.vqa_turns in VQA_TURNS, f"data.vqa_turns={self.vqa_turns!r}; expected one of {'|'.join(VQA_TURNS)}"
         )
@@ -428,3 +457,26 @@ class MLLMStageConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # Image-sampling settings written to the model folder's sampling.json (mllm.inference.read_sampling),
+    # the defaults Pipeline.generate, `dualtoken generate` and the evaluation use with this model:
+    # some of temperature, top_k, top_p, cfg (empty = no file: SamplingConfig's defaults apply).
+    sampling: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        known = {spec.name for spec in fields(SamplingConfig)}
+        unknown = sorted(set(self.sampling) - known)
+        _require(not unknown, f"sampling has unknown settings {unknown}; expected some of {sorted(known)}")
+        for name, value in self.sampling.items():
+            _require(
+                isinstance(value, (int, float)) and not isinstance(value, bool),
+                f"sampling.{name}={value!r}; expected a number",
+            )
+        try:
+            SamplingConfig(**self.sampling)
+        except ValueError as error:
+            raise ConfigError(f"sampling.{error}") from None
+        _require(
+            self.stage.embedding_rows is None or self.optim.weight_decay == 0,
+            f"stage.embedding_rows={self.stage.embedding_rows} keeps the other rows by giving them a zero gradient, "
+            f"which AdamW's weight decay would still shrink: set optim.weight_decay=0 (got {self.optim.weight_decay})",
+        )

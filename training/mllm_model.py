@@ -16,23 +16,37 @@ from typing import Any
 import torch
 
 from mllm.chat import QWEN_TEMPLATE, ChatTemplate
+from mllm.inference import write_sampling
 from mllm.model_folder import METRICS_FILE, SIDECAR
 from mllm.modeling import DualTokenMLLMForCausalLM, init_code_embeddings, pick_attn_implementation
-from mllm.vocab import TINY_CHAT_TOKENS, extend_tokenizer, shapes_corpus, train_sentencepiece
+from mllm.vocab import (
+    TINY_CHAT_TOKENS,
+    extend_tokenizer,
+    init_rows_from_text_mean,
+    row_mask,
+    shapes_corpus,
+    train_sentencepiece,
+)
 from tokenizer.config import ConfigError
 from tokenizer.files import atomic_directory
+from tokenizer.pretrained import resolve_pretrained
 from training.data.code_store import CodeStore
 from training.mllm_config import LoraConfig, ModelConfig
 from training.mllm_data import DESCRIBE_PROMPT
 
 
-def build_model(model_config: ModelConfig, store: CodeStore) -> tuple[DualTokenMLLMForCausalLM, Any]:
-    """A fresh unified model and its extended text tokenizer, sized by the code shards' layout."""
+def build_model(
+    model_config: ModelConfig, store: CodeStore, device: str | torch.device | None = "cpu"
+) -> tuple[DualTokenMLLMForCausalLM, Any]:
+    """A fresh unified model and its extended text tokenizer, sized by the code shards' layout.
+
+    ``device`` is where the model will run: it picks the attention kernel (with the weights' dtype)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     meta = store.meta
     if model_config.text_tokenizer:
-        text_tokenizer = AutoTokenizer.from_pretrained(model_config.text_tokenizer)
+        source = resolve_pretrained(model_config.text_tokenizer, "model.text_tokenizer", required_file=None)
+        text_tokenizer = AutoTokenizer.from_pretrained(str(source))
     else:
         from training.data.shapes import ShapesWorld, ShapesWorldConfig
 
@@ -44,10 +58,14 @@ def build_model(model_config: ModelConfig, store: CodeStore) -> tuple[DualTokenM
         # stage saves it with the model).
         with tempfile.TemporaryDirectory(prefix="dualtoken-sp-") as folder:
             text_tokenizer = train_sentencepiece(corpus, folder, model_config.sentencepiece_vocab)
-    attn = pick_attn_implementation(model_config.attn_implementation)
     dtype = getattr(torch, model_config.dtype)
+    # from_config builds fp32 weights; only a pretrained LM is loaded in model_config.dtype.
+    attn = pick_attn_implementation(
+        model_config.attn_implementation, device, dtype if model_config.llm_pretrained else torch.float32
+    )
     if model_config.llm_pretrained:
-        llm = AutoModelForCausalLM.from_pretrained(model_config.llm_pretrained, attn_implementation=attn, dtype=dtype)
+        source = resolve_pretrained(model_config.llm_pretrained, "model.llm_pretrained")
+        llm = AutoModelForCausalLM.from_pretrained(str(source), attn_implementation=attn, dtype=dtype)
     else:
         payload = dict(model_config.llm_config)
         payload.setdefault("vocab_size", len(text_tokenizer))
@@ -68,7 +86,19 @@ def build_model(model_config: ModelConfig, store: CodeStore) -> tuple[DualTokenM
     if model_config.code_embedding_init == "codebook":
         semantic, pixel = tokenizer_codebooks(store)
         init_code_embeddings(model, semantic, pixel)
+    elif model_config.code_embedding_init == "mean":
+        for weight in _embedding_weights(model):
+            init_rows_from_text_mean(weight, layout)
     return model, text_tokenizer
+
+
+def _embedding_weights(model: DualTokenMLLMForCausalLM) -> list[torch.nn.Parameter]:
+    """The input embedding's weight, and the LM head's when it is not tied to it."""
+    weights = [model.get_input_embeddings().weight]
+    output = model.llm.get_output_embeddings()
+    if output is not None and output.weight is not weights[0]:
+        weights.append(output.weight)
+    return weights
 
 
 def tokenizer_codebooks(store: CodeStore) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -97,8 +127,14 @@ def tokenizer_codebooks(store: CodeStore) -> tuple[torch.Tensor, torch.Tensor | 
     return visual_tokenizer.semantic_quantizer.codebook, pixel
 
 
-def select_trainable(model: torch.nn.Module, trainable: list[str], frozen: list[str]) -> list[str]:
-    """Set ``requires_grad`` from name globs (LoRA adapters always train); returns the trainable names."""
+def select_trainable(
+    model: torch.nn.Module, trainable: list[str], frozen: list[str], embedding_rows: list[str] | None = None
+) -> list[str]:
+    """Set ``requires_grad`` from name globs (LoRA adapters always train); returns the trainable names.
+
+    ``embedding_rows`` (``stage.embedding_rows``): the row groups of the input embedding and LM
+    head that train; the other rows' gradients are zeroed (:func:`restrict_embedding_rows`).
+    """
     names = []
     for name, param in model.named_parameters():
         wanted = any(fnmatch.fnmatchcase(name, glob) for glob in trainable) or "lora_" in name
@@ -111,7 +147,31 @@ def select_trainable(model: torch.nn.Module, trainable: list[str], frozen: list[
             f"stage.trainable={trainable} (minus stage.frozen={frozen}) matches no parameter; "
             f"names look like {[n for n, _ in list(model.named_parameters())[:3]]}"
         )
+    if embedding_rows is not None:
+        restrict_embedding_rows(model, embedding_rows)
     return names
+
+
+def restrict_embedding_rows(model: DualTokenMLLMForCausalLM, groups: list[str]) -> int:
+    """Zero the gradient of every embedding / LM-head row outside ``groups``; returns the rows that train.
+
+    A gradient hook rather than a separate parameter keeps the checkpoint layout of the LM. AdamW
+    leaves a row whose gradient is always zero where it is only without weight decay, so the
+    hook needs ``optim.weight_decay: 0`` to keep those rows exactly (:class:`MLLMStageConfig`
+    refuses anything else).
+    """
+    weights = [weight for weight in _embedding_weights(model) if weight.requires_grad]
+    if not weights:
+        raise ConfigError(
+            f"stage.embedding_rows={groups} restricts the embedding's rows, but no embedding trains: add "
+            "'llm.model.embed_tokens.*' (or the LM's embedding name) to stage.trainable"
+        )
+    mask = row_mask(model.layout, groups, weights[0].shape[0])
+    keep = mask.unsqueeze(1)
+    for weight in weights:
+        # The mask follows the gradient: the model may move to its device after this call.
+        weight.register_hook(lambda grad: grad * keep.to(device=grad.device, dtype=grad.dtype))
+    return int(mask.sum())
 
 
 def apply_lora(model: DualTokenMLLMForCausalLM, config: LoraConfig) -> None:
@@ -139,8 +199,13 @@ def save_model_folder(
     metrics: dict[str, float],
     state_dict: dict[str, torch.Tensor] | None = None,
     merge: bool = True,
+    sampling: dict[str, float] | None = None,
 ) -> Path:
-    """Write model + text tokenizer + sidecar + metrics through a staging folder, then its manifest, then rename."""
+    """Write model + text tokenizer + sidecar + metrics through a staging folder, then its manifest, then rename.
+
+    ``sampling`` (the stage's ``sampling:`` section), when not empty, becomes the folder's
+    ``sampling.json``: the image-sampling defaults of every caller that loads the folder.
+    """
     if hasattr(model.llm, "peft_config") and merge and state_dict is not None:
         raise ConfigError("merging LoRA under ZeRO-3 is not supported; set lora.merge_on_save=false")
     with atomic_directory(directory) as staging:
@@ -155,4 +220,6 @@ def save_model_folder(
         text_tokenizer.save_pretrained(str(staging))
         (staging / SIDECAR).write_text(json.dumps(sidecar, indent=2, default=str))
         (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+        if sampling:
+            write_sampling(staging, **sampling)
     return directory
