@@ -74,8 +74,14 @@ class DualTokenMLLMForCausalLM(SlotInputsMixin, SlotLossesMixin, PreTrainedModel
         self.llm = llm
         # The wrapper's init resets the sub-config's attention implementation; without it the
         # decoder would build no causal mask. Use the wrapper's (set by from_pretrained /
-        # from_config, ``attn_implementation=...``), else FlashAttention-2 when available, else SDPA.
-        impl = getattr(config, "_attn_implementation", None) or pick_attn_implementation()
+        # from_config, ``attn_implementation=...``), else the kernel for where the LM's weights
+        # are and their dtype (FlashAttention-2 only for fp16/bf16 weights on CUDA, else SDPA).
+        weight = next(llm.parameters(), None)
+        impl = getattr(config, "_attn_implementation", None) or pick_attn_implementation(
+            "auto",
+            weight.device if weight is not None else "cpu",
+            weight.dtype if weight is not None else None,
+        )
         if config.image_attention == "bidirectional" and impl.startswith("flash"):
             # FlashAttention takes no mask: the image blocks' bidirectional attention needs SDPA.
             logger.warning("image_attention=bidirectional needs a mask: using sdpa instead of %s", impl)
@@ -236,6 +242,20 @@ class DualTokenMLLMForCausalLM(SlotInputsMixin, SlotLossesMixin, PreTrainedModel
     def get_output_embeddings(self) -> nn.Module:
         return self.llm.get_output_embeddings()
 
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **options: Any
+    ) -> None:
+        """Checkpoint the base LM's decoder layers; non-reentrant unless told otherwise.
+
+        The reentrant variant needs an input that requires grad and cannot take the keyword
+        arguments (masks, rotary embeddings) the decoder layers get; PyTorch recommends
+        ``use_reentrant=False`` (torch.utils.checkpoint documentation). Recent transformers
+        name this ``activation_checkpointing_enable``, which comes here too (``options``:
+        its ``every_n_layers`` and ``offload``).
+        """
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, **options)
+
     # ------------------------------------------------------------------ outputs
     def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM-head logits over the whole (padded) vocabulary."""
@@ -279,6 +299,7 @@ class DualTokenMLLMForCausalLM(SlotInputsMixin, SlotLossesMixin, PreTrainedModel
         grounding_heads: int = 1,
         object_slots: torch.Tensor | None = None,
         object_pixel_weight: float = 1.0,
+        check_ids: bool = True,
         **kwargs: Any,
     ) -> DualTokenMLLMOutput:
         """Run the LM over slots; with ``labels`` (same shape as ``input_ids``) return the losses.
@@ -316,7 +337,8 @@ class DualTokenMLLMForCausalLM(SlotInputsMixin, SlotLossesMixin, PreTrainedModel
         pixel cross-entropy counts ``object_pixel_weight`` times in the (weighted) mean. Those
         slots are where the caption decides the codes; the background is most of an image.
         """
-        self.layout.check_ids(input_ids)
+        if check_ids:  # a sampler feeding ids it built itself skips this host sync per step
+            self.layout.check_ids(input_ids)
         if segment_ids is not None:
             if past_key_values is not None or position_ids is None:
                 raise ValueError("segment_ids need their position_ids and no KV cache (training or a prefill)")

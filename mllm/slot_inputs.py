@@ -110,8 +110,14 @@ class SlotInputsMixin:
         return embeds + positions.to(embeds.dtype) * (slot_index >= 0).unsqueeze(-1).to(embeds.dtype)
 
     def _sincos_rows(self, index: torch.Tensor, width: int) -> torch.Tensor:
-        table = sincos_grid_table(self.config.grid_size, width, self.config.image_position_scale)
-        return table.to(index.device)[index]
+        # Built once per width and device: a sampler asks at every slot, and copying a fresh
+        # table to an accelerator each time would wait for it.
+        tables = self.__dict__.setdefault("_sincos_tables", {})
+        key = (width, index.device, tuple(self.config.grid_size), self.config.image_position_scale)
+        if key not in tables:
+            table = sincos_grid_table(self.config.grid_size, width, self.config.image_position_scale)
+            tables[key] = table.to(index.device)
+        return tables[key][index]
 
     def embed_slots(self, input_ids: torch.Tensor, image_slot_index: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, L)`` or ``(B, L, C)`` ids (``-1`` = empty) -> ``(B, L, H)`` input embeddings.
@@ -159,8 +165,8 @@ class SlotInputsMixin:
         feeding one slot at a time passes its ``slot_index``; such a slot has no ``<image>``
         before it in the chunk, so it counts as drawn, which it is.
         """
-        if not bool(drawn.any()):
-            return embeds
+        # No early return when nothing is drawn (adding zero rows is exact): reading the mask on
+        # the host would stop a sampler's device queue at every slot.
         rows = self._sincos_rows(slot_index.clamp_min(0), embeds.shape[-1]).to(embeds.dtype)
         return embeds + rows * drawn.unsqueeze(-1).to(embeds.dtype)
 

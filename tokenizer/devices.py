@@ -1,7 +1,7 @@
 """Where a model runs: the device, the autocast dtype and the attention kernel that go with it.
 
 Every command that runs a model takes ``--device`` (:func:`add_device_argument`); ``auto`` means
-the first CUDA GPU when there is one, else the CPU. The same helpers serve the Python API::
+the first CUDA GPU when there is one, else the CPU. The same functions serve the Python API::
 
     device = resolve_device("auto")
     with autocast(device):
@@ -71,6 +71,15 @@ def autocast(device: torch.device | str, enabled: bool = True) -> Iterator[None]
         return
     with torch.autocast(device_type=torch.device(device).type, dtype=dtype):
         yield
+
+
+def autocast_disabled(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """A float32 region inside autocast: autocast off on ``device``'s type, where it has one
+    (``meta`` has none, and ``torch.autocast`` refuses it even to switch it off)."""
+    device_type = torch.device(device).type
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def flash_attention_available() -> bool:

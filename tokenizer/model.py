@@ -24,6 +24,7 @@ from tokenizer.backbone import VisionBackbone
 from tokenizer.backbone_factory import build_backbone
 from tokenizer.config import ConfigError, DualTokenizerConfig, config_from_dict, config_to_dict
 from tokenizer.decoder import PixelDecoder
+from tokenizer.devices import resolve_device
 from tokenizer.files import atomic_directory, verify_folder
 from tokenizer.projection import TokenProjection
 from tokenizer.quantizer import ResidualVectorQuantizer
@@ -294,10 +295,15 @@ class DualTokenizer(nn.Module):
         return cls._saved_payload(Path(directory))[1]
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, map_location: str = "cpu") -> DualTokenizer:
-        """Load a tokenizer written by :meth:`save_pretrained`; errors name the missing or bad file."""
+    def from_pretrained(
+        cls, directory: str | os.PathLike, map_location: str = "cpu", device: str | torch.device | None = None
+    ) -> DualTokenizer:
+        """Load a tokenizer written by :meth:`save_pretrained`; errors name the missing or bad file.
+
+        The weights are read to ``map_location``; the model is then moved to ``device`` when given
+        (``auto``: CUDA when available, :func:`tokenizer.devices.resolve_device`)."""
         from safetensors.torch import load_file
-        from transformers import SiglipTextConfig, SiglipVisionConfig, SiglipVisionModel
+        from transformers import SiglipTextConfig
 
         directory = Path(directory)
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
@@ -307,8 +313,7 @@ class DualTokenizer(nn.Module):
         backbone = None
         if "backbone_hf_config" in payload:
             # Rebuild the exact architecture that was saved; the weights follow below.
-            vision_config = SiglipVisionConfig(**payload["backbone_hf_config"])
-            backbone = SiglipBackbone.from_siglip_model(SiglipVisionModel(vision_config))
+            backbone = SiglipBackbone.from_hf_config(payload["backbone_hf_config"])
         elif config.backbone.pretrained_path is not None:
             config.backbone.pretrained_path = None  # the architecture is in the config; weights are ours
         text_tower = None
@@ -322,4 +327,6 @@ class DualTokenizer(nn.Module):
                 f"{weights_path} does not match {config_path}: missing {sorted(missing)[:5]}, "
                 f"unexpected {sorted(unexpected)[:5]}"
             )
+        if device is not None:
+            model.to(resolve_device(device))
         return model.eval()

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenizer.config import QuantizerConfig
+from tokenizer.devices import autocast_disabled
 
 logger = logging.getLogger(__name__)
 
@@ -276,7 +277,7 @@ class ResidualVectorQuantizer(nn.Module):
         if not latents.is_floating_point():
             raise ValueError(f"latents must be a floating-point tensor; got dtype {latents.dtype}")
         leading_shape = latents.shape[:-1]
-        with torch.autocast(device_type=latents.device.type, enabled=False):
+        with autocast_disabled(latents.device):
             flat_latents = latents.reshape(-1, self.config.code_dim).float()
             if self.training and not bool(self.initialized):
                 self._initialize(flat_latents.detach())
@@ -324,7 +325,7 @@ class ResidualVectorQuantizer(nn.Module):
             raise ValueError(
                 f"latents must have shape (..., code_dim={self.config.code_dim}); got {tuple(latents.shape)}"
             )
-        with torch.autocast(device_type=latents.device.type, enabled=False):
+        with autocast_disabled(latents.device):
             codes = self._quantize(latents.reshape(-1, self.config.code_dim).float())[0]
         return codes.reshape(*latents.shape[:-1], self.config.depth)
 

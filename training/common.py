@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import random
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -133,21 +134,50 @@ def restore_schedule_lr(scheduler: torch.optim.lr_scheduler.LambdaLR | None) -> 
 
 
 class StepIndexedSampler(Sampler):
-    """Yields ``batch_for_step(step)`` for ``step`` in ``[start_step, max_steps)``: a batch is a
-    function of its step alone, so a resumed run sees exactly the batches of an uninterrupted one."""
+    """Yields ``batch_for_step(step, micro)`` for ``step`` in ``[start_step, max_steps)`` and each of
+    its ``accumulation`` micro-batches: a batch is a function of its step alone, so a resumed run
+    sees exactly the batches of an uninterrupted one.
+
+    A step's global batch holds ``batch_size x world x accumulation`` items; micro-batch m of rank
+    r is its slice number ``m x world + r`` (:meth:`micro_offset`), so the micro-batches of all
+    ranks together are the global batch, whatever the split into processes and micro-batches.
+    """
 
     start_step: int
     max_steps: int
+    batch_size: int
+    rank: int
+    world: int
+    accumulation: int = 1
 
-    def batch_for_step(self, step: int) -> list[Any]:
+    def batch_for_step(self, step: int, micro: int = 0) -> list[Any]:
         raise NotImplementedError
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world * self.accumulation
+
+    def micro_offset(self, micro: int) -> int:
+        """Where this rank's ``micro``-th micro-batch starts in the step's global batch."""
+        return (micro * self.world + self.rank) * self.batch_size
 
     def __iter__(self) -> Iterator[list[Any]]:
         for step in range(self.start_step, self.max_steps):
-            yield self.batch_for_step(step)
+            for micro in range(self.accumulation):
+                yield self.batch_for_step(step, micro)
 
     def __len__(self) -> int:
-        return max(0, self.max_steps - self.start_step)
+        return max(0, self.max_steps - self.start_step) * self.accumulation
+
+
+def steps_of(micro_batches: Iterable[Any], accumulation: int) -> Iterator[list[Any]]:
+    """The micro-batches of a step-indexed loader, ``accumulation`` at a time: one list per optimizer step."""
+    step: list[Any] = []
+    for batch in micro_batches:
+        step.append(batch)
+        if len(step) == accumulation:
+            yield step
+            step = []
 
 
 class StepSampler(StepIndexedSampler):
@@ -164,18 +194,18 @@ class StepSampler(StepIndexedSampler):
         max_steps: int,
         rank: int = 0,
         world: int = 1,
+        accumulation: int = 1,
     ) -> None:
-        if dataset_size < batch_size * world:
-            raise ValueError(
-                f"the dataset has {dataset_size} items, fewer than one global batch ({batch_size * world})"
-            )
-        self.dataset_size = dataset_size
         self.batch_size = batch_size
+        self.rank = rank
+        self.world = world
+        self.accumulation = accumulation
+        if dataset_size < self.global_batch:
+            raise ValueError(f"the dataset has {dataset_size} items, fewer than one global batch ({self.global_batch})")
+        self.dataset_size = dataset_size
         self.seed = seed
         self.start_step = start_step
         self.max_steps = max_steps
-        self.rank = rank
-        self.world = world
         self._cached_epoch: tuple[int, torch.Tensor] | None = None
 
     def _permutation(self, epoch: int) -> torch.Tensor:
@@ -184,11 +214,10 @@ class StepSampler(StepIndexedSampler):
             self._cached_epoch = (epoch, torch.randperm(self.dataset_size, generator=generator))
         return self._cached_epoch[1]
 
-    def batch_for_step(self, step: int) -> list[int]:
-        global_batch = self.batch_size * self.world
-        per_epoch = self.dataset_size // global_batch
+    def batch_for_step(self, step: int, micro: int = 0) -> list[int]:
+        per_epoch = self.dataset_size // self.global_batch
         epoch, position = divmod(step, per_epoch)
-        start = position * global_batch + self.rank * self.batch_size
+        start = position * self.global_batch + self.micro_offset(micro)
         return self._permutation(epoch)[start : start + self.batch_size].tolist()
 
 
@@ -202,8 +231,9 @@ def step_loader(
     rank: int = 0,
     world: int = 1,
     num_workers: int = 0,
+    accumulation: int = 1,
 ) -> DataLoader:
-    sampler = StepSampler(len(dataset), batch_size, seed, start_step, max_steps, rank, world)
+    sampler = StepSampler(len(dataset), batch_size, seed, start_step, max_steps, rank, world, accumulation)
     return resumable_loader(dataset, sampler, collate, seed, start_step, num_workers)
 
 
@@ -235,11 +265,19 @@ def count_parameters(module: torch.nn.Module, trainable_only: bool = True) -> in
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-def autocast(precision: str, device: torch.device):
-    """bf16 autocast when asked for (CPU or GPU), a no-op context otherwise."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return torch.autocast(device_type=device.type, enabled=False)
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``loop.precision`` as run on ``device``: ``auto`` is bf16 on CUDA and fp32 elsewhere (CPU
+    numerics stay those of fp32); ``fp32`` and ``bf16`` are taken as written."""
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast for ``bf16`` (CPU or GPU) and for ``auto`` on CUDA; a no-op context otherwise."""
+    if resolve_precision(precision, device) == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------- pipeline stage settings
@@ -299,15 +337,18 @@ def run_or_reuse(
     finished: Callable[[], bool],
     train: Callable[[list[str]], Any],
     result: str,
+    launch: Sequence[str] = (),
 ) -> tuple[bool, Any]:
     """One pipeline stage: refuse a folder started with other settings, reuse a finished one, else train.
 
-    ``finished()`` says whether ``result`` (a path, for the log) is complete. Returns
-    ``(reused, train's return value or None)``.
+    ``finished()`` says whether ``result`` (a path, for the log) is complete. ``launch`` are
+    arguments that say where the stage runs, not what it trains (``--device cuda``): passed to
+    ``train`` after ``argv`` but neither recorded nor compared, so a stage started on one device
+    is reused or resumed on another. Returns ``(reused, train's return value or None)``.
     """
     check_stage_settings(output_dir, argv, stage, run_dir)
     if finished():
         logger.info("%s: reusing %s", stage, result)
         return True, None
     record_stage_settings(output_dir, argv, run_dir)
-    return False, train(argv)
+    return False, train([*argv, *launch])

@@ -34,9 +34,9 @@ def _loader(dataset: Dataset, batch_size: int, limit: int | None) -> DataLoader:
 
 @torch.no_grad()
 def class_text_embeddings(text_tower: TextTower, text_tokenizer, prompts: Sequence[str]) -> torch.Tensor:
-    """prompts -> normalised text embeddings (T, D) from the frozen text tower."""
+    """prompts -> normalised text embeddings (T, D) from the frozen text tower, on its device."""
     input_ids = tokenize_texts(text_tokenizer, prompts, text_tower.max_length)
-    return text_tower.encode(input_ids)
+    return text_tower.encode(input_ids.to(_device_of(text_tower)))
 
 
 @torch.no_grad()
@@ -47,13 +47,17 @@ def zero_shot_accuracy(
     batch_size: int = 64,
     limit: int | None = None,
     desc: str = "zero-shot",
+    device: torch.device | None = None,
 ) -> float:
-    """Top-1 accuracy of argmax over classes of cos(image_embed_fn(images), text_embeds)."""
+    """Top-1 accuracy of argmax over classes of cos(image_embed_fn(images), text_embeds).
+
+    Images go to ``device`` (default: where ``text_embeds`` are, i.e. the model's device)."""
+    device = text_embeds.device if device is None else device
     correct = total = 0
     for batch in tqdm(_loader(dataset, batch_size, limit), desc=desc, leave=False):
-        embeds = torch.nn.functional.normalize(image_embed_fn(batch["image"]).float(), dim=-1)
-        predictions = (embeds @ text_embeds.t()).argmax(dim=-1)
-        correct += int((predictions == batch["label"]).sum())
+        embeds = torch.nn.functional.normalize(image_embed_fn(batch["image"].to(device)).float(), dim=-1)
+        predictions = (embeds @ text_embeds.to(embeds.device).t()).argmax(dim=-1)
+        correct += int((predictions.cpu() == batch["label"]).sum())
         total += len(predictions)
     return correct / max(1, total)
 
@@ -68,7 +72,9 @@ def tokenizer_metrics(
     limit: int | None = None,
 ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
     """PSNR / SSIM / codebook usage on ``recon_dataset`` and zero-shot accuracy through
-    the *quantised* semantic path. Returns (metrics, first originals, their reconstructions)."""
+    the *quantised* semantic path, on the tokenizer's device. Returns (metrics, first originals,
+    their reconstructions), the images on the CPU."""
+    device = _device_of(visual_tokenizer)
     was_training = visual_tokenizer.training
     visual_tokenizer.eval()
     psnrs, ssims, checked = [], [], []
@@ -76,21 +82,21 @@ def tokenizer_metrics(
     pixel_counts = semantic_counts = None
     first_images = first_recons = None
     for batch in tqdm(_loader(recon_dataset, batch_size, limit), desc="reconstruction", leave=False):
-        images = batch["image"]
+        images = batch["image"].to(device)
         codes = visual_tokenizer.encode(images)
         recons = visual_tokenizer.decode(codes.pixel_codes)
         psnrs.append(psnr(recons, images))
         ssims.append(ssim(recons, images))
         if describe is not None:
-            checked += checker_verdicts(recons, [describe(int(index)) for index in batch["index"]])
+            checked += checker_verdicts(recons.cpu(), [describe(int(index)) for index in batch["index"]])
         pixel_counts = _accumulate_counts(pixel_counts, codes.pixel_codes, _codebook_size(visual_tokenizer, "pixel"))
         semantic_counts = _accumulate_counts(
             semantic_counts, codes.semantic_codes, visual_tokenizer.config.semantic_quantizer.codebook_size
         )
         if first_images is None:
-            first_images, first_recons = images[:16], recons[:16]
+            first_images, first_recons = images[:16].cpu(), recons[:16].cpu()
     metrics: dict[str, float] = {
-        "psnr": float(torch.cat(psnrs).mean()),
+        "psnr": float(torch.cat(psnrs).mean()),  # one read per metric, not one per batch
         "ssim": float(torch.cat(ssims).mean()),
     }
     if checked:
@@ -110,6 +116,7 @@ def tokenizer_metrics(
             batch_size,
             limit,
             desc="zero-shot (quantised)",
+            device=device,
         )
     visual_tokenizer.train(was_training)
     return metrics, first_images, first_recons
@@ -124,6 +131,13 @@ def checker_verdicts(recons: torch.Tensor, scenes: Sequence[list[tuple[str, str]
         int(judge(to_uint8_image(recon), [ObjectSpec(colour, shape) for colour, shape in objects]).correct)
         for recon, objects in zip(recons.clamp(-1, 1), scenes, strict=True)
     ]
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    """Where ``module`` runs: the device of its first parameter (or buffer); the CPU if it has none."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def _codebook_size(visual_tokenizer: DualTokenizer, branch: str) -> int:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from mllm.model_folder import model_folder_is_complete
+from tokenizer.devices import add_device_argument, resolve_device
 from tokenizer.files import write_text_atomic
 from training import train_mllm
 from training.common import run_or_reuse, setup_logging
@@ -76,14 +77,19 @@ def _data_ready(folder: Path, count: int) -> bool:
 
 
 def prepare_data(
-    visual_tokenizer_dir: Path, data_dir: Path, counts: dict[str, int], seed: int = 0, t2i_world: str = "scenes"
+    visual_tokenizer_dir: Path,
+    data_dir: Path,
+    counts: dict[str, int],
+    seed: int = 0,
+    t2i_world: str = "scenes",
+    device: str | torch.device | None = "cpu",
 ) -> dict[str, Path]:
     """Shapes splits + their code shards under ``data_dir/<split>`` (reused when complete).
 
     With ``t2i_world="grid"`` (or ``"canonical"``) each split also gets as many text-to-image
     pairs from :func:`t2i_world_config` (``t2i_grid.jsonl``, images under ``images/<split>_grid``;
     likewise ``_canonical``), coded into the same code store, so that one store serves both the
-    conversations and those pairs.
+    conversations and those pairs. The images are coded on ``device``.
     """
     from tokenizer.model import DualTokenizer
     from training.data.code_shards import CodeShardsError, collect_image_paths, tokenize_to_shards
@@ -93,7 +99,7 @@ def prepare_data(
 
     if t2i_world not in T2I_WORLDS:
         raise ValueError(f"t2i_world={t2i_world!r}; expected one of {list(T2I_WORLDS)}")
-    visual_tokenizer = DualTokenizer.from_pretrained(visual_tokenizer_dir)
+    visual_tokenizer = DualTokenizer.from_pretrained(visual_tokenizer_dir, device=device)
     image_size = visual_tokenizer.backbone.image_size
     world = ShapesWorld(ShapesWorldConfig(seed=seed, image_size=image_size))
     pairs_config = t2i_world_config(t2i_world, seed, image_size, visual_tokenizer.backbone.grid_size)
@@ -143,9 +149,13 @@ def data_overrides(data: dict[str, Path], t2i_world: str = "scenes") -> list[str
 
 
 def run_stages(
-    run_dir: Path, data: dict[str, Path], overrides: dict[str, list[str]], t2i_world: str = "scenes"
+    run_dir: Path,
+    data: dict[str, Path],
+    overrides: dict[str, list[str]],
+    t2i_world: str = "scenes",
+    device: str = "auto",
 ) -> tuple[Path, dict]:
-    """The four stages in order; returns the last model folder and per-stage metrics."""
+    """The four stages in order, on ``device``; returns the last model folder and per-stage metrics."""
     previous: Path | None = None
     metrics: dict[str, Any] = {}
     for stage in STAGES:
@@ -165,6 +175,7 @@ def run_stages(
             lambda model_dir=model_dir: model_folder_is_complete(model_dir),
             train_mllm.main,
             str(model_dir),
+            ["--device", str(device)],
         )
         metrics[stage] = json.loads((model_dir / "metrics.json").read_text()) if reused else trained
         previous = model_dir
@@ -180,6 +191,7 @@ def evaluate(
     seed: int,
     temperature: float = 1.0,
     decode_depths: int | None = None,
+    device: str | torch.device | None = "auto",
 ) -> dict:
     from eval.report import save_labelled_grid
     from eval.shapes_scoring import shapes_t2i, shapes_vqa
@@ -189,7 +201,7 @@ def evaluate(
     # The model draws with the settings it is scored with: `dualtoken generate` / `chat` and
     # Pipeline.generate read them from the folder when not told otherwise.
     write_sampling(model_dir, cfg=float(cfg), temperature=float(temperature))
-    pipe = Pipeline.from_pretrained(model_dir)
+    pipe = Pipeline.from_pretrained(model_dir, device=device)
     world = ShapesWorld(ShapesWorldConfig(image_size=pipe.visual_tokenizer.backbone.image_size))
     started = time.time()
     vqa = shapes_vqa(pipe, world, "test", vqa_scenes)
@@ -316,6 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
         "(written beside them, one code store)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    add_device_argument(parser)
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override for every stage"
     )
@@ -328,16 +341,17 @@ def main(argv: list[str] | None = None) -> dict:
         depth = DualTokenizer.read_config(args.tokenizer).pixel_depth
         if not 1 <= args.decode_depths <= depth:
             parser.error(f"--decode-depths={args.decode_depths}; expected 1..{depth} (the tokenizer's pixel depth)")
+    device = resolve_device(args.device)  # a device this machine lacks fails before the data is written
     setup_logging()
     run_dir = Path(args.run_dir)
     timings: dict[str, float] = {}
     started = time.time()
     counts = {"train": args.train_images, "val": args.val_images}
-    data = prepare_data(Path(args.tokenizer), run_dir / "data", counts, t2i_world=args.t2i_world)
+    data = prepare_data(Path(args.tokenizer), run_dir / "data", counts, t2i_world=args.t2i_world, device=device)
     timings["data_and_codes"] = time.time() - started
     started = time.time()
     overrides = {"all": args.overrides, **{stage: getattr(args, f"set_{stage}") for stage in STAGES}}
-    model_dir, stage_metrics = run_stages(run_dir, data, overrides, args.t2i_world)
+    model_dir, stage_metrics = run_stages(run_dir, data, overrides, args.t2i_world, str(device))
     timings["llm_stages"] = time.time() - started
     for stage in STAGES:
         timings[f"stage_{stage}_train"] = stage_metrics[stage].get("train_seconds", 0.0)
@@ -352,6 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.seed,
         args.temperature,
         args.decode_depths,
+        device,
     )
     timings["evaluation"] = time.time() - started
     print(write_report(run_dir, metrics, stage_metrics, timings))

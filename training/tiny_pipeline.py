@@ -31,6 +31,7 @@ import shutil
 import time
 from pathlib import Path
 
+from tokenizer.devices import add_device_argument, resolve_device
 from training import train_teacher, train_tokenizer
 from training.common import run_or_reuse, setup_logging
 from training.data.shapes import DEFAULT_T2I_WORLD, T2I_WORLDS
@@ -76,6 +77,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         lambda: _stage_done(teacher_dir, train_teacher.teacher_is_complete),
         train_teacher.main,
         f"the finished teacher in {teacher_dir}",
+        ["--device", args.device],
     )
     timings["stage0_seconds"] = time.time() - started
     teacher_metrics = json.loads((teacher_dir / "metrics.json").read_text())
@@ -92,6 +94,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         lambda: _stage_done(visual_tokenizer_dir, train_tokenizer.tokenizer_is_complete),
         train_tokenizer.main,
         f"the finished tokenizer in {visual_tokenizer_dir}",
+        ["--device", args.device],
     )
     timings["stage1_seconds"] = time.time() - started
     metrics = json.loads((visual_tokenizer_dir / "metrics.json").read_text())
@@ -108,6 +111,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     from training import tiny_mllm
 
     llm_argv = ["--tokenizer", str(visual_tokenizer_dir), "--run-dir", str(run_dir), "--t2i-world", args.t2i_world]
+    llm_argv += ["--device", args.device]
     llm_argv += _sets(args.set_llm)
     llm_argv += [item for value in args.llm_option for item in value.split("=", 1)]
     llm_metrics = tiny_mllm.main(llm_argv)
@@ -151,6 +155,7 @@ def _decoder_stage(
         lambda: _stage_done(visual_tokenizer_dir, train_tokenizer.tokenizer_is_complete),
         train_tokenizer.main,
         f"the fine-tuned decoder in {visual_tokenizer_dir}",
+        ["--device", args.device],
     )
     return visual_tokenizer_dir, json.loads((visual_tokenizer_dir / "metrics.json").read_text()), time.time() - started
 
@@ -265,6 +270,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     parser.add_argument("--set-decoder", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--tokenizer-only", action="store_true", help="stop after the tokenizer (stage 0, 1 and 1b)")
+    add_device_argument(parser)
     parser.add_argument(
         "--llm-option",
         action="append",
@@ -278,6 +284,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if any(value.split("=", 1)[0] == "--t2i-world" for value in args.llm_option):
         parser.error("--llm-option=--t2i-world: use tiny-pipeline's own --t2i-world, which stage 1b follows too")
     args.decoder_config = args.decoder_config or DECODER_CONFIGS[args.t2i_world]
+    if any(value.split("=", 1)[0] == "--device" for value in args.llm_option):
+        parser.error("--llm-option=--device: use tiny-pipeline's own --device, which every stage follows")
+    resolve_device(args.device)  # a device this machine lacks fails before stage 0
     setup_logging()
     return run(args)
 

@@ -21,15 +21,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from tokenizer.devices import add_device_argument, autocast, resolve_device
 from tokenizer.files import OutputPathError, atomic_output, check_output_file
 from tokenizer.images import load_image
 from tokenizer.model import DualTokenizer
 
 
 def _load(args: argparse.Namespace) -> tuple[DualTokenizer, torch.Tensor]:
+    """The tokenizer on ``--device`` and the images, on the CPU (moved by :func:`_codes`)."""
     from training.common import setup_logging
 
-    visual_tokenizer = DualTokenizer.from_pretrained(args.tokenizer)
+    visual_tokenizer = DualTokenizer.from_pretrained(args.tokenizer, device=resolve_device(args.device))
     size = visual_tokenizer.backbone.image_size
     setup_logging()  # the notes of converted images
     images = torch.stack(
@@ -41,11 +43,26 @@ def _load(args: argparse.Namespace) -> tuple[DualTokenizer, torch.Tensor]:
     return visual_tokenizer, images
 
 
+@torch.no_grad()
+def _codes(visual_tokenizer: DualTokenizer, images: torch.Tensor, decode: bool = False) -> dict[str, torch.Tensor]:
+    """images (N, 3, H, W) in [-1, 1] on the CPU -> their codes (and reconstructions), on the CPU.
+
+    The forward passes run on the tokenizer's device, under bf16 autocast on CUDA."""
+    device = next(visual_tokenizer.parameters()).device
+    with autocast(device):
+        codes = visual_tokenizer.encode(images.to(device))
+        result = {"pixel_codes": codes.pixel_codes, "semantic_codes": codes.semantic_codes}
+        if decode:
+            result["reconstructions"] = visual_tokenizer.decode(codes.pixel_codes).float()
+    return {name: value.cpu() for name, value in result.items()}
+
+
 def _parse(prog: str, output_help: str, argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--tokenizer", required=True, help="directory written by train-tokenizer (…/tokenizer)")
     parser.add_argument("--images", nargs="+", required=True, help="image files")
     parser.add_argument("-o", "--output", required=True, help=output_help)
+    add_device_argument(parser)
     modes = parser.add_mutually_exclusive_group()
     modes.add_argument(
         "--strict", action="store_true", help="refuse images that are not RGB instead of converting them"
@@ -54,6 +71,7 @@ def _parse(prog: str, output_help: str, argv: list[str] | None) -> argparse.Name
     modes.add_argument("--convert-to-rgb", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     check_output_file(args.output, "-o/--output")
+    resolve_device(args.device)  # a device this machine lacks fails before anything is loaded
     return args
 
 
@@ -64,17 +82,18 @@ def tokenize_main(argv: list[str] | None = None) -> dict[str, torch.Tensor]:
         # Codes are tensors only, so they go in a format that cannot carry code (no pickle).
         raise OutputPathError(f"-o/--output {output}: expected a .safetensors file (pixel_codes, semantic_codes)")
     visual_tokenizer, images = _load(args)
-    codes = visual_tokenizer.encode(images)
-    payload = {"pixel_codes": codes.pixel_codes, "semantic_codes": codes.semantic_codes, "files": list(args.images)}
+    codes = _codes(visual_tokenizer, images)
+    payload = {**codes, "files": list(args.images)}
     output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(output) as partial:
         save_file(
-            {"pixel_codes": codes.pixel_codes.contiguous(), "semantic_codes": codes.semantic_codes.contiguous()},
+            {name: value.contiguous() for name, value in codes.items()},
             str(partial),
             metadata={"files": json.dumps(payload["files"])},
         )
     print(
-        f"wrote {output}: pixel_codes {tuple(codes.pixel_codes.shape)}, semantic_codes {tuple(codes.semantic_codes.shape)}"
+        f"wrote {output}: pixel_codes {tuple(codes['pixel_codes'].shape)}, "
+        f"semantic_codes {tuple(codes['semantic_codes'].shape)}"
     )
     return payload
 
@@ -95,7 +114,7 @@ def reconstruct_main(argv: list[str] | None = None) -> Path:
     args = _parse("dualtoken reconstruct", "output PNG (originals above, reconstructions below)", argv)
     _check_image_extension(Path(args.output))
     visual_tokenizer, images = _load(args)
-    recons = visual_tokenizer.decode(visual_tokenizer.encode(images).pixel_codes)
+    recons = _codes(visual_tokenizer, images, decode=True)["reconstructions"]
     path = save_image_grid([images, recons], Path(args.output), labels=["original", "decoded"])
     print(f"wrote {path}")
     return path
