@@ -51,6 +51,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from tokenizer.devices import add_device_argument, autocast, resolve_device
 from tokenizer.files import replace_directory, write_text_atomic
 from tokenizer.images import SQUARE_MODES, ImageLoadError
 from tokenizer.model import DualTokenizer
@@ -403,7 +404,8 @@ def _encode(
                 if error:
                     bad[seen + row] = error
             if good:
-                codes = visual_tokenizer.encode(images[good].to(device))
+                with autocast(device):
+                    codes = visual_tokenizer.encode(images[good].to(device))
                 pixel.append(codes.pixel_codes.cpu().numpy().astype(dtype))
                 semantic.append(codes.semantic_codes.cpu().numpy().astype(dtype))
             seen += len(errors)
@@ -433,7 +435,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--shard-size", type=int, default=4096)
     parser.add_argument("--num-workers", type=int, default=0, help="image-decoding processes")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(parser)
     parser.add_argument("--convert-to-rgb", action="store_true", help="convert grayscale / RGBA / palette images")
     parser.add_argument(
         "--image-resize",
@@ -453,7 +455,7 @@ def main(argv: list[str] | None = None) -> Path:
     check_output_dir(args.out, "--out")
     setup_logging()
     conversation_keys, generation_keys, root = collect_images_by_use(args.llava, args.t2i, args.image_root)
-    visual_tokenizer = DualTokenizer.from_pretrained(args.tokenizer).to(args.device)
+    visual_tokenizer = DualTokenizer.from_pretrained(args.tokenizer, device=resolve_device(args.device))
     return tokenize_to_shards(
         visual_tokenizer,
         conversation_keys,
