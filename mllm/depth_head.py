@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 class DepthHead(nn.Module):
@@ -63,3 +64,62 @@ class DepthHead(nn.Module):
         depth = 0 if codes is None else codes.shape[1]
         hidden = self._run(self._inputs(context, codes))[:, -1]
         return hidden @ self.classifier_weight[depth] + self.classifier_bias[depth]
+
+    def steps(self, context: torch.Tensor) -> DepthSteps:
+        """Depth-by-depth decoding of one slot from the LM state ``context`` ``(N, H_lm)``, with cached keys and values."""
+        return DepthSteps(self, context)
+
+
+class DepthSteps:
+    """One slot's depths decoded one at a time, each depth running the transformer on its own new
+    input only: the keys and values of the earlier depths are kept per layer, as a decoder's KV
+    cache keeps them (what :meth:`DepthHead.next_logits` recomputes from the whole prefix).
+
+        steps = head.steps(context)
+        logits = steps.next_logits(None)      # depth 0
+        logits = steps.next_logits(code)      # depth 1, after choosing ``code`` (N,) at depth 0
+    """
+
+    def __init__(self, head: DepthHead, context: torch.Tensor) -> None:
+        self.head = head
+        self.start = head.in_proj(context)
+        self.code_sum: torch.Tensor | None = None
+        self.depth = 0
+        layers = len(head.blocks.layers)
+        self.keys: list[torch.Tensor | None] = [None] * layers
+        self.values: list[torch.Tensor | None] = [None] * layers
+
+    def next_logits(self, code: torch.Tensor | None) -> torch.Tensor:
+        """Logits ``(N, K)`` of the next depth; ``code`` ``(N,)``: the code chosen at the previous depth (None at depth 0)."""
+        head = self.head
+        if self.depth >= head.depth:
+            raise ValueError(f"all {head.depth} depths of this slot are decoded already")
+        if (code is None) != (self.depth == 0):
+            raise ValueError(f"depth {self.depth} needs {'no code' if self.depth == 0 else 'the previous depth code'}")
+        inputs = self.start
+        if code is not None:  # the running sum of the chosen codes' embeddings, summed in order as cumsum does
+            embedded = head.code_embed(code)
+            self.code_sum = embedded if self.code_sum is None else self.code_sum + embedded
+            inputs = inputs + self.code_sum
+        hidden = (inputs + head.depth_embed.weight[self.depth]).unsqueeze(1)
+        for index, layer in enumerate(head.blocks.layers):
+            hidden = self._layer(index, layer, hidden)
+        hidden = head.norm(hidden)[:, 0]
+        logits = hidden @ head.classifier_weight[self.depth] + head.classifier_bias[self.depth]
+        self.depth += 1
+        return logits
+
+    def _layer(self, index: int, layer: nn.TransformerEncoderLayer, hidden: torch.Tensor) -> torch.Tensor:
+        """A pre-norm encoder layer (``norm_first=True``, no dropout at inference) on one new position."""
+        attention = layer.self_attn
+        rows, _, width = hidden.shape
+        heads = attention.num_heads
+        query, key, value = F.linear(layer.norm1(hidden), attention.in_proj_weight, attention.in_proj_bias).chunk(3, -1)
+        query, key, value = (part.view(rows, 1, heads, width // heads).transpose(1, 2) for part in (query, key, value))
+        if self.keys[index] is not None:
+            key = torch.cat([self.keys[index], key], dim=2)
+            value = torch.cat([self.values[index], value], dim=2)
+        self.keys[index], self.values[index] = key, value
+        mixed = F.scaled_dot_product_attention(query, key, value)  # the newest depth sees every earlier one
+        hidden = hidden + attention.out_proj(mixed.transpose(1, 2).reshape(rows, 1, width))
+        return hidden + layer.linear2(layer.activation(layer.linear1(layer.norm2(hidden))))

@@ -8,15 +8,24 @@ rows run in *one* batched forward and the logits are mixed as
 positions counted from the first real token, so a batch gives the same result as its
 rows one by one. ``use_cache=False`` re-runs the whole sequence at every step (reference and
 benchmark only).
+
+The image slot loop makes no device-to-host transfer: CFG mixing, top-k / top-p / temperature,
+the draw and the code-to-id mapping are tensor operations, the codes stay on the device until
+the image is complete, and each row's draw comes from its own generator without a per-row
+``torch.multinomial`` (:func:`sample`). A test counts host transfers inside the loop;
+:func:`device_sync_guard` makes CUDA raise on any.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from mllm.chat import Sequence, collate_sequences
+from mllm.decoding import SlotRunner
 from mllm.modeling import DualTokenMLLMForCausalLM
 
 
@@ -61,10 +70,15 @@ Generators = torch.Generator | list[torch.Generator] | None
 
 
 def sample(logits: torch.Tensor, config: SamplingConfig, generator: Generators = None) -> torch.Tensor:
-    """``(N, K)`` logits -> ``(N,)`` indices.
+    """``(N, K)`` logits -> ``(N,)`` indices, on the logits' device, without a host transfer.
 
     ``generator`` is one generator for the batch, or one per row: then row i's draws depend
     on its own generator only, so a row samples the same whatever else is in the batch.
+
+    The draw is ``argmax(p / e)`` with ``e ~ Exp(1)`` per entry (the exponential race: entry k
+    wins with probability ``p_k``). For one draw per row this is how ``torch.multinomial``
+    samples, from the same generator stream, so codes equal ``torch.multinomial``'s at the same
+    seed; with one generator per row only the noise is drawn row by row, the rest runs once.
     """
     if config.temperature == 0:
         return logits.argmax(-1)
@@ -73,51 +87,29 @@ def sample(logits: torch.Tensor, config: SamplingConfig, generator: Generators =
     if isinstance(generator, list):
         if len(generator) != probs.shape[0]:
             raise ValueError(f"{len(generator)} generators for {probs.shape[0]} rows")
-        rows = [torch.multinomial(row[None], 1, generator=gen) for row, gen in zip(probs, generator, strict=True)]
-        return torch.cat(rows).squeeze(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        noise = torch.empty_like(probs)
+        for row, row_generator in enumerate(generator):
+            noise[row].exponential_(generator=row_generator)
+    else:
+        noise = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / noise).argmax(-1)
 
 
-class _Runner:
-    """Feeds slots to the model with or without a KV cache and returns the last hidden states."""
-
-    def __init__(self, model: DualTokenMLLMForCausalLM, batch: dict[str, torch.Tensor], use_cache: bool) -> None:
-        self.model = model
-        self.use_cache = use_cache
-        device = next(model.parameters()).device
-        self.ids = batch["input_ids"].to(device)
-        self.mask = batch["attention_mask"].to(device)
-        self.cache = None
-
-    def start(self) -> torch.Tensor:
-        positions = (self.mask.cumsum(-1) - 1).clamp_min(0)
-        out = self.model(self.ids, attention_mask=self.mask, position_ids=positions, use_cache=self.use_cache)
-        self.cache = out.past_key_values if self.use_cache else None
-        return out.hidden_states[:, -1]
-
-    def feed(self, slots: torch.Tensor, image_index: int = -1) -> torch.Tensor:
-        """Append ``(N, C)`` slots and return the new last hidden states ``(N, H)``.
-
-        ``image_index``: the slots' index in the image being drawn (-1 for text), which the
-        model cannot infer from one slot alone (its 2-D image position embedding needs it).
-        """
-        slots = slots.unsqueeze(1)
-        self.ids = torch.cat([self.ids, slots], dim=1)
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        if not self.use_cache:
-            return self.start()
-        position = (self.mask.sum(-1, keepdim=True) - 1).clamp_min(0)
-        index = torch.full(slots.shape[:2], image_index, dtype=torch.long, device=slots.device)
-        out = self.model(
-            slots,
-            attention_mask=self.mask,
-            position_ids=position,
-            past_key_values=self.cache,
-            use_cache=True,
-            image_slot_index=index,
-        )
-        self.cache = out.past_key_values
-        return out.hidden_states[:, -1]
+@contextlib.contextmanager
+def device_sync_guard(device: torch.device | str) -> Iterator[None]:
+    """On CUDA, make any device-to-host synchronisation inside the block raise
+    (``torch.cuda.set_sync_debug_mode("error")``); elsewhere a no-op. Wrap a sampling call in it
+    to check that the slot loop stays on the device."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
 
 
 @torch.no_grad()
@@ -131,31 +123,45 @@ def generate_text(
     generator: Generators = None,
     use_cache: bool = True,
 ) -> list[list[int]]:
-    """Continue each prompt with text tokens until a stop id (excluded) or ``max_new_tokens``."""
+    """Continue each prompt with text tokens until a stop id (excluded) or ``max_new_tokens``.
+
+    Tokens stay on the device; the only host read per token is whether every row has stopped.
+    """
     sampling = sampling or SamplingConfig(temperature=0.0)
     batch = collate_sequences(prompts, pad_id, left_pad=True)
-    runner = _Runner(model, batch, use_cache)
+    runner = SlotRunner(model, batch, use_cache, max_new_tokens)
     hidden = runner.start()
     text_size = model.config.text_size
-    width = model.config.slot_width
-    outputs: list[list[int]] = [[] for _ in prompts]
-    done = torch.zeros(len(prompts), dtype=torch.bool)
-    for _ in range(max_new_tokens):
+    device = hidden.device
+    stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
+    tokens_out = torch.full((len(prompts), max_new_tokens), -1, dtype=torch.long, device=device)
+    running = torch.ones(len(prompts), dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
         logits = model.text_logits(hidden)[:, :text_size]
         tokens = sample(logits, sampling, generator)
-        for row, token in enumerate(tokens.tolist()):
-            if done[row]:
-                continue
-            if token in stop_ids:
-                done[row] = True
-            else:
-                outputs[row].append(token)
-        if bool(done.all()):
+        running = running & ~torch.isin(tokens, stops)
+        tokens_out[:, step] = torch.where(running, tokens, -1)
+        if step + 1 == max_new_tokens or not bool(running.any()):
             break
-        slots = torch.full((len(prompts), width), -1, dtype=torch.long, device=tokens.device)
-        slots[:, 0] = tokens
-        hidden = runner.feed(slots)
-    return outputs
+        hidden = runner.feed(tokens)
+    # A row's answer is its tokens up to its first stop (-1 marks a stopped row's steps).
+    return [[token for token in row if token >= 0] for row in tokens_out.tolist()]
+
+
+def _depth_logits(model: DualTokenMLLMForCausalLM, head_name: str, context: torch.Tensor, cached: bool):
+    """``next_logits(code)`` for one slot: the depth head's cached steps, or its uncached reference."""
+    head = getattr(model, head_name)
+    if cached and head is not None:
+        return head.steps(context).next_logits
+    uncached = model.next_pixel_logits if head_name == "pixel_head" else head.next_logits
+    chosen: list[torch.Tensor] = []
+
+    def next_logits(code: torch.Tensor | None) -> torch.Tensor:
+        if code is not None:
+            chosen.append(code)
+        return uncached(context, torch.stack(chosen, dim=1) if chosen else None)
+
+    return next_logits
 
 
 @torch.no_grad()
@@ -169,12 +175,17 @@ def generate_image_codes(
     generator: Generators = None,
     use_cache: bool = True,
     batch_cfg: bool = True,
+    cached_depth: bool = True,
+    forbid_syncs: bool = False,
 ) -> torch.Tensor:
     """Pixel codes ``(B, h, w, Dp)`` for prompts ending in ``<image_gen_start>``.
 
     With ``unconditional`` (the empty-caption prompt) classifier-free guidance is on: the
     unconditional rows join the batch (``batch_cfg=True``: one forward per slot) or run as a
-    second model call per slot (``batch_cfg=False``, for comparison).
+    second model call per slot (``batch_cfg=False``, for comparison). ``cached_depth=False``
+    runs the depth head without its depth cache (reference only; the same codes).
+    ``forbid_syncs=True`` runs the slot loop under :func:`device_sync_guard` (on CUDA any
+    device-to-host synchronisation in it raises; the prefill before it may read the host).
     """
     sampling = sampling or SamplingConfig()
     config = model.config
@@ -183,43 +194,46 @@ def generate_image_codes(
     guided = unconditional is not None
     rows = prompts + [unconditional] * count if guided else list(prompts)
     batch = collate_sequences(rows, pad_id, left_pad=True)
+    slots_total = config.image_slots
     if guided and not batch_cfg:
         halves = [
             {key: value[:count] for key, value in batch.items()},
             {key: value[count:] for key, value in batch.items()},
         ]
-        runners = [_Runner(model, half, use_cache) for half in halves]
+        runners = [SlotRunner(model, half, use_cache, slots_total) for half in halves]
         hidden = torch.cat([runner.start() for runner in runners])
     else:
-        runners = [_Runner(model, batch, use_cache)]
+        runners = [SlotRunner(model, batch, use_cache, slots_total)]
         hidden = runners[0].start()
-    slots_total = config.image_slots
     split = config.semantic_depth
-    all_codes = torch.empty(count, slots_total, config.pixel_depth, dtype=torch.long)
+    device = hidden.device
+    all_codes = torch.empty(count, slots_total, config.pixel_depth, dtype=torch.long, device=device)
+    slot_ids = torch.full((len(rows), config.slot_width), -1, dtype=torch.long, device=device)
 
-    def pick(next_logits, depth_count: int) -> torch.Tensor:
-        chosen: torch.Tensor | None = None
+    def pick(context: torch.Tensor, head_name: str, depth_count: int) -> torch.Tensor:
+        next_logits = _depth_logits(model, head_name, context, cached_depth)
+        code = None
+        chosen = []
         for _ in range(depth_count):
-            logits = next_logits(hidden, chosen)
+            logits = next_logits(code)
             if guided:
                 cond, uncond = logits[:count].float(), logits[count:].float()
                 logits = uncond + cfg_scale * (cond - uncond)
             code = sample(logits, sampling, generator)
             code = torch.cat([code, code]) if guided else code
-            chosen = code[:, None] if chosen is None else torch.cat([chosen, code[:, None]], dim=1)
-        return chosen
+            chosen.append(code)
+        return torch.stack(chosen, dim=1)
 
-    for slot in range(slots_total):
-        pixel = pick(model.next_pixel_logits, config.pixel_depth)
-        all_codes[:, slot] = pixel[:count].cpu()
-        slot_ids = torch.full((pixel.shape[0], config.slot_width), -1, dtype=torch.long, device=pixel.device)
-        slot_ids[:, split:] = layout.pixel_ids(pixel)
-        if model.semantic_head is not None:
-            semantic = pick(model.semantic_head.next_logits, config.semantic_depth)
-            slot_ids[:, :split] = layout.semantic_ids(semantic)
-        if len(runners) == 1:
-            hidden = runners[0].feed(slot_ids, slot)
-        else:
-            hidden = torch.cat([runners[0].feed(slot_ids[:count], slot), runners[1].feed(slot_ids[count:], slot)])
+    with device_sync_guard(device) if forbid_syncs else contextlib.nullcontext():
+        for slot in range(slots_total):
+            pixel = pick(hidden, "pixel_head", config.pixel_depth)
+            all_codes[:, slot] = pixel[:count]
+            slot_ids[:, split:] = pixel + layout.pixel_offset  # sampled codes are in range by construction
+            if model.semantic_head is not None:
+                slot_ids[:, :split] = pick(hidden, "semantic_head", config.semantic_depth) + layout.semantic_offset
+            if len(runners) == 1:
+                hidden = runners[0].feed(slot_ids, slot)
+            else:
+                hidden = torch.cat([runners[0].feed(slot_ids[:count], slot), runners[1].feed(slot_ids[count:], slot)])
     height, width = config.grid_size
-    return all_codes.view(count, height, width, config.pixel_depth)
+    return all_codes.cpu().view(count, height, width, config.pixel_depth)

@@ -27,7 +27,7 @@ import torch
 
 from mllm.chat import ConversationError, Sequence, SequenceBuilder
 from mllm.generation import SamplingConfig, generate_image_codes, generate_text
-from mllm.model_folder import load_model_folder
+from mllm.model_folder import IMAGE_RESIZE_FIELD, check_image_resize, load_model_folder, recorded_image_resize
 from mllm.modeling import DualTokenMLLMForCausalLM
 from mllm.request_checks import (
     MAX_NEW_TOKENS,
@@ -112,7 +112,12 @@ class Pipeline:
         visual_tokenizer: Any,
         max_length: int | None = None,
         sampling: SamplingConfig | None = None,
+        image_resize: str | None = None,
     ):
+        """``image_resize``: how images that are not square are made square for the visual tokenizer,
+        ``"pad"`` (pad-to-square, LLaVA's choice) or ``"crop"`` (centre crop); None is ``"pad"``.
+        :meth:`from_pretrained` passes the mode the model folder records (the one training used)."""
+        self.image_resize = check_image_resize("pad" if image_resize is None else image_resize, IMAGE_RESIZE_FIELD)
         self.model = model.eval()
         self.sampling = sampling or SamplingConfig()  # image-sampling defaults
         self.text_tokenizer = text_tokenizer
@@ -124,20 +129,35 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, visual_tokenizer_path: str | Path | None = None, device: str = "cpu"
+        cls,
+        directory: str | Path,
+        visual_tokenizer_path: str | Path | None = None,
+        device: str | torch.device | None = "auto",
+        image_resize: str | None = None,
     ) -> Pipeline:
+        """The model folder ``directory`` and its DualToken tokenizer, both on ``device``
+        (``auto``: the first CUDA GPU when there is one, else the CPU; :mod:`tokenizer.devices`).
+
+        ``image_resize`` (``"pad"`` or ``"crop"``): None uses the folder's recorded mode
+        (``dualtoken.json``'s ``image_resize``, how training made its images square), else ``"pad"``.
+        """
+        from tokenizer.devices import resolve_device
         from tokenizer.model import DualTokenizer
 
         directory = Path(directory)
-        model, text_tokenizer, sidecar = load_model_folder(directory)
-        model = model.to(device)
+        # Checked before the weights load; None: the mode training used, as the folder records it.
+        image_resize = recorded_image_resize(directory) if image_resize is None else image_resize
+        check_image_resize("pad" if image_resize is None else image_resize, IMAGE_RESIZE_FIELD)
+        device = resolve_device(device)
+        model, text_tokenizer, sidecar = load_model_folder(directory, device=device)
         path = (
             Path(visual_tokenizer_path)
             if visual_tokenizer_path
             else resolve_visual_tokenizer_path(directory, sidecar.get("tokenizer_path"))
         )
-        visual_tokenizer = DualTokenizer.from_pretrained(path).to(device)
-        return cls(model, text_tokenizer, visual_tokenizer, sampling=read_sampling(directory))
+        visual_tokenizer = DualTokenizer.from_pretrained(path, device=device)
+        sampling = read_sampling(directory)
+        return cls(model, text_tokenizer, visual_tokenizer, sampling=sampling, image_resize=image_resize)
 
     @property
     def device(self) -> torch.device:
@@ -145,23 +165,36 @@ class Pipeline:
 
     # ------------------------------------------------------------------ images in
     def _image_tensor(self, image: ImageLike) -> torch.Tensor:
-        from tokenizer.images import load_image
+        """One image as the tokenizer's (3, S, S) input in [-1, 1].
+
+        Images that are not S x S are made square by ``self.image_resize``: ``"pad"``
+        (pad-to-square) or ``"crop"`` (centre crop), through :func:`tokenizer.images.fit_square`;
+        an S x S image is used as it is.
+        """
+        from PIL import Image
+
+        from tokenizer.images import fit_square, load_image, uint8_image_to_tensor
 
         size = self.visual_tokenizer.backbone.image_size
+        mode = self.image_resize
         if isinstance(image, (str, Path)):
-            return load_image(Path(image), name=str(image), image_size=size)
+            return load_image(Path(image), name=str(image), image_size=size, resize=mode)
         if isinstance(image, torch.Tensor):
             tensor = image.float()
+            if tensor.dim() != 3 or tensor.shape[0] != 3:
+                raise PipelineError(f"expected a (3, H, W) image tensor, got shape {tuple(tensor.shape)}")
+            if tensor.shape[-2:] == (size, size):
+                return tensor
+            if tensor.shape[-1] == tensor.shape[-2]:
+                return torch.nn.functional.interpolate(tensor[None], size=(size, size), mode="bilinear")[0]
+            array = tensor.add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
         else:
             array = np.asarray(image)
             if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
                 raise PipelineError(f"expected an (H, W, 3) uint8 image, got {array.dtype} {array.shape}")
-            tensor = torch.from_numpy(array).permute(2, 0, 1).float() / 127.5 - 1.0
-        if tensor.dim() != 3 or tensor.shape[0] != 3:
-            raise PipelineError(f"expected a (3, H, W) image tensor, got shape {tuple(tensor.shape)}")
-        if tensor.shape[-2:] != (size, size):
-            tensor = torch.nn.functional.interpolate(tensor[None], size=(size, size), mode="bilinear")[0]
-        return tensor
+        if array.shape[:2] != (size, size):
+            array = np.asarray(fit_square(Image.fromarray(array), size, mode))
+        return uint8_image_to_tensor(array)
 
     @torch.no_grad()
     def encode(self, images: SequenceABC[ImageLike]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,11 +231,14 @@ class Pipeline:
         max_new_tokens: int = 16,
         sampling: SamplingConfig | None = None,
         seed: int = 0,
+        seeds: SequenceABC[int] | None = None,
     ) -> list[str]:
         """Answers to ``questions``, one per image (None: no image), each with its own history.
 
-        Every input is checked before any model runs: a bad one raises :class:`PipelineError`
-        naming the argument and what was expected.
+        All questions run as one left-padded batch. With sampling (``temperature > 0``) answer k
+        is drawn from its own generator seeded ``seed + k`` (or ``seeds[k]``), so it does not
+        depend on the other questions in the batch. Every input is checked before any model
+        runs: a bad one raises :class:`PipelineError` naming the argument and what was expected.
         """
         items = check_sequence(questions, "questions")
         questions = [check_prompt(text, item_name("question", items, index)) for index, text in enumerate(items)]
@@ -222,7 +258,13 @@ class Pipeline:
         context = self.builder.max_length
         max_new_tokens = check_integer(max_new_tokens, "max_new_tokens", 1, context or MAX_NEW_TOKENS)
         sampling = SamplingConfig(temperature=0.0) if sampling is None else check_sampling_config(sampling)
-        seed = check_integer(seed, "seed", 0, SEED_LIMIT - 1)
+        if seeds is None:
+            seed = check_integer(seed, "seed", 0, SEED_LIMIT - len(questions))
+            seed_list = [seed + k for k in range(len(questions))]
+        else:
+            seed_list = [check_integer(value, f"seeds[{k}]", 0, SEED_LIMIT - 1) for k, value in enumerate(seeds)]
+            if len(seed_list) != len(questions):
+                raise PipelineError(f"{len(seed_list)} seeds for {len(questions)} questions; expected one seed each")
         grid = self.model.config.grid_size
         for index, (question, history, image) in enumerate(zip(questions, checked_histories, images, strict=True)):
             placeholder = None
@@ -249,8 +291,8 @@ class Pipeline:
             self._answer_prompt(question, history, codes, item_name("question", questions, index))
             for index, (question, history, codes) in enumerate(zip(questions, checked_histories, encoded, strict=True))
         ]
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        outputs = generate_text(self.model, prompts, max_new_tokens, sampling, self.stop_ids, self.pad_id, generator)
+        generators = [torch.Generator(device=self.device).manual_seed(value) for value in seed_list]
+        outputs = generate_text(self.model, prompts, max_new_tokens, sampling, self.stop_ids, self.pad_id, generators)
         return [self.text_tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
 
     def _answer_prompt(
