@@ -4,7 +4,8 @@ Each reads the hub layout lmms-lab publishes (``parquet``: a parquet file or fol
 :mod:`eval.hf_benchmarks`) and, where the benchmark has one, its original release
 (:mod:`eval.benchmarks`); nothing is downloaded. Scoring rules live in :mod:`eval.vqa_rules` and
 :mod:`eval.scoring`; prompts follow LLaVA-1.5's evaluation prompts (as lmms-eval uses them).
-Images are made square by ``image_resize``: ``pad`` (default, LLaVA's pad-to-square) or ``crop``.
+Images are made square by ``image_resize``: ``pad`` (LLaVA's pad-to-square) or ``crop``; left out,
+the mode the model folder records (how training made its images square), else ``pad``.
 """
 
 from __future__ import annotations
@@ -50,7 +51,13 @@ class _LocalBenchmark(Task):
         return str(value)
 
     def _image_resize(self) -> str:
-        mode = str(self.options.get("image_resize", "pad"))
+        """The task's ``image_resize`` setting, else the model folder's recorded mode, else pad."""
+        mode = self.options.get("image_resize")
+        if mode is None:
+            from mllm.model_folder import recorded_image_resize
+
+            model_dir = self.context.model_dir
+            mode = (recorded_image_resize(model_dir) if model_dir is not None else None) or "pad"
         if mode not in ("pad", "crop"):
             raise ConfigError(f"`{self.name}.image_resize` is {mode!r}; expected pad or crop")
         return mode
