@@ -100,6 +100,30 @@ def load_llm_stage(path: Path) -> None:
     load_config(MLLMStageConfig, path)
 
 
+def load_deepspeed_json(path: Path) -> None:
+    """Filled from a typed config as a run fills it, then parsed by DeepSpeed's own config
+    classes, which refuse unknown keys."""
+    import os
+
+    import torch
+
+    from training.config import DeepSpeedConfig
+    from training.deepspeed_json import TrainShape, deepspeed_json
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.runtime.config import DeepSpeedConfig as DeepSpeedRuntimeConfig
+
+    shape = TrainShape(micro_batch=2, accumulation=4, world_size=1, grad_clip=1.0, bf16=False)
+    payload = deepspeed_json(DeepSpeedConfig(enabled=True, config_path=str(path)), shape)
+    try:
+        parsed = DeepSpeedRuntimeConfig(payload)
+    except Exception as error:  # noqa: BLE001 - pydantic's ValidationError and DeepSpeed's own asserts
+        raise ConfigError(f"{path}: DeepSpeed refuses it: {str(error).splitlines()[0:3]}") from None
+    if (parsed.train_batch_size, parsed.gradient_accumulation_steps) != (8, 4):
+        raise ConfigError(f"{path}: the batch size is not the typed config's (8 = 2 x 4 x 1 process)")
+
+
 def load_eval_settings(path: Path) -> None:
     from eval.harness import load_settings
     from eval.task import TASKS
@@ -197,12 +221,19 @@ LLM_BASE = Schema(
     resolved=("model", "data.codes"),
     not_stated=("stage", "loop.output_dir", "loop.max_steps"),
 )
+# A DeepSpeed JSON leaves the values the typed config owns to it ("auto") and names its ZeRO stage.
+DEEPSPEED_JSON = Schema("DeepSpeed JSON", load_deepspeed_json, stated=("zero_optimization.stage",))
 # A score names its settings file and must be reproducible from it.
 EVAL_SETTINGS = Schema("eval settings", load_eval_settings, resolved=("version", "seed", "world_seed"))
 FLOORS = Schema("score floors", load_floors, resolved=("llm_micro.steps", "llm_micro.floors", "llm_micro.ceilings"))
 
 SCHEMA_OF = {
+    "deepspeed/zero2.json": DEEPSPEED_JSON,
+    "deepspeed/zero2_offload.json": DEEPSPEED_JSON,
+    "deepspeed/zero3.json": DEEPSPEED_JSON,
+    "deepspeed/zero3_offload.json": DEEPSPEED_JSON,
     "eval/floors.yaml": FLOORS,
+    "eval/paper_benchmarks.yaml": EVAL_SETTINGS,
     "eval/shapes.yaml": EVAL_SETTINGS,
     "mllm/qwen2_5_3b.yaml": LLM_BASE,
     "mllm/tiny.yaml": LLM_BASE,

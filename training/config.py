@@ -133,15 +133,20 @@ class OptimConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    """DeepSpeed settings; the JSON is filled from the typed config (batch size, clip, lr)."""
+    """DeepSpeed settings; the JSON is filled from the typed config (training/deepspeed_json.py).
+
+    ``config_path`` names a DeepSpeed JSON (``configs/deepspeed/zero3.json`` ...) whose ``"auto"``
+    entries are filled from the typed config; ``zero_stage`` and ``offload_optimizer`` left unset
+    take the file's values (ZeRO-2 and no offload without a file).
+    """
 
     enabled: bool = False
-    zero_stage: int = 2
-    offload_optimizer: bool = False
-    config_path: str | None = None  # optional JSON whose keys override the generated ones
+    zero_stage: int | None = None
+    offload_optimizer: bool | None = None  # optimizer state and step on the CPU (DeepSpeed's CPU Adam)
+    config_path: str | None = None
 
     def __post_init__(self) -> None:
-        _require(self.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage={self.zero_stage}; expected 0-3")
+        _require(self.zero_stage in (None, 0, 1, 2, 3), f"deepspeed.zero_stage={self.zero_stage}; expected 0-3")
 
 
 @dataclass
@@ -151,12 +156,15 @@ class LoopConfig:
     output_dir: str = "runs/tokenizer"
     seed: int = 0
     max_steps: int = 1000
-    batch_size: int = 32  # per process
+    batch_size: int = 32  # per process and micro-batch
+    # Micro-batches per optimizer step: a step trains on batch_size x grad_accumulation x processes
+    # items, and max_steps, the schedule, logging and checkpoints count optimizer steps.
+    grad_accumulation: int = 1
     eval_every: int = 250
     eval_images: int = 256
     save_every: int = 250
     log_every: int = 10
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16 (autocast)
     num_workers: int = 0
     num_threads: int = 0  # torch CPU threads; 0 = leave torch's default
     resume: bool = True  # continue from output_dir/checkpoints/latest when present
@@ -164,5 +172,9 @@ class LoopConfig:
     def __post_init__(self) -> None:
         _require(self.max_steps >= 1, f"loop.max_steps={self.max_steps}; expected >= 1")
         _require(self.batch_size >= 1, f"loop.batch_size={self.batch_size}; expected >= 1")
+        _require(self.grad_accumulation >= 1, f"loop.grad_accumulation={self.grad_accumulation}; expected >= 1")
         _require(self.eval_every >= 1 and self.save_every >= 1, "loop.eval_every and loop.save_every must be >= 1")
-        _require(self.precision in ("fp32", "bf16"), f"loop.precision={self.precision!r}; expected 'fp32' or 'bf16'")
+        _require(
+            self.precision in ("auto", "fp32", "bf16"),
+            f"loop.precision={self.precision!r}; expected 'auto', 'fp32' or 'bf16'",
+        )

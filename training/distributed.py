@@ -13,15 +13,11 @@ weights_only=True)`` (tensors, numbers, strings and plain containers only; docs/
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import logging
 import os
 import pickle
-import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +27,12 @@ from torch import nn
 
 from tokenizer.config import ConfigError
 from training.config import DeepSpeedConfig
+from training.deepspeed_json import TrainShape, deepspeed_json, offloads_optimizer
 from training.fault_injection import _install_fault_injection
+from training.launcher import DistState, adopt_slurm_environment, default_single_process_env, launch_device
+from training.launcher import add_launcher_arguments as add_launcher_arguments
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class DistState:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def _deepspeed():
@@ -57,70 +44,32 @@ def _deepspeed():
     return deepspeed
 
 
-class _LocalRankAction(argparse.Action):
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: Any, option: Any = None):
-        # The launchers also export LOCAL_RANK, which init_distributed reads; the flag fills it in
-        # only where a launcher passed the flag alone.
-        os.environ.setdefault("LOCAL_RANK", str(value))
-        setattr(namespace, self.dest, value)
+def init_distributed(use_deepspeed: bool = False, device: str | torch.device | None = "auto") -> DistState:
+    """Join the process group started by ``torchrun`` / ``deepspeed`` / ``srun`` (or run alone).
 
-
-def add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
-    """Accept ``--local_rank N`` (and ``--local-rank``), which the ``deepspeed`` launcher passes to
-    every process it starts; ``torchrun`` and ``srun`` pass the same through the environment."""
-    parser.add_argument(
-        "--local_rank",
-        "--local-rank",
-        dest="local_rank",
-        type=int,
-        default=None,
-        action=_LocalRankAction,
-        help="set by the deepspeed launcher (LOCAL_RANK in the environment wins)",
-    )
-
-
-def init_distributed(use_deepspeed: bool = False) -> DistState:
-    """Join the process group started by ``torchrun`` / ``deepspeed`` (or run alone).
-
-    Plain runs create a group only with several processes; DeepSpeed always needs one, so a
-    DeepSpeed run started without a launcher becomes a 1-process group on 127.0.0.1.
-    CPU runs use gloo (and DeepSpeed's CPU accelerator), GPU runs NCCL.
+    Alone, the model runs on ``device`` (``auto``: CUDA when present); under a launcher, ``auto``
+    and ``cuda`` mean ``cuda:LOCAL_RANK`` (:func:`training.launcher.launch_device`). Plain runs
+    create a group only with several processes; DeepSpeed always needs one, so a DeepSpeed run
+    started without a launcher becomes a 1-process group on 127.0.0.1. CPU runs use gloo (and
+    DeepSpeed's CPU accelerator), GPU runs NCCL.
     """
     _install_fault_injection()
+    adopt_slurm_environment()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    resolved = launch_device(device, local_rank)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
+    if resolved.type == "cuda":
+        torch.cuda.set_device(resolved)
     else:
-        device = torch.device("cpu")
-    backend = "nccl" if device.type == "cuda" else "gloo"
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is first imported
+    backend = "nccl" if resolved.type == "cuda" else "gloo"
     if use_deepspeed:
-        _default_single_process_env()
+        default_single_process_env()
         _deepspeed().init_distributed(dist_backend=backend)
     elif world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend)
-    return DistState(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _default_single_process_env() -> None:
-    """Fill the rendezvous variables a launcher would set, for a run started without one.
-
-    DeepSpeed always needs a process group; when ``RANK`` etc. are missing it falls back to
-    MPI discovery (``mpi4py``), which is neither installed nor wanted for a 1-process run.
-    """
-    if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
-        return
-    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    return DistState(rank=rank, world_size=world_size, local_rank=local_rank, device=resolved)
 
 
 def cleanup_distributed() -> None:
@@ -157,37 +106,15 @@ def all_reduce_scalars(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, packed.tolist(), strict=True))
 
 
-def deepspeed_json(config: DeepSpeedConfig, batch_size: int, grad_clip: float, precision: str, world_size: int) -> dict:
-    """The DeepSpeed JSON, filled from the typed config (never edited by hand)."""
-    zero: dict[str, Any] = {"stage": config.zero_stage}
-    if config.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if config.zero_stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-    payload: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": batch_size,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": batch_size * world_size,
-        "gradient_clipping": grad_clip,
-        "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16" and torch.cuda.is_available()},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if config.config_path:
-        path = Path(config.config_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"deepspeed.config_path={path} does not exist")
-        # Merged key by key, so a user's {"zero_optimization": {...}} refines the generated
-        # section instead of dropping its stage and offload settings.
-        from training.config import _merge
-
-        payload = _merge(payload, json.loads(path.read_text()))
-    return payload
-
-
 class TrainEngine:
-    """A model with its optimizer and LR schedule; plain PyTorch or DeepSpeed underneath."""
+    """A model with its optimizer and LR schedule; plain PyTorch or DeepSpeed underneath.
+
+    With ``accumulation`` > 1 an optimizer step spans that many micro-batches: the loop calls
+    :meth:`backward` and :meth:`step` once per micro-batch, and the optimizer, the schedule and
+    the gradient averaging over processes run on the last one of each step (DeepSpeed's
+    ``gradient_accumulation_steps`` under DeepSpeed). Each micro-batch's loss counts
+    ``1 / accumulation``, so a step's gradient is the mean over its micro-batches.
+    """
 
     def __init__(
         self,
@@ -199,8 +126,11 @@ class TrainEngine:
         batch_size: int = 1,
         precision: str = "fp32",
         world_size: int = 1,
+        accumulation: int = 1,
     ) -> None:
         self.grad_clip = grad_clip
+        self.accumulation = accumulation
+        self._micro_steps = 0
         self.uses_deepspeed = bool(deepspeed_config and deepspeed_config.enabled)
         if self.uses_deepspeed and getattr(optimizer, "needs_whole_matrices", False):
             raise ConfigError(
@@ -208,9 +138,19 @@ class TrainEngine:
                 "partitions; use optim.name=adamw with deepspeed.enabled=true"
             )
         if self.uses_deepspeed:
-            ds_json = deepspeed_json(deepspeed_config, batch_size, grad_clip, precision, world_size)
+            on_gpu = any(param.is_cuda for param in model.parameters())
+            shape = TrainShape(batch_size, accumulation, world_size, grad_clip, precision == "bf16" and on_gpu, on_gpu)
+            ds_json = deepspeed_json(deepspeed_config, shape)
+            if offloads_optimizer(ds_json):
+                optimizer, scheduler = _cpu_adam(optimizer, scheduler)
             engine, optimizer, _, scheduler = _deepspeed().initialize(
                 model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_json
+            )
+            logger.info(
+                "DeepSpeed ZeRO-%d with %s, %d micro-batches per step",
+                ds_json["zero_optimization"]["stage"],
+                type(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer).__name__,
+                accumulation,
             )
             self._wrapped: nn.Module = engine
             self.module: nn.Module = engine.module
@@ -219,7 +159,8 @@ class TrainEngine:
             # in DDP: DDP only syncs what went through its own forward, and the loops also call
             # the bare model (stage 0 uses SigLIP's get_image_features / get_text_features; the
             # adaptive GAN weight differentiates with autograd.grad). Bypassing DDP would leave
-            # the ranks silently training different models.
+            # the ranks silently training different models. Averaging on the last micro-batch
+            # of a step only is what DDP's no_sync() does on the others.
             self._wrapped = model
             self.module = model
             if world_size > 1:
@@ -254,17 +195,26 @@ class TrainEngine:
                 param.requires_grad_(flag)
 
     def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's loss, counted ``1 / accumulation`` (DeepSpeed scales it itself)."""
         if self.uses_deepspeed:
             self._wrapped.backward(loss)
+        elif self.accumulation > 1:
+            (loss / self.accumulation).backward()
         else:
             loss.backward()
 
     def step(self) -> float | None:
-        """Clip, step the optimizer and schedule, zero the grads; returns the grad norm when known."""
+        """Once per micro-batch. On the last micro-batch of an optimizer step: clip, step the
+        optimizer and schedule, zero the grads, and return the grad norm when known; before it,
+        the gradients only accumulate and None is returned."""
         if self.uses_deepspeed:
+            boundary = self._wrapped.is_gradient_accumulation_boundary()
             self._wrapped.step()
-            norm = self._wrapped.get_global_grad_norm()
+            norm = self._wrapped.get_global_grad_norm() if boundary else None
             return float(norm) if norm is not None else None
+        self._micro_steps += 1
+        if self._micro_steps % self.accumulation:
+            return None
         if self.data_parallel:
             _average_gradients(self.module)
         params = [p for p in self.module.parameters() if p.grad is not None]
@@ -374,6 +324,43 @@ class TrainEngine:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and "scheduler" in state:
             self.scheduler.load_state_dict(state["scheduler"])
+
+
+def _cpu_adam(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler | None
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+    """DeepSpeed's CPU Adam with ``optimizer``'s parameter groups and settings, and the schedule moved onto it.
+
+    ZeRO-Offload steps the optimizer on the CPU and accepts only this optimizer for it
+    (DeepSpeed's ZeRO-Offload documentation); a torch AdamW is refused there.
+    """
+    if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        raise ConfigError(
+            f"deepspeed.offload_optimizer=true runs DeepSpeed's CPU Adam, which cannot stand in for "
+            f"{type(optimizer).__name__}; use optim.name=adamw or deepspeed.offload_optimizer=false"
+        )
+    if scheduler is not None and not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        raise ConfigError(f"deepspeed.offload_optimizer=true cannot move a {type(scheduler).__name__} schedule")
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    groups = []
+    for group in optimizer.param_groups:
+        # The schedule's base lr, not the lr it already set for step 0: the new schedule sets that again.
+        lr = group.get("initial_lr", group["lr"])
+        settings = {key: group[key] for key in ("betas", "eps", "weight_decay")}
+        groups.append({"params": group["params"], "lr": lr, **settings})
+    defaults = optimizer.defaults
+    cpu_adam = DeepSpeedCPUAdam(
+        groups,
+        lr=defaults["lr"],
+        betas=defaults["betas"],
+        eps=defaults["eps"],
+        weight_decay=defaults["weight_decay"],
+        adamw_mode=isinstance(optimizer, torch.optim.AdamW),
+    )
+    if scheduler is None:
+        return cpu_adam, None
+    return cpu_adam, torch.optim.lr_scheduler.LambdaLR(cpu_adam, scheduler.lr_lambdas)
 
 
 @torch.no_grad()

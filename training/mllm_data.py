@@ -7,8 +7,10 @@ from ``(seed, step)`` alone, so a resumed run sees the batches an uninterrupted 
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mllm.chat import Sequence, SequenceBuilder
+from mllm.chat import OverlongSequenceError, Sequence, SequenceBuilder
 from tokenizer.config import ConfigError
 from training.common import StepIndexedSampler
 from training.data.code_shards import normalise_key
@@ -27,6 +29,7 @@ from training.mllm_config import SOURCES, MLLMDataConfig
 logger = logging.getLogger(__name__)
 
 DESCRIBE_PROMPT = "describe the image."
+_USES = {"vqa": ("vqa",), "t2i": ("t2i", "caption")}  # the mix sources that read each kind of record
 _INPUT_NOISE_STREAM = 7  # rng stream of image_input_noise, apart from the caption-dropping draws
 
 
@@ -134,8 +137,9 @@ class MixtureSampler(StepIndexedSampler):
     """One source per step, drawn by the mix weights; records drawn within it; all from ``(seed, step)``.
 
     A step's batch depends on the step alone (exact resume), and a batch never mixes short
-    text-to-image sequences with long conversations, so little compute goes to padding. Rank
-    r of w takes the r-th contiguous slice of the global batch.
+    text-to-image sequences with long conversations, so little compute goes to padding. Each
+    micro-batch of each rank is a contiguous slice of the global batch
+    (:meth:`~training.common.StepIndexedSampler.micro_offset`).
     """
 
     def __init__(
@@ -147,6 +151,7 @@ class MixtureSampler(StepIndexedSampler):
         max_steps: int,
         rank: int,
         world: int,
+        accumulation: int = 1,
     ) -> None:
         self.dataset = dataset
         self.batch_size = batch_size
@@ -155,13 +160,14 @@ class MixtureSampler(StepIndexedSampler):
         self.max_steps = max_steps
         self.rank = rank
         self.world = world
+        self.accumulation = accumulation
 
-    def batch_for_step(self, step: int) -> list[tuple[int, int, int]]:
+    def batch_for_step(self, step: int, micro: int = 0) -> list[tuple[int, int, int]]:
         rng = np.random.default_rng([self.seed, step])
         source = int(rng.choice(len(self.dataset.names), p=self.dataset.weights))
-        global_batch = self.batch_size * self.world
+        global_batch = self.global_batch
         items = rng.integers(0, self.dataset.sizes[source], size=global_batch)
-        first = self.rank * self.batch_size
+        first = self.micro_offset(micro)
         return [(source, int(items[j]), step * global_batch + j) for j in range(first, first + self.batch_size)]
 
 
@@ -201,6 +207,119 @@ def drop_skipped_images(store: CodeStore, records: list[Any], codes_dir: str | N
             "%d record(s) left out: %s skipped their image as unreadable", len(records) - len(kept), codes_dir
         )
     return kept
+
+
+def fit_to_context(
+    builder: SequenceBuilder,
+    store: CodeStore,
+    conversations: list[Any],
+    pairs: list[Any],
+    mix: dict[str, float],
+    independent: bool = False,
+    split: str = "train",
+) -> tuple[list[Any], list[Any], dict[str, int]]:
+    """The records whose sequences fit ``builder.max_length``, and how many were dropped or cut.
+
+    Every record is laid out once before training (with placeholder codes of the store's grid,
+    so no code is read): a sequence over the context is dropped, or with
+    ``builder.overlong == "truncate"`` cut to it when the cut keeps every image block whole
+    (:meth:`SequenceBuilder._fit`; otherwise dropped). A text-image pair must fit as every
+    sequence the mix makes of it (text-to-image, and the caption conversation). Returns the kept
+    conversations and pairs and ``{"overlong_dropped": n, "overlong_truncated": m}``; both counts
+    are logged. Raises ConfigError naming the context when no record of a used source fits.
+    """
+    counts = {"overlong_dropped": 0, "overlong_truncated": 0}
+    if builder.max_length is None:
+        return conversations, pairs, counts
+    height, width = store.meta.grid
+    semantic = torch.zeros(height, width, builder.semantic_depth, dtype=torch.long)
+    pixel = torch.zeros(height, width, builder.pixel_depth, dtype=torch.long)
+
+    strict = copy.copy(builder)
+    strict.overlong = "error"
+
+    def build_all(maker: SequenceBuilder, record: Any, kind: str, blank: bool = False) -> int:
+        """Lay out every sequence the stage makes of ``record`` (with ``blank``, every text empty);
+        the longest length. OverlongSequenceError if one is too long."""
+        if kind == "vqa":
+            turns = [(turn.role, "" if blank else turn.text) for turn in record.turns]
+            if record.image_key is None:
+                return len(maker.conversation(turns))
+            build = maker.independent_turns if independent else maker.conversation
+            return len(build(turns, semantic=semantic, pixel=pixel))
+        caption = "" if blank else record.caption
+        lengths = [0]
+        if mix.get("t2i", 0) > 0 or split != "train":  # held-out pairs are always scored as text-to-image
+            lengths.append(len(maker.generation(caption, pixel, semantic)))
+        if mix.get("caption", 0) > 0:
+            turns = [("user", "" if blank else f"<image>\n{DESCRIBE_PROMPT}"), ("assistant", caption)]
+            lengths.append(len(maker.conversation(turns, semantic=semantic, pixel=pixel)))
+        return max(lengths)
+
+    blank_lengths: dict[tuple, int] = {}
+
+    def surely_fits(record: Any, kind: str) -> bool:
+        """An upper bound on the record's lengths, without tokenising it, is within the context.
+
+        The bound: the record's sequences with every text empty (once per record shape), plus,
+        per text, its UTF-8 bytes (raw or NFKC-normalised, the larger: what a byte-level BPE or
+        a sentencepiece model sees) and 2. Such a tokenizer gives at most one token per byte,
+        plus a word-boundary marker per piece (a user turn is cut in two around its image).
+        Records that do not pass are laid out exactly.
+        """
+        if kind == "vqa":
+            texts = [turn.text for turn in record.turns]
+            shape: tuple = (tuple(turn.role for turn in record.turns), record.image_key is None)
+        else:
+            texts, shape = [record.caption, DESCRIBE_PROMPT], ("pair",)
+        if shape not in blank_lengths:
+            try:
+                blank_lengths[shape] = build_all(strict, record, kind, blank=True)
+            except OverlongSequenceError:
+                blank_lengths[shape] = builder.max_length + 1
+        extra = sum(max(len(t.encode()), len(unicodedata.normalize("NFKC", t).encode())) + 2 for t in texts)
+        return blank_lengths[shape] + extra <= builder.max_length
+
+    def keep(records: list[Any], kind: str) -> list[Any]:
+        kept = []
+        for record in records:
+            if surely_fits(record, kind):
+                kept.append(record)
+                continue
+            try:
+                build_all(strict, record, kind)
+            except OverlongSequenceError:
+                if builder.overlong != "truncate":
+                    counts["overlong_dropped"] += 1
+                    continue
+                try:
+                    build_all(builder, record, kind)
+                except OverlongSequenceError:
+                    counts["overlong_dropped"] += 1
+                    continue
+                counts["overlong_truncated"] += 1
+            kept.append(record)
+        return kept
+
+    kept_conversations, kept_pairs = keep(conversations, "vqa"), keep(pairs, "pair")
+    if counts["overlong_dropped"] or counts["overlong_truncated"]:
+        logger.warning(
+            "%s data: %d record(s) longer than the model's context of %d slots: %d dropped, %d truncated "
+            "(data.overlong=%s)",
+            split,
+            counts["overlong_dropped"] + counts["overlong_truncated"],
+            builder.max_length,
+            counts["overlong_dropped"],
+            counts["overlong_truncated"],
+            "truncate" if builder.overlong == "truncate" else "drop",
+        )
+    for name, records, kept in (("vqa", conversations, kept_conversations), ("t2i", pairs, kept_pairs)):
+        if records and not kept and (split != "train" or any(mix.get(s, 0) > 0 for s in _USES[name])):
+            raise ConfigError(
+                f"every one of the {len(records)} {split} {name} record(s) is longer than the model's context of "
+                f"{builder.max_length} slots; raise model.max_length (up to the LM's max_position_embeddings)"
+            )
+    return kept_conversations, kept_pairs, counts
 
 
 def check_images_tokenised(store: CodeStore, records: list[Any], codes_dir: str | None) -> None:

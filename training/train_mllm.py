@@ -49,6 +49,7 @@ from training.common import (
     resumable_loader,
     seed_everything,
     setup_logging,
+    steps_of,
     warmup_cosine,
 )
 from training.config import load_config
@@ -60,6 +61,7 @@ from training.mllm_data import (
     MixtureSampler,
     check_images_tokenised,
     drop_skipped_images,
+    fit_to_context,
     grounded_sequences,
     read_sources,
     record_codes,
@@ -131,10 +133,12 @@ class MLLMStageTrainer:
         self.store = CodeStore(config.data.codes)
         stage = config.stage
         if stage.init:
-            self.model, self.text_tokenizer, sidecar = load_model_folder(stage.init, config.model.attn_implementation)
+            self.model, self.text_tokenizer, sidecar = load_model_folder(
+                stage.init, config.model.attn_implementation, dist_state.device
+            )
             self.visual_tokenizer_path = sidecar.get("tokenizer_path")
         else:
-            self.model, self.text_tokenizer = build_model(config.model, self.store)
+            self.model, self.text_tokenizer = build_model(config.model, self.store, dist_state.device)
             self.visual_tokenizer_path = self.store.meta.tokenizer_path
         self._check_layout()
         self._check_grounding()
@@ -142,7 +146,7 @@ class MLLMStageTrainer:
             self.model.gradient_checkpointing_enable()
         if config.lora.enabled:
             apply_lora(self.model, config.lora)
-        names = select_trainable(self.model, stage.trainable, stage.frozen)
+        names = select_trainable(self.model, stage.trainable, stage.frozen, stage.embedding_rows)
         logger.info(
             "stage %s: %.3fM of %.3fM parameters train (%d tensors)",
             stage.name,
@@ -151,7 +155,8 @@ class MLLMStageTrainer:
             len(names),
         )
         max_length = config.model.max_length or None
-        self.builder = SequenceBuilder.for_model(self.text_tokenizer, self.model.config, max_length)
+        overlong = "truncate" if config.data.overlong == "truncate" else "error"
+        self.builder = SequenceBuilder.for_model(self.text_tokenizer, self.model.config, max_length, overlong)
         self.model.to(dist_state.device)
         loop, optim = config.loop, config.optim
         optimizer = build_optimizer([p for p in self.model.parameters() if p.requires_grad], optim, self.model)
@@ -164,6 +169,7 @@ class MLLMStageTrainer:
             loop.batch_size,
             loop.precision,
             dist_state.world_size,
+            loop.grad_accumulation,
         )
         self.engines = {"mllm": self.engine}
         self.writer = MetricsWriter(self.output_dir, enabled=dist_state.is_main)
@@ -176,6 +182,13 @@ class MLLMStageTrainer:
         self.val_conversations, self.val_pairs = (
             drop_skipped_images(self.val_store, records, config.data.val_codes)
             for records in (self.val_conversations, self.val_pairs)
+        )
+        independent = config.data.vqa_turns == "independent"
+        conversations, pairs, self.overlong_counts = fit_to_context(
+            self.builder, self.store, conversations, pairs, config.data.mix, independent
+        )
+        self.val_conversations, self.val_pairs, _ = fit_to_context(
+            self.builder, self.val_store, self.val_conversations, self.val_pairs, config.data.mix, independent, "val"
         )
         check_images_tokenised(self.store, conversations + pairs, config.data.codes)
         check_images_tokenised(self.val_store, self.val_conversations + self.val_pairs, config.data.val_codes)
@@ -319,22 +332,28 @@ class MLLMStageTrainer:
             restore_schedule_lr(self.engine.scheduler)
             logger.info("resumed stage %s from %s (step %d)", self.config.stage.name, latest, start_step)
         sampler = MixtureSampler(
-            self.dataset, loop.batch_size, loop.seed, start_step, loop.max_steps, self.dist.rank, self.dist.world_size
+            self.dataset,
+            loop.batch_size,
+            loop.seed,
+            start_step,
+            loop.max_steps,
+            self.dist.rank,
+            self.dist.world_size,
+            loop.grad_accumulation,
         )
         loader = resumable_loader(self.dataset, sampler, self._collate, loop.seed, start_step, loop.num_workers)
         step, started, window = start_step, time.time(), []
         self.engine.train()
         progress = tqdm(
-            loader,
+            steps_of(loader, loop.grad_accumulation),
             desc=f"LLM stage {self.config.stage.name}",
             initial=start_step,
             total=loop.max_steps,
             disable=not self.dist.is_main,
         )
-        for batch in progress:
-            record = self.train_step(batch)
+        for micro_batches in progress:  # a step is one optimizer update: loop.grad_accumulation micro-batches
+            window.extend(self.train_step(batch) for batch in micro_batches)
             step += 1
-            window.append(record)
             if step % loop.log_every == 0 or step == loop.max_steps:
                 keys = sorted({key for r in window for key in r})
                 averaged = {k: float(np.mean([r[k] for r in window if k in r])) for k in keys}
@@ -353,6 +372,7 @@ class MLLMStageTrainer:
     def finish(self, step: int, train_seconds: float) -> dict[str, float]:
         metrics = self.evaluate(step)
         metrics.update(train_seconds=train_seconds, steps=float(step))
+        metrics.update({name: float(count) for name, count in self.overlong_counts.items()})
         metrics["trainable_parameters"] = float(self.engine.parameter_count(trainable_only=True))
         state_dict = self.engine.full_state_dict()  # collective under ZeRO-3: every rank calls it
         if self.dist.is_main:
@@ -364,10 +384,13 @@ class MLLMStageTrainer:
                     "tokenizer_path": self.visual_tokenizer_path,
                     "stage": self.config.stage.name,
                     "config": asdict(self.config),
+                    # how the understanding images were made square (tokenize-codes --image-resize)
+                    "image_resize": self.store.meta.image_resize,
                 },
                 metrics,
                 state_dict=state_dict,
                 merge=self.config.lora.merge_on_save,
+                sampling=self.config.sampling,
             )
             (self.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
             self.writer.scalars(step, metrics, prefix="final/")
@@ -389,7 +412,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     config = load_config(MLLMStageConfig, args.config, args.overrides)
     check_output_dir(config.loop.output_dir, "loop.output_dir")  # before any model is built
-    dist_state = distributed.init_distributed(config.deepspeed.enabled)
+    dist_state = distributed.init_distributed(config.deepspeed.enabled, args.device)
     setup_logging(dist_state.rank)
     if config.loop.num_threads:
         torch.set_num_threads(config.loop.num_threads)

@@ -30,10 +30,12 @@ from training.common import (
     autocast,
     build_optimizer,
     count_parameters,
+    resolve_precision,
     restore_schedule_lr,
     seed_everything,
     setup_logging,
     step_loader,
+    steps_of,
     warmup_cosine,
 )
 from training.config import DeepSpeedConfig, LoopConfig, OptimConfig, load_config
@@ -220,6 +222,7 @@ def teacher_zero_shot(model: SiglipModel, text_tokenizer, world: ShapesWorld, sp
 
     model.eval()
     ids = tokenize_texts(text_tokenizer, world.zero_shot_prompts(), model.config.text_config.max_position_embeddings)
+    ids = ids.to(model.device)
     text_embeds = torch.nn.functional.normalize(model.get_text_features(input_ids=ids).pooler_output, dim=-1)
     dataset = ShapesImageDataset(world, split, single_object=True)
     accuracy = zero_shot_accuracy(
@@ -228,6 +231,7 @@ def teacher_zero_shot(model: SiglipModel, text_tokenizer, world: ShapesWorld, sp
         dataset,
         limit=limit,
         desc="teacher zero-shot",
+        device=model.device,
     )
     model.train()
     return accuracy
@@ -247,7 +251,8 @@ def fit(config: Stage0Config, dist_state: distributed.DistState) -> dict[str, fl
     text_tokenizer = build_word_tokenizer(world_texts(world), config.teacher.text.max_length)
     seed_everything(loop.seed)
     siglip = build_teacher(config.teacher, vocab_size=len(text_tokenizer))
-    model = TeacherWithClassHead(siglip, len(world.zero_shot_prompts()))
+    model = TeacherWithClassHead(siglip, len(world.zero_shot_prompts())).to(dist_state.device)
+    precision = resolve_precision(loop.precision, dist_state.device)
     logger.info("stage 0: SigLIP teacher with %.2fM trainable parameters", count_parameters(model) / 1e6)
     optimizer = build_optimizer(model.parameters(), config.optim)
     scheduler = warmup_cosine(optimizer, config.optim, loop.max_steps)
@@ -258,8 +263,9 @@ def fit(config: Stage0Config, dist_state: distributed.DistState) -> dict[str, fl
         config.optim.grad_clip,
         config.deepspeed,
         loop.batch_size,
-        loop.precision,
+        loop.precision,  # DeepSpeed's bf16 mode (bf16 weights) for `bf16` only; `auto` is autocast
         dist_state.world_size,
+        loop.grad_accumulation,
     )
     checkpoints = output_dir / "checkpoints"
     start_step = 0
@@ -281,38 +287,45 @@ def fit(config: Stage0Config, dist_state: distributed.DistState) -> dict[str, fl
         dist_state.rank,
         dist_state.world_size,
         loop.num_workers,
+        loop.grad_accumulation,
     )
     writer = MetricsWriter(output_dir, enabled=dist_state.is_main)
     max_length = config.teacher.text.max_length
     step, started = start_step, time.time()
     losses: list[float] = []
     engine.train()
-    for batch in tqdm(
-        loader, desc="stage 0 (teacher)", initial=start_step, total=loop.max_steps, disable=not dist_state.is_main
-    ):
-        input_ids = tokenize_texts(text_tokenizer, batch["caption"], max_length)
-        images = batch["image"].to(dist_state.device)
-        with autocast(loop.precision, dist_state.device):
-            pooled = engine.module.siglip.get_image_features(pixel_values=images).pooler_output
-            loss = sigmoid_loss(
-                engine.module.siglip,
-                images,
-                input_ids.to(dist_state.device),
-                prompt_ids if config.teacher.class_prompt_negatives else None,
-                batch["class_targets"].to(dist_state.device),
-                image_features=pooled,
-            )
-            single = batch["class_targets"].gt(0).sum(dim=-1).eq(1).to(dist_state.device)
-            if config.teacher.class_loss_weight > 0 and bool(single.any()):
-                class_logits = engine.module.class_head(pooled[single])
-                labels = batch["label"].to(dist_state.device)[single]
-                loss = loss + config.teacher.class_loss_weight * torch.nn.functional.cross_entropy(
-                    class_logits.float(), labels
+    progress = tqdm(
+        steps_of(loader, loop.grad_accumulation),
+        desc="stage 0 (teacher)",
+        initial=start_step,
+        total=loop.max_steps,
+        disable=not dist_state.is_main,
+    )
+    for micro_batches in progress:  # a step is one optimizer update: loop.grad_accumulation micro-batches
+        for batch in micro_batches:
+            input_ids = tokenize_texts(text_tokenizer, batch["caption"], max_length)
+            images = batch["image"].to(dist_state.device)
+            with autocast(precision, dist_state.device):
+                pooled = engine.module.siglip.get_image_features(pixel_values=images).pooler_output
+                loss = sigmoid_loss(
+                    engine.module.siglip,
+                    images,
+                    input_ids.to(dist_state.device),
+                    prompt_ids if config.teacher.class_prompt_negatives else None,
+                    batch["class_targets"].to(dist_state.device),
+                    image_features=pooled,
                 )
-        engine.backward(loss)
-        engine.step()
+                single = batch["class_targets"].gt(0).sum(dim=-1).eq(1).to(dist_state.device)
+                if config.teacher.class_loss_weight > 0 and bool(single.any()):
+                    class_logits = engine.module.class_head(pooled[single])
+                    labels = batch["label"].to(dist_state.device)[single]
+                    loss = loss + config.teacher.class_loss_weight * torch.nn.functional.cross_entropy(
+                        class_logits.float(), labels
+                    )
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss.detach()))
         step += 1
-        losses.append(float(loss.detach()))
         if step % loop.log_every == 0:
             logged = distributed.all_reduce_scalars({"loss": sum(losses) / len(losses)})  # mean over ranks
             writer.scalars(step, {**logged, "lr": engine.lr}, prefix="stage0/")
@@ -354,7 +367,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     config = load_config(Stage0Config, args.config, args.overrides)
     check_output_dir(config.loop.output_dir, "loop.output_dir")  # before any model is built
-    dist_state = distributed.init_distributed(config.deepspeed.enabled)
+    dist_state = distributed.init_distributed(config.deepspeed.enabled, args.device)
     setup_logging(dist_state.rank)
     if config.loop.num_threads:
         torch.set_num_threads(config.loop.num_threads)

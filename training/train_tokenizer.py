@@ -33,6 +33,7 @@ from tokenizer.losses import (
     hinge_discriminator_loss,
 )
 from tokenizer.model import DualTokenizer, DualTokenizerOutput
+from tokenizer.pretrained import HUB_ID, resolve_pretrained
 from tokenizer.siglip_backbone import SiglipBackbone
 from tokenizer.text_tower import TextTower
 from training import checkpointing, distributed
@@ -42,10 +43,12 @@ from training.common import (
     build_optimizer,
     count_parameters,
     format_metrics,
+    resolve_precision,
     restore_schedule_lr,
     seed_everything,
     setup_logging,
     step_loader,
+    steps_of,
     warmup_cosine,
 )
 from training.config import OptimConfig, load_config
@@ -98,16 +101,19 @@ class Teacher:
     text_tokenizer: object | None
 
 
-def load_teacher(path: str) -> tuple[VisionBackbone, Teacher]:
+def load_teacher(path: str, image_size: int | None = None) -> tuple[VisionBackbone, Teacher]:
     """-> (trainable backbone initialised from the teacher, frozen teacher parts).
 
     ``path`` is a SiglipModel directory (stage 0's output, or a pretrained SigLIP such as
-    siglip-so400m-patch14-384 on local disk) or a SiglipVisionModel directory (then no
-    zero-shot: there is no text tower).
+    siglip-so400m-patch14-384 on local disk), a Siglip2Model directory, or a vision-only
+    directory (then no zero-shot: there is no text tower); or the hub id of one of these, found in
+    the Hugging Face cache (:func:`tokenizer.pretrained.resolve_pretrained`).
     """
-    from transformers import AutoTokenizer, SiglipModel
+    from transformers import AutoTokenizer, Siglip2Model, SiglipModel
 
     source = Path(path)
+    if not source.exists() and HUB_ID.match(path):  # a hub id: its snapshot in the Hugging Face cache
+        source = resolve_pretrained(path, "teacher_path")
     with contextlib.suppress(FileNotFoundError):  # a missing folder is named just below
         verify_folder(source)  # recovers an interrupted replacement; refuses a file that does not match the manifest
     if not (source / "config.json").is_file():
@@ -116,31 +122,33 @@ def load_teacher(path: str) -> tuple[VisionBackbone, Teacher]:
             "or point teacher_path at a local SigLIP checkpoint"
         )
     model_type = json.loads((source / "config.json").read_text()).get("model_type")
-    if model_type == "siglip":
+    if model_type in ("siglip", "siglip2"):
         if not any((source / name).is_file() for name in TEXT_TOKENIZER_FILES):
             # Named here: without it AutoTokenizer fails deep inside sentencepiece or tokenizers.
             raise FileNotFoundError(
                 f"teacher_path={path} has no text tokenizer ({' or '.join(TEXT_TOKENIZER_FILES)}); "
                 "run stage 0 again or copy the checkpoint's tokenizer files next to its config.json"
             )
-        siglip = SiglipModel.from_pretrained(path)
+        siglip = (Siglip2Model if model_type == "siglip2" else SiglipModel).from_pretrained(source)
         vision_model, text_tower = (
             siglip.vision_model,
             TextTower(siglip.text_model, float(siglip.logit_scale.detach()), float(siglip.logit_bias.detach())),
         )
-        text_tokenizer = AutoTokenizer.from_pretrained(path)
+        text_tokenizer = AutoTokenizer.from_pretrained(source)
     else:
-        vision_model, text_tower, text_tokenizer = SiglipBackbone.from_pretrained(path).vision_model, None, None
-    trainable = SiglipBackbone.from_siglip_model(copy.deepcopy(vision_model))
-    frozen = SiglipBackbone.from_siglip_model(vision_model).requires_grad_(False).eval()
+        vision_model, text_tower, text_tokenizer = SiglipBackbone.from_pretrained(str(source)).vision_model, None, None
+    # image_size: the grid a NaFlex SigLIP2 tower reads (fixed-resolution towers keep their own).
+    trainable = SiglipBackbone.from_siglip_model(copy.deepcopy(vision_model), image_size)
+    frozen = SiglipBackbone.from_siglip_model(vision_model, image_size).requires_grad_(False).eval()
     return trainable, Teacher(vision=frozen, text_tower=text_tower, text_tokenizer=text_tokenizer)
 
 
-def build_perceptual(config: LossConfig, teacher: Teacher) -> PerceptualLoss | None:
+def build_perceptual(config: LossConfig, teacher: Teacher, device: torch.device) -> PerceptualLoss | None:
+    """The perceptual term's network, frozen, on ``device`` (the teacher variant uses ``teacher.vision``)."""
     if config.perceptual <= 0 or config.perceptual_network == "off":
         return None
     if config.perceptual_network == "vgg16":
-        return PerceptualLoss.from_vgg16(config.perceptual_weights_path, config.perceptual_lpips_path)
+        return PerceptualLoss.from_vgg16(config.perceptual_weights_path, config.perceptual_lpips_path).to(device)
     vision = teacher.vision
 
     def teacher_features(images: torch.Tensor) -> list[torch.Tensor]:
@@ -148,7 +156,7 @@ def build_perceptual(config: LossConfig, teacher: Teacher) -> PerceptualLoss | N
         taps = vision.forward_taps(images, layers)
         return [vision.tokens_to_grid(taps[layer]) for layer in layers]
 
-    return PerceptualLoss(teacher_features)
+    return PerceptualLoss(teacher_features).to(device)
 
 
 # ---------------------------------------------------------------------------------- losses
@@ -195,7 +203,7 @@ class Stage1Trainer:
         self.dist = dist_state
         self.output_dir = Path(config.loop.output_dir)
         seed_everything(config.loop.seed)
-        backbone, self.teacher = load_teacher(config.teacher_path)
+        backbone, self.teacher = load_teacher(config.teacher_path, config.tokenizer.backbone.image_size)
         if config.init_tokenizer:
             self.visual_tokenizer = load_init_tokenizer(config)
         else:
@@ -204,6 +212,13 @@ class Stage1Trainer:
             )
         self._frozen = frozen_parts(self.visual_tokenizer) if config.decoder_only else []
         self.visual_tokenizer.backbone.set_gradient_checkpointing(config.tokenizer.backbone.gradient_checkpointing)
+        # Every module on the run's device before an optimizer sees its parameters: the
+        # trainable tokenizer, the frozen distillation target and the frozen text tower.
+        self.visual_tokenizer.to(dist_state.device)
+        self.teacher.vision.to(dist_state.device)
+        if self.teacher.text_tower is not None:
+            self.teacher.text_tower.to(dist_state.device)
+        self.precision = resolve_precision(config.loop.precision, dist_state.device)
         logger.info(
             "stage 1: DualToken with %.2fM trainable parameters (taps %d/%d of %d layers)",
             count_parameters(self.visual_tokenizer) / 1e6,
@@ -211,13 +226,13 @@ class Stage1Trainer:
             config.tokenizer.taps.semantic_layer,
             self.visual_tokenizer.backbone.num_layers,
         )
-        self.perceptual = build_perceptual(config.loss, self.teacher)
+        self.perceptual = build_perceptual(config.loss, self.teacher, dist_state.device)
         self.engine = self._engine(self.visual_tokenizer, config.optim)
         self.engines = {"tokenizer": self.engine}
         self.discriminator_engine = None
         if config.loss.gan > 0:
             self.discriminator_engine = self._engine(
-                PatchDiscriminator(config.discriminator), config.discriminator_optim
+                PatchDiscriminator(config.discriminator).to(dist_state.device), config.discriminator_optim
             )
             self.engines["discriminator"] = self.discriminator_engine
         self.writer = MetricsWriter(self.output_dir, enabled=dist_state.is_main)
@@ -246,14 +261,15 @@ class Stage1Trainer:
             optim.grad_clip,
             self.config.deepspeed,
             loop.batch_size,
-            loop.precision,
+            loop.precision,  # DeepSpeed's bf16 mode (bf16 weights) for `bf16` only; `auto` is autocast
             self.dist.world_size,
+            loop.grad_accumulation,
         )
 
     # ------------------------------------------------------------ one step
     def train_step(self, images: torch.Tensor, step: int) -> dict[str, float]:
         config = self.config
-        with autocast(config.loop.precision, self.dist.device):
+        with autocast(self.precision, self.dist.device):
             output = self.engine(images)
             losses = generator_losses(
                 output, images, self.teacher, config.tokenizer.taps.semantic_layer, config.loss, self.perceptual
@@ -263,7 +279,7 @@ class Stage1Trainer:
             if gan_on:
                 fake_logits = self.discriminator_engine.frozen_forward(output.reconstruction)
                 losses["generator_adversarial"] = generator_adversarial_loss(fake_logits)
-                weight = torch.tensor(1.0)
+                weight = torch.ones((), device=images.device)
                 if config.loss.adaptive_gan_weight:
                     weight = adaptive_generator_weight(
                         losses["reconstruction"],
@@ -281,7 +297,7 @@ class Stage1Trainer:
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
         if gan_on:
-            with autocast(config.loop.precision, self.dist.device):
+            with autocast(self.precision, self.dist.device):
                 real = self.discriminator_engine(images)
                 fake = self.discriminator_engine(output.reconstruction.detach())
                 disc_loss = hinge_discriminator_loss(real, fake)
@@ -332,6 +348,7 @@ class Stage1Trainer:
             ShapesImageDataset(self._world, split, single_object=True),
             limit=limit or self.config.loop.eval_images,
             desc="teacher zero-shot",
+            device=self.dist.device,
         )
 
     # ------------------------------------------------------------ loop
@@ -375,23 +392,27 @@ class Stage1Trainer:
             self.dist.rank,
             self.dist.world_size,
             loop.num_workers,
+            loop.grad_accumulation,
         )
         step, started, window = start_step, time.time(), []
         self._train_mode()
         progress = tqdm(
-            loader,
+            steps_of(loader, loop.grad_accumulation),
             desc=f"{self._stage_name} ({'decoder only' if self.config.decoder_only else 'DualToken'})",
             initial=start_step,
             total=loop.max_steps,
             disable=not self.dist.is_main,
         )
-        for batch in progress:
-            self._check_images(batch, step, checkpoints)
-            record = self.train_step(batch["image"].to(self.dist.device), step)
+        for micro_batches in progress:  # a step is one optimizer update: loop.grad_accumulation micro-batches
+            for batch in micro_batches:
+                self._check_images(batch, step, checkpoints)
+                window.append(self.train_step(batch["image"].to(self.dist.device), step))
             step += 1
-            window.append(record)
             if step % loop.log_every == 0:
                 averaged = {key: sum(r.get(key, 0.0) for r in window) / len(window) for key in window[-1]}
+                norms = [r["grad_norm"] for r in window if "grad_norm" in r]  # one per step, not per micro-batch
+                if norms:
+                    averaged["grad_norm"] = sum(norms) / len(norms)
                 averaged = distributed.all_reduce_scalars(averaged)  # the global batch, not rank 0's share
                 averaged["lr"] = self.engine.lr
                 self.writer.scalars(step, averaged, prefix="train/")
@@ -451,7 +472,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     config = load_config(Stage1Config, args.config, args.overrides)
     check_output_dir(config.loop.output_dir, "loop.output_dir")  # before any model is built
-    dist_state = distributed.init_distributed(config.deepspeed.enabled)
+    dist_state = distributed.init_distributed(config.deepspeed.enabled, args.device)
     setup_logging(dist_state.rank)
     if config.loop.num_threads:
         torch.set_num_threads(config.loop.num_threads)

@@ -15,7 +15,7 @@ its own share), dead-code restarts (rank 0 draws the new codes from its own shar
 adaptive GAN weight (a ratio of each rank's local gradient norms).
 
 The first run may compile DeepSpeed's CPU communication op (2-5 min) into
-``TORCH_EXTENSIONS_DIR`` (default ``<repo>/.torch_extensions``, as in the Makefile); later
+``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/dualtoken/torch_extensions``, as in the Makefile); later
 runs load it from there.
 """
 
@@ -83,7 +83,7 @@ def _environment() -> dict[str, str]:
     env = dict(os.environ)
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
         env.pop(name, None)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dualtoken" / "torch_extensions"))
     # CPU even on a GPU machine: these tests are about ZeRO over gloo, and two ranks must not
     # share one GPU.
     env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", PYTHON=sys.executable, MASTER_ADDR="127.0.0.1")

@@ -34,7 +34,7 @@ micro model, so nothing would be partitioned and a forward that reads a weight o
 module, or a save that forgets to gather, would still pass.
 
 The first run may compile DeepSpeed's CPU communication op (2-5 min) into
-``TORCH_EXTENSIONS_DIR`` (default ``<repo>/.torch_extensions``, as in the Makefile); later
+``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/dualtoken/torch_extensions``, as in the Makefile); later
 launches load it from there.
 """
 
@@ -108,7 +108,7 @@ def _environment() -> dict[str, str]:
     env = dict(os.environ)
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
         env.pop(name, None)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dualtoken" / "torch_extensions"))
     # CPU even on a GPU machine: these tests are about ZeRO over gloo, and two ranks must not
     # share one GPU.
     env.update(
