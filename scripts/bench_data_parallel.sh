@@ -4,7 +4,7 @@
 # Needs a finished tiny run (runs/tiny/mllm/align/model). Prints train_seconds of each.
 set -e
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-export TORCH_EXTENSIONS_DIR=$PWD/.torch_extensions DS_ACCELERATOR=cpu
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/dualtoken/torch_extensions} DS_ACCELERATOR=cpu
 COMMON="--config configs/stages/tiny/understand.yaml --set stage.init=runs/tiny/mllm/align/model --set loop.max_steps=60 --set loop.log_every=20 --set loop.save_every=1000 --set eval.vqa_samples=0"
 for round in 1 2; do
   rm -rf runs/bench_dp/single runs/bench_dp/ranks; mkdir -p runs/bench_dp

@@ -26,7 +26,7 @@ def test_tiny_check_writes_every_number(tmp_path):
     env = {
         **os.environ,
         "DS_ACCELERATOR": "cpu",
-        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")),
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dualtoken" / "torch_extensions")),
         "OMP_NUM_THREADS": "1",
     }
     result = subprocess.run(
