@@ -28,6 +28,7 @@ from typing import TextIO
 
 import numpy as np
 
+from mllm.generation import COMPILE_MODES
 from mllm.inference import Pipeline
 from mllm.request_checks import PipelineError, check_prompt, check_sampling, decode_text
 from tokenizer.devices import add_device_argument, resolve_device
@@ -93,6 +94,25 @@ def _sampling_options(args: argparse.Namespace) -> dict[str, float | int | None]
     return {"cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p, "temperature": args.temperature}
 
 
+def add_compile_argument(parser: argparse.ArgumentParser) -> None:
+    """``--compile [MODE]``: decode through ``torch.compile`` (:func:`mllm.generation.compile_mode_for`)."""
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="MODE",
+        help="compile the decoding steps with torch.compile (CUDA graphs on CUDA; MODE: "
+        f"{', '.join(COMPILE_MODES)}); the first answer or image pays the compilation",
+    )
+
+
+def check_compile_flag(value: bool | str) -> None:
+    """Refuse an unknown ``--compile`` mode before any model loads."""
+    if isinstance(value, str) and value not in COMPILE_MODES:
+        raise ValueError(f"--compile {value!r}; expected one of {', '.join(COMPILE_MODES)}")
+
+
 def _load_pipeline(args: argparse.Namespace) -> Pipeline:
     """The model folder's pipeline on ``--device``; the weight-loading bar shows on a terminal only,
     so a log or a pipe gets the command's own lines and not carriage-return bars."""
@@ -102,7 +122,8 @@ def _load_pipeline(args: argparse.Namespace) -> Pipeline:
     if quiet:
         hf_logging.disable_progress_bar()
     try:
-        return Pipeline.from_pretrained(args.model, args.tokenizer, device=resolve_device(args.device))
+        device = resolve_device(args.device)
+        return Pipeline.from_pretrained(args.model, args.tokenizer, device=device, compile=args.compile)
     finally:
         if quiet:
             hf_logging.enable_progress_bar()
@@ -138,7 +159,9 @@ def generate_main(argv: list[str] | None = None) -> list[Path]:
     )
     _sampling_arguments(parser)
     add_device_argument(parser)
+    add_compile_argument(parser)
     args = parser.parse_args(argv)
+    check_compile_flag(args.compile)
     if args.n < 1:
         raise PipelineError(f"--n={args.n}; expected an integer >= 1")
     if args.batch_size < 1:
@@ -251,7 +274,9 @@ def chat_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-dir", default="chat_images", help="where /imagine saves PNGs")
     _sampling_arguments(parser)
     add_device_argument(parser)
+    add_compile_argument(parser)
     args = parser.parse_args(argv)
+    check_compile_flag(args.compile)
     _check_sampling_flags(args)
     check_output_dir(args.out_dir, "--out-dir")
     resolve_device(args.device)  # a device the machine lacks fails before the model loads

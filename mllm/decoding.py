@@ -18,12 +18,19 @@ from mllm.static_cache import StaticSteps, supports_static_steps
 
 class SlotRunner:
     """Prefill ``batch`` (``input_ids`` ``(B, L)`` or ``(B, L, C)``, ``attention_mask`` ``(B, L)``,
-    left-padded), then feed up to ``max_new`` slots, returning the last hidden states ``(B, H)``."""
+    left-padded), then feed up to ``max_new`` slots, returning the last hidden states ``(B, H)``.
+    ``compile_mode``: run the static-cache steps through ``torch.compile`` with this mode (None: eagerly)."""
 
     def __init__(
-        self, model: DualTokenMLLMForCausalLM, batch: dict[str, torch.Tensor], use_cache: bool, max_new: int
+        self,
+        model: DualTokenMLLMForCausalLM,
+        batch: dict[str, torch.Tensor],
+        use_cache: bool,
+        max_new: int,
+        compile_mode: str | None = None,
     ) -> None:
         self.model = model
+        self.compile_mode = compile_mode
         self.use_cache = use_cache
         device = next(model.parameters()).device
         self.ids = batch["input_ids"].to(device)
@@ -56,7 +63,7 @@ class SlotRunner:
         self.cache = out.past_key_values if self.use_cache else None
         if self.use_cache and self.attention is not None and supports_static_steps(self.model):
             max_new = self.mask.shape[1] - self.prompt_length
-            self.static = StaticSteps(self.model, self.cache, self.prompt_length, max_new)
+            self.static = StaticSteps(self.model, self.cache, self.prompt_length, max_new, self.compile_mode)
         return out.hidden_states[:, -1]
 
     def feed(self, slots: torch.Tensor, image_index: int = -1) -> torch.Tensor:

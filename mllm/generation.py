@@ -19,7 +19,7 @@ the image is complete, and each row's draw comes from its own generator without 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +95,21 @@ def sample(logits: torch.Tensor, config: SamplingConfig, generator: Generators =
     return (probs / noise).argmax(-1)
 
 
+def compile_mode_for(device: torch.device | str, compile: bool | str) -> str | None:
+    """The ``torch.compile`` mode for the decoding steps: False -> None (eager); True ->
+    ``"reduce-overhead"`` (CUDA graphs) on CUDA, ``"default"`` elsewhere; a string is the mode itself."""
+    if isinstance(compile, str):
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile={compile!r}; expected one of {', '.join(COMPILE_MODES)}")
+        return compile
+    if not compile:
+        return None
+    return "reduce-overhead" if torch.device(device).type == "cuda" else "default"
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @contextlib.contextmanager
 def device_sync_guard(device: torch.device | str) -> Iterator[None]:
     """On CUDA, make any device-to-host synchronisation inside the block raise
@@ -122,14 +137,19 @@ def generate_text(
     pad_id: int = 0,
     generator: Generators = None,
     use_cache: bool = True,
+    compile_mode: str | None = None,
+    on_tokens: Callable[[list[int]], None] | None = None,
 ) -> list[list[int]]:
     """Continue each prompt with text tokens until a stop id (excluded) or ``max_new_tokens``.
 
     Tokens stay on the device; the only host read per token is whether every row has stopped.
+    ``compile_mode``: run each LM step through ``torch.compile`` with this mode (:func:`compile_mode_for`).
+    ``on_tokens``: called after each step with every row's new token (-1 for a row that has
+    stopped), as the tokens are drawn (one more host read per token).
     """
     sampling = sampling or SamplingConfig(temperature=0.0)
     batch = collate_sequences(prompts, pad_id, left_pad=True)
-    runner = SlotRunner(model, batch, use_cache, max_new_tokens)
+    runner = SlotRunner(model, batch, use_cache, max_new_tokens, compile_mode)
     hidden = runner.start()
     text_size = model.config.text_size
     device = hidden.device
@@ -141,6 +161,8 @@ def generate_text(
         tokens = sample(logits, sampling, generator)
         running = running & ~torch.isin(tokens, stops)
         tokens_out[:, step] = torch.where(running, tokens, -1)
+        if on_tokens is not None:
+            on_tokens(tokens_out[:, step].tolist())
         if step + 1 == max_new_tokens or not bool(running.any()):
             break
         hidden = runner.feed(tokens)
@@ -148,11 +170,13 @@ def generate_text(
     return [[token for token in row if token >= 0] for row in tokens_out.tolist()]
 
 
-def _depth_logits(model: DualTokenMLLMForCausalLM, head_name: str, context: torch.Tensor, cached: bool):
+def _depth_logits(
+    model: DualTokenMLLMForCausalLM, head_name: str, context: torch.Tensor, cached: bool, compile_mode: str | None
+):
     """``next_logits(code)`` for one slot: the depth head's cached steps, or its uncached reference."""
     head = getattr(model, head_name)
     if cached and head is not None:
-        return head.steps(context).next_logits
+        return head.steps(context, compile_mode).next_logits
     uncached = model.next_pixel_logits if head_name == "pixel_head" else head.next_logits
     chosen: list[torch.Tensor] = []
 
@@ -177,6 +201,7 @@ def generate_image_codes(
     batch_cfg: bool = True,
     cached_depth: bool = True,
     forbid_syncs: bool = False,
+    compile_mode: str | None = None,
 ) -> torch.Tensor:
     """Pixel codes ``(B, h, w, Dp)`` for prompts ending in ``<image_gen_start>``.
 
@@ -186,6 +211,8 @@ def generate_image_codes(
     runs the depth head without its depth cache (reference only; the same codes).
     ``forbid_syncs=True`` runs the slot loop under :func:`device_sync_guard` (on CUDA any
     device-to-host synchronisation in it raises; the prefill before it may read the host).
+    ``compile_mode``: run each LM step and depth-head step through ``torch.compile`` with this
+    mode (:func:`compile_mode_for`); the first image pays the compilation.
     """
     sampling = sampling or SamplingConfig()
     config = model.config
@@ -200,10 +227,10 @@ def generate_image_codes(
             {key: value[:count] for key, value in batch.items()},
             {key: value[count:] for key, value in batch.items()},
         ]
-        runners = [SlotRunner(model, half, use_cache, slots_total) for half in halves]
+        runners = [SlotRunner(model, half, use_cache, slots_total, compile_mode) for half in halves]
         hidden = torch.cat([runner.start() for runner in runners])
     else:
-        runners = [SlotRunner(model, batch, use_cache, slots_total)]
+        runners = [SlotRunner(model, batch, use_cache, slots_total, compile_mode)]
         hidden = runners[0].start()
     split = config.semantic_depth
     device = hidden.device
@@ -211,7 +238,7 @@ def generate_image_codes(
     slot_ids = torch.full((len(rows), config.slot_width), -1, dtype=torch.long, device=device)
 
     def pick(context: torch.Tensor, head_name: str, depth_count: int) -> torch.Tensor:
-        next_logits = _depth_logits(model, head_name, context, cached_depth)
+        next_logits = _depth_logits(model, head_name, context, cached_depth, compile_mode)
         code = None
         chosen = []
         for _ in range(depth_count):

@@ -15,9 +15,8 @@ left out of :meth:`Pipeline.generate` come from it, else from :class:`~mllm.gene
 from __future__ import annotations
 
 import dataclasses
-import json
 import numbers
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from collections.abc import Sequence as SequenceABC
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 from mllm.chat import ConversationError, Sequence, SequenceBuilder
-from mllm.generation import SamplingConfig, generate_image_codes, generate_text
+from mllm.generation import SamplingConfig, compile_mode_for, generate_image_codes, generate_text
 from mllm.model_folder import IMAGE_RESIZE_FIELD, check_image_resize, load_model_folder, recorded_image_resize
 from mllm.modeling import DualTokenMLLMForCausalLM
 from mllm.request_checks import (
@@ -41,50 +40,11 @@ from mllm.request_checks import (
     check_sequence,
     item_name,
 )
+from mllm.sampling_file import SAMPLING_FILE, read_sampling, write_sampling
+from mllm.text_stream import TextStream
+from tokenizer.devices import autocast
 
-SAMPLING_FILE = "sampling.json"
 ImageLike = Any  # a path, a PIL image, an (H, W, 3) uint8 array, or a (3, H, W) tensor in [-1, 1]
-
-
-def _sampling_fields() -> dict[str, type]:
-    return {field.name: type(field.default) for field in dataclasses.fields(SamplingConfig)}
-
-
-def read_sampling(model_dir: Path) -> SamplingConfig:
-    """:class:`SamplingConfig`'s defaults updated from the folder's ``sampling.json`` (if there is one)."""
-    path = Path(model_dir) / SAMPLING_FILE
-    if not path.is_file():
-        return SamplingConfig()
-    fields = _sampling_fields()
-    try:
-        stored = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise PipelineError(f"{path}: not JSON ({error})") from None
-    if not isinstance(stored, dict):
-        raise PipelineError(f"{path}: expected an object with some of {sorted(fields)}")
-    settings = {}
-    for key, value in stored.items():
-        if key not in fields:
-            raise PipelineError(f"{path}: unknown setting {key!r}; expected some of {sorted(fields)}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise PipelineError(f"{path}: {key}={value!r}; expected a number")
-        settings[key] = fields[key](value)
-    try:
-        return SamplingConfig(**settings)
-    except ValueError as error:
-        raise PipelineError(f"{path}: {error}") from None
-
-
-def write_sampling(model_dir: Path, **settings: float) -> None:
-    """Record the image-sampling settings a model draws best with in its folder."""
-    from tokenizer.files import write_text_atomic
-
-    unknown = set(settings) - set(_sampling_fields())
-    if unknown:
-        raise PipelineError(
-            f"unknown sampling settings {sorted(unknown)}; expected some of {sorted(_sampling_fields())}"
-        )
-    write_text_atomic(Path(model_dir) / SAMPLING_FILE, json.dumps(settings, indent=2) + "\n")
 
 
 def resolve_visual_tokenizer_path(model_dir: Path, recorded: str | None) -> Path:
@@ -113,12 +73,16 @@ class Pipeline:
         max_length: int | None = None,
         sampling: SamplingConfig | None = None,
         image_resize: str | None = None,
+        compile: bool | str = False,
     ):
         """``image_resize``: how images that are not square are made square for the visual tokenizer,
         ``"pad"`` (pad-to-square, LLaVA's choice) or ``"crop"`` (centre crop); None is ``"pad"``.
-        :meth:`from_pretrained` passes the mode the model folder records (the one training used)."""
+        :meth:`from_pretrained` passes the mode the model folder records (the one training used).
+        ``compile``: decode through ``torch.compile`` (True: CUDA graphs on CUDA, else ``"default"``;
+        or a mode name; :func:`~mllm.generation.compile_mode_for`); the first call compiles."""
         self.image_resize = check_image_resize("pad" if image_resize is None else image_resize, IMAGE_RESIZE_FIELD)
         self.model = model.eval()
+        self.compile_mode = compile_mode_for(self.device, compile)
         self.sampling = sampling or SamplingConfig()  # image-sampling defaults
         self.text_tokenizer = text_tokenizer
         self.visual_tokenizer = visual_tokenizer.eval()
@@ -134,6 +98,7 @@ class Pipeline:
         visual_tokenizer_path: str | Path | None = None,
         device: str | torch.device | None = "auto",
         image_resize: str | None = None,
+        compile: bool | str = False,
     ) -> Pipeline:
         """The model folder ``directory`` and its DualToken tokenizer, both on ``device``
         (``auto``: the first CUDA GPU when there is one, else the CPU; :mod:`tokenizer.devices`).
@@ -157,7 +122,7 @@ class Pipeline:
         )
         visual_tokenizer = DualTokenizer.from_pretrained(path, device=device)
         sampling = read_sampling(directory)
-        return cls(model, text_tokenizer, visual_tokenizer, sampling=sampling, image_resize=image_resize)
+        return cls(model, text_tokenizer, visual_tokenizer, None, sampling, image_resize, compile)
 
     @property
     def device(self) -> torch.device:
@@ -218,10 +183,13 @@ class Pipeline:
         max_new_tokens: int = 16,
         sampling: SamplingConfig | None = None,
         seed: int = 0,
+        on_text: Callable[[str], None] | None = None,
     ) -> str:
-        """Answer ``question`` about ``image``; ``history`` holds earlier ``(question, answer)`` turns."""
+        """Answer ``question`` about ``image``; ``history`` holds earlier ``(question, answer)`` turns.
+        ``on_text(piece)`` receives the answer piece by piece as it is drawn (the pieces make the answer)."""
         histories = [check_history(history, "history")]
-        return self.answer_batch([image], [question], histories, max_new_tokens, sampling, seed)[0]
+        stream = None if on_text is None else lambda row, piece: on_text(piece)
+        return self.answer_batch([image], [question], histories, max_new_tokens, sampling, seed, on_text=stream)[0]
 
     def answer_batch(
         self,
@@ -232,6 +200,7 @@ class Pipeline:
         sampling: SamplingConfig | None = None,
         seed: int = 0,
         seeds: SequenceABC[int] | None = None,
+        on_text: Callable[[int, str], None] | None = None,
     ) -> list[str]:
         """Answers to ``questions``, one per image (None: no image), each with its own history.
 
@@ -239,6 +208,7 @@ class Pipeline:
         is drawn from its own generator seeded ``seed + k`` (or ``seeds[k]``), so it does not
         depend on the other questions in the batch. Every input is checked before any model
         runs: a bad one raises :class:`PipelineError` naming the argument and what was expected.
+        ``on_text(k, piece)`` receives answer k piece by piece as it is drawn (:class:`~mllm.text_stream.TextStream`).
         """
         items = check_sequence(questions, "questions")
         questions = [check_prompt(text, item_name("question", items, index)) for index, text in enumerate(items)]
@@ -292,8 +262,23 @@ class Pipeline:
             for index, (question, history, codes) in enumerate(zip(questions, checked_histories, encoded, strict=True))
         ]
         generators = [torch.Generator(device=self.device).manual_seed(value) for value in seed_list]
-        outputs = generate_text(self.model, prompts, max_new_tokens, sampling, self.stop_ids, self.pad_id, generators)
-        return [self.text_tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
+        streams = [TextStream(self.text_tokenizer, lambda piece, k=k: on_text(k, piece)) for k in range(len(prompts))]
+
+        def on_tokens(tokens: list[int]) -> None:
+            for stream, token in zip(streams, tokens, strict=True):
+                if token >= 0:
+                    stream.add(token)
+
+        options = {"compile_mode": self.compile_mode, "on_tokens": None if on_text is None else on_tokens}
+        with autocast(self.device):
+            outputs = generate_text(
+                self.model, prompts, max_new_tokens, sampling, self.stop_ids, self.pad_id, generators, **options
+            )
+        answers = [self.text_tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
+        if on_text is not None:
+            for stream in streams:
+                stream.finish()
+        return answers
 
     def _answer_prompt(
         self,
@@ -403,9 +388,18 @@ class Pipeline:
         sequences = [self.builder.generation(prompt, train=False) for prompt in prompts]
         unconditional = self.builder.generation("", train=False) if sampling.cfg != 1.0 else None
         generators = [torch.Generator(device=self.device).manual_seed(value) for value in seeds]
-        return generate_image_codes(
-            self.model, sequences, unconditional, sampling.cfg, sampling, self.pad_id, generators, use_cache=use_cache
-        )
+        with autocast(self.device):
+            return generate_image_codes(
+                self.model,
+                sequences,
+                unconditional,
+                sampling.cfg,
+                sampling,
+                self.pad_id,
+                generators,
+                use_cache=use_cache,
+                compile_mode=self.compile_mode,
+            )
 
     def check_decode_depths(self, depths: int | None, name: str = "decode_depths") -> int | None:
         """``depths`` for :meth:`decode`: None (all) or an integer in [1, the model's pixel depth]."""
@@ -485,4 +479,4 @@ class _GenerationPlan:
     sampling: SamplingConfig
 
 
-__all__ = ["Pipeline", "ConversationError"]
+__all__ = ["Pipeline", "ConversationError", "SAMPLING_FILE", "read_sampling", "write_sampling"]

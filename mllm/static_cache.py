@@ -11,11 +11,15 @@ also what CUDA graphs and ``torch.compile`` need.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+logger = logging.getLogger(__name__)
 
 
 def supports_static_steps(model: Any) -> bool:
@@ -44,10 +48,14 @@ class StaticSteps:
     """The LM's decoder fed one position per row per step from a static KV cache.
 
     ``cache``: transformers' cache after the prefill of ``prompt_length`` positions;
-    ``max_new``: how many steps follow.
+    ``max_new``: how many steps follow. ``compile_mode``: run each step through ``torch.compile``
+    with this mode (``"default"``, ``"reduce-overhead"``: CUDA graphs, ...); None runs it eagerly.
     """
 
-    def __init__(self, model: Any, cache: Any, prompt_length: int, max_new: int) -> None:
+    def __init__(
+        self, model: Any, cache: Any, prompt_length: int, max_new: int, compile_mode: str | None = None
+    ) -> None:
+        self.compile_mode = compile_mode
         self.decoder = model.llm.get_decoder()
         config = model.llm.config
         self.attention = ALL_ATTENTION_FUNCTIONS[config._attn_implementation]
@@ -69,31 +77,83 @@ class StaticSteps:
         when every row sees all of them."""
         if self.length >= self.keys[0].shape[2]:
             raise ValueError(f"the static cache holds {self.keys[0].shape[2]} positions; all are used")
-        position = self.length
         self.length += 1
-        hidden = embeds
-        cos, sin = self.decoder.rotary_emb(hidden, position_ids)
-        for index, layer in enumerate(self.decoder.layers):
-            attention = layer.self_attn
-            residual = hidden
-            normed = layer.input_layernorm(hidden)
-            shape = (*normed.shape[:-1], -1, attention.head_dim)
-            query = attention.q_proj(normed).view(shape).transpose(1, 2)
-            key = attention.k_proj(normed).view(shape).transpose(1, 2)
-            value = attention.v_proj(normed).view(shape).transpose(1, 2)
-            query, key = apply_rotary_pos_emb(query, key, cos, sin)
-            self.keys[index][:, :, position : position + 1] = key
-            self.values[index][:, :, position : position + 1] = value
-            output, _ = self.attention(
-                attention,
-                query,
-                self.keys[index][:, :, : self.length],
-                self.values[index][:, :, : self.length],
-                mask,
-                dropout=0.0,
-                scaling=attention.scaling,
-                sliding_window=getattr(attention, "sliding_window", None),
+        run = decoder_step if self.compile_mode is None else compiled(decoder_step, self.compile_mode)
+        return run(self.decoder, self.attention, self.keys, self.values, embeds, position_ids, mask, self.length)
+
+
+def compiled(function: Callable, mode: str) -> Callable:
+    """``function`` through ``torch.compile(mode=mode, dynamic=True)``, made once per function and
+    mode (the cache length changes every step: dynamic shapes keep that to a few graphs instead of
+    one per length). If compiling or running the compiled code fails (a backend this machine lacks,
+    a mode this device cannot use), a warning says so and the eager ``function`` runs from then on:
+    the steps it is used for write the same values again when rerun, so a retry is safe."""
+    key = (function, mode)
+    if key not in _COMPILED:
+        # A graph per depth head, batch size and first / second / later depth is more than
+        # dynamo's default of 8 per function, past which it would run the rest eagerly.
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+        _COMPILED[key] = torch.compile(function, mode=mode, dynamic=True)
+
+    def run(*args: Any) -> Any:
+        if _COMPILED[key] is function:
+            return function(*args)
+        if mode in ("reduce-overhead", "max-autotune") and torch.cuda.is_available():
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are read already
+        try:
+            return _COMPILED[key](*args)
+        except Exception as error:  # noqa: BLE001 -- any compiler failure falls back to eager
+            logger.warning(
+                "torch.compile(mode=%r) of %s failed (%s); running it eagerly", mode, function.__name__, error
             )
-            hidden = residual + attention.o_proj(output.reshape(*normed.shape[:-1], -1).contiguous())
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return self.decoder.norm(hidden)[:, -1]
+            _COMPILED[key] = function
+            return function(*args)
+
+    return run
+
+
+_COMPILED: dict[tuple[Callable, str], Callable] = {}
+RECOMPILE_LIMIT = 64
+
+
+def decoder_step(
+    decoder: Any,
+    attention_function: Callable,
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    embeds: torch.Tensor,
+    position_ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    length: int,
+) -> torch.Tensor:
+    """The decoder layers on one new position per row, written at index ``length - 1`` of the
+    static ``keys`` / ``values`` (one ``(B, kv_heads, L, head_dim)`` buffer per layer), attending
+    to the first ``length`` positions; ``(B, 1, H)`` -> ``(B, H)``."""
+    position = length - 1
+    hidden = embeds
+    cos, sin = decoder.rotary_emb(hidden, position_ids)
+    for index, layer in enumerate(decoder.layers):
+        attention = layer.self_attn
+        residual = hidden
+        normed = layer.input_layernorm(hidden)
+        shape = (*normed.shape[:-1], -1, attention.head_dim)
+        query = attention.q_proj(normed).view(shape).transpose(1, 2)
+        key = attention.k_proj(normed).view(shape).transpose(1, 2)
+        value = attention.v_proj(normed).view(shape).transpose(1, 2)
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        keys[index][:, :, position : position + 1] = key
+        values[index][:, :, position : position + 1] = value
+        output, _ = attention_function(
+            attention,
+            query,
+            keys[index][:, :, :length],
+            values[index][:, :, :length],
+            mask,
+            dropout=0.0,
+            scaling=attention.scaling,
+            sliding_window=getattr(attention, "sliding_window", None),
+        )
+        hidden = residual + attention.o_proj(output.reshape(*normed.shape[:-1], -1).contiguous())
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return decoder.norm(hidden)[:, -1]

@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -133,23 +134,76 @@ class Server:
         with self._tokenizer_lock:
             return len(self._tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
 
-    async def result(self, job: Any) -> Any:
-        """Queue ``job`` and wait for what the model made of it (errors become :class:`APIError`)."""
+    def submit(self, job: Any, on_text: Any = None) -> Future:
+        """Queue ``job`` (``on_text``: a streamed answer's pieces, on the worker thread)."""
         try:
-            future = self.batcher.submit(job)
+            return self.batcher.submit(job, on_text) if on_text is not None else self.batcher.submit(job)
         except QueueFull:
             raise errors.server_busy(self.config.retry_after_s) from None
         except BatcherClosed:
             raise errors.shutting_down() from None
-        timeout = self.config.batching.timeout_s
+
+    async def result(self, job: Any) -> Any:
+        """Queue ``job`` and wait for what the model made of it (errors become :class:`APIError`)."""
+        return await self.wait(asyncio.wrap_future(self.submit(job)), self.config.batching.timeout_s)
+
+    async def wait(self, waitable: Any, timeout: float) -> Any:
+        """``waitable``'s result within ``timeout`` seconds (errors become :class:`APIError`)."""
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+            return await asyncio.wait_for(waitable, max(timeout, 0.0))
         except asyncio.TimeoutError:
-            raise errors.request_timeout(timeout) from None
+            raise errors.request_timeout(self.config.batching.timeout_s) from None
         except ValueError as error:  # PipelineError and friends: the request, not the server
             raise errors.bad_request(str(error)) from None
         except Exception:
             raise errors.internal_error() from None
+
+    async def stream(self, job: ChatJob) -> AsyncIterator[str]:
+        """Queue ``job`` and return its answer's pieces, each as soon as the model has drawn it.
+
+        The first piece (or the end of the job) is awaited before this returns, so a request that
+        fails before its answer starts still gets its own error status; a failure after that ends
+        the pieces with an :class:`APIError` (a piece that is sent cannot be taken back)."""
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[str] = asyncio.Queue()
+        # The worker calls put_nowait (through the loop) before it sets the future's result.
+        future = asyncio.wrap_future(
+            self.submit(job, lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
+        )
+        deadline = loop.time() + self.config.batching.timeout_s
+        getter = asyncio.ensure_future(pieces.get())
+        try:
+            await self.wait(asyncio.wait({getter, future}, return_when=asyncio.FIRST_COMPLETED), deadline - loop.time())
+            if not getter.done():
+                await self.wait(future, 0)  # raises the request's error, if it failed before its first piece
+        except APIError:
+            getter.cancel()
+            raise
+
+        async def following() -> AsyncIterator[str]:
+            nonlocal getter
+            try:
+                while True:
+                    if not getter.done():
+                        await asyncio.wait(
+                            {getter, future},
+                            timeout=max(deadline - loop.time(), 0.0),
+                            return_when=asyncio.FIRST_COMPLETED,
+                        )
+                    if getter.done():
+                        yield getter.result()
+                        getter = asyncio.ensure_future(pieces.get())
+                    elif future.done():
+                        while not pieces.empty():
+                            yield pieces.get_nowait()
+                        await self.wait(future, 0)
+                        return
+                    else:
+                        raise errors.request_timeout(self.config.batching.timeout_s)
+            finally:
+                getter.cancel()
+
+        return following()
 
     def read_chat(self, body: dict[str, Any]) -> ChatJob:
         return read_chat_request(
@@ -172,14 +226,11 @@ class Server:
         return usage, "length" if completion >= job.max_tokens else "stop"
 
 
-def _chunks(answer: str) -> list[str]:
-    """The answer in word-sized pieces (each keeps the space before it), for streaming."""
-    words = answer.split(" ")
-    return [words[0]] + [" " + word for word in words[1:]] if answer else []
-
-
-def _stream(server: Server, job: ChatJob, answer: str, identity: str, created: int) -> AsyncIterator[str]:
-    usage, finish = server.usage(job, answer)
+def _stream(
+    server: Server, job: ChatJob, pieces: AsyncIterator[str], identity: str, created: int
+) -> AsyncIterator[str]:
+    """Server-sent events: the role, each piece of the answer as it is drawn, the finish reason,
+    the usage (when asked for), ``[DONE]``; a failure mid-answer ends it with an error event."""
     base = {"id": identity, "object": "chat.completion.chunk", "created": created, "model": server.config.model_name}
 
     def event(delta: dict[str, Any], finish_reason: str | None) -> str:
@@ -188,8 +239,19 @@ def _stream(server: Server, job: ChatJob, answer: str, identity: str, created: i
 
     async def events() -> AsyncIterator[str]:
         yield event({"role": "assistant", "content": ""}, None)
-        for piece in _chunks(answer):
-            yield event({"content": piece}, None)
+        sent = []
+        try:
+            async for piece in pieces:
+                sent.append(piece)
+                yield event({"content": piece}, None)
+        except APIError as error:
+            yield f"data: {json.dumps(error.body())}\n\n"
+            return
+        except Exception:
+            logger.exception("model call failed while streaming")
+            yield f"data: {json.dumps(errors.internal_error().body())}\n\n"
+            return
+        usage, finish = server.usage(job, "".join(sent))
         yield event({}, finish)
         if job.include_usage:
             yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
@@ -225,10 +287,11 @@ def add_routes(app: FastAPI, server: Server) -> None:
     async def chat_completions(request: Request) -> Response:
         body = await read_json(request, server.config.max_body_bytes)
         job = await run_in_threadpool(server.read_chat, body)  # images are decoded off the event loop
-        answer = await server.result(job)
         identity, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if job.stream:
-            return StreamingResponse(_stream(server, job, answer, identity, created), media_type="text/event-stream")
+            pieces = await server.stream(job)
+            return StreamingResponse(_stream(server, job, pieces, identity, created), media_type="text/event-stream")
+        answer = await server.result(job)
         usage, finish = server.usage(job, answer)
         message = {"role": "assistant", "content": answer}
         return JSONResponse(

@@ -69,6 +69,7 @@ class _Pending:
     rows: int
     future: Future
     arrived: float = field(default_factory=time.monotonic)
+    on_text: Callable[[str], None] | None = None  # a streamed answer's pieces, as they are drawn
 
 
 @dataclass
@@ -104,10 +105,13 @@ class Batcher:
         self._worker.start()
 
     # ------------------------------------------------------------------ submitting
-    def submit(self, job: ChatJob | ImageJob) -> Future:
-        """Queue ``job``; its future gets the answer (str) or the images (list of (H, W, 3) uint8)."""
+    def submit(self, job: ChatJob | ImageJob, on_text: Callable[[str], None] | None = None) -> Future:
+        """Queue ``job``; its future gets the answer (str) or the images (list of (H, W, 3) uint8).
+
+        ``on_text`` (chat only): called on the worker thread with each piece of the answer as it
+        is drawn, before the future is done; the pieces put together are the answer."""
         rows = job.n if isinstance(job, ImageJob) else 1
-        pending = _Pending(job, job_key(job), rows, Future())
+        pending = _Pending(job, job_key(job), rows, Future(), on_text=on_text)
         with self._condition:
             if self._closing:
                 raise BatcherClosed
@@ -217,6 +221,12 @@ class Batcher:
                 start += pending.job.n
             return results
         jobs: list[ChatJob] = [pending.job for pending in batch]
+        listeners = [pending.on_text for pending in batch]
+
+        def on_text(row: int, piece: str) -> None:
+            if listeners[row] is not None:
+                listeners[row](piece)
+
         return self.pipe.answer_batch(
             [job.image for job in jobs],
             [job.question for job in jobs],
@@ -224,4 +234,5 @@ class Batcher:
             max_new_tokens=first.max_tokens,
             sampling=first.sampling,
             seed=first.seed,
+            on_text=on_text if any(listeners) else None,
         )

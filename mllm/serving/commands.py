@@ -32,6 +32,7 @@ def _require_serving_packages() -> None:
 
 
 def _parser(prog: str, description: str, port: int) -> argparse.ArgumentParser:
+    from mllm.commands import add_compile_argument
     from tokenizer.devices import add_device_argument
 
     parser = argparse.ArgumentParser(prog=prog, description=description)
@@ -53,10 +54,12 @@ def _parser(prog: str, description: str, port: int) -> argparse.ArgumentParser:
         "--allow-remote-images", action="store_true", help="also fetch http(s):// and read file:// image URLs"
     )
     add_device_argument(parser)
+    add_compile_argument(parser)
     return parser
 
 
 def _server_config(args: argparse.Namespace) -> Any:
+    from mllm.commands import check_compile_flag
     from mllm.serving.app import ServerConfig
     from mllm.serving.batching import BatchingConfig
     from mllm.serving.protocol import Limits
@@ -69,6 +72,7 @@ def _server_config(args: argparse.Namespace) -> Any:
     if args.max_images < 1:
         raise ValueError(f"--max-images={args.max_images}; expected an integer >= 1")
     resolve_device(args.device)  # a device the machine lacks fails before anything loads
+    check_compile_flag(args.compile)
     batching = BatchingConfig(args.max_batch, args.max_wait_ms, args.max_queue, args.timeout)
     key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_VARIABLE) or None
     limits = Limits(max_images_per_request=args.max_images, allow_remote_images=args.allow_remote_images)
@@ -85,7 +89,7 @@ def load_pipeline(args: argparse.Namespace) -> Any:
     device = resolve_device(args.device)
     if not sys.stderr.isatty():
         hf_logging.disable_progress_bar()
-    return Pipeline.from_pretrained(args.model, args.tokenizer, device=str(device))
+    return Pipeline.from_pretrained(args.model, args.tokenizer, device=str(device), compile=args.compile)
 
 
 def _run(app: Any, args: argparse.Namespace, what: str) -> None:

@@ -63,16 +63,19 @@ def _prompts(batch_size: int, device: torch.device):
     return model, images, builder.generation("", train=False), questions
 
 
-def make_cases(batch_size: int, device: torch.device) -> dict[tuple[str, str], Callable[[], object]]:
-    """``(section, variant)`` -> a zero-argument call; every call re-seeds, so every round does the same work."""
+def make_cases(
+    batch_size: int, device: torch.device, compile_mode: str | None = None
+) -> dict[tuple[str, str], Callable[[], object]]:
+    """``(section, variant)`` -> a zero-argument call; every call re-seeds, so every round does the same work.
+    With ``compile_mode`` a third variant, ``compiled``, runs the new sampler's steps through ``torch.compile``."""
     model, images, uncond, questions = _prompts(batch_size, device)
 
     def generators():
         return [torch.Generator(device=device).manual_seed(seed) for seed in range(batch_size)]
 
-    def image(sampler):
+    def image(sampler, **options):
         return lambda: sampler.generate_image_codes(
-            model, images, uncond, CFG_SCALE, IMAGE_SAMPLING, generator=generators()
+            model, images, uncond, CFG_SCALE, IMAGE_SAMPLING, generator=generators(), **options
         )
 
     # transformers' generate() on the same Qwen2 weights: the question's text ids, left-padded
@@ -97,12 +100,16 @@ def make_cases(batch_size: int, device: torch.device) -> dict[tuple[str, str], C
         )
         return out[:, width:].tolist()
 
-    return {
+    cases = {
         ("image", "new"): image(sys.modules["mllm.generation"]),
         ("image", "old"): image(reference_sampler),
         ("text", "new"): lambda: generate_text(model, questions, TEXT_TOKENS),
         ("text", "old"): hf_generate,
     }
+    if compile_mode is not None:
+        cases[("image", "compiled")] = image(sys.modules["mllm.generation"], compile_mode=compile_mode)
+        cases[("text", "compiled")] = lambda: generate_text(model, questions, TEXT_TOKENS, compile_mode=compile_mode)
+    return cases
 
 
 def _seconds(call: Callable[[], object], device: torch.device) -> dict[str, float]:
@@ -181,20 +188,28 @@ def _load_average() -> str:
     return ", ".join(f"{value:.2f}" for value in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
 
 
-def run(rounds: int, batch_sizes: list[int], device: torch.device) -> dict[str, list[dict[str, object]]]:
-    """Per clock (``cpu``, ``wall``): one row per case and batch size, medians and paired ratios."""
-    cases = {batch_size: make_cases(batch_size, device) for batch_size in batch_sizes}
-    for batch_size, calls in cases.items():  # warm-up, and the check that both samplers draw the same codes
-        assert torch.equal(calls[("image", "new")](), calls[("image", "old")]()), f"codes differ at batch {batch_size}"
-        calls[("text", "new")]()
+def run(
+    rounds: int, batch_sizes: list[int], device: torch.device, compile_mode: str | None = None
+) -> dict[str, list[dict[str, object]]]:
+    """Per clock (``cpu``, ``wall``): one row per case and batch size, medians and paired ratios
+    (with ``compile_mode``, also the compiled sampler's median and its ratios to the reference)."""
+    cases = {batch_size: make_cases(batch_size, device, compile_mode) for batch_size in batch_sizes}
+    variants = ["new", "old"] + (["compiled"] if compile_mode else [])
+    for batch_size, calls in cases.items():  # warm-up (and compilation), and the check that all draw the same codes
+        codes = calls[("image", "new")]()
+        for variant in variants[1:]:
+            assert torch.equal(codes, calls[("image", variant)]()), f"{variant} codes differ at batch {batch_size}"
+        answers = calls[("text", "new")]()
+        if compile_mode:
+            assert calls[("text", "compiled")]() == answers, f"compiled answers differ at batch {batch_size}"
         calls[("text", "old")]()
     clocks = ("cpu", "wall") if device.type == "cpu" else ("wall",)
     times = {(clock, batch_size, key): [] for clock in clocks for batch_size, calls in cases.items() for key in calls}
     for round_index in range(rounds):
         for batch_size, calls in cases.items():
             for section in ("image", "text"):
-                pair = ["new", "old"] if round_index % 2 == 0 else ["old", "new"]
-                for variant in pair:
+                shift = round_index % len(variants)  # a different variant goes first each round
+                for variant in variants[shift:] + variants[:shift]:
                     seconds = _seconds(calls[(section, variant)], device)
                     for clock in clocks:
                         times[(clock, batch_size, (section, variant))].append(seconds[clock])
@@ -205,8 +220,18 @@ def run(rounds: int, batch_sizes: list[int], device: torch.device) -> dict[str, 
             for batch_size in batch_sizes:
                 new, old = times[(clock, batch_size, (section, "new"))], times[(clock, batch_size, (section, "old"))]
                 ratios = [slow / quick for quick, slow in zip(new, old, strict=True)]
+                row = {}
+                if compile_mode:
+                    compiled = times[(clock, batch_size, (section, "compiled"))]
+                    compiled_ratios = [slow / quick for quick, slow in zip(compiled, old, strict=True)]
+                    row = {
+                        "compiled_s": statistics.median(compiled),
+                        "compiled_ratio": statistics.median(compiled_ratios),
+                        "compiled_range": (min(compiled_ratios), max(compiled_ratios)),
+                    }
                 rows.append(
-                    {
+                    row
+                    | {
                         "section": section,
                         "batch_size": batch_size,
                         "reference": reference,
@@ -234,15 +259,23 @@ def print_report(tables: dict[str, list[dict[str, object]]], breakdown: dict[str
 
 
 def _print_rows(rows: list[dict[str, object]]) -> None:
-    print("| case | batch | new (s, median) | reference | reference (s, median) | speed-up | range over rounds |")
-    print("|---|---:|---:|---|---:|---:|---:|")
+    compiled = "compiled_s" in rows[0]
+    extra = " compiled (s, median) | compiled speed-up | its range |" if compiled else ""
+    print(
+        "| case | batch | new (s, median) | reference | reference (s, median) | speed-up | range over rounds |" + extra
+    )
+    print("|---|---:|---:|---|---:|---:|---:|" + ("---:|---:|---:|" if compiled else ""))
     for row in rows:
         low, high = row["range"]
         what = "image, 64 slots, CFG 3" if row["section"] == "image" else f"text, {TEXT_TOKENS} greedy tokens"
-        print(
+        line = (
             f"| {what} | {row['batch_size']} | {row['new_s']:.3f} | {row['reference']} | {row['old_s']:.3f} | "
             f"{row['ratio']:.2f}x | {low:.2f}-{high:.2f}x |"
         )
+        if compiled:
+            low, high = row["compiled_range"]
+            line += f" {row['compiled_s']:.3f} | {row['compiled_ratio']:.2f}x | {low:.2f}-{high:.2f}x |"
+        print(line)
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[dict[str, object]]]:
@@ -251,16 +284,23 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, object]]]:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (see test_bench_mllm.py)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument(
+        "--compile",
+        default=None,
+        metavar="MODE",
+        help="also time the sampler with its steps under torch.compile(mode=MODE), e.g. default",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     load = _load_average()
-    tables = run(args.rounds, args.batch_sizes, device)
+    tables = run(args.rounds, args.batch_sizes, device, args.compile)
     breakdown = slot_breakdown(device)
     print(
         f"configs/mllm/tiny.yaml model (random init), device {device}, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}; load average {load} before, {_load_average()} after; "
-        f"{args.rounds} interleaved rounds; speed-up = median of the per-round paired ratios\n"
+        f"{args.rounds} interleaved rounds; speed-up = median of the per-round paired ratios"
+        f"{f'; compiled: torch.compile(mode={args.compile!r})' if args.compile else ''}\n"
     )
     print_report(tables, breakdown)
     return tables

@@ -313,3 +313,81 @@ def test_pipeline_images_do_not_depend_on_their_batch(pipeline):
     batch = pipeline.generate_codes(["a red circle", "two blue squares in the corner"], n=2, seed=0, **options)
     assert torch.equal(batch[3], pipeline.generate_codes("two blue squares in the corner", seed=3, **options)[0])
     assert torch.equal(batch[0], pipeline.generate_codes("a red circle", seed=0, **options)[0])
+
+
+def test_answers_stream_piece_by_piece_while_they_are_drawn(pipeline, monkeypatch):
+    from mllm import decoding
+
+    fed = []
+    feed = decoding.SlotRunner.feed
+
+    def counting_feed(self, *args, **kwargs):
+        fed.append(1)
+        return feed(self, *args, **kwargs)
+
+    monkeypatch.setattr(decoding.SlotRunner, "feed", counting_feed)
+    questions = ["what colour is the circle?", "how many squares are there?"]
+    sampled = SamplingConfig(temperature=1.0)
+    pieces: dict[int, list[tuple[str, int]]] = {0: [], 1: []}
+    answers = pipeline.answer_batch(
+        [None] * 2,
+        questions,
+        max_new_tokens=12,
+        sampling=sampled,
+        seed=3,
+        on_text=lambda row, piece: pieces[row].append((piece, len(fed))),
+    )
+    assert answers == pipeline.answer_batch([None] * 2, questions, max_new_tokens=12, sampling=sampled, seed=3)
+    for row, answer in enumerate(answers):
+        assert "".join(piece for piece, _ in pieces[row]) == answer
+        assert all(piece for piece, _ in pieces[row])
+    assert len(pieces[0]) > 1 and pieces[0][0][1] < pieces[0][-1][1]  # the first piece came before the last step
+    single: list[str] = []
+    assert (
+        pipeline.answer(None, questions[1], max_new_tokens=12, sampling=sampled, seed=4, on_text=single.append)
+        == answers[1]
+    )
+    assert "".join(single) == answers[1]
+
+
+def test_text_stream_holds_back_what_can_still_change():
+    from mllm.text_stream import TextStream
+
+    class Bytes:  # decodes byte ids; an unfinished UTF-8 character shows as U+FFFD, as byte-fallback pieces do
+        def decode(self, ids, skip_special_tokens=True):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    pieces: list[str] = []
+    stream = TextStream(Bytes(), pieces.append)
+    for token in " caf\u00e9 ok ".encode():
+        stream.add(token)
+    assert stream.finish() == "caf\u00e9 ok"
+    assert "".join(pieces) == "caf\u00e9 ok" and "\ufffd" not in "".join(pieces) and not pieces[0].startswith(" ")
+
+
+@pytest.mark.slow
+def test_compiled_steps_draw_the_eager_codes(drawing):
+    """``torch.compile`` of the LM step and the depth-head step (mode "default") gives the codes
+    and the answers the eager steps give at the same seeds (one small batch: compiling costs ~20 s)."""
+    model, builder = drawing
+    prompts, uncond = _prompts(builder)
+    args = (model, prompts[:1], uncond, 3.0, GUIDED)
+    eager = generate_image_codes(*args, generator=_generators([3]))
+    assert torch.equal(generate_image_codes(*args, generator=_generators([3]), compile_mode="default"), eager)
+    question = [builder.conversation([("user", "where is it?")], train=False, add_generation_prompt=True)]
+    assert generate_text(model, question, 8, compile_mode="default") == generate_text(model, question, 8)
+    from mllm import depth_head, static_cache
+
+    for step in (static_cache.decoder_step, depth_head.depth_step):  # compiled, not fallen back to eager
+        assert static_cache._COMPILED[(step, "default")] is not step
+
+
+def test_compile_option_picks_a_mode_per_device():
+    from mllm.generation import compile_mode_for
+
+    assert compile_mode_for("cpu", False) is None
+    assert compile_mode_for("cpu", True) == "default"
+    assert compile_mode_for("cuda", True) == "reduce-overhead"
+    assert compile_mode_for("cpu", "max-autotune-no-cudagraphs") == "max-autotune-no-cudagraphs"
+    with pytest.raises(ValueError, match="compile='fast'; expected one of default, reduce-overhead"):
+        compile_mode_for("cpu", "fast")

@@ -17,6 +17,7 @@ from training import cli
         (["--port", "70000"], "--port=70000"),
         (["--max-images", "0"], "--max-images=0"),
         (["--device", "nonsense"], "--device 'nonsense'"),
+        (["--compile", "fast"], "--compile 'fast'; expected one of default, reduce-overhead"),
     ],
 )
 @pytest.mark.parametrize("command", ["serve", "web"])
