@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from tokenizer.config import (
     BackboneConfig,
@@ -29,6 +30,24 @@ REPO = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 32
 TRAIN_IMAGES = 48
 VAL_IMAGES = 12
+
+
+def tiny_qwen2(
+    vocab: int, hidden: int = 32, layers: int = 2, max_positions: int = 64, tie: bool = False
+) -> Qwen2ForCausalLM:
+    """A random Qwen2 LM of a few thousand parameters, the same weights for the same arguments."""
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=tie,
+    )
+    return Qwen2ForCausalLM(config)
 
 
 def tiny_visual_tokenizer(seed: int = 0, pixel_depth: int = 2) -> DualTokenizer:

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from mllm_fixtures import tiny_qwen2
 
 from mllm.modeling import DualTokenMLLMForCausalLM
 from mllm.vocab import VocabLayout
@@ -15,18 +15,7 @@ TEXT = 200
 
 
 def _model() -> DualTokenMLLMForCausalLM:
-    torch.manual_seed(0)
-    llm = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=TEXT,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-    )
+    llm = tiny_qwen2(TEXT, layers=3)
     return DualTokenMLLMForCausalLM.from_llm(llm, VocabLayout(TEXT, 16, 16, 64), depth_head_layers=1).train()
 
 

@@ -6,7 +6,8 @@ import copy
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from mllm_fixtures import tiny_qwen2
+from transformers import Qwen2Config
 
 from mllm.config import DualTokenMLLMConfig
 from mllm.modeling import DualTokenMLLMForCausalLM
@@ -19,18 +20,7 @@ GRID, IMAGE_AT = (2, 4), 12
 
 @pytest.fixture(scope="module")
 def model() -> DualTokenMLLMForCausalLM:
-    torch.manual_seed(0)
-    llm = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=TEXT,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-    )
+    llm = tiny_qwen2(TEXT)
     layout = VocabLayout(TEXT, SEM, PIX, 64)
     return DualTokenMLLMForCausalLM.from_llm(
         llm, layout, grid_size=GRID, depth_head_layers=1, depth_head_heads=2, pixel_depth=2

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mllm_fixtures import tiny_qwen2
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from mllm.chat import ConversationError, SequenceBuilder, collate_sequences
@@ -26,18 +27,7 @@ def base_text_tokenizer(tmp_path_factory):
 
 
 def _tiny_llm(vocab: int, tie: bool = True) -> Qwen2ForCausalLM:
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=tie,
-    )
-    return Qwen2ForCausalLM(config).eval()
+    return tiny_qwen2(vocab, hidden=64, max_positions=128, tie=tie).eval()
 
 
 @pytest.fixture(scope="module")
