@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from mllm_fixtures import tiny_qwen2
 
 from mllm.chat import SequenceBuilder
 from mllm.depth_head import DepthHead
@@ -39,18 +39,7 @@ def text_tokenizer(tmp_path_factory):
 def _model(text_tokenizer, **options) -> tuple[DualTokenMLLMForCausalLM, SequenceBuilder]:
     tokenizer = copy.deepcopy(text_tokenizer)
     layout = extend_tokenizer(tokenizer, SEM, PIX)
-    torch.manual_seed(0)
-    llm = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-        )
-    )
+    llm = tiny_qwen2(len(tokenizer), hidden=64, max_positions=128)
     settings = dict(semantic_depth=2, pixel_depth=4, grid_size=GRID, depth_head_layers=2, depth_head_heads=2)
     model = DualTokenMLLMForCausalLM.from_llm(llm, layout, **{**settings, **options}).eval()
     return model, SequenceBuilder.for_model(tokenizer, model.config)
