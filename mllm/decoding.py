@@ -63,7 +63,9 @@ class SlotRunner:
         self.cache = out.past_key_values if self.use_cache else None
         if self.use_cache and self.attention is not None and supports_static_steps(self.model):
             max_new = self.mask.shape[1] - self.prompt_length
-            self.static = StaticSteps(self.model, self.cache, self.prompt_length, max_new, self.compile_mode)
+            self.static = StaticSteps(
+                self.model, self.cache, self.prompt_length, max_new, self.next_position, self.compile_mode
+            )
         return out.hidden_states[:, -1]
 
     def feed(self, slots: torch.Tensor, image_index: int = -1) -> torch.Tensor:
@@ -87,12 +89,11 @@ class SlotRunner:
             self.ids = torch.cat([self.ids, slots], dim=1)
             out = self.model(self.ids, attention_mask=self.mask[:, :length], position_ids=None, use_cache=False)
             return out.hidden_states[:, -1]
-        position = self.next_position + (self.steps - 1)
-        index = torch.full(slots.shape[:2], image_index, dtype=torch.long, device=slots.device)
         if self.static is not None:
             full = self.attention["full_attention"]
-            embeds = self.model.embed_slots(slots, index)
-            return self.static.step(embeds, position, None if full is None else full[..., :length])
+            return self.static.step(slots, image_index, None if full is None else full[..., :length])
+        index = torch.full(slots.shape[:2], image_index, dtype=torch.long, device=slots.device)
+        position = self.next_position + (self.steps - 1)
         if self.attention is None:
             attention: object = self.mask[:, :length]
         else:

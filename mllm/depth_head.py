@@ -8,8 +8,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mllm.static_cache import compiled
-
 
 class DepthHead(nn.Module):
     """Predicts the ``depth`` RVQ codes of one slot from the LM's hidden state, depth by depth.
@@ -67,29 +65,31 @@ class DepthHead(nn.Module):
         hidden = self._run(self._inputs(context, codes))[:, -1]
         return hidden @ self.classifier_weight[depth] + self.classifier_bias[depth]
 
-    def steps(self, context: torch.Tensor, compile_mode: str | None = None) -> DepthSteps:
+    def steps(self, context: torch.Tensor) -> DepthSteps:
         """Depth-by-depth decoding of one slot from the LM state ``context`` ``(N, H_lm)``, with cached keys and values."""
-        return DepthSteps(self, context, compile_mode)
+        return DepthSteps(self, context)
 
 
 class DepthSteps:
     """One slot's depths decoded one at a time, each depth running the transformer on its own new
     input only: the keys and values of the earlier depths are kept per layer, as a decoder's KV
-    cache keeps them (what :meth:`DepthHead.next_logits` recomputes from the whole prefix).
-    ``compile_mode``: run each depth through ``torch.compile`` with this mode (None: eagerly).
+    cache keeps them (what :meth:`DepthHead.next_logits` recomputes from the whole prefix), in
+    buffers sized for all the depths.
 
         steps = head.steps(context)
         logits = steps.next_logits(None)      # depth 0
         logits = steps.next_logits(code)      # depth 1, after choosing ``code`` (N,) at depth 0
     """
 
-    def __init__(self, head: DepthHead, context: torch.Tensor, compile_mode: str | None = None) -> None:
+    def __init__(self, head: DepthHead, context: torch.Tensor) -> None:
         self.head = head
-        self.start = head.in_proj(context)
+        self.start = F.linear(context, head.in_proj.weight, head.in_proj.bias)
         self.code_sum: torch.Tensor | None = None
         self.depth = 0
-        self.cache: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.compile_mode = compile_mode
+        first = head.blocks.layers[0].self_attn
+        rows, heads = context.shape[0], first.num_heads
+        shape = (len(head.blocks.layers), rows, heads, head.depth, first.embed_dim // heads)
+        self.keys, self.values = self.start.new_empty(shape), self.start.new_empty(shape)
 
     def next_logits(self, code: torch.Tensor | None) -> torch.Tensor:
         """Logits ``(N, K)`` of the next depth; ``code`` ``(N,)``: the code chosen at the previous depth (None at depth 0)."""
@@ -98,8 +98,7 @@ class DepthSteps:
             raise ValueError(f"all {head.depth} depths of this slot are decoded already")
         if (code is None) != (self.depth == 0):
             raise ValueError(f"depth {self.depth} needs {'no code' if self.depth == 0 else 'the previous depth code'}")
-        run = depth_step if self.compile_mode is None else compiled(depth_step, self.compile_mode)
-        logits, self.code_sum, self.cache = run(head, self.start, self.code_sum, code, self.depth, self.cache)
+        logits, self.code_sum = depth_step(head, self.start, self.code_sum, code, self.depth, self.keys, self.values)
         self.depth += 1
         return logits
 
@@ -110,37 +109,43 @@ def depth_step(
     code_sum: torch.Tensor | None,
     code: torch.Tensor | None,
     depth: int,
-    cache: list[tuple[torch.Tensor, torch.Tensor]],
-) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """One depth of :class:`DepthSteps` from the projected LM state ``start`` ``(N, hidden)``: ``(logits (N, K), the running code-embedding sum, the
-    per-layer keys and values with this depth appended)``; ``cache`` is empty at depth 0."""
+    keys: torch.Tensor,
+    values: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One depth of :class:`DepthSteps` from the projected LM state ``start`` ``(N, hidden)``:
+    ``(logits (N, K), the running code-embedding sum)``. ``keys`` / ``values``: ``(layers, N,
+    heads, depths, head_dim)`` buffers holding the earlier depths; this depth's are written at
+    index ``depth``."""
     inputs = start
     if code is not None:  # the running sum of the chosen codes' embeddings, summed in order as cumsum does
-        embedded = head.code_embed(code)
+        embedded = F.embedding(code, head.code_embed.weight)
         code_sum = embedded if code_sum is None else code_sum + embedded
         inputs = inputs + code_sum
     hidden = (inputs + head.depth_embed.weight[depth]).unsqueeze(1)
-    new_cache = []
     for index, layer in enumerate(head.blocks.layers):
-        hidden, keys, values = _layer(layer, hidden, cache[index] if cache else None)
-        new_cache.append((keys, values))
-    hidden = head.norm(hidden)[:, 0]
-    return hidden @ head.classifier_weight[depth] + head.classifier_bias[depth], code_sum, new_cache
+        hidden = _layer(layer, hidden, keys[index], values[index], depth)
+    hidden = F.layer_norm(hidden[:, 0], head.norm.normalized_shape, head.norm.weight, head.norm.bias, head.norm.eps)
+    return hidden @ head.classifier_weight[depth] + head.classifier_bias[depth], code_sum
 
 
 def _layer(
-    layer: nn.TransformerEncoderLayer, hidden: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A pre-norm encoder layer (``norm_first=True``, no dropout at inference) on one new position,
-    after the earlier depths' ``(keys, values)``; returns the output and the extended keys and values."""
+    layer: nn.TransformerEncoderLayer, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, depth: int
+) -> torch.Tensor:
+    """A pre-norm encoder layer (``norm_first=True``, no dropout at inference) on one new position
+    ``(N, 1, width)`` at ``depth``, after the earlier depths' keys and values (``(N, heads,
+    depths, head_dim)`` buffers, this depth's written in place); the same arithmetic as the
+    layer's own forward, on its weights directly."""
     attention = layer.self_attn
     rows, _, width = hidden.shape
     heads = attention.num_heads
-    query, key, value = F.linear(layer.norm1(hidden), attention.in_proj_weight, attention.in_proj_bias).chunk(3, -1)
-    query, key, value = (part.view(rows, 1, heads, width // heads).transpose(1, 2) for part in (query, key, value))
-    if cache is not None:
-        key = torch.cat([cache[0], key], dim=2)
-        value = torch.cat([cache[1], value], dim=2)
-    mixed = F.scaled_dot_product_attention(query, key, value)  # the newest depth sees every earlier one
-    hidden = hidden + attention.out_proj(mixed.transpose(1, 2).reshape(rows, 1, width))
-    return hidden + layer.linear2(layer.activation(layer.linear1(layer.norm2(hidden)))), key, value
+    normed = F.layer_norm(hidden, (width,), layer.norm1.weight, layer.norm1.bias, layer.norm1.eps)
+    projected = F.linear(normed, attention.in_proj_weight, attention.in_proj_bias).view(rows, 3, heads, -1)
+    keys[:, :, depth] = projected[:, 1]
+    values[:, :, depth] = projected[:, 2]
+    query = projected[:, 0].unsqueeze(2)  # (N, heads, 1, head_dim)
+    # the newest depth sees every earlier one
+    mixed = F.scaled_dot_product_attention(query, keys[:, :, : depth + 1], values[:, :, : depth + 1])
+    hidden = hidden + F.linear(mixed.view(rows, 1, width), attention.out_proj.weight, attention.out_proj.bias)
+    normed = F.layer_norm(hidden, (width,), layer.norm2.weight, layer.norm2.bias, layer.norm2.eps)
+    inner = layer.activation(F.linear(normed, layer.linear1.weight, layer.linear1.bias))
+    return hidden + F.linear(inner, layer.linear2.weight, layer.linear2.bias)

@@ -27,6 +27,7 @@ import torch
 from mllm.chat import Sequence, collate_sequences
 from mllm.decoding import SlotRunner
 from mllm.modeling import DualTokenMLLMForCausalLM
+from mllm.static_cache import compiled
 
 
 @dataclass
@@ -82,16 +83,32 @@ def sample(logits: torch.Tensor, config: SamplingConfig, generator: Generators =
     """
     if config.temperature == 0:
         return logits.argmax(-1)
-    filtered = filter_logits(logits / config.temperature, config.top_k, config.top_p)
-    probs = filtered.softmax(-1)
+    return sample_with_noise(logits, config, draw_noise(logits.shape, generator, logits.device))
+
+
+def draw_noise(
+    shape: tuple[int, ...], generator: Generators = None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """The ``Exp(1)`` noise of one :func:`sample` call on ``(N, K)`` logits: from ``generator``
+    (one for the batch, or one per row, each row's from its own)."""
+    noise = torch.empty(shape, device=device)
     if isinstance(generator, list):
-        if len(generator) != probs.shape[0]:
-            raise ValueError(f"{len(generator)} generators for {probs.shape[0]} rows")
-        noise = torch.empty_like(probs)
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for {shape[0]} rows")
         for row, row_generator in enumerate(generator):
             noise[row].exponential_(generator=row_generator)
-    else:
-        noise = torch.empty_like(probs).exponential_(generator=generator)
+        return noise
+    return noise.exponential_(generator=generator)
+
+
+def sample_with_noise(logits: torch.Tensor, config: SamplingConfig, noise: torch.Tensor) -> torch.Tensor:
+    """:func:`sample` with its noise drawn already (:func:`draw_noise`); no generator is read,
+    so this part can run inside a compiled graph."""
+    if config.temperature == 0:
+        return logits.argmax(-1)
+    # Dividing by 1 changes nothing, and skipping it saves a pass over the logits.
+    scaled = logits if config.temperature == 1 else logits / config.temperature
+    probs = filter_logits(scaled, config.top_k, config.top_p).softmax(-1)
     return (probs / noise).argmax(-1)
 
 
@@ -127,7 +144,7 @@ def device_sync_guard(device: torch.device | str) -> Iterator[None]:
         torch.cuda.set_sync_debug_mode(previous)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_text(
     model: DualTokenMLLMForCausalLM,
     prompts: list[Sequence],
@@ -170,13 +187,11 @@ def generate_text(
     return [[token for token in row if token >= 0] for row in tokens_out.tolist()]
 
 
-def _depth_logits(
-    model: DualTokenMLLMForCausalLM, head_name: str, context: torch.Tensor, cached: bool, compile_mode: str | None
-):
+def _depth_logits(model: DualTokenMLLMForCausalLM, head_name: str, context: torch.Tensor, cached: bool):
     """``next_logits(code)`` for one slot: the depth head's cached steps, or its uncached reference."""
     head = getattr(model, head_name)
     if cached and head is not None:
-        return head.steps(context, compile_mode).next_logits
+        return head.steps(context).next_logits
     uncached = model.next_pixel_logits if head_name == "pixel_head" else head.next_logits
     chosen: list[torch.Tensor] = []
 
@@ -188,7 +203,40 @@ def _depth_logits(
     return next_logits
 
 
-@torch.no_grad()
+def pick_codes(
+    model: DualTokenMLLMForCausalLM,
+    head_name: str,
+    depth_count: int,
+    context: torch.Tensor,
+    noise: torch.Tensor | None,
+    count: int,
+    guided: bool,
+    cfg_scale: float,
+    sampling: SamplingConfig,
+    cached_depth: bool = True,
+) -> torch.Tensor:
+    """One slot's ``depth_count`` codes from one depth head, depth by depth: ``(rows, depth_count)``.
+
+    ``context``: the LM's last hidden states ``(rows, H)``; with ``guided`` the first ``count``
+    rows are conditional and the rest their unconditional twins: their logits are mixed as
+    ``uncond + cfg_scale * (cond - uncond)`` and both rows get the drawn code. ``noise``:
+    ``(depth_count, count, K)`` from :func:`draw_noise` (None when greedy). No generator is read and
+    nothing goes to the host, so a whole slot can run as one compiled graph."""
+    next_logits = _depth_logits(model, head_name, context, cached_depth)
+    code = None
+    chosen = []
+    for depth in range(depth_count):
+        logits = next_logits(code)
+        if guided:
+            cond, uncond = logits[:count].float(), logits[count:].float()
+            logits = uncond + cfg_scale * (cond - uncond)
+        code = sample_with_noise(logits, sampling, None if noise is None else noise[depth])
+        code = torch.cat([code, code]) if guided else code
+        chosen.append(code)
+    return torch.stack(chosen, dim=1)
+
+
+@torch.inference_mode()
 def generate_image_codes(
     model: DualTokenMLLMForCausalLM,
     prompts: list[Sequence],
@@ -237,30 +285,32 @@ def generate_image_codes(
     all_codes = torch.empty(count, slots_total, config.pixel_depth, dtype=torch.long, device=device)
     slot_ids = torch.full((len(rows), config.slot_width), -1, dtype=torch.long, device=device)
 
-    def pick(context: torch.Tensor, head_name: str, depth_count: int) -> torch.Tensor:
-        next_logits = _depth_logits(model, head_name, context, cached_depth, compile_mode)
-        code = None
-        chosen = []
-        for _ in range(depth_count):
-            logits = next_logits(code)
-            if guided:
-                cond, uncond = logits[:count].float(), logits[count:].float()
-                logits = uncond + cfg_scale * (cond - uncond)
-            code = sample(logits, sampling, generator)
-            code = torch.cat([code, code]) if guided else code
-            chosen.append(code)
-        return torch.stack(chosen, dim=1)
+    pick = pick_codes if compile_mode is None else compiled(pick_codes, compile_mode, device)
+    heads = [("pixel_head", config.pixel_depth, config.pixel_size)]
+    if model.semantic_head is not None:
+        heads.append(("semantic_head", config.semantic_depth, config.semantic_size))
+
+    def noise(depth: int, codebook: int) -> torch.Tensor | None:
+        # each depth's draw as sample() makes it, in the same order, so the same seed gives the same codes
+        if sampling.temperature == 0:
+            return None
+        return torch.stack([draw_noise((count, codebook), generator, device) for _ in range(depth)])
 
     with device_sync_guard(device) if forbid_syncs else contextlib.nullcontext():
         for slot in range(slots_total):
-            pixel = pick(hidden, "pixel_head", config.pixel_depth)
+            draws = [noise(depth, codebook) for _, depth, codebook in heads]
+            pixel = pick(model, *heads[0][:2], hidden, draws[0], count, guided, cfg_scale, sampling, cached_depth)
             all_codes[:, slot] = pixel[:count]
             slot_ids[:, split:] = pixel + layout.pixel_offset  # sampled codes are in range by construction
             if model.semantic_head is not None:
-                slot_ids[:, :split] = pick(hidden, "semantic_head", config.semantic_depth) + layout.semantic_offset
+                semantic = pick(
+                    model, *heads[1][:2], hidden, draws[1], count, guided, cfg_scale, sampling, cached_depth
+                )
+                slot_ids[:, :split] = semantic + layout.semantic_offset
             if len(runners) == 1:
                 hidden = runners[0].feed(slot_ids, slot)
             else:
                 hidden = torch.cat([runners[0].feed(slot_ids[:count], slot), runners[1].feed(slot_ids[count:], slot)])
     height, width = config.grid_size
-    return all_codes.cpu().view(count, height, width, config.pixel_depth)
+    with torch.inference_mode(False):  # a plain tensor: callers may feed the codes to code that records gradients
+        return all_codes.cpu().view(count, height, width, config.pixel_depth).clone()

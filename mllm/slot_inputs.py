@@ -115,8 +115,9 @@ class SlotInputsMixin:
         tables = self.__dict__.setdefault("_sincos_tables", {})
         key = (width, index.device, tuple(self.config.grid_size), self.config.image_position_scale)
         if key not in tables:
-            table = sincos_grid_table(self.config.grid_size, width, self.config.image_position_scale)
-            tables[key] = table.to(index.device)
+            with torch.inference_mode(False):  # a plain tensor even when a sampler asks first
+                table = sincos_grid_table(self.config.grid_size, width, self.config.image_position_scale)
+                tables[key] = table.to(index.device)
         return tables[key][index]
 
     def embed_slots(self, input_ids: torch.Tensor, image_slot_index: torch.Tensor | None = None) -> torch.Tensor:

@@ -16,46 +16,66 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.nn import functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+from transformers.models.qwen2.modeling_qwen2 import rotate_half
 
 logger = logging.getLogger(__name__)
 
 
 def supports_static_steps(model: Any) -> bool:
-    """Whether :class:`StaticSteps` can run this model's LM: Qwen2 / Llama-shaped layers, full
-    attention everywhere, sdpa or eager attention, and 1-D rotary positions."""
+    """Whether :class:`StaticSteps` can run this model's LM: Qwen2 / Llama-shaped layers (no
+    query / key norms, a gated MLP), full attention everywhere, sdpa or eager attention, and 1-D
+    rotary positions whose frequencies do not depend on the sequence length."""
     decoder = model.llm.get_decoder()
     config = model.llm.config
     layers = getattr(decoder, "layers", None)
     if getattr(model, "_grid_rotary", None) is not None or layers is None or not hasattr(decoder, "rotary_emb"):
         return False
+    if getattr(decoder.rotary_emb, "rope_type", "default") in LENGTH_DEPENDENT_ROPE:
+        return False
     if set(getattr(config, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
         return False
     if config._attn_implementation not in ("sdpa", "eager"):
         return False
-    needed = ("q_proj", "k_proj", "v_proj", "o_proj", "scaling")
+    attention_parts = ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim")
     return all(
-        all(hasattr(layer.self_attn, name) for name in needed)
-        and hasattr(layer, "input_layernorm")
-        and hasattr(layer, "post_attention_layernorm")
-        and hasattr(layer, "mlp")
+        all(hasattr(layer.self_attn, name) for name in attention_parts)
+        and not hasattr(layer.self_attn, "q_norm")
+        and all(hasattr(layer, name) for name in ("input_layernorm", "post_attention_layernorm", "mlp"))
+        and all(hasattr(layer.mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
         for layer in layers
     )
+
+
+# Rotary types whose frequencies are rescaled by the longest position seen so far: a table made
+# once for all the steps would not match them.
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 
 
 class StaticSteps:
     """The LM's decoder fed one position per row per step from a static KV cache.
 
     ``cache``: transformers' cache after the prefill of ``prompt_length`` positions;
-    ``max_new``: how many steps follow. ``compile_mode``: run each step through ``torch.compile``
-    with this mode (``"default"``, ``"reduce-overhead"``: CUDA graphs, ...); None runs it eagerly.
+    ``max_new``: how many steps follow; ``first_position`` ``(B, 1)``: each row's rotary
+    position at the first step (the steps after it count up by one). The rotary cosines and
+    sines of all the steps are made once here (transformers' rotary module on all the
+    positions: the same values it gives one step at a time). ``compile_mode``: run each step
+    through ``torch.compile`` with this mode (``"default"``, ``"reduce-overhead"``: CUDA graphs,
+    ...); None runs it eagerly.
     """
 
     def __init__(
-        self, model: Any, cache: Any, prompt_length: int, max_new: int, compile_mode: str | None = None
+        self,
+        model: Any,
+        cache: Any,
+        prompt_length: int,
+        max_new: int,
+        first_position: torch.Tensor,
+        compile_mode: str | None = None,
     ) -> None:
         self.compile_mode = compile_mode
+        self.model = model
         self.decoder = model.llm.get_decoder()
         config = model.llm.config
         self.attention = ALL_ATTENTION_FUNCTIONS[config._attn_implementation]
@@ -68,33 +88,46 @@ class StaticSteps:
             self.values.append(values.new_zeros(shape))
             self.keys[-1][:, :, :prompt_length] = keys
             self.values[-1][:, :, :prompt_length] = values
-        self.length = prompt_length
+        self.prompt_length = self.length = prompt_length
+        positions = first_position + torch.arange(max_new, device=first_position.device)
+        cos, sin = self.decoder.rotary_emb(self.keys[0], positions)  # (B, max_new, head_dim) each
+        self.cos, self.sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over the heads
 
-    def step(self, embeds: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """``embeds`` ``(B, 1, H)`` at ``position_ids`` ``(B, 1)`` -> last hidden states ``(B, H)``.
-
-        ``mask``: ``(B, 1, 1, L)`` boolean over the positions so far (this one included), or None
-        when every row sees all of them."""
+    def step(self, slots: torch.Tensor, image_index: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """``slots`` ``(B, 1, C)`` (or ``(B, 1)`` text ids) at the next position of each row ->
+        last hidden states ``(B, H)``. ``image_index``: the slots' index in the image being drawn
+        (-1 for text); ``mask``: ``(B, 1, 1, L)`` boolean over the positions so far (this one
+        included), or None when every row sees all of them."""
         if self.length >= self.keys[0].shape[2]:
             raise ValueError(f"the static cache holds {self.keys[0].shape[2]} positions; all are used")
+        step = self.length - self.prompt_length
         self.length += 1
-        run = decoder_step if self.compile_mode is None else compiled(decoder_step, self.compile_mode)
-        return run(self.decoder, self.attention, self.keys, self.values, embeds, position_ids, mask, self.length)
+        rotary = (self.cos[:, :, step : step + 1], self.sin[:, :, step : step + 1])
+        run = slot_step if self.compile_mode is None else compiled(slot_step, self.compile_mode, slots.device)
+        return run(self.model, self.attention, self.keys, self.values, slots, image_index, rotary, mask, self.length)
 
 
-def compiled(function: Callable, mode: str) -> Callable:
-    """``function`` through ``torch.compile(mode=mode, dynamic=True)``, made once per function and
-    mode (the cache length changes every step: dynamic shapes keep that to a few graphs instead of
-    one per length). If compiling or running the compiled code fails (a backend this machine lacks,
-    a mode this device cannot use), a warning says so and the eager ``function`` runs from then on:
-    the steps it is used for write the same values again when rerun, so a retry is safe."""
-    key = (function, mode)
+def compiled(function: Callable, mode: str, device: torch.device | str) -> Callable:
+    """``function`` through ``torch.compile(mode=mode, dynamic=True)``, made once per function,
+    mode and device type (the cache length changes every step: dynamic shapes keep that to a few
+    graphs instead of one per length). On a CPU the graph's kernels are called from generated
+    C++ rather than Python (inductor's ``cpp_wrapper``): at one position per row that call
+    overhead is what compiling is for. If compiling or running the compiled code fails (a
+    backend this machine lacks, a mode this device cannot use), a warning says so and the eager
+    ``function`` runs from then on: the steps it is used for write the same values again when
+    rerun, so a retry is safe."""
+    device_type = torch.device(device).type
+    key = (function, mode, device_type)
     if key not in _COMPILED:
-        # A graph per depth head, batch size and first / second / later depth is more than
+        # A graph per head, batch size, guidance on / off and sampling setting can be more than
         # dynamo's default of 8 per function, past which it would run the rest eagerly.
         dynamo = torch._dynamo.config
         dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
-        _COMPILED[key] = torch.compile(function, mode=mode, dynamic=True)
+        if device_type == "cpu":
+            options = torch._inductor.list_mode_options(mode) | {"cpp_wrapper": True}
+            _COMPILED[key] = torch.compile(function, options=options, dynamic=True)
+        else:
+            _COMPILED[key] = torch.compile(function, mode=mode, dynamic=True)
 
     def run(*args: Any) -> Any:
         if _COMPILED[key] is function:
@@ -113,8 +146,26 @@ def compiled(function: Callable, mode: str) -> Callable:
     return run
 
 
-_COMPILED: dict[tuple[Callable, str], Callable] = {}
+_COMPILED: dict[tuple[Callable, str, str], Callable] = {}
 RECOMPILE_LIMIT = 64
+
+
+def slot_step(
+    model: Any,
+    attention_function: Callable,
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    slots: torch.Tensor,
+    image_index: int,
+    rotary: tuple[torch.Tensor, torch.Tensor],
+    mask: torch.Tensor | None,
+    length: int,
+) -> torch.Tensor:
+    """One step of :class:`StaticSteps`: the slots' input embeddings, then :func:`decoder_step`
+    (one function, so that ``torch.compile`` makes one graph of both)."""
+    index = torch.full(slots.shape[:2], image_index, dtype=torch.long, device=slots.device)
+    embeds = model.embed_slots(slots, index)
+    return decoder_step(model.llm.get_decoder(), attention_function, keys, values, embeds, rotary, mask, length)
 
 
 def decoder_step(
@@ -123,26 +174,31 @@ def decoder_step(
     keys: list[torch.Tensor],
     values: list[torch.Tensor],
     embeds: torch.Tensor,
-    position_ids: torch.Tensor,
+    rotary: tuple[torch.Tensor, torch.Tensor],
     mask: torch.Tensor | None,
     length: int,
 ) -> torch.Tensor:
     """The decoder layers on one new position per row, written at index ``length - 1`` of the
     static ``keys`` / ``values`` (one ``(B, kv_heads, L, head_dim)`` buffer per layer), attending
-    to the first ``length`` positions; ``(B, 1, H)`` -> ``(B, H)``."""
+    to the first ``length`` positions; ``(B, 1, H)`` -> ``(B, H)``. ``rotary``: this position's
+    ``(cos, sin)``, ``(B, 1, 1, head_dim)`` each.
+
+    The arithmetic of transformers' Qwen2 / Llama decoder layer, op for op (so the same
+    numbers), with the projections called on their weights directly: at one position per row
+    the calls, not the arithmetic, are most of a small LM's step on a CPU."""
     position = length - 1
     hidden = embeds
-    cos, sin = decoder.rotary_emb(hidden, position_ids)
+    cos, sin = rotary
+    rows = embeds.shape[0]
     for index, layer in enumerate(decoder.layers):
-        attention = layer.self_attn
-        residual = hidden
+        attention, mlp = layer.self_attn, layer.mlp
         normed = layer.input_layernorm(hidden)
-        shape = (*normed.shape[:-1], -1, attention.head_dim)
-        query = attention.q_proj(normed).view(shape).transpose(1, 2)
-        key = attention.k_proj(normed).view(shape).transpose(1, 2)
-        value = attention.v_proj(normed).view(shape).transpose(1, 2)
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        keys[index][:, :, position : position + 1] = key
+        shape = (rows, 1, -1, attention.head_dim)
+        query = F.linear(normed, attention.q_proj.weight, attention.q_proj.bias).view(shape).transpose(1, 2)
+        key = F.linear(normed, attention.k_proj.weight, attention.k_proj.bias).view(shape).transpose(1, 2)
+        value = F.linear(normed, attention.v_proj.weight, attention.v_proj.bias).view(shape).transpose(1, 2)
+        query = query * cos + rotate_half(query) * sin
+        keys[index][:, :, position : position + 1] = key * cos + rotate_half(key) * sin
         values[index][:, :, position : position + 1] = value
         output, _ = attention_function(
             attention,
@@ -154,6 +210,9 @@ def decoder_step(
             scaling=attention.scaling,
             sliding_window=getattr(attention, "sliding_window", None),
         )
-        hidden = residual + attention.o_proj(output.reshape(*normed.shape[:-1], -1).contiguous())
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = hidden + F.linear(output.reshape(rows, 1, -1), attention.o_proj.weight, attention.o_proj.bias)
+        normed = layer.post_attention_layernorm(hidden)
+        gate = F.linear(normed, mlp.gate_proj.weight, mlp.gate_proj.bias)
+        up = F.linear(normed, mlp.up_proj.weight, mlp.up_proj.bias)
+        hidden = hidden + F.linear(mlp.act_fn(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
     return decoder.norm(hidden)[:, -1]

@@ -356,8 +356,9 @@ def test_text_stream_holds_back_what_can_still_change():
 
 @pytest.mark.slow
 def test_compiled_steps_draw_the_eager_codes(drawing):
-    """``torch.compile`` of the LM step and the depth-head step (mode "default") gives the codes
-    and the answers the eager steps give at the same seeds (one small batch: compiling costs ~20 s)."""
+    """``torch.compile`` of the LM step and of one slot's depth-head decoding and draw (mode
+    "default") gives the codes and the answers the eager steps give at the same seeds (one small
+    batch: compiling costs ~20 s)."""
     model, builder = drawing
     prompts, uncond = _prompts(builder)
     args = (model, prompts[:1], uncond, 3.0, GUIDED)
@@ -365,10 +366,10 @@ def test_compiled_steps_draw_the_eager_codes(drawing):
     assert torch.equal(generate_image_codes(*args, generator=_generators([3]), compile_mode="default"), eager)
     question = [builder.conversation([("user", "where is it?")], train=False, add_generation_prompt=True)]
     assert generate_text(model, question, 8, compile_mode="default") == generate_text(model, question, 8)
-    from mllm import depth_head, static_cache
+    from mllm import generation, static_cache
 
-    for step in (static_cache.decoder_step, depth_head.depth_step):  # compiled, not fallen back to eager
-        assert static_cache._COMPILED[(step, "default")] is not step
+    for step in (static_cache.slot_step, generation.pick_codes):  # compiled, not fallen back to eager
+        assert static_cache._COMPILED[(step, "default", "cpu")] is not step
 
 
 def test_compile_option_picks_a_mode_per_device():
