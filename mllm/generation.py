@@ -14,6 +14,11 @@ the draw and the code-to-id mapping are tensor operations, the codes stay on the
 the image is complete, and each row's draw comes from its own generator without a per-row
 ``torch.multinomial`` (:func:`sample`). A test counts host transfers inside the loop;
 :func:`device_sync_guard` makes CUDA raise on any.
+
+Per slot, the random noise of every depth's draw is made first (:func:`draw_noise`, from the
+generators, in the order :func:`sample` would use it); then :func:`pick_codes` runs the depth
+head, the guidance and the draws without touching a generator, and the LM takes the slot
+(:class:`mllm.decoding.SlotRunner`). With ``compile_mode`` each of the two is one compiled graph.
 """
 
 from __future__ import annotations
@@ -259,8 +264,9 @@ def generate_image_codes(
     runs the depth head without its depth cache (reference only; the same codes).
     ``forbid_syncs=True`` runs the slot loop under :func:`device_sync_guard` (on CUDA any
     device-to-host synchronisation in it raises; the prefill before it may read the host).
-    ``compile_mode``: run each LM step and depth-head step through ``torch.compile`` with this
-    mode (:func:`compile_mode_for`); the first image pays the compilation.
+    ``compile_mode``: run each slot's depth-head decoding and draws (:func:`pick_codes`) and
+    each LM step through ``torch.compile`` with this mode (:func:`compile_mode_for`); the first
+    image pays the compilation.
     """
     sampling = sampling or SamplingConfig()
     config = model.config

@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mllm.chat import QWEN_TEMPLATE, ChatTemplate, SequenceBuilder, collate_sequences  # noqa: E402
+from mllm.generation import generate_image_codes  # noqa: E402
 from mllm.inference import Pipeline  # noqa: E402
 from mllm.modeling import DualTokenMLLMForCausalLM  # noqa: E402
 from mllm.vocab import TINY_CHAT_TOKENS, extend_tokenizer  # noqa: E402
@@ -94,6 +95,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=16, help="answer length for the latency")
     parser.add_argument(
         "--image-batches", type=int, nargs="+", default=[1, 8], help="batch sizes for seconds per generated image"
+    )
+    parser.add_argument(
+        "--compile",
+        default="auto",
+        help="also time generation with Pipeline(compile=MODE); auto: reduce-overhead (CUDA graphs) on CUDA, "
+        "none elsewhere; none: eager only",
     )
     args = parser.parse_args(argv)
     args.steps = args.steps if args.steps is not None else (2 if args.tiny else 3)
@@ -410,20 +417,86 @@ def inference(
     _, seconds = timed(
         lambda: [pipeline.answer(image, QUESTION, max_new_tokens=args.max_new_tokens) for _ in range(3)], device
     )
+    slots = visual_tokenizer.grid_size**2
     numbers: dict[str, Any] = {
         "answer_latency_s": seconds / 3,
         "answer_max_new_tokens": args.max_new_tokens,
         "answer_note": "up to answer_max_new_tokens: random weights may stop early at the end marker",
-        "seconds_per_generated_image": {},
+        "image_slots": slots,
         "image_sampling": {"cfg": pipeline.sampling.cfg, "kv_cache": True},
+        "slot_loop_host_syncs": slot_loop_syncs(pipeline, device),
+        "seconds_per_generated_image": {},
     }
-    for batch in args.image_batches:
-        logger.info("generate: %d image(s) of %d slots", batch, visual_tokenizer.grid_size**2)
-        images, seconds = timed(lambda batch=batch: pipeline.generate(CAPTION, n=batch, seed=0), device)
-        assert len(images) == batch and images[0].shape == (size, size, 3)
-        numbers["seconds_per_generated_image"][f"batch_{batch}"] = seconds / batch
+    compile_mode = {"auto": "reduce-overhead" if device.type == "cuda" else None, "none": None}.get(
+        args.compile, args.compile
+    )
+    variants = {"eager": pipeline}
+    if compile_mode is not None:
+        variants[f"compiled ({compile_mode})"] = Pipeline(model, text_tokenizer, visual_tokenizer, compile=compile_mode)
+    for name, variant in variants.items():
+        seconds_per_image = numbers["seconds_per_generated_image"].setdefault(name, {})
+        for batch in args.image_batches:
+            logger.info("generate, %s: %d image(s) of %d slots (a warm-up call first)", name, batch, slots)
+            _, warm_up = timed(lambda batch=batch, variant=variant: variant.generate(CAPTION, n=batch, seed=0), device)
+            images, seconds = timed(
+                lambda batch=batch, variant=variant: variant.generate(CAPTION, n=batch, seed=0), device
+            )
+            assert len(images) == batch and images[0].shape == (size, size, 3)
+            seconds_per_image[f"batch_{batch}"] = seconds / batch
+            seconds_per_image[f"batch_{batch}_warm_up_s"] = warm_up
+    numbers["bandwidth_bound"] = bandwidth_bound(model, slots, device, args.tiny)
+    bound = numbers["bandwidth_bound"]["seconds_per_image"]
+    if 1 in args.image_batches:
+        numbers["batch_1_over_bound"] = {
+            name: times["batch_1"] / bound for name, times in numbers["seconds_per_generated_image"].items()
+        }
     numbers["peak_memory_gb"] = peak_memory_gb(device)
     return numbers
+
+
+def slot_loop_syncs(pipeline: Pipeline, device: torch.device) -> str:
+    """One batch-1 image with the slot loop under ``torch.cuda.set_sync_debug_mode("error")``:
+    ``"none"`` when no device-to-host synchronisation happened in it, else the error."""
+    if device.type != "cuda":
+        return "not checked (no CUDA device; tests/mllm/test_sampling.py counts host reads on the CPU)"
+    builder = pipeline.builder
+    generator = [torch.Generator(device=device).manual_seed(0)]
+    try:
+        with autocast(device):
+            generate_image_codes(
+                pipeline.model,
+                [builder.generation(CAPTION, train=False)],
+                builder.generation("", train=False),
+                pipeline.sampling.cfg,
+                pipeline.sampling,
+                pipeline.pad_id,
+                generator,
+                forbid_syncs=True,
+            )
+    except RuntimeError as error:
+        return f"synchronised: {error}"
+    return "none"
+
+
+def bandwidth_bound(model: DualTokenMLLMForCausalLM, slots: int, device: torch.device, tiny: bool) -> dict[str, Any]:
+    """The memory-bandwidth limit of one image at batch 1: every weight an image slot uses (all
+    parameters but the embedding rows, of which a slot reads a few) read once per slot, at the
+    device's measured copy bandwidth (a large tensor copied; read + write bytes / seconds)."""
+    embedding = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in embedding)
+    elements = (64 if tiny else 2048) * 2**20 // 4
+    source = torch.empty(elements, dtype=torch.float32, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)  # warm-up
+    _, seconds = timed(lambda: [target.copy_(source) for _ in range(10)], device)
+    bandwidth = 10 * 2 * source.numel() * source.element_size() / seconds
+    source = target = None  # the buffers go before the next measurement
+    free(device)
+    return {
+        "weight_bytes_per_slot": weight_bytes,
+        "measured_copy_bandwidth_bytes_per_s": bandwidth,
+        "seconds_per_image": slots * weight_bytes / bandwidth,
+    }
 
 
 # ----------------------------------------------------------------------------- main

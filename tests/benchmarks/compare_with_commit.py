@@ -7,7 +7,9 @@ commit ran: ``git worktree add`` checks out ``--base`` (default d2faa7b, the com
 device-resident sampler) in a temporary folder, removed at the end; one model folder and one
 visual tokenizer are written once (configs/mllm/tiny.yaml shapes, random init, seed 0, as
 ``test_bench_mllm.build_tiny_model`` builds it; configs/tokenizer/tiny.yaml for the tokenizer),
-and both trees load them with their own ``Pipeline.from_pretrained``.
+and both trees load them with their own ``Pipeline.from_pretrained``. With ``--compile MODE``
+this tree's process also times a second pipeline loaded with ``compile=MODE`` (its first call,
+which compiles, is reported as its warm-up time).
 
 Each round starts one timing process per tree (which goes first alternates by round). A process
 loads the pipeline, warms up, then times ``Pipeline.generate_codes`` (CFG 3, temperature 1,
@@ -16,7 +18,7 @@ and wall time, a hash of the weights it loaded and of the codes it drew. The par
 both trees loaded the same weights and drew the same codes, and reports the medians and the
 median of the per-round paired ratios (base / this tree: above 1 means this tree is faster).
 
-    .venv/bin/python tests/benchmarks/compare_with_commit.py [--base REV] [--rounds 5] [--threads 1]
+    .venv/bin/python tests/benchmarks/compare_with_commit.py [--base REV] [--rounds 5] [--threads 1] [--compile default]
 """
 
 from __future__ import annotations
@@ -58,29 +60,37 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     if not pathlib.Path(mllm.__file__).resolve().is_relative_to(pathlib.Path(args.tree).resolve()):
         raise SystemExit(f"mllm imported from {mllm.__file__}, not from {args.tree}")
-    pipe = Pipeline.from_pretrained(args.model, visual_tokenizer_path=args.visual_tokenizer, device="cpu")
-    weights = _tensor_hash(sorted(pipe.model.state_dict().items()))
+    pipes = {"": Pipeline.from_pretrained(args.model, visual_tokenizer_path=args.visual_tokenizer, device="cpu")}
+    if args.compile:
+        pipes["/compiled"] = Pipeline.from_pretrained(
+            args.model, visual_tokenizer_path=args.visual_tokenizer, device="cpu", compile=args.compile
+        )
+    weights = _tensor_hash(sorted(pipes[""].model.state_dict().items()))
     captions = json.loads(args.captions)
     report = {"weights": weights, "torch": torch.__version__, "threads": torch.get_num_threads(), "cases": {}}
+    report["warmup_s"] = {}
+    for variant, pipe in pipes.items():
 
-    def draw(batch_size: int) -> torch.Tensor:
-        return pipe.generate_codes(captions[:batch_size], cfg=CFG_SCALE, temperature=TEMPERATURE, seed=0)
+        def draw(batch_size: int, pipe=pipe) -> torch.Tensor:
+            return pipe.generate_codes(captions[:batch_size], cfg=CFG_SCALE, temperature=TEMPERATURE, seed=0)
 
-    for batch_size in args.batch_sizes:
-        draw(batch_size)  # warm-up
-    for batch_size in args.batch_sizes:
-        cpu, wall, codes = [], [], None
-        for _ in range(args.repeats):
-            start_wall, start_cpu = time.perf_counter(), time.process_time()
-            codes = draw(batch_size)
-            cpu.append((time.process_time() - start_cpu) / batch_size)
-            wall.append((time.perf_counter() - start_wall) / batch_size)
-        report["cases"][str(batch_size)] = {
-            "cpu": min(cpu),
-            "wall": min(wall),
-            "codes": _tensor_hash([("codes", codes)]),
-            "shape": list(codes.shape),
-        }
+        for batch_size in args.batch_sizes:
+            start = time.perf_counter()
+            draw(batch_size)  # warm-up (and compilation)
+            report["warmup_s"][f"{batch_size}{variant}"] = time.perf_counter() - start
+        for batch_size in args.batch_sizes:
+            cpu, wall, codes = [], [], None
+            for _ in range(args.repeats):
+                start_wall, start_cpu = time.perf_counter(), time.process_time()
+                codes = draw(batch_size)
+                cpu.append((time.process_time() - start_cpu) / batch_size)
+                wall.append((time.perf_counter() - start_wall) / batch_size)
+            report["cases"][f"{batch_size}{variant}"] = {
+                "cpu": min(cpu),
+                "wall": min(wall),
+                "codes": _tensor_hash([("codes", codes)]),
+                "shape": list(codes.shape),
+            }
     print(json.dumps(report))
 
 
@@ -130,6 +140,8 @@ def run_child(tree: pathlib.Path, args: argparse.Namespace, model_dir, visual_di
         "--batch-sizes",
         *map(str, args.batch_sizes),
     ]
+    if args.compile and tree == REPO:
+        command += ["--compile", args.compile]
     env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS=str(args.threads))
     done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -148,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per batch size in each process (best)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads in each timing process")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--compile", metavar="MODE", help="also time this tree with Pipeline(compile=MODE)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tree", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -194,21 +207,26 @@ def report(args, base_commit: str, head: str, results: dict, load_before: str) -
     if len(weights) != 1:
         raise SystemExit(f"the two trees loaded different weights: {sorted(weights)}")
     rows = []
-    for batch_size in map(str, args.batch_sizes):
-        codes = {name: {run["cases"][batch_size]["codes"] for run in runs} for name, runs in results.items()}
-        same = len(codes["base"] | codes["this tree"]) == 1
-        row = {"batch_size": int(batch_size), "same_codes": same}
-        for clock in ("cpu", "wall"):
-            new = [run["cases"][batch_size][clock] for run in results["this tree"]]
-            old = [run["cases"][batch_size][clock] for run in results["base"]]
-            ratios = [slow / quick for quick, slow in zip(new, old, strict=True)]
-            row[clock] = {
-                "new_ms": 1000 * statistics.median(new),
-                "base_ms": 1000 * statistics.median(old),
-                "ratio": statistics.median(ratios),
-                "range": (min(ratios), max(ratios)),
+    for variant in ["", "/compiled"] if args.compile else [""]:
+        for batch_size in map(str, args.batch_sizes):
+            codes = {
+                name: {run["cases"][batch_size + (variant if name == "this tree" else "")]["codes"] for run in runs}
+                for name, runs in results.items()
             }
-        rows.append(row)
+            same = len(codes["base"] | codes["this tree"]) == 1
+            row = {"batch_size": int(batch_size), "variant": variant.strip("/") or "eager", "same_codes": same}
+            row["warmup_s"] = statistics.median(run["warmup_s"][batch_size + variant] for run in results["this tree"])
+            for clock in ("cpu", "wall"):
+                new = [run["cases"][batch_size + variant][clock] for run in results["this tree"]]
+                old = [run["cases"][batch_size][clock] for run in results["base"]]
+                ratios = [slow / quick for quick, slow in zip(new, old, strict=True)]
+                row[clock] = {
+                    "new_ms": 1000 * statistics.median(new),
+                    "base_ms": 1000 * statistics.median(old),
+                    "ratio": statistics.median(ratios),
+                    "range": (min(ratios), max(ratios)),
+                }
+            rows.append(row)
     first = results["this tree"][0]
     print(
         f"\nconfigs/mllm/tiny.yaml model (random init, seed 0), CPU, {first['threads']} torch thread(s), "
@@ -216,16 +234,18 @@ def report(args, base_commit: str, head: str, results: dict, load_before: str) -
         f"{args.rounds} rounds, one process per tree per round, best of {args.repeats} calls each; "
         f"load average {load_before} before, {_load()} after; weights hash {weights.pop()} in both\n"
     )
-    print("| batch | clock | this tree (ms/image) | base (ms/image) | speed-up | range | same codes |")
-    print("|---:|---|---:|---:|---:|---:|---|")
+    print(
+        "| batch | this tree | clock | this tree (ms/image) | base (ms/image) | speed-up | range | same codes | warm-up (s) |"
+    )
+    print("|---:|---|---|---:|---:|---:|---:|---|---:|")
     for row in rows:
         for clock in ("cpu", "wall"):
             cell = row[clock]
             low, high = cell["range"]
             print(
-                f"| {row['batch_size']} | {'process CPU' if clock == 'cpu' else 'wall'} | {cell['new_ms']:.1f} | "
-                f"{cell['base_ms']:.1f} | {cell['ratio']:.2f}x | {low:.2f}-{high:.2f}x | "
-                f"{'yes' if row['same_codes'] else 'NO'} |"
+                f"| {row['batch_size']} | {row['variant']} | {'process CPU' if clock == 'cpu' else 'wall'} | "
+                f"{cell['new_ms']:.1f} | {cell['base_ms']:.1f} | {cell['ratio']:.2f}x | {low:.2f}-{high:.2f}x | "
+                f"{'yes' if row['same_codes'] else 'NO'} | {row['warmup_s']:.1f} |"
             )
     if not all(row["same_codes"] for row in rows):
         raise SystemExit("the two trees drew different codes at the same seeds")

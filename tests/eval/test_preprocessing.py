@@ -46,7 +46,9 @@ def test_pad_centres_the_image_on_mid_grey() -> None:
 
 
 def test_pipeline_image_tensor_follows_image_resize() -> None:
-    fake = SimpleNamespace(visual_tokenizer=SimpleNamespace(backbone=SimpleNamespace(image_size=8)), image_resize="crop")
+    fake = SimpleNamespace(
+        visual_tokenizer=SimpleNamespace(backbone=SimpleNamespace(image_size=8)), image_resize="crop"
+    )
     wide = np.zeros((4, 8, 3), dtype=np.uint8)
     wide[..., 2] = 255
     cropped = Pipeline._image_tensor(fake, wide)

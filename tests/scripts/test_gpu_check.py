@@ -26,7 +26,9 @@ def test_tiny_check_writes_every_number(tmp_path):
     env = {
         **os.environ,
         "DS_ACCELERATOR": "cpu",
-        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dualtoken" / "torch_extensions")),
+        "TORCH_EXTENSIONS_DIR": os.environ.get(
+            "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dualtoken" / "torch_extensions")
+        ),
         "OMP_NUM_THREADS": "1",
     }
     result = subprocess.run(
@@ -56,8 +58,17 @@ def test_tiny_check_writes_every_number(tmp_path):
     assert stage["vocabulary_rows"] >= 256 + 2 * 1024  # the text vocabulary extended by both codebooks
     inference = report["inference"]
     assert inference["answer_latency_s"] > 0 and inference["answer_max_new_tokens"] == 16
-    assert set(inference["seconds_per_generated_image"]) == {"batch_1", "batch_8"}
-    assert all(seconds > 0 for seconds in inference["seconds_per_generated_image"].values())
+    assert list(inference["seconds_per_generated_image"]) == ["eager"]  # compiled only on CUDA by default
+    eager = inference["seconds_per_generated_image"]["eager"]
+    assert set(eager) == {"batch_1", "batch_8", "batch_1_warm_up_s", "batch_8_warm_up_s"}
+    assert all(seconds > 0 for seconds in eager.values())
+    assert inference["image_slots"] == 16 and inference["slot_loop_host_syncs"].startswith("not checked")
+    bound = inference["bandwidth_bound"]
+    assert bound["weight_bytes_per_slot"] > 0 and bound["measured_copy_bandwidth_bytes_per_s"] > 0
+    assert bound["seconds_per_image"] == pytest.approx(
+        16 * bound["weight_bytes_per_slot"] / bound["measured_copy_bandwidth_bytes_per_s"]
+    )
+    assert inference["batch_1_over_bound"]["eager"] == pytest.approx(eager["batch_1"] / bound["seconds_per_image"])
     assert report["wall_s"] > 0
 
 
