@@ -20,7 +20,7 @@ Every prompt in a batch is the same Shapes caption / question (no padding); ever
 re-seeds its generator, so a case does the same work in every round.
 
     pytest tests/benchmarks/test_bench_mllm.py -m benchmark -s       # pytest-benchmark tables + median ratios
-    python -m tests.benchmarks.test_bench_mllm [--threads 1] [--rounds 5]   # Markdown tables
+    python tests/benchmarks/test_bench_mllm.py [--threads 1] [--rounds 5]   # Markdown tables
 
 torch runs on one thread by default: on the 2 shared cores of the embedded default, two
 OpenMP threads competing with other processes spend most of their time waiting at barriers

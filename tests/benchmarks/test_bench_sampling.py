@@ -16,7 +16,7 @@ paired per-round ratios:
 * a per-slot breakdown of one batch-1 CFG image: LLM step, depth head (4 pixel depths),
   sampling (CFG mix, filter, draw), new vs old.
 
-    python -m tests.benchmarks.test_bench_sampling [--rounds 5] [--threads 1] [--device cpu]
+    python tests/benchmarks/test_bench_sampling.py [--rounds 5] [--threads 1] [--device cpu] [--compile default]
     pytest tests/benchmarks/test_bench_sampling.py -m benchmark -s
 """
 
@@ -198,7 +198,10 @@ def run(
     for batch_size, calls in cases.items():  # warm-up (and compilation), and the check that all draw the same codes
         codes = calls[("image", "new")]()
         for variant in variants[1:]:
+            start = time.perf_counter()
             assert torch.equal(codes, calls[("image", variant)]()), f"{variant} codes differ at batch {batch_size}"
+            if variant == "compiled":  # its first image compiles (or loads inductor's on-disk cache)
+                print(f"compiled: first image at batch {batch_size} took {time.perf_counter() - start:.1f} s")
         answers = calls[("text", "new")]()
         if compile_mode:
             assert calls[("text", "compiled")]() == answers, f"compiled answers differ at batch {batch_size}"

@@ -182,6 +182,25 @@ def test_cached_depth_gives_the_uncached_codes_in_the_model(drawing):
     assert torch.equal(cached, plain)
 
 
+def test_static_steps_refuse_layers_they_cannot_run_and_the_fallback_draws_the_same(drawing):
+    """The lean static-cache step runs Qwen2 / Llama layers only: a layer with a query norm (Qwen3)
+    or a length-dependent rotary goes through transformers' own forward, which draws the same codes."""
+    from mllm.static_cache import supports_static_steps
+
+    model, builder = drawing
+    assert supports_static_steps(model)
+    dynamic_rope = copy.deepcopy(model)
+    dynamic_rope.llm.get_decoder().rotary_emb.rope_type = "dynamic"
+    assert not supports_static_steps(dynamic_rope)
+    query_norm = copy.deepcopy(model)
+    query_norm.llm.get_decoder().layers[-1].self_attn.q_norm = torch.nn.Identity()  # not called by Qwen2's forward
+    assert not supports_static_steps(query_norm)
+    prompts, uncond = _prompts(builder)
+    static = generate_image_codes(model, prompts[:2], uncond, 3.0, GUIDED, generator=_generators([7, 8]))
+    fallback = generate_image_codes(query_norm, prompts[:2], uncond, 3.0, GUIDED, generator=_generators([7, 8]))
+    assert torch.equal(static, fallback)
+
+
 def test_an_image_does_not_depend_on_the_rest_of_its_batch(drawing):
     model, builder = drawing
     prompts, uncond = _prompts(builder)
