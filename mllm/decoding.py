@@ -63,10 +63,9 @@ class SlotRunner:
         self.cache = out.past_key_values if self.use_cache else None
         if self.use_cache and self.attention is not None and supports_static_steps(self.model):
             max_new = self.mask.shape[1] - self.prompt_length
-            self.static = StaticSteps(
-                self.model, self.cache, self.prompt_length, max_new, self.next_position, self.compile_mode
-            )
-        return out.hidden_states[:, -1]
+            self.static = StaticSteps(self.model, self.cache, self.mask, max_new, self.next_position, self.compile_mode)
+        # contiguous, as every later step's output is: a compiled consumer then sees one layout
+        return out.hidden_states[:, -1].contiguous()
 
     def feed(self, slots: torch.Tensor, image_index: int = -1) -> torch.Tensor:
         """Append ``(N, C)`` slots, or ``(N,)`` text tokens, and return the new last hidden states ``(N, H)``.
@@ -90,8 +89,7 @@ class SlotRunner:
             out = self.model(self.ids, attention_mask=self.mask[:, :length], position_ids=None, use_cache=False)
             return out.hidden_states[:, -1]
         if self.static is not None:
-            full = self.attention["full_attention"]
-            return self.static.step(slots, image_index, None if full is None else full[..., :length])
+            return self.static.step(slots, image_index)
         index = torch.full(slots.shape[:2], image_index, dtype=torch.long, device=slots.device)
         position = self.next_position + (self.steps - 1)
         if self.attention is None:

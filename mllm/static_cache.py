@@ -56,20 +56,27 @@ LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 class StaticSteps:
     """The LM's decoder fed one position per row per step from a static KV cache.
 
-    ``cache``: transformers' cache after the prefill of ``prompt_length`` positions;
-    ``max_new``: how many steps follow; ``first_position`` ``(B, 1)``: each row's rotary
-    position at the first step (the steps after it count up by one). The rotary cosines and
-    sines of all the steps are made once here (transformers' rotary module on all the
-    positions: the same values it gives one step at a time). ``compile_mode``: run each step
-    through ``torch.compile`` with this mode (``"default"``, ``"reduce-overhead"``: CUDA graphs,
-    ...); None runs it eagerly.
+    ``cache``: transformers' cache after the prefill of the prompt; ``mask``: ``(B, prompt +
+    max_new)``, 1 where a row has a real position (its prompt's padding is 0), for the prompt
+    and the ``max_new`` steps that follow; ``first_position`` ``(B, 1)``: each row's rotary
+    position at the first step (the steps after it count up by one). ``compile_mode``: run each
+    step through ``torch.compile`` with this mode (``"default"``, ``"reduce-overhead"``: CUDA
+    graphs, ...); None runs it eagerly.
+
+    Every step has the same shapes: the cache holds ``prompt + max_new`` positions rounded up to
+    a multiple of :data:`CACHE_ROUNDING`, each step attends to all of them through a mask of
+    the ones written so far, and where it writes, its rotary angles and its image slot come from
+    small device tensors, not Python numbers. So a compiled step is one graph for a whole
+    generation (and for every generation of the same rounded size), which CUDA graphs replay
+    without recording again; the rotary cosines and sines of all the steps are made once here
+    (transformers' rotary module on all the positions: the same values it gives one at a time).
     """
 
     def __init__(
         self,
         model: Any,
         cache: Any,
-        prompt_length: int,
+        mask: torch.Tensor,
         max_new: int,
         first_position: torch.Tensor,
         compile_mode: str | None = None,
@@ -77,34 +84,55 @@ class StaticSteps:
         self.compile_mode = compile_mode
         self.model = model
         self.decoder = model.llm.get_decoder()
-        config = model.llm.config
-        self.attention = ALL_ATTENTION_FUNCTIONS[config._attn_implementation]
+        self.attention = ALL_ATTENTION_FUNCTIONS[model.llm.config._attn_implementation]
+        rows, total = mask.shape
+        prompt_length = total - max_new
+        capacity = -(-total // CACHE_ROUNDING) * CACHE_ROUNDING
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         for index in range(len(self.decoder.layers)):
             keys, values = cache.layers[index].keys, cache.layers[index].values
-            shape = (*keys.shape[:2], prompt_length + max_new, keys.shape[-1])
+            shape = (*keys.shape[:2], capacity, keys.shape[-1])
             self.keys.append(keys.new_zeros(shape))
             self.values.append(values.new_zeros(shape))
             self.keys[-1][:, :, :prompt_length] = keys
             self.values[-1][:, :, :prompt_length] = values
-        self.prompt_length = self.length = prompt_length
-        positions = first_position + torch.arange(max_new, device=first_position.device)
+        device = mask.device
+        self.allowed = torch.zeros(rows, 1, 1, capacity, dtype=torch.bool, device=device)
+        self.allowed[:, 0, 0, :total] = mask.bool()
+        self.positions = torch.arange(capacity, device=device)
+        positions = first_position + torch.arange(max_new, device=device)
         cos, sin = self.decoder.rotary_emb(self.keys[0], positions)  # (B, max_new, head_dim) each
         self.cos, self.sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over the heads
+        self.prompt_length = torch.full((1,), prompt_length, dtype=torch.long, device=device)
+        self.step_index = torch.zeros(1, dtype=torch.long, device=device)
+        self.image_index = torch.zeros(1, dtype=torch.long, device=device)
+        self.steps_left = max_new
+        if compile_mode is not None:
+            # Tensors a CUDA graph may read and write in place at fixed addresses, as
+            # transformers' StaticCache marks its buffers.
+            for tensor in (*self.keys, *self.values, self.allowed, self.positions, self.cos, self.sin):
+                torch._dynamo.mark_static_address(tensor)
+            for tensor in (self.prompt_length, self.step_index, self.image_index):
+                torch._dynamo.mark_static_address(tensor)
 
-    def step(self, slots: torch.Tensor, image_index: int, mask: torch.Tensor | None) -> torch.Tensor:
+    def step(self, slots: torch.Tensor, image_index: int) -> torch.Tensor:
         """``slots`` ``(B, 1, C)`` (or ``(B, 1)`` text ids) at the next position of each row ->
         last hidden states ``(B, H)``. ``image_index``: the slots' index in the image being drawn
-        (-1 for text); ``mask``: ``(B, 1, 1, L)`` boolean over the positions so far (this one
-        included), or None when every row sees all of them."""
-        if self.length >= self.keys[0].shape[2]:
-            raise ValueError(f"the static cache holds {self.keys[0].shape[2]} positions; all are used")
-        step = self.length - self.prompt_length
-        self.length += 1
-        rotary = (self.cos[:, :, step : step + 1], self.sin[:, :, step : step + 1])
+        (-1 for text)."""
+        if self.steps_left == 0:
+            raise ValueError("the static cache is full: every step it was made for has run")
+        self.steps_left -= 1
+        self.image_index.fill_(image_index)
         run = slot_step if self.compile_mode is None else compiled(slot_step, self.compile_mode, slots.device)
-        return run(self.model, self.attention, self.keys, self.values, slots, image_index, rotary, mask, self.length)
+        hidden = run(self, slots)
+        self.step_index.add_(1)
+        return hidden
+
+
+# The static cache's length is rounded up to a multiple of this, so that generations of nearby
+# lengths share one compiled graph (and one CUDA graph).
+CACHE_ROUNDING = 64
 
 
 def compiled(function: Callable, mode: str, device: torch.device | str) -> Callable:
@@ -150,22 +178,15 @@ _COMPILED: dict[tuple[Callable, str, str], Callable] = {}
 RECOMPILE_LIMIT = 64
 
 
-def slot_step(
-    model: Any,
-    attention_function: Callable,
-    keys: list[torch.Tensor],
-    values: list[torch.Tensor],
-    slots: torch.Tensor,
-    image_index: int,
-    rotary: tuple[torch.Tensor, torch.Tensor],
-    mask: torch.Tensor | None,
-    length: int,
-) -> torch.Tensor:
+def slot_step(static: StaticSteps, slots: torch.Tensor) -> torch.Tensor:
     """One step of :class:`StaticSteps`: the slots' input embeddings, then :func:`decoder_step`
     (one function, so that ``torch.compile`` makes one graph of both)."""
-    index = torch.full(slots.shape[:2], image_index, dtype=torch.long, device=slots.device)
-    embeds = model.embed_slots(slots, index)
-    return decoder_step(model.llm.get_decoder(), attention_function, keys, values, embeds, rotary, mask, length)
+    index = static.image_index.expand(slots.shape[0], 1)
+    embeds = static.model.embed_slots(slots, index)
+    write_at = static.prompt_length + static.step_index  # (1,): this step's place in the cache
+    mask = static.allowed & (static.positions <= write_at)
+    rotary = (static.cos.index_select(2, static.step_index), static.sin.index_select(2, static.step_index))
+    return decoder_step(static.decoder, static.attention, static.keys, static.values, embeds, rotary, mask, write_at)
 
 
 def decoder_step(
@@ -175,18 +196,17 @@ def decoder_step(
     values: list[torch.Tensor],
     embeds: torch.Tensor,
     rotary: tuple[torch.Tensor, torch.Tensor],
-    mask: torch.Tensor | None,
-    length: int,
+    mask: torch.Tensor,
+    write_at: torch.Tensor,
 ) -> torch.Tensor:
-    """The decoder layers on one new position per row, written at index ``length - 1`` of the
-    static ``keys`` / ``values`` (one ``(B, kv_heads, L, head_dim)`` buffer per layer), attending
-    to the first ``length`` positions; ``(B, 1, H)`` -> ``(B, H)``. ``rotary``: this position's
-    ``(cos, sin)``, ``(B, 1, 1, head_dim)`` each.
+    """The decoder layers on one new position per row, written at index ``write_at`` (a ``(1,)``
+    tensor) of the static ``keys`` / ``values`` (one ``(B, kv_heads, L, head_dim)`` buffer per
+    layer), attending to the positions ``mask`` ``(B, 1, 1, L)`` allows; ``(B, 1, H)`` -> ``(B,
+    H)``. ``rotary``: this position's ``(cos, sin)``, ``(B, 1, 1, head_dim)`` each.
 
     The arithmetic of transformers' Qwen2 / Llama decoder layer, op for op (so the same
     numbers), with the projections called on their weights directly: at one position per row
     the calls, not the arithmetic, are most of a small LM's step on a CPU."""
-    position = length - 1
     hidden = embeds
     cos, sin = rotary
     rows = embeds.shape[0]
@@ -198,13 +218,13 @@ def decoder_step(
         key = F.linear(normed, attention.k_proj.weight, attention.k_proj.bias).view(shape).transpose(1, 2)
         value = F.linear(normed, attention.v_proj.weight, attention.v_proj.bias).view(shape).transpose(1, 2)
         query = query * cos + rotate_half(query) * sin
-        keys[index][:, :, position : position + 1] = key * cos + rotate_half(key) * sin
-        values[index][:, :, position : position + 1] = value
+        keys[index].index_copy_(2, write_at, key * cos + rotate_half(key) * sin)
+        values[index].index_copy_(2, write_at, value)
         output, _ = attention_function(
             attention,
             query,
-            keys[index][:, :, :length],
-            values[index][:, :, :length],
+            keys[index],
+            values[index],
             mask,
             dropout=0.0,
             scaling=attention.scaling,

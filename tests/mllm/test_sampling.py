@@ -391,6 +391,37 @@ def test_compiled_steps_draw_the_eager_codes(drawing):
         assert static_cache._COMPILED[(step, "default", "cpu")] is not step
 
 
+def test_every_step_of_an_image_has_the_same_shapes(drawing, monkeypatch):
+    """Compiled with static shapes, all the LM steps of an image are one graph, and so are all its
+    slots' draws (one per depth head): a step whose shapes changed as the cache filled would be
+    compiled again, and on a GPU its CUDA graph recorded again, at every slot."""
+    from mllm import generation, static_cache
+
+    graphs: dict[str, int] = {}
+    made: dict[object, object] = {}
+
+    def static_compile(function, mode, device):
+        def backend(graph, example_inputs):
+            graphs[function.__name__] = graphs.get(function.__name__, 0) + 1
+            return graph.forward
+
+        return made.setdefault(function, torch.compile(function, backend=backend, dynamic=False))
+
+    monkeypatch.setattr(static_cache, "compiled", static_compile)
+    monkeypatch.setattr(generation, "compiled", static_compile)
+    torch._dynamo.reset()
+    try:
+        model, builder = drawing
+        prompts, uncond = _prompts(builder)
+        args = (model, prompts[:2], uncond, 3.0, GUIDED)
+        eager = generate_image_codes(*args, generator=_generators([5, 6]))
+        traced = generate_image_codes(*args, generator=_generators([5, 6]), compile_mode="default")
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(traced, eager)
+    assert graphs == {"slot_step": 1, "pick_codes": 2}  # the pixel head and the semantic head
+
+
 def test_compile_option_picks_a_mode_per_device():
     from mllm.generation import compile_mode_for
 
