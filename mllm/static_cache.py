@@ -63,13 +63,14 @@ class StaticSteps:
     step through ``torch.compile`` with this mode (``"default"``, ``"reduce-overhead"``: CUDA
     graphs, ...); None runs it eagerly.
 
-    Every step has the same shapes: the cache holds ``prompt + max_new`` positions rounded up to
-    a multiple of :data:`CACHE_ROUNDING`, each step attends to all of them through a mask of
-    the ones written so far, and where it writes, its rotary angles and its image slot come from
-    small device tensors, not Python numbers. So a compiled step is one graph for a whole
-    generation (and for every generation of the same rounded size), which CUDA graphs replay
-    without recording again; the rotary cosines and sines of all the steps are made once here
+    Where a step writes, its rotary angles and its image slot come from small device tensors,
+    not Python numbers; the rotary cosines and sines of all the steps are made once here
     (transformers' rotary module on all the positions: the same values it gives one at a time).
+    Under CUDA graphs (:func:`uses_cuda_graphs`) every step also has the same shapes: the cache
+    holds ``prompt + max_new`` positions rounded up to a multiple of :data:`CACHE_ROUNDING` and
+    each step attends to all of them through a mask of the ones written so far, so the steps of
+    a generation (and of every generation of the same rounded size) are one graph, recorded
+    once. Otherwise a step attends to the positions written so far only, which is less work.
     """
 
     def __init__(
@@ -107,25 +108,34 @@ class StaticSteps:
         self.prompt_length = torch.full((1,), prompt_length, dtype=torch.long, device=device)
         self.step_index = torch.zeros(1, dtype=torch.long, device=device)
         self.image_index = torch.zeros(1, dtype=torch.long, device=device)
-        self.steps_left = max_new
-        if compile_mode is not None:
+        self.length, self.total, self.max_new = prompt_length, total, max_new  # positions written so far, at the end
+        self.fixed_shapes = compile_mode is not None and uses_cuda_graphs(compile_mode, device)
+        if self.fixed_shapes:
             # Tensors a CUDA graph may read and write in place at fixed addresses, as
             # transformers' StaticCache marks its buffers.
-            for tensor in (*self.keys, *self.values, self.allowed, self.positions, self.cos, self.sin):
-                torch._dynamo.mark_static_address(tensor)
-            for tensor in (self.prompt_length, self.step_index, self.image_index):
+            for tensor in (
+                *self.keys,
+                *self.values,
+                self.allowed,
+                self.positions,
+                self.cos,
+                self.sin,
+                self.prompt_length,
+                self.step_index,
+                self.image_index,
+            ):
                 torch._dynamo.mark_static_address(tensor)
 
     def step(self, slots: torch.Tensor, image_index: int) -> torch.Tensor:
         """``slots`` ``(B, 1, C)`` (or ``(B, 1)`` text ids) at the next position of each row ->
         last hidden states ``(B, H)``. ``image_index``: the slots' index in the image being drawn
         (-1 for text)."""
-        if self.steps_left == 0:
-            raise ValueError("the static cache is full: every step it was made for has run")
-        self.steps_left -= 1
+        if self.length == self.total:
+            raise ValueError(f"the static cache is full: all {self.max_new} steps it was made for have run")
+        self.length += 1
         self.image_index.fill_(image_index)
         run = slot_step if self.compile_mode is None else compiled(slot_step, self.compile_mode, slots.device)
-        hidden = run(self, slots)
+        hidden = run(self, slots, None if self.fixed_shapes else self.length)
         self.step_index.add_(1)
         return hidden
 
@@ -178,15 +188,26 @@ _COMPILED: dict[tuple[Callable, str, str], Callable] = {}
 RECOMPILE_LIMIT = 64
 
 
-def slot_step(static: StaticSteps, slots: torch.Tensor) -> torch.Tensor:
+def slot_step(static: StaticSteps, slots: torch.Tensor, length: int | None) -> torch.Tensor:
     """One step of :class:`StaticSteps`: the slots' input embeddings, then :func:`decoder_step`
-    (one function, so that ``torch.compile`` makes one graph of both)."""
+    (one function, so that ``torch.compile`` makes one graph of both). ``length``: the positions
+    written after this step, to attend to those only; None to attend to the whole cache through
+    the mask (the same shapes at every step)."""
     index = static.image_index.expand(slots.shape[0], 1)
     embeds = static.model.embed_slots(slots, index)
     write_at = static.prompt_length + static.step_index  # (1,): this step's place in the cache
-    mask = static.allowed & (static.positions <= write_at)
+    if length is None:
+        mask = static.allowed & (static.positions <= write_at)
+    else:
+        mask = static.allowed[..., :length]
     rotary = (static.cos.index_select(2, static.step_index), static.sin.index_select(2, static.step_index))
-    return decoder_step(static.decoder, static.attention, static.keys, static.values, embeds, rotary, mask, write_at)
+    keys, values = static.keys, static.values
+    return decoder_step(static.decoder, static.attention, keys, values, embeds, rotary, mask, write_at, length)
+
+
+def uses_cuda_graphs(mode: str, device: torch.device | str) -> bool:
+    """Whether ``torch.compile(mode=mode)`` records CUDA graphs on ``device``."""
+    return torch.device(device).type == "cuda" and mode in ("reduce-overhead", "max-autotune")
 
 
 def decoder_step(
@@ -198,11 +219,13 @@ def decoder_step(
     rotary: tuple[torch.Tensor, torch.Tensor],
     mask: torch.Tensor,
     write_at: torch.Tensor,
+    length: int | None = None,
 ) -> torch.Tensor:
     """The decoder layers on one new position per row, written at index ``write_at`` (a ``(1,)``
     tensor) of the static ``keys`` / ``values`` (one ``(B, kv_heads, L, head_dim)`` buffer per
-    layer), attending to the positions ``mask`` ``(B, 1, 1, L)`` allows; ``(B, 1, H)`` -> ``(B,
-    H)``. ``rotary``: this position's ``(cos, sin)``, ``(B, 1, 1, head_dim)`` each.
+    layer), attending to their first ``length`` positions (None: all ``L``) as ``mask`` ``(B, 1,
+    1, length or L)`` allows; ``(B, 1, H)`` -> ``(B, H)``. ``rotary``: this position's ``(cos,
+    sin)``, ``(B, 1, 1, head_dim)`` each.
 
     The arithmetic of transformers' Qwen2 / Llama decoder layer, op for op (so the same
     numbers), with the projections called on their weights directly: at one position per row
@@ -223,8 +246,8 @@ def decoder_step(
         output, _ = attention_function(
             attention,
             query,
-            keys[index],
-            values[index],
+            keys[index] if length is None else keys[index][:, :, :length],
+            values[index] if length is None else values[index][:, :, :length],
             mask,
             dropout=0.0,
             scaling=attention.scaling,

@@ -392,9 +392,10 @@ def test_compiled_steps_draw_the_eager_codes(drawing):
 
 
 def test_every_step_of_an_image_has_the_same_shapes(drawing, monkeypatch):
-    """Compiled with static shapes, all the LM steps of an image are one graph, and so are all its
-    slots' draws (one per depth head): a step whose shapes changed as the cache filled would be
-    compiled again, and on a GPU its CUDA graph recorded again, at every slot."""
+    """Under CUDA graphs (here pretended, and compiled with static shapes), all the LM steps of an
+    image are one graph, and so are all its slots' draws (one per depth head): a step whose shapes
+    changed as the cache filled would be compiled again, and its CUDA graph recorded again, at
+    every slot."""
     from mllm import generation, static_cache
 
     graphs: dict[str, int] = {}
@@ -408,6 +409,7 @@ def test_every_step_of_an_image_has_the_same_shapes(drawing, monkeypatch):
         return made.setdefault(function, torch.compile(function, backend=backend, dynamic=False))
 
     monkeypatch.setattr(static_cache, "compiled", static_compile)
+    monkeypatch.setattr(static_cache, "uses_cuda_graphs", lambda mode, device: True)
     monkeypatch.setattr(generation, "compiled", static_compile)
     torch._dynamo.reset()
     try:
