@@ -2,11 +2,11 @@
 
 After the prefill (the model's own forward, which builds transformers' dynamic cache), the keys
 and values are copied once into buffers sized for the whole generation, ``(B, kv_heads,
-prompt + new, head_dim)`` per layer. Each step then writes its position in place and runs the
-decoder layers directly: the same modules and the same attention function transformers calls
-(so the same numbers), without its per-call mask building, cache bookkeeping and output
-wrapping, which cost more than the arithmetic for a small LM on a CPU. Fixed buffer shapes are
-also what CUDA graphs and ``torch.compile`` need.
+prompt + new, head_dim)`` per layer (rounded up, see :class:`StaticSteps`). Each step then
+writes its position in place and runs the decoder layers directly: the same modules and the
+same attention function transformers calls (so the same numbers), without its per-call mask
+building, cache bookkeeping and output wrapping, which cost more than the arithmetic for a
+small LM on a CPU. Fixed buffers are also what CUDA graphs and ``torch.compile`` need.
 """
 
 from __future__ import annotations
@@ -147,8 +147,8 @@ CACHE_ROUNDING = 64
 
 def compiled(function: Callable, mode: str, device: torch.device | str) -> Callable:
     """``function`` through ``torch.compile(mode=mode, dynamic=True)``, made once per function,
-    mode and device type (the cache length changes every step: dynamic shapes keep that to a few
-    graphs instead of one per length). On a CPU the graph's kernels are called from generated
+    mode and device type (batch sizes, prompt lengths and, outside CUDA graphs, the attended
+    length vary: dynamic shapes keep that to a few graphs instead of one per shape). On a CPU the graph's kernels are called from generated
     C++ rather than Python (inductor's ``cpp_wrapper``): at one position per row that call
     overhead is what compiling is for. If compiling or running the compiled code fails (a
     backend this machine lacks, a mode this device cannot use), a warning says so and the eager
@@ -170,7 +170,7 @@ def compiled(function: Callable, mode: str, device: torch.device | str) -> Calla
     def run(*args: Any) -> Any:
         if _COMPILED[key] is function:
             return function(*args)
-        if mode in ("reduce-overhead", "max-autotune") and torch.cuda.is_available():
+        if uses_cuda_graphs(mode, device_type):
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are read already
         try:
             return _COMPILED[key](*args)
