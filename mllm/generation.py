@@ -24,6 +24,7 @@ head, the guidance and the draws without touching a generator, and the LM takes 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -32,7 +33,7 @@ import torch
 from mllm.chat import Sequence, collate_sequences
 from mllm.decoding import SlotRunner
 from mllm.modeling import DualTokenMLLMForCausalLM
-from mllm.static_cache import compiled
+from mllm.static_cache import compiled, zero3_partitioned
 
 
 @dataclass
@@ -149,7 +150,21 @@ def device_sync_guard(device: torch.device | str) -> Iterator[None]:
         torch.cuda.set_sync_debug_mode(previous)
 
 
-@torch.inference_mode()
+def _sampler(function: Callable) -> Callable:
+    """Run a sampler under ``torch.inference_mode``, or under ``torch.no_grad`` for a model whose
+    parameters DeepSpeed ZeRO-3 partitioned: its hooks gather a module's parameters into it when
+    the module runs, and gathered under inference mode they would be inference tensors, which
+    training cannot use afterwards."""
+
+    @functools.wraps(function)
+    def run(model: DualTokenMLLMForCausalLM, *args, **kwargs):
+        with torch.no_grad() if zero3_partitioned(model) else torch.inference_mode():
+            return function(model, *args, **kwargs)
+
+    return run
+
+
+@_sampler
 def generate_text(
     model: DualTokenMLLMForCausalLM,
     prompts: list[Sequence],
@@ -241,7 +256,7 @@ def pick_codes(
     return torch.stack(chosen, dim=1)
 
 
-@torch.inference_mode()
+@_sampler
 def generate_image_codes(
     model: DualTokenMLLMForCausalLM,
     prompts: list[Sequence],

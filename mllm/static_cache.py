@@ -30,6 +30,8 @@ def supports_static_steps(model: Any) -> bool:
     decoder = model.llm.get_decoder()
     config = model.llm.config
     layers = getattr(decoder, "layers", None)
+    if zero3_partitioned(model):  # the step reads weights that ZeRO-3 gathers only into modules that run
+        return False
     if getattr(model, "_grid_rotary", None) is not None or layers is None or not hasattr(decoder, "rotary_emb"):
         return False
     if getattr(decoder.rotary_emb, "rope_type", "default") in LENGTH_DEPENDENT_ROPE:
@@ -46,6 +48,12 @@ def supports_static_steps(model: Any) -> bool:
         and all(hasattr(layer.mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
         for layer in layers
     )
+
+
+def zero3_partitioned(model: torch.nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitioned this model's parameters (each rank holds a shard; a
+    module's are gathered while it runs)."""
+    return any(hasattr(param, "ds_status") for param in model.parameters())
 
 
 # Rotary types whose frequencies are rescaled by the longest position seen so far: a table made
