@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mllm.chat import QWEN_TEMPLATE, ChatTemplate, SequenceBuilder, collate_sequences  # noqa: E402
-from mllm.generation import generate_image_codes  # noqa: E402
+from mllm.generation import COMPILE_MODES, generate_image_codes  # noqa: E402
 from mllm.inference import Pipeline  # noqa: E402
 from mllm.modeling import DualTokenMLLMForCausalLM  # noqa: E402
 from mllm.vocab import TINY_CHAT_TOKENS, extend_tokenizer  # noqa: E402
@@ -99,6 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--compile",
         default="auto",
+        choices=("auto", "none", *COMPILE_MODES),
         help="also time generation with Pipeline(compile=MODE); auto: reduce-overhead (CUDA graphs) on CUDA, "
         "none elsewhere; none: eager only",
     )
