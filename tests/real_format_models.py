@@ -62,27 +62,18 @@ def save_siglip(directory: Path, seed: int = 0) -> Path:
     """A random ``SiglipModel`` (fixed 32-px grid of 4 x 4 patches) and its text tokenizer."""
     from transformers import SiglipConfig, SiglipModel
 
-    torch.manual_seed(seed)
-    text_tokenizer = build_word_tokenizer(_corpus(300), max_length=TEXT_MAX_LENGTH)
-    text = _text_config() | dict(vocab_size=len(text_tokenizer), pad_token_id=0, eos_token_id=2, bos_token_id=None)
-    vision = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=VISION_LAYERS,
-        num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-    )
-    model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
-    model.save_pretrained(directory)
-    text_tokenizer.save_pretrained(directory)
-    return directory
+    return _save_siglip_family(directory, seed, SiglipModel, SiglipConfig, dict(image_size=IMAGE_SIZE))
 
 
 def save_siglip2(directory: Path, seed: int = 0, position_grid: int = IMAGE_SIZE // PATCH_SIZE) -> Path:
     """A random NaFlex ``Siglip2Model`` whose position table is ``position_grid`` patches a side."""
     from transformers import Siglip2Config, Siglip2Model
 
+    return _save_siglip_family(directory, seed, Siglip2Model, Siglip2Config, dict(num_patches=position_grid**2))
+
+
+def _save_siglip_family(directory: Path, seed: int, model_class, config_class, vision_options: dict) -> Path:
+    """A random SigLIP-family model with the shared tiny text and vision shapes, and its text tokenizer."""
     torch.manual_seed(seed)
     text_tokenizer = build_word_tokenizer(_corpus(300), max_length=TEXT_MAX_LENGTH)
     text = _text_config() | dict(vocab_size=len(text_tokenizer), pad_token_id=0, eos_token_id=2, bos_token_id=None)
@@ -92,9 +83,9 @@ def save_siglip2(directory: Path, seed: int = 0, position_grid: int = IMAGE_SIZE
         num_hidden_layers=VISION_LAYERS,
         num_attention_heads=2,
         patch_size=PATCH_SIZE,
-        num_patches=position_grid**2,
+        **vision_options,
     )
-    model = Siglip2Model(Siglip2Config(text_config=text, vision_config=vision))
+    model = model_class(config_class(text_config=text, vision_config=vision))
     model.save_pretrained(directory)
     text_tokenizer.save_pretrained(directory)
     return directory
